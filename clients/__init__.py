@@ -1,0 +1,1 @@
+"""The unprivileged client process: VNC server, human monitor and guest-agent handling on one event loop."""

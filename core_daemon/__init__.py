@@ -1,0 +1,1 @@
+"""The privileged per-VM core daemon: supervises QEMU, re-exports QMP, owns guest state."""

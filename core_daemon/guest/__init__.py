@@ -1,0 +1,1 @@
+"""Guest programs shipped with vmfront (package data: ``demo.asm``, the built-in demo guest)."""

@@ -1,0 +1,229 @@
+"""The core's re-exported QMP: many peers on unix and TCP sockets, one QEMU behind them.
+
+QEMU serves one peer per monitor socket; the core serves any number. Each peer's commands run in order (as on a
+real monitor), replies carry that peer's own ids, events go to every negotiated peer, and a policy decides
+which commands each socket may run. A peer that sends garbage gets QEMU's error; a peer that sends an oversized
+message, or stops reading while replies and events pile up, is closed. Nothing a peer sends can stop the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ipc.rundir import check_socket_path
+
+from .policy import Policy
+from .qmp_protocol import (
+    Answer,
+    Command,
+    ConnectionState,
+    MessageTooLarge,
+    Negotiated,
+    QmpServerConnection,
+    encode,
+    error_message,
+)
+
+log = logging.getLogger(__name__)
+
+#: Executes one command on QEMU; returns QEMU's reply as a dict with ``return`` or ``error``.
+Executor = Callable[[str, dict[str, Any] | None], Awaitable[dict[str, Any]]]
+
+_READ_CHUNK = 64 * 1024
+
+
+@dataclass
+class QmpPeer:
+    """One connected QMP peer, as shown in ``state.json``."""
+
+    peer_id: int
+    socket_name: str
+    writer: asyncio.StreamWriter
+    connection: QmpServerConnection
+    since: float = field(default_factory=time.time)
+    pid: int | None = None
+    uid: int | None = None
+    remote: str | None = None
+    closing: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"id": self.peer_id, "socket": self.socket_name, "since": self.since}
+        if self.pid is not None:
+            info.update(pid=self.pid, uid=self.uid)
+        if self.remote is not None:
+            info["remote"] = self.remote
+        return info
+
+
+def _peer_credentials(sock: socket.socket | None) -> tuple[int | None, int | None]:
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None, None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None, None
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
+
+
+class QmpReexport:
+    """Serves the QMP wire protocol to many peers on behalf of one QEMU."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        greeting: dict[str, Any],
+        policy: Policy,
+        *,
+        max_message: int = 1 << 20,
+        max_backlog: int = 8 << 20,
+        on_peers_changed: Callable[[], None] | None = None,
+    ) -> None:
+        self._executor = executor
+        self._greeting = greeting
+        self._policy = policy
+        self.max_message = max_message
+        #: Bytes queued for one peer beyond which it counts as not reading and is closed.
+        self.max_backlog = max_backlog
+        self._on_peers_changed = on_peers_changed
+        self._servers: list[tuple[asyncio.Server, Path | None]] = []
+        self._peers: dict[int, QmpPeer] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+
+    @property
+    def peers(self) -> list[QmpPeer]:
+        return list(self._peers.values())
+
+    async def listen_unix(self, path: Path, socket_name: str, mode: int = 0o660) -> None:
+        check_socket_path(path)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        server = await asyncio.start_unix_server(
+            lambda r, w: self._accept(r, w, socket_name), path=str(path), limit=_READ_CHUNK
+        )
+        os.chmod(path, mode)
+        self._servers.append((server, path))
+        log.info("QMP socket %r listening on %s", socket_name, path)
+
+    async def listen_tcp(self, host: str, port: int, socket_name: str) -> int:
+        """Listen on TCP; returns the bound port (useful with port 0)."""
+        server = await asyncio.start_server(
+            lambda r, w: self._accept(r, w, socket_name), host=host, port=port, limit=_READ_CHUNK
+        )
+        bound: int = server.sockets[0].getsockname()[1]
+        self._servers.append((server, None))
+        log.info("QMP socket %r listening on %s:%d", socket_name, host, bound)
+        return bound
+
+    def broadcast_event(self, event: dict[str, Any]) -> None:
+        """Send a QEMU event to every peer that finished negotiation (serialised once for all)."""
+        data = encode(event)
+        for peer in list(self._peers.values()):
+            if peer.connection.state is ConnectionState.COMMAND:
+                self._send(peer, data)
+
+    async def close(self) -> None:
+        """Stop listening, remove socket files, hang up on every peer."""
+        for server, path in self._servers:
+            server.close()
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        for peer in list(self._peers.values()):
+            peer.closing = True
+            peer.writer.transport.abort()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
+        for server, _ in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, socket_name: str) -> None:
+        """One task per peer, tracked so that close() can end them all."""
+        handler = asyncio.get_running_loop().create_task(self._serve(reader, writer, socket_name))
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, socket_name: str) -> None:
+        sock = writer.get_extra_info("socket")
+        pid, uid = _peer_credentials(sock)
+        remote = writer.get_extra_info("peername") if sock is not None and sock.family != socket.AF_UNIX else None
+        peer = QmpPeer(
+            next(self._ids), socket_name, writer,
+            QmpServerConnection(self._greeting, max_message=self.max_message),
+            pid=pid, uid=uid, remote=f"{remote[0]}:{remote[1]}" if remote else None,
+        )
+        self._peers[peer.peer_id] = peer
+        log.info("QMP peer %d connected on %r (pid %s, uid %s%s)", peer.peer_id, socket_name, pid, uid,
+                  f", from {peer.remote}" if peer.remote else "")
+        self._peers_changed()
+        try:
+            self._send(peer, peer.connection.greeting_bytes())
+            while not peer.closing:
+                data = await reader.read(_READ_CHUNK)
+                if not data:
+                    break
+                for event in peer.connection.receive_data(data):
+                    if peer.closing:
+                        break
+                    await self._handle(peer, event)
+        except (ConnectionError, OSError) as exc:
+            log.info("QMP peer %d: connection error: %s", peer.peer_id, exc)
+        finally:
+            del self._peers[peer.peer_id]
+            peer.closing = True
+            writer.close()
+            log.info("QMP peer %d disconnected", peer.peer_id)
+            self._peers_changed()
+
+    async def _handle(self, peer: QmpPeer, event: Answer | Command | Negotiated | MessageTooLarge) -> None:
+        if isinstance(event, Answer):
+            self._send(peer, event.data)
+        elif isinstance(event, Negotiated):
+            log.debug("QMP peer %d negotiated capabilities", peer.peer_id)
+        elif isinstance(event, MessageTooLarge):
+            log.warning("QMP peer %d sent a message over %d bytes; closing it", peer.peer_id, event.limit)
+            self._send(peer, event.data)
+            peer.closing = True
+            peer.writer.close()
+        else:
+            await self._run_command(peer, event)
+
+    async def _run_command(self, peer: QmpPeer, command: Command) -> None:
+        if not self._policy.allows(peer.socket_name, command.name):
+            log.info("QMP peer %d: denied %r on socket %r", peer.peer_id, command.name, peer.socket_name)
+            desc = Policy.denial(peer.socket_name, command.name)
+            self._send(peer, encode(error_message("GenericError", desc, command.id, has_id=command.has_id)))
+            return
+        log.debug("QMP peer %d: execute %s", peer.peer_id, command.name)
+        reply = await self._executor(command.name, command.arguments)
+        self._send(peer, peer.connection.reply_bytes(command, reply))
+
+    def _send(self, peer: QmpPeer, data: bytes) -> None:
+        """Queue bytes without waiting; a peer whose backlog outgrows the limit is not reading: drop it."""
+        if peer.closing or peer.writer.is_closing():
+            return
+        peer.writer.write(data)
+        backlog = peer.writer.transport.get_write_buffer_size()
+        if backlog > self.max_backlog:
+            log.warning("QMP peer %d is not reading (%d bytes queued); closing it", peer.peer_id, backlog)
+            peer.closing = True
+            peer.writer.transport.abort()
+
+    def _peers_changed(self) -> None:
+        if self._on_peers_changed is not None:
+            self._on_peers_changed()

@@ -1,0 +1,445 @@
+"""The core daemon's main sequence: lock, start (or attach to) QEMU, serve QMP, follow the guest, tear down.
+
+The core is the only process that talks to QEMU. It is ready only once QEMU has answered QMP and the core's
+own sockets listen; if QEMU dies first, the core fails with QEMU's own words. While running it mirrors the
+guest's state into ``state.json``. On SIGTERM/SIGINT it stops QEMU (politely first), removes what it made, and
+exits; if QEMU dies on its own, the core records why and exits with a status that says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
+
+from ipc.rundir import RunDir, check_socket_path
+
+from .pidlock import AlreadyRunning, PidLock
+from .policy import DEFAULT_POLICY, Policy
+from .qemu_process import (
+    ProcessWatch,
+    QemuStartError,
+    build_qemu_command,
+    describe_exit,
+    log_tail,
+    process_alive,
+    spawn_qemu,
+)
+from .qmp_server import QmpReexport
+from .readiness import sd_notify, write_ready_fd
+from .state import RunState, StateFile, read_state, run_state_from_qemu_status
+
+log = logging.getLogger(__name__)
+
+#: Exit statuses of ``vmfront core`` (documented in docs/operator.md).
+EXIT_OK = 0  # stopped on request, or the guest shut down and QEMU exited 0
+EXIT_START_FAILED = 1  # could not start: bad arguments, lock held, QEMU died before answering QMP
+EXIT_QEMU_FAILED = 3  # QEMU exited on its own with a non-zero status
+EXIT_QEMU_KILLED = 4  # QEMU was killed by a signal, or vanished without a shutdown
+
+#: Events after which the core asks QEMU for its status again.
+_STATUS_EVENTS = frozenset({
+    "STOP", "RESUME", "SHUTDOWN", "RESET", "SUSPEND", "WAKEUP", "GUEST_PANICKED", "MIGRATION", "POWERDOWN",
+})
+
+
+class CoreError(Exception):
+    """The core cannot start; the message is for the operator."""
+
+
+@dataclass
+class CoreConfig:
+    name: str
+    run_dir: RunDir
+    qemu_args: list[str] = field(default_factory=list)
+    qemu_binary: str = "qemu-system-x86_64"
+    accel: str | None = None
+    attach: Path | None = None
+    qmp_socket: Path | None = None
+    qmp_tcp: tuple[str, int] | None = None
+    policy: Policy = DEFAULT_POLICY
+    ready_fd: int | None = None
+    graceful_timeout: float | None = None
+    start_timeout: float = 30.0
+    stop_timeout: float = 10.0
+    max_message: int = 1 << 20
+    max_backlog: int = 8 << 20
+
+    @property
+    def qmp_socket_path(self) -> Path:
+        return self.qmp_socket or self.run_dir.qmp_socket
+
+
+def _socket_peer_pid(path: Path) -> int | None:
+    """The pid of the process that listens on a unix socket (the QEMU we attach to)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(str(path))
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid
+
+
+class Core:
+    """One VM's core daemon. ``await Core(config).run()`` returns the process exit status."""
+
+    def __init__(self, config: CoreConfig) -> None:
+        self.config = config
+        self.run_dir = config.run_dir
+        self.lock = PidLock(self.run_dir.pidfile)
+        self.state = StateFile(self.run_dir.state_file)
+        self.qmp = QMPClient(f"qemu-{config.name}")
+        self.qemu: ProcessWatch | None = None
+        self.server: QmpReexport | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._stop_reason = ""
+        self._shutdown_reason: str | None = None
+        self._status_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._refreshes: set[asyncio.Task[None]] = set()
+
+    # -- start-up -------------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self._stop_requested = asyncio.Event()
+        try:
+            self.run_dir.create()
+            check_socket_path(self.config.qmp_socket_path)
+            check_socket_path(self.run_dir.qemu_qmp_socket)
+            self.lock.acquire()
+        except AlreadyRunning as exc:
+            raise CoreError(f"VM {self.config.name!r}: {exc}") from None
+        except OSError as exc:
+            raise CoreError(f"cannot use run directory {self.run_dir.root}: {exc}") from exc
+        try:
+            return await self._run_locked()
+        finally:
+            self.lock.release()
+
+    async def _run_locked(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, f"signal {sig.name}")
+        try:
+            self._reclaim()
+            try:
+                await self._start()
+            except BaseException:
+                await self._teardown_failed_start()
+                raise
+            return await self._supervise()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def request_stop(self, reason: str = "requested") -> None:
+        log.info("stop requested (%s)", reason)
+        self._stop_reason = reason
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    def _reclaim(self) -> None:
+        """Take over a run dir a crashed core left behind; refuse if its QEMU still runs and we would clash."""
+        previous = read_state(self.run_dir.state_file)
+        if self.lock.stale_pid is not None:
+            log.info("reclaiming run directory of a core that died (pid %d)", self.lock.stale_pid)
+        old_qemu = previous.get("qemu_pid") if previous else None
+        attach_path = self.config.attach.resolve() if self.config.attach else None
+        private_qmp = self.run_dir.qemu_qmp_socket
+        if (isinstance(old_qemu, int) and process_alive(old_qemu) and previous
+                and previous.get("state") not in (RunState.SHUTDOWN, RunState.CRASHED)
+                and attach_path != private_qmp.resolve()):
+            raise CoreError(
+                f"VM {self.config.name!r}: QEMU pid {old_qemu}, started by a core that is gone, is still running; "
+                f"supervise it with `vmfront core --name {self.config.name} --attach {private_qmp}` or stop it"
+            )
+        stale = [self.config.qmp_socket_path]
+        if attach_path != private_qmp.resolve():
+            stale.append(private_qmp)
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    async def _start(self) -> None:
+        cfg = self.config
+        self.state.data.update(
+            name=cfg.name, state=RunState.STARTING, core_pid=os.getpid(), qemu_pid=None, qemu_version=None,
+            qemu_status=None, attached=cfg.attach is not None, accel=None, started_at=time.time(),
+            endpoints={}, peers=[], clients=[], last_exit=None, run_dir=str(self.run_dir.root),
+        )
+        self.state.write()
+        if cfg.attach is not None:
+            await self._attach(cfg.attach)
+        else:
+            await self._launch()
+        assert self.qemu is not None
+        await self._refresh_status()
+        version = await self.qmp.execute("query-version")
+        self.state.update(qemu_version=_version_string(version))
+
+        greeting = _reexported_greeting(self.qmp.greeting._asdict() if self.qmp.greeting else {})
+        self.server = QmpReexport(
+            self._execute, greeting, cfg.policy, max_message=cfg.max_message, max_backlog=cfg.max_backlog,
+            on_peers_changed=self._peers_changed,
+        )
+        endpoints: dict[str, Any] = {}
+        await self.server.listen_unix(cfg.qmp_socket_path, "qmp")
+        endpoints["qmp"] = str(cfg.qmp_socket_path)
+        if cfg.qmp_tcp is not None:
+            port = await self.server.listen_tcp(cfg.qmp_tcp[0], cfg.qmp_tcp[1], "qmp-tcp")
+            endpoints["qmp_tcp"] = f"{cfg.qmp_tcp[0]}:{port}"
+        self.state.update(endpoints=endpoints)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._pump_events(), name="qmp-events"))
+
+        sd_notify(f"READY=1\nSTATUS=VM {cfg.name} {self.state.data['state']}\nMAINPID={os.getpid()}")
+        if cfg.ready_fd is not None:
+            write_ready_fd(cfg.ready_fd, f"READY qmp={cfg.qmp_socket_path}")
+        log.info("core for VM %r ready: QEMU pid %s (%s), QMP at %s", cfg.name, self.qemu.pid,
+                 self.state.data["qemu_version"], cfg.qmp_socket_path)
+
+    async def _launch(self) -> None:
+        cfg = self.config
+        command = build_qemu_command(cfg.qemu_binary, cfg.name, cfg.qemu_args, self.run_dir.qemu_qmp_socket,
+                                     cfg.accel)
+        log.info("starting QEMU: %s", " ".join(command.argv))
+        try:
+            pid = spawn_qemu(command, self.run_dir.qemu_log)
+        except QemuStartError as exc:
+            raise CoreError(str(exc)) from None
+        self.qemu = ProcessWatch(pid, child=True)
+        self.state.update(qemu_pid=pid, accel=command.accel, qemu_argv=command.argv)
+        await self._connect_qmp(self.run_dir.qemu_qmp_socket)
+
+    async def _attach(self, path: Path) -> None:
+        pid = _socket_peer_pid(path)
+        if pid is None:
+            raise CoreError(f"cannot attach: no QEMU QMP socket answers at {path}")
+        self.qemu = ProcessWatch(pid, child=False)
+        self.state.update(qemu_pid=pid, attach_socket=str(path))
+        await self._connect_qmp(path)
+
+    async def _connect_qmp(self, path: Path) -> None:
+        """Connect to QEMU's QMP, racing QEMU's exit and a deadline: failure is an error, never a hang."""
+        assert self.qemu is not None
+        deadline = time.monotonic() + self.config.start_timeout
+        delay = 0.005
+        while True:
+            if self.qemu.exited:
+                raise CoreError(self._died_before_ready())
+            if time.monotonic() > deadline:
+                raise CoreError(f"QEMU did not answer QMP on {path} within {self.config.start_timeout:.0f} s")
+            if path.exists():
+                connect = asyncio.ensure_future(self.qmp.connect(str(path)))
+                exited = asyncio.ensure_future(self.qemu.wait())
+                done, _ = await asyncio.wait({connect, exited}, timeout=max(0.0, deadline - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                exited.cancel()
+                if connect in done and connect.exception() is None:
+                    return
+                if connect not in done:
+                    connect.cancel()
+                    with contextlib.suppress(BaseException):
+                        await connect
+                    await self._disconnect_qmp()
+                    continue
+                log.debug("QMP connect attempt failed: %s", connect.exception())
+                await self._disconnect_qmp()
+            # QEMU creates its socket early in start-up; until it exists, look again shortly.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    async def _disconnect_qmp(self) -> None:
+        """Drop the QMP connection; errors from a QEMU that already hung up say nothing new."""
+        try:
+            await self.qmp.disconnect()
+        except (QMPError, EOFError, OSError) as exc:
+            log.debug("QMP disconnect: %s", exc)
+
+    def _died_before_ready(self) -> str:
+        assert self.qemu is not None
+        stderr = log_tail(self.run_dir.qemu_log)
+        what = describe_exit(self.qemu.returncode)
+        return f"QEMU {what} before answering QMP" + (f":\n{stderr}" if stderr else " (it printed nothing)")
+
+    async def _teardown_failed_start(self) -> None:
+        await self._disconnect_qmp()
+        if self.qemu is not None and self.qemu.child and not self.qemu.exited:
+            await self._kill_qemu()
+        if self.qemu is not None and self.qemu.child:
+            with contextlib.suppress(FileNotFoundError):
+                self.run_dir.qemu_qmp_socket.unlink()
+        code = self.qemu.returncode if self.qemu else None
+        self.state.update(state=RunState.CRASHED,
+                          last_exit={"code": code, "reason": "failed to start", "at": time.time()})
+
+    # -- running --------------------------------------------------------------------------------------------
+
+    async def _execute(self, name: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
+        """Run one command on QEMU on behalf of a peer; QEMU's error replies pass through unchanged."""
+        try:
+            value = await self.qmp.execute(name, arguments)
+        except ExecuteError as exc:
+            error = exc.received.get("error", {})
+            return {"error": error if isinstance(error, dict) else {"class": "GenericError", "desc": str(exc)}}
+        except (ExecInterruptedError, QMPError, ConnectionError) as exc:
+            log.warning("command %s interrupted: %s", name, exc)
+            return {"error": {"class": "GenericError",
+                              "desc": f"QEMU's monitor connection was lost before it replied to '{name}'"}}
+        return {"return": value}
+
+    async def _pump_events(self) -> None:
+        """Forward every QEMU event to the peers, and follow the ones that change the run state."""
+        assert self.server is not None
+        async for event in self.qmp.events:
+            payload = dict(event)
+            self.server.broadcast_event(payload)
+            name = payload.get("event")
+            if name == "SHUTDOWN":
+                data = payload.get("data")
+                self._shutdown_reason = str(data.get("reason", "shutdown") if isinstance(data, dict) else "shutdown")
+            if name in _STATUS_EVENTS:
+                refresh = asyncio.get_running_loop().create_task(self._refresh_status())
+                self._refreshes.add(refresh)
+                refresh.add_done_callback(self._refreshes.discard)
+
+    async def _refresh_status(self) -> None:
+        async with self._status_lock:
+            try:
+                status = await self.qmp.execute("query-status")
+            except (QMPError, ConnectionError) as exc:
+                log.debug("query-status failed: %s", exc)
+                return
+            qemu_status = str(status.get("status", "unknown")) if isinstance(status, dict) else "unknown"
+            new_state = run_state_from_qemu_status(qemu_status)
+            if new_state != self.state.data.get("state") or qemu_status != self.state.data.get("qemu_status"):
+                log.info("VM state %s (QEMU status %s)", new_state.value, qemu_status)
+                self.state.update(state=new_state, qemu_status=qemu_status)
+                sd_notify(f"STATUS=VM {self.config.name} {new_state.value}")
+
+    def _peers_changed(self) -> None:
+        if self.server is not None:
+            self.state.update(peers=[peer.describe() for peer in self.server.peers])
+
+    async def _supervise(self) -> int:
+        """Wait until a stop is requested or QEMU goes away, then tear down. Returns the exit status."""
+        assert self.qemu is not None and self._stop_requested is not None
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        exited = asyncio.ensure_future(self.qemu.wait())
+        monitor_lost = asyncio.ensure_future(self._wait_qmp_lost())
+        await asyncio.wait({stop, exited, monitor_lost}, return_when=asyncio.FIRST_COMPLETED)
+        for fut in (stop, exited, monitor_lost):
+            fut.cancel()
+        if self._stop_requested.is_set():
+            return await self._stop()
+        return await self._qemu_gone()
+
+    async def _wait_qmp_lost(self) -> None:
+        """In attach mode a lost monitor is how we learn QEMU went away (or someone else took it)."""
+        while self.qmp.runstate == Runstate.RUNNING:
+            await self.qmp.runstate_changed()
+        # Give the process watch a moment to report the exit it usually implies.
+        if self.qemu is not None and not self.qemu.exited:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.qemu.wait(), timeout=2)
+
+    async def _stop(self) -> int:
+        assert self.qemu is not None
+        if self.config.attach is not None:
+            log.info("detaching from QEMU pid %d (it keeps running)", self.qemu.pid)
+            await self._close_endpoints()
+            self.state.update(state=RunState.SHUTDOWN if self.qemu.exited else self.state.data["state"],
+                              last_exit={"code": None, "reason": f"core detached ({self._stop_reason})",
+                                         "at": time.time()}, peers=[])
+            return EXIT_OK
+        if self.config.graceful_timeout and not self.qemu.exited:
+            log.info("asking the guest to power down (waiting up to %.0f s)", self.config.graceful_timeout)
+            with contextlib.suppress(QMPError, ConnectionError):
+                await self.qmp.execute("system_powerdown")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.qemu.wait(), timeout=self.config.graceful_timeout)
+        if not self.qemu.exited:
+            with contextlib.suppress(QMPError, ConnectionError):
+                await asyncio.wait_for(self.qmp.execute("quit"), timeout=self.config.stop_timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.qemu.wait(), timeout=self.config.stop_timeout)
+        if not self.qemu.exited:
+            await self._kill_qemu()
+        await self._close_endpoints()
+        self.state.update(state=RunState.SHUTDOWN, peers=[],
+                          last_exit={"code": self.qemu.returncode, "reason": f"stopped by core ({self._stop_reason})",
+                                     "at": time.time()})
+        return EXIT_OK
+
+    async def _kill_qemu(self) -> None:
+        assert self.qemu is not None
+        for sig, wait in ((signal.SIGTERM, self.config.stop_timeout), (signal.SIGKILL, 10.0)):
+            log.info("sending %s to QEMU pid %d", sig.name, self.qemu.pid)
+            self.qemu.send_signal(sig)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.qemu.wait(), timeout=wait)
+                return
+        log.error("QEMU pid %d did not exit after SIGKILL", self.qemu.pid)
+
+    async def _qemu_gone(self) -> int:
+        """QEMU exited (or its monitor vanished) without being asked by us: record why, pick the exit status."""
+        assert self.qemu is not None
+        code = self.qemu.returncode
+        clean = (code == 0) or (code is None and self._shutdown_reason is not None)
+        reason = self._shutdown_reason if clean and self._shutdown_reason else describe_exit(code)
+        if not self.qemu.exited:
+            reason = "QEMU's monitor connection was lost"
+            clean = False
+        state = RunState.SHUTDOWN if clean else RunState.CRASHED
+        log.log(logging.INFO if clean else logging.ERROR, "QEMU pid %d %s (%s)", self.qemu.pid,
+                describe_exit(code), reason)
+        if not clean:
+            tail = log_tail(self.run_dir.qemu_log, 1000)
+            if tail:
+                log.error("QEMU's last output:\n%s", tail)
+        await self._close_endpoints()
+        self.state.update(state=state, peers=[],
+                          last_exit={"code": code, "reason": reason, "at": time.time()})
+        if clean:
+            return EXIT_OK
+        return EXIT_QEMU_FAILED if code is not None and code > 0 else EXIT_QEMU_KILLED
+
+    async def _close_endpoints(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.server is not None:
+            await self.server.close()
+        await self._disconnect_qmp()
+        if self.qemu is not None and self.qemu.exited:
+            with contextlib.suppress(FileNotFoundError):
+                self.run_dir.qemu_qmp_socket.unlink()
+
+
+def _version_string(version: Any) -> str:
+    try:
+        q = version["qemu"]
+        text = f"{q['major']}.{q['minor']}.{q['micro']}"
+    except (KeyError, TypeError):
+        return "unknown"
+    package = str(version.get("package", "")).strip()
+    return f"{text} ({package})" if package else text
+
+
+def _reexported_greeting(greeting: dict[str, Any]) -> dict[str, Any]:
+    """QEMU's greeting, minus the 'oob' capability, which the re-export does not offer."""
+    qmp = dict(greeting.get("QMP", {}))
+    qmp["capabilities"] = [c for c in qmp.get("capabilities", []) if c != "oob"]
+    qmp.setdefault("version", {})
+    return {"QMP": qmp}

@@ -1,0 +1,1 @@
+"""The control channel between the core and its clients (pyzmq + msgpack)."""

@@ -1,0 +1,101 @@
+"""The per-VM run directory: the one rendezvous every vmfront process agrees on.
+
+The core owns the directory; clients and tools find sockets, the pidfile and ``state.json`` here by VM name.
+Layout (documented in docs/rundir.md)::
+
+    DIR/                 0755  owned by the core's user
+      core.pid           pidfile, locked (flock) by the live core
+      state.json         current state, rewritten atomically
+      qmp.sock           management QMP socket (re-exported by the core)
+      qemu.log           QEMU's stdout/stderr
+      private/           0700  only the core: QEMU's own sockets
+        qmp.sock         QEMU's QMP monitor, spoken to only by the core
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+#: Linux limits a unix socket path to 108 bytes including the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+class RunDirError(Exception):
+    """The VM name or run directory cannot be used; the message says why."""
+
+
+def check_vm_name(name: str) -> str:
+    """Names end up in paths and shared-memory names, so keep them to a safe alphabet."""
+    if not _NAME_RE.match(name):
+        raise RunDirError(
+            f"invalid VM name {name!r}: use 1-64 characters from A-Z a-z 0-9 _ . - (not starting with . - _)"
+        )
+    return name
+
+
+def default_run_dir(name: str) -> Path:
+    """``$XDG_RUNTIME_DIR/vmfront/NAME``, else ``/run/vmfront/NAME`` as root, else a per-user tmp dir."""
+    check_vm_name(name)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "vmfront" / name
+    if os.geteuid() == 0:
+        return Path("/run/vmfront") / name
+    return Path(tempfile.gettempdir()) / f"vmfront-{os.geteuid()}" / name
+
+
+def check_socket_path(path: Path) -> Path:
+    """Fail early with a clear message instead of a cryptic bind() error later."""
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise RunDirError(
+            f"socket path too long for a unix socket ({len(os.fsencode(path))} > {UNIX_PATH_MAX} bytes): "
+            f"{path}; choose a shorter --run-dir"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one VM's run directory."""
+
+    root: Path
+
+    @classmethod
+    def for_vm(cls, name: str, run_dir: str | os.PathLike[str] | None = None) -> RunDir:
+        return cls(Path(run_dir) if run_dir is not None else default_run_dir(name))
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "core.pid"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.root / "qmp.sock"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.root / "qemu.log"
+
+    @property
+    def private(self) -> Path:
+        return self.root / "private"
+
+    @property
+    def qemu_qmp_socket(self) -> Path:
+        return self.private / "qmp.sock"
+
+    def create(self) -> None:
+        """Make the directory tree with the documented modes (umask must not widen ``private/``)."""
+        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.private.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.private, 0o700)

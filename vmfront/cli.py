@@ -1,0 +1,195 @@
+"""``vmfront``: one program, one subcommand per job (start a core, show status, ...).
+
+Argument parsing and process set-up only; each subcommand's work lives in the package that owns it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ipc.rundir import RunDir, RunDirError, check_vm_name
+
+log = logging.getLogger("vmfront")
+
+
+class CliError(Exception):
+    """A subcommand cannot do its job; the message is printed as ``vmfront CMD: error: ...``."""
+
+
+def _setup_logging(verbosity: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbosity else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+    if verbosity < 2:
+        logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _add_vm(parser: argparse.ArgumentParser, *, positional: bool) -> None:
+    if positional:
+        parser.add_argument("name", help="VM name")
+    else:
+        parser.add_argument("--name", required=True, help="VM name (unique per host)")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default: $XDG_RUNTIME_DIR/vmfront/NAME, "
+                        "else /run/vmfront/NAME as root, else a per-user tmp dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmfront", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: QMP traffic)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    core = sub.add_parser("core", help="start the per-VM core daemon (supervises QEMU, re-exports QMP)",
+                          description="Start QEMU (or attach to one) and serve it. QEMU_ARGS follow `--`; "
+                          "with none, the built-in demo guest boots.")
+    _add_vm(core, positional=False)
+    core.add_argument("--qmp-socket", type=Path, help="management QMP socket (default: RUN_DIR/qmp.sock)")
+    core.add_argument("--qmp-tcp", type=_host_port, metavar="HOST:PORT", help="also serve QMP on TCP")
+    core.add_argument("--policy", type=Path, help="QMP command policy file (TOML; see docs/policy.md)")
+    core.add_argument("--qemu-binary", default=os.environ.get("VMFRONT_QEMU", "qemu-system-x86_64"))
+    core.add_argument("--accel", help="accelerator (default: kvm if usable, else tcg)")
+    core.add_argument("--attach", type=Path, metavar="QMP_SOCKET",
+                      help="supervise an already-running QEMU through its QMP socket instead of starting one")
+    core.add_argument("--ready-fd", type=int, metavar="N", help="write one line to fd N when ready, then close it")
+    core.add_argument("--graceful-timeout", type=float, metavar="SECONDS",
+                      help="on stop, ask the guest to power down and wait this long before quitting QEMU")
+    core.add_argument("--start-timeout", type=float, default=30.0, metavar="SECONDS")
+    core.add_argument("--qmp-max-message", type=int, default=1 << 20, metavar="BYTES",
+                      help="largest QMP message a peer may send (default 1 MiB)")
+    core.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
+
+    status = sub.add_parser("status", help="show a VM's state")
+    _add_vm(status, positional=True)
+    status.add_argument("--json", action="store_true", help="print state.json as JSON for scripts")
+
+    sub.add_parser("demo-image", help="build (if needed) and print the path of the demo guest image")
+    return parser
+
+
+def _demo_guest_args() -> list[str]:
+    from core_daemon.demo_guest import DemoGuestError, demo_image_path, demo_qemu_args
+
+    try:
+        image = demo_image_path()
+    except DemoGuestError as exc:
+        raise CliError(f"cannot build the demo guest: {exc}") from exc
+    log.info("no QEMU arguments: booting the built-in demo guest %s", image)
+    return demo_qemu_args(image)
+
+
+def cmd_core(args: argparse.Namespace) -> int:
+    from core_daemon.policy import PolicyError, load_policy
+    from core_daemon.supervisor import Core, CoreConfig, CoreError
+
+    qemu_args = list(args.qemu_args)
+    if qemu_args[:1] == ["--"]:
+        qemu_args = qemu_args[1:]
+    try:
+        check_vm_name(args.name)
+        policy = load_policy(args.policy)
+        if not qemu_args and args.attach is None:
+            qemu_args = _demo_guest_args()
+        config = CoreConfig(
+            name=args.name, run_dir=RunDir.for_vm(args.name, args.run_dir), qemu_args=qemu_args,
+            qemu_binary=args.qemu_binary, accel=args.accel, attach=args.attach, qmp_socket=args.qmp_socket,
+            qmp_tcp=args.qmp_tcp, policy=policy, ready_fd=args.ready_fd, graceful_timeout=args.graceful_timeout,
+            start_timeout=args.start_timeout, max_message=args.qmp_max_message,
+        )
+        code = asyncio.run(Core(config).run())
+    except (CoreError, PolicyError, RunDirError, CliError) as exc:
+        print(f"vmfront core: error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from core_daemon.pidlock import is_locked
+    from core_daemon.state import read_state
+
+    try:
+        run_dir = RunDir.for_vm(check_vm_name(args.name), args.run_dir)
+    except RunDirError as exc:
+        print(f"vmfront status: error: {exc}", file=sys.stderr)
+        return 1
+    state = read_state(run_dir.state_file)
+    alive = is_locked(run_dir.pidfile)
+    if state is None:
+        if args.json:
+            print(json.dumps({"name": args.name, "core_running": alive, "state": None}))
+        else:
+            print(f"VM {args.name}: no state recorded in {run_dir.root}")
+        return 1 if not alive else 0
+    state["core_running"] = alive
+    if args.json:
+        print(json.dumps(state, indent=2, sort_keys=True))
+        return 0
+    now = time.time()
+    core = f"core pid {state.get('core_pid')}" if alive else "core not running"
+    print(f"VM {state.get('name', args.name)}: {state.get('state')} ({core})")
+    print(f"  QEMU:      pid {state.get('qemu_pid')}, {state.get('qemu_version') or 'version unknown'}"
+          f"{', accel ' + state['accel'] if state.get('accel') else ''}"
+          f"{', attached' if state.get('attached') else ''}")
+    if state.get("qemu_status"):
+        print(f"  status:    {state['qemu_status']}")
+    for name, endpoint in (state.get("endpoints") or {}).items():
+        print(f"  {name + ':':<10} {endpoint}")
+    peers = state.get("peers") or []
+    print(f"  QMP peers: {len(peers)}")
+    for peer in peers:
+        who = f"pid {peer['pid']} uid {peer['uid']}" if "pid" in peer else peer.get("remote", "?")
+        print(f"    #{peer['id']} on {peer['socket']} ({who}), for {_age(now - peer['since'])}")
+    clients = state.get("clients") or []
+    if clients:
+        print(f"  clients:   {len(clients)}")
+    last = state.get("last_exit")
+    if last:
+        print(f"  last exit: {last.get('reason')} (QEMU status {last.get('code')})")
+    return 0
+
+
+def cmd_demo_image(args: argparse.Namespace) -> int:
+    from core_daemon.demo_guest import DemoGuestError, demo_image_path
+
+    try:
+        print(demo_image_path())
+    except DemoGuestError as exc:
+        print(f"vmfront demo-image: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+_COMMANDS = {"core": cmd_core, "status": cmd_status, "demo-image": cmd_demo_image}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    return _COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
