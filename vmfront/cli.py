@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_argument("--start-timeout", type=float, default=30.0, metavar="SECONDS")
     core.add_argument("--qmp-max-message", type=int, default=1 << 20, metavar="BYTES",
                       help="largest QMP message a peer may send (default 1 MiB)")
+    core.add_argument("--qmp-max-backlog", type=int, default=8 << 20, metavar="BYTES",
+                      help="unread output after which a QMP peer counts as stalled and is closed (default 8 MiB)")
     core.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
 
     status = sub.add_parser("status", help="show a VM's state")
@@ -109,7 +111,7 @@ def cmd_core(args: argparse.Namespace) -> int:
             name=args.name, run_dir=RunDir.for_vm(args.name, args.run_dir), qemu_args=qemu_args,
             qemu_binary=args.qemu_binary, accel=args.accel, attach=args.attach, qmp_socket=args.qmp_socket,
             qmp_tcp=args.qmp_tcp, policy=policy, ready_fd=args.ready_fd, graceful_timeout=args.graceful_timeout,
-            start_timeout=args.start_timeout, max_message=args.qmp_max_message,
+            start_timeout=args.start_timeout, max_message=args.qmp_max_message, max_backlog=args.qmp_max_backlog,
         )
         code = asyncio.run(Core(config).run())
     except (CoreError, PolicyError, RunDirError, CliError) as exc:

@@ -1,0 +1,56 @@
+"""The shared-memory framebuffer and event ring (posix_ipc + mmap)."""
+
+from .layout import (
+    LAYOUT_VERSION,
+    QMP_RUN_STATES,
+    CursorImage,
+    CursorPositionRecord,
+    CursorShapeRecord,
+    DamageRecord,
+    Geometry,
+    LayoutError,
+    Mode,
+    ModeRecord,
+    Overrun,
+    PixelFormat,
+    Record,
+    RecordKind,
+    RunState,
+    RunStateRecord,
+    SegmentNotReady,
+    State,
+    VersionError,
+)
+from .naming import SegmentName, parse_segment_name, pid_alive, reclaim_stale_segments, segment_name
+from .reader import SeqlockTimeout, ShmReader
+from .writer import ShmWriter
+
+__all__ = [
+    "LAYOUT_VERSION",
+    "QMP_RUN_STATES",
+    "CursorImage",
+    "CursorPositionRecord",
+    "CursorShapeRecord",
+    "DamageRecord",
+    "Geometry",
+    "LayoutError",
+    "Mode",
+    "ModeRecord",
+    "Overrun",
+    "PixelFormat",
+    "Record",
+    "RecordKind",
+    "RunState",
+    "RunStateRecord",
+    "SegmentName",
+    "SegmentNotReady",
+    "SeqlockTimeout",
+    "ShmReader",
+    "ShmWriter",
+    "State",
+    "VersionError",
+    "parse_segment_name",
+    "pid_alive",
+    "reclaim_stale_segments",
+    "segment_name",
+]

@@ -1,0 +1,199 @@
+"""Helpers for tests that run a real ``vmfront core`` (which runs a real QEMU) as a child process.
+
+Every core started here is ended by its pid when the context manager exits (SIGTERM, wait, SIGKILL), and so is
+the QEMU it reported, in case a test killed the core and left the guest behind. Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+READY_TIMEOUT = 60.0
+
+
+def short_tmpdir() -> Path:
+    """A short directory under /tmp: unix socket paths must fit in 108 bytes, pytest's tmp_path may not."""
+    return Path(tempfile.mkdtemp(prefix="vmf-", dir="/tmp"))
+
+
+def kill_pid(pid: int | None, timeout: float = 10.0) -> None:
+    """End a process we did not necessarily start (e.g. a QEMU left by a killed core): TERM, wait, KILL."""
+    if not pid:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is not alive; /proc tells.
+    with contextlib.suppress(OSError):
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    return False
+
+
+@dataclass
+class CoreProcess:
+    """A running ``vmfront core`` child."""
+
+    proc: subprocess.Popen[bytes]
+    run_dir: Path
+    name: str
+    ready_line: str = ""
+    stderr_path: Path = field(default=Path("/dev/null"))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.run_dir / "state.json").read_text())
+        return data
+
+    @property
+    def qemu_pid(self) -> int:
+        pid: int = self.state()["qemu_pid"]
+        return pid
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait; SIGKILL if it does not go."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(timeout=10)
+
+
+def core_command(name: str, run_dir: Path, *extra: str, qemu_args: list[str] | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "vmfront", "-v", "core", "--name", name, "--run-dir", str(run_dir), *extra]
+    if qemu_args:
+        argv += ["--", *qemu_args]
+    return argv
+
+
+def spawn_core(name: str, run_dir: Path, *extra: str, qemu_args: list[str] | None = None,
+               env: dict[str, str] | None = None, wait_ready: bool = True,
+               timeout: float = READY_TIMEOUT) -> CoreProcess:
+    """Start a core with ``--ready-fd``; with ``wait_ready``, return once it says READY (or fail with its log)."""
+    read_fd, write_fd = os.pipe()
+    stderr_path = run_dir.parent / f"{name}-{time.monotonic_ns()}.stderr"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with stderr_path.open("wb") as stderr:
+        proc = subprocess.Popen(
+            core_command(name, run_dir, "--ready-fd", str(write_fd), *extra, qemu_args=qemu_args),
+            stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, pass_fds=(write_fd,),
+            env={**os.environ, **(env or {})},
+        )
+    os.close(write_fd)
+    core = CoreProcess(proc, run_dir, name, stderr_path=stderr_path)
+    try:
+        if wait_ready:
+            ready, _, _ = select.select([read_fd], [], [], timeout)
+            line = os.read(read_fd, 4096).decode() if ready else ""
+            if not line.startswith("READY"):
+                code = proc.poll()
+                core.stop()
+                raise AssertionError(f"core did not become ready (exit {code}); its log:\n{core.stderr()}")
+            core.ready_line = line.strip()
+    finally:
+        os.close(read_fd)
+    return core
+
+
+@contextlib.contextmanager
+def running_core(name: str = "t", *extra: str, qemu_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> Iterator[CoreProcess]:
+    """A ready core in a fresh short run dir; everything it and its QEMU started is ended afterwards."""
+    root = short_tmpdir()
+    core = spawn_core(name, root / "run", *extra, qemu_args=qemu_args, env=env)
+    qemu_pid = core.qemu_pid
+    try:
+        yield core
+    finally:
+        core.stop()
+        kill_pid(qemu_pid)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class RawQmpPeer:
+    """A QMP peer on a plain socket, for what a library client would hide: ids, raw bytes, not reading."""
+
+    def __init__(self, path: Path | str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self._buf = b""
+        self.greeting = self.recv()
+
+    def send(self, data: bytes | dict[str, Any]) -> None:
+        self.sock.sendall(data if isinstance(data, bytes) else json.dumps(data).encode() + b"\n")
+
+    def recv(self) -> dict[str, Any]:
+        """The next message (reply or event)."""
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("peer closed")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def recv_reply(self) -> dict[str, Any]:
+        """The next reply, skipping events."""
+        while True:
+            message = self.recv()
+            if "event" not in message:
+                return message
+
+    def execute(self, command: str, **fields: Any) -> dict[str, Any]:
+        self.send({"execute": command, **fields})
+        return self.recv_reply()
+
+    def negotiate(self) -> RawQmpPeer:
+        assert self.execute("qmp_capabilities") == {"return": {}}
+        return self
+
+    def close(self) -> None:
+        self.sock.close()
