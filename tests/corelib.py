@@ -105,8 +105,10 @@ class CoreProcess:
         return self.proc.wait(timeout=10)
 
 
-def core_command(name: str, run_dir: Path, *extra: str, qemu_args: list[str] | None = None) -> list[str]:
-    argv = [sys.executable, "-m", "vmfront", "-v", "core", "--name", name, "--run-dir", str(run_dir), *extra]
+def core_command(name: str, run_dir: Path, *extra: str, qemu_args: list[str] | None = None,
+                 verbose: bool = True) -> list[str]:
+    argv = [sys.executable, "-m", "vmfront", *(["-v"] if verbose else []),
+            "core", "--name", name, "--run-dir", str(run_dir), *extra]
     if qemu_args:
         argv += ["--", *qemu_args]
     return argv
@@ -114,14 +116,14 @@ def core_command(name: str, run_dir: Path, *extra: str, qemu_args: list[str] | N
 
 def spawn_core(name: str, run_dir: Path, *extra: str, qemu_args: list[str] | None = None,
                env: dict[str, str] | None = None, wait_ready: bool = True,
-               timeout: float = READY_TIMEOUT) -> CoreProcess:
+               timeout: float = READY_TIMEOUT, verbose: bool = True) -> CoreProcess:
     """Start a core with ``--ready-fd``; with ``wait_ready``, return once it says READY (or fail with its log)."""
     read_fd, write_fd = os.pipe()
     stderr_path = run_dir.parent / f"{name}-{time.monotonic_ns()}.stderr"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with stderr_path.open("wb") as stderr:
         proc = subprocess.Popen(
-            core_command(name, run_dir, "--ready-fd", str(write_fd), *extra, qemu_args=qemu_args),
+            core_command(name, run_dir, "--ready-fd", str(write_fd), *extra, qemu_args=qemu_args, verbose=verbose),
             stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, pass_fds=(write_fd,),
             env={**os.environ, **(env or {})},
         )

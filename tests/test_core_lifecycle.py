@@ -1,0 +1,208 @@
+"""Supervision: start-up failures, the pidfile lock, readiness, QEMU dying, teardown, reclaim, attach."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from corelib import RawQmpPeer, core_command, kill_pid, pid_alive, running_core, short_tmpdir, spawn_core
+
+SMALL_VM = ["-machine", "pc", "-m", "16"]
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = short_tmpdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_core_to_exit(root: Path, *extra: str, qemu_args: list[str] | None = None,
+                     timeout: float = 30) -> tuple[int, str, float]:
+    start = time.monotonic()
+    result = subprocess.run(core_command("f", root / "run", *extra, qemu_args=qemu_args),
+                            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return result.returncode, result.stderr, time.monotonic() - start
+
+
+def wait_for(predicate: object, within: float = 15.0, what: str = "condition") -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_bad_qemu_argument_fails_fast_with_qemus_stderr(root: Path) -> None:
+    code, stderr, elapsed = run_core_to_exit(root, qemu_args=["-no-such-option"])
+    assert code == 1
+    assert elapsed < 5, elapsed
+    assert "QEMU exited with status 1 before answering QMP" in stderr
+    assert "-no-such-option" in stderr  # QEMU's own words
+    state = json.loads((root / "run" / "state.json").read_text())
+    assert state["state"] == "crashed"
+    assert not (root / "run" / "core.pid").exists()
+
+
+def test_missing_qemu_binary_fails_fast(root: Path) -> None:
+    code, stderr, elapsed = run_core_to_exit(root, "--qemu-binary", "/nonexistent/qemu-system-x86_64",
+                                             qemu_args=SMALL_VM)
+    assert code == 1 and elapsed < 5
+    assert "QEMU binary not found: /nonexistent/qemu-system-x86_64" in stderr
+
+
+def test_second_core_for_the_same_vm_is_refused() -> None:
+    with running_core("dup", qemu_args=SMALL_VM) as core:
+        start = time.monotonic()
+        result = subprocess.run(core_command("dup", core.run_dir, qemu_args=SMALL_VM), capture_output=True,
+                                text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert result.returncode == 1 and time.monotonic() - start < 5
+        assert f"a core for this VM is already running (pid {core.pid} holds" in result.stderr
+        # The first core is untouched.
+        assert core.proc.poll() is None
+        assert RawQmpPeer(core.qmp_socket).negotiate().execute("query-name") == {"return": {"name": "dup"}}
+
+
+def test_sigterm_stops_qemu_and_removes_what_the_core_made(root: Path) -> None:
+    core = spawn_core("term", root / "run", qemu_args=SMALL_VM)
+    qemu_pid = core.qemu_pid
+    try:
+        assert core.ready_line == f"READY qmp={core.qmp_socket}"
+        assert core.stop() == 0
+        assert not pid_alive(qemu_pid)
+        run = root / "run"
+        leftovers = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
+        assert leftovers == ["private", "qemu.log", "state.json"], leftovers
+        state = core.state()
+        assert state["state"] == "shutdown"
+        assert "stopped by core (signal SIGTERM)" in state["last_exit"]["reason"]
+    finally:
+        kill_pid(qemu_pid)
+
+
+def test_qemu_killed_is_recorded_as_crashed(root: Path) -> None:
+    core = spawn_core("crash", root / "run", qemu_args=SMALL_VM)
+    qemu_pid = core.qemu_pid
+    try:
+        os.kill(qemu_pid, signal.SIGKILL)
+        assert core.wait(timeout=30) == 4
+        state = core.state()
+        assert state["state"] == "crashed"
+        assert state["last_exit"]["code"] == -signal.SIGKILL
+        assert "killed by SIGKILL" in state["last_exit"]["reason"]
+        assert not (root / "run" / "qmp.sock").exists()
+        assert not (root / "run" / "private" / "qmp.sock").exists()
+    finally:
+        core.stop()
+        kill_pid(qemu_pid)
+
+
+def test_guest_quit_through_qmp_is_a_clean_shutdown(root: Path) -> None:
+    core = spawn_core("quit", root / "run", qemu_args=SMALL_VM)
+    qemu_pid = core.qemu_pid
+    try:
+        peer = RawQmpPeer(core.qmp_socket).negotiate()
+        assert peer.execute("quit") == {"return": {}}
+        assert core.wait(timeout=30) == 0
+        state = core.state()
+        assert state["state"] == "shutdown"
+        assert state["last_exit"] == {**state["last_exit"], "code": 0, "reason": "host-qmp-quit"}
+    finally:
+        core.stop()
+        kill_pid(qemu_pid)
+
+
+def test_killed_core_is_reclaimed_and_its_qemu_can_be_attached(root: Path) -> None:
+    run = root / "run"
+    first = spawn_core("re", run, qemu_args=SMALL_VM)
+    qemu_pid = first.qemu_pid
+    try:
+        first.proc.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        assert pid_alive(qemu_pid), "QEMU must survive its core"
+
+        # A new core must not start a second QEMU for a VM whose QEMU still runs: it says how to attach.
+        code, stderr, elapsed = run_core_to_exit(root, qemu_args=SMALL_VM)
+        assert code == 1 and elapsed < 5
+        assert f"QEMU pid {qemu_pid}, started by a core that is gone, is still running" in stderr
+        assert f"--attach {run / 'private' / 'qmp.sock'}" in stderr
+
+        second = spawn_core("re", run, "--attach", str(run / "private" / "qmp.sock"))
+        try:
+            state = second.state()
+            assert state["qemu_pid"] == qemu_pid and state["attached"] is True and state["state"] == "running"
+            peer = RawQmpPeer(second.qmp_socket).negotiate()
+            assert peer.execute("query-name") == {"return": {"name": "re"}}
+            peer.close()
+            # Stopping an attached core detaches: the guest keeps running.
+            assert second.stop() == 0
+            assert pid_alive(qemu_pid)
+            assert "core detached" in second.state()["last_exit"]["reason"]
+        finally:
+            second.stop()
+        # And a third core can attach again.
+        third = spawn_core("re", run, "--attach", str(run / "private" / "qmp.sock"))
+        third.stop()
+    finally:
+        first.stop()
+        kill_pid(qemu_pid)
+
+
+def test_attached_qemu_that_dies_is_recorded(root: Path) -> None:
+    """Attach to a QEMU the core did not start (its own QMP socket); it quits: the core exits cleanly."""
+    sock = root / "own-qmp.sock"
+    qemu = subprocess.Popen(["qemu-system-x86_64", "-nodefaults", "-display", "none", "-accel", "tcg", *SMALL_VM,
+                             "-qmp", f"unix:{sock},server=on,wait=off"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, what="QEMU's QMP socket")
+        core = spawn_core("att", root / "run", "--attach", str(sock))
+        try:
+            assert core.qemu_pid == qemu.pid
+            RawQmpPeer(core.qmp_socket).negotiate().execute("quit")
+            assert core.wait(timeout=30) == 0
+            assert core.state()["state"] == "shutdown"
+            assert core.state()["last_exit"]["reason"] == "host-qmp-quit"
+        finally:
+            core.stop()
+    finally:
+        qemu.kill()
+        qemu.wait(timeout=10)
+
+
+def test_sd_notify_ready(root: Path) -> None:
+    notify_path = root / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(notify_path))
+        listener.settimeout(60)
+        core = spawn_core("sd", root / "run", qemu_args=SMALL_VM, env={"NOTIFY_SOCKET": str(notify_path)},
+                          wait_ready=False)
+        try:
+            message = ""
+            while "READY=1" not in message.splitlines():  # STATUS= updates may come first
+                message = listener.recv(4096).decode()
+            assert f"MAINPID={core.pid}" in message
+            # Ready means QMP answers already.
+            assert RawQmpPeer(core.qmp_socket).negotiate().execute("query-name") == {"return": {"name": "sd"}}
+        finally:
+            core.stop()
+            kill_pid(core.state().get("qemu_pid"))
+
+
+def test_invalid_name_and_long_socket_path_are_clear_errors(root: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "vmfront", "core", "--name", "../evil"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 1 and "invalid VM name '../evil'" in result.stderr
+    deep = root / ("d" * 100)
+    code, stderr, _ = run_core_to_exit(deep, qemu_args=SMALL_VM)
+    assert code == 1 and "socket path too long" in stderr
