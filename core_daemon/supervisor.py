@@ -124,6 +124,8 @@ class Core:
         self._shutdown_reason: str | None = None
         self._status_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        #: QEMU's private QMP socket when adopting the QEMU of a core that died.
+        self._adopt: Path | None = None
         self._refreshes: set[asyncio.Task[None]] = set()
 
     # -- start-up -------------------------------------------------------------------------------------------
@@ -167,22 +169,25 @@ class Core:
             self._stop_requested.set()
 
     def _reclaim(self) -> None:
-        """Take over a run dir a crashed core left behind; refuse if its QEMU still runs and we would clash."""
+        """Take over a run dir a crashed core left behind.
+
+        If that core's QEMU still runs (a core crash must not take the guest down), adopt it: supervise it as if
+        we had started it, so a supervisor that restarts a crashed core gets the same guest back.
+        """
         previous = read_state(self.run_dir.state_file)
         if self.lock.stale_pid is not None:
             log.info("reclaiming run directory of a core that died (pid %d)", self.lock.stale_pid)
-        old_qemu = previous.get("qemu_pid") if previous else None
-        attach_path = self.config.attach.resolve() if self.config.attach else None
         private_qmp = self.run_dir.qemu_qmp_socket
-        if (isinstance(old_qemu, int) and process_alive(old_qemu) and previous
+        old_qemu = previous.get("qemu_pid") if previous else None
+        explicit_attach = self.config.attach is not None
+        if (not explicit_attach and isinstance(old_qemu, int) and process_alive(old_qemu) and previous
                 and previous.get("state") not in (RunState.SHUTDOWN, RunState.CRASHED)
-                and attach_path != private_qmp.resolve()):
-            raise CoreError(
-                f"VM {self.config.name!r}: QEMU pid {old_qemu}, started by a core that is gone, is still running; "
-                f"supervise it with `vmfront core --name {self.config.name} --attach {private_qmp}` or stop it"
-            )
+                and not previous.get("attached") and _socket_peer_pid(private_qmp) == old_qemu):
+            log.warning("QEMU pid %d, started by a core that is gone, still runs: adopting it%s", old_qemu,
+                        " (the QEMU arguments given are ignored)" if self.config.qemu_args else "")
+            self._adopt = private_qmp
         stale = [self.config.qmp_socket_path]
-        if attach_path != private_qmp.resolve():
+        if self._adopt is None and not (explicit_attach and self.config.attach == private_qmp):
             stale.append(private_qmp)
         for path in stale:
             with contextlib.suppress(FileNotFoundError):
@@ -192,12 +197,14 @@ class Core:
         cfg = self.config
         self.state.data.update(
             name=cfg.name, state=RunState.STARTING, core_pid=os.getpid(), qemu_pid=None, qemu_version=None,
-            qemu_status=None, attached=cfg.attach is not None, accel=None, started_at=time.time(),
+            qemu_status=None, attached=cfg.attach is not None, adopted=self._adopt is not None, accel=None,
+            started_at=time.time(),
             endpoints={}, peers=[], clients=[], last_exit=None, run_dir=str(self.run_dir.root),
         )
         self.state.write()
-        if cfg.attach is not None:
-            await self._attach(cfg.attach)
+        attach_to = cfg.attach or self._adopt
+        if attach_to is not None:
+            await self._attach(attach_to)
         else:
             await self._launch()
         assert self.qemu is not None
