@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -20,12 +21,16 @@ from qemu.qmp import ExecuteError, QMPClient
 @pytest.fixture(scope="module")
 def core() -> Iterator[CoreProcess]:
     """One core with the demo guest, plus a second QMP monitor straight on QEMU for side-by-side checks."""
-    direct = short_tmpdir() / "direct.sock"
-    with running_core("qmpt", "--qmp-tcp", "127.0.0.1:0",
-                      qemu_args=["-machine", "pc", "-m", "16",
-                                 "-qmp", f"unix:{direct},server=on,wait=off"]) as running:
-        running.direct_socket = direct  # type: ignore[attr-defined]
-        yield running
+    tmp = short_tmpdir()
+    direct = tmp / "direct.sock"
+    try:
+        with running_core("qmpt", "--qmp-tcp", "127.0.0.1:0",
+                          qemu_args=["-machine", "pc", "-m", "16",
+                                     "-qmp", f"unix:{direct},server=on,wait=off"]) as running:
+            running.direct_socket = direct  # type: ignore[attr-defined]
+            yield running
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def connect(path: Path | tuple[str, int], name: str) -> QMPClient:
