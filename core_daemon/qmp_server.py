@@ -117,6 +117,20 @@ class QmpReexport:
         self._servers.append((server, path))
         log.info("QMP socket %r listening on %s", socket_name, path)
 
+    async def listen_inherited(self, sock: socket.socket, socket_name: str) -> str:
+        """Serve on a listening socket the service manager made (it stays the manager's: never unlinked)."""
+        if sock.family == socket.AF_UNIX:
+            server = await asyncio.start_unix_server(
+                lambda r, w: self._accept(r, w, socket_name), sock=sock, limit=_READ_CHUNK)
+        else:
+            server = await asyncio.start_server(
+                lambda r, w: self._accept(r, w, socket_name), sock=sock, limit=_READ_CHUNK)
+        self._servers.append((server, None))
+        address = sock.getsockname()
+        where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+        log.info("QMP socket %r listening on %s (from the service manager)", socket_name, where)
+        return where
+
     async def listen_tcp(self, host: str, port: int, socket_name: str) -> int:
         """Listen on TCP; returns the bound port (useful with port 0)."""
         server = await asyncio.start_server(

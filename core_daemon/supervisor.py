@@ -24,6 +24,7 @@ from qemu.qmp import ExecInterruptedError, ExecuteError, Message, QMPClient, QMP
 
 from ipc.rundir import RunDir, check_socket_path
 
+from .activation import inherited_sockets
 from .pidlock import AlreadyRunning, PidLock
 from .policy import DEFAULT_POLICY, Policy
 from .qemu_process import (
@@ -126,6 +127,8 @@ class Core:
         self._tasks: list[asyncio.Task[None]] = []
         #: QEMU's private QMP socket when adopting the QEMU of a core that died.
         self._adopt: Path | None = None
+        #: Listening sockets handed in by a service manager, by name.
+        self._inherited = inherited_sockets()
         self._refreshes: set[asyncio.Task[None]] = set()
 
     # -- start-up -------------------------------------------------------------------------------------------
@@ -186,7 +189,7 @@ class Core:
             log.warning("QEMU pid %d, started by a core that is gone, still runs: adopting it%s", old_qemu,
                         " (the QEMU arguments given are ignored)" if self.config.qemu_args else "")
             self._adopt = private_qmp
-        stale = [self.config.qmp_socket_path]
+        stale = [] if "qmp" in self._inherited else [self.config.qmp_socket_path]
         if self._adopt is None and not (explicit_attach and self.config.attach == private_qmp):
             stale.append(private_qmp)
         for path in stale:
@@ -218,9 +221,16 @@ class Core:
             on_peers_changed=self._peers_changed,
         )
         endpoints: dict[str, Any] = {}
-        await self.server.listen_unix(cfg.qmp_socket_path, "qmp")
-        endpoints["qmp"] = str(cfg.qmp_socket_path)
-        if cfg.qmp_tcp is not None:
+        for name, sock in self._inherited.items():
+            if name not in ("qmp", "qmp-tcp"):
+                log.warning("ignoring socket %r from the service manager: expected 'qmp' or 'qmp-tcp'", name)
+                sock.close()
+                continue
+            endpoints[name.replace("-", "_")] = await self.server.listen_inherited(sock, name)
+        if "qmp" not in endpoints:
+            await self.server.listen_unix(cfg.qmp_socket_path, "qmp")
+            endpoints["qmp"] = str(cfg.qmp_socket_path)
+        if cfg.qmp_tcp is not None and "qmp_tcp" not in endpoints:
             port = await self.server.listen_tcp(cfg.qmp_tcp[0], cfg.qmp_tcp[1], "qmp-tcp")
             endpoints["qmp_tcp"] = f"{cfg.qmp_tcp[0]}:{port}"
         self.state.update(endpoints=endpoints)

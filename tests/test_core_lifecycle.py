@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -205,3 +206,43 @@ def test_invalid_name_and_long_socket_path_are_clear_errors(root: Path) -> None:
     deep = root / ("d" * 100)
     code, stderr, _ = run_core_to_exit(deep, qemu_args=SMALL_VM)
     assert code == 1 and "socket path too long" in stderr
+
+
+def test_socket_activation_serves_the_managers_socket(root: Path) -> None:
+    """systemd's LISTEN_FDS protocol: QMP on a socket the manager bound, which the core never unlinks."""
+    path = root / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    run = root / "run"
+    read_fd, write_fd = os.pipe()
+
+    command = core_command("act", run, "--ready-fd", str(write_fd), qemu_args=SMALL_VM)
+    fd = listener.fileno()
+    script = f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=qmp exec "$@"'
+    proc = subprocess.Popen(["/bin/bash", "-c", script, "bash", *command], pass_fds=(write_fd, fd),
+                            stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=(root / "core.stderr").open("wb"))
+    os.close(write_fd)
+    listener.close()
+    qemu_pid = None
+    try:
+        ready = os.read(read_fd, 4096) if select_readable(read_fd, 60) else b""
+        assert ready.startswith(b"READY"), (root / "core.stderr").read_text()
+        state = json.loads((run / "state.json").read_text())
+        qemu_pid = state["qemu_pid"]
+        assert state["endpoints"]["qmp"] == str(path)
+        assert not (run / "qmp.sock").exists()
+        assert RawQmpPeer(path).negotiate().execute("query-name") == {"return": {"name": "act"}}
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        assert path.exists(), "the manager's socket is the manager's to remove"
+    finally:
+        os.close(read_fd)
+        proc.kill()
+        proc.wait(timeout=10)
+        kill_pid(qemu_pid)
+
+
+def select_readable(fd: int, timeout: float) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
