@@ -14,8 +14,10 @@ Format::
     default = "deny"
     allow = ["query-*", "stop", "cont"]
 
-Names are shell-style patterns (``query-*``). ``deny`` wins over ``allow``; ``qmp_capabilities`` is protocol,
-not a command, and is always allowed.
+Names are shell-style patterns (``query-*``); ``@host-access`` stands for the whole default deny list of the
+client socket. ``deny`` wins over ``allow``; ``qmp_capabilities`` is protocol, not a command, and is always
+allowed. A socket's table replaces only the keys it gives: ``[sockets.client]`` with just ``allow = [...]`` keeps
+the default deny list.
 """
 
 from __future__ import annotations
@@ -65,8 +67,21 @@ HOST_ACCESS_COMMANDS = (
     "set_password",
     "expire_password",
     "display-reload",
+    "display-update",
+    "change-vnc-password",
+    "transaction",  # can wrap blockdev-snapshot-sync / drive-backup, which take host paths
+    "migrate-recover",
+    "device_add",  # romfile= host paths, host pass-through devices (usb-host, vfio-pci)
+    "nbd-server-start",
+    "nbd-server-add",
+    "block-export-add",
+    "dumpdtb",
+    "change-backing-file",
     "x-*",
 )
+
+#: Write this in a policy list to mean every command of HOST_ACCESS_COMMANDS.
+HOST_ACCESS_MACRO = "@host-access"
 
 
 class PolicyError(Exception):
@@ -99,6 +114,11 @@ class Policy:
     def allows(self, socket_name: str, command: str) -> bool:
         return self.for_socket(socket_name).allows(command)
 
+    def host_access_allowed(self, socket_name: str) -> list[str]:
+        """Host-access commands this socket may run (patterns like ``x-*`` are checked as written)."""
+        policy = self.for_socket(socket_name)
+        return [c for c in HOST_ACCESS_COMMANDS if policy.allows(c.replace("*", "anything"))]
+
     @staticmethod
     def denial(socket_name: str, command: str) -> str:
         """The error text a denied peer sees: it names the command and the socket."""
@@ -117,7 +137,15 @@ DEFAULT_POLICY = Policy(
 def _string_list(source: str, where: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise PolicyError(f"{source}: {where} must be a list of command names or patterns")
-    return tuple(value)
+    expanded: list[str] = []
+    for item in value:
+        if item == HOST_ACCESS_MACRO:
+            expanded.extend(HOST_ACCESS_COMMANDS)
+        elif item.startswith("@"):
+            raise PolicyError(f"{source}: {where}: unknown group {item!r}; known: {HOST_ACCESS_MACRO}")
+        else:
+            expanded.append(item)
+    return tuple(expanded)
 
 
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
@@ -141,13 +169,15 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         unknown = set(table) - {"default", "allow", "deny"}
         if unknown:
             raise PolicyError(f"{source}: [sockets.{name}] has unknown key(s) {sorted(unknown)}")
-        default = table.get("default", "allow")
+        # Keys a table leaves out keep that socket's defaults; keys it gives replace them.
+        base = DEFAULT_POLICY.sockets[name]
+        default = table.get("default", "allow" if base.default_allow else "deny")
         if default not in ("allow", "deny"):
             raise PolicyError(f"{source}: [sockets.{name}] default must be \"allow\" or \"deny\"")
         sockets[name] = SocketPolicy(
             default_allow=default == "allow",
-            allow=_string_list(source, f"[sockets.{name}] allow", table.get("allow", [])),
-            deny=_string_list(source, f"[sockets.{name}] deny", table.get("deny", [])),
+            allow=_string_list(source, f"[sockets.{name}] allow", table["allow"]) if "allow" in table else base.allow,
+            deny=_string_list(source, f"[sockets.{name}] deny", table["deny"]) if "deny" in table else base.deny,
         )
     return Policy(sockets)
 

@@ -1,8 +1,9 @@
 """QMP, server side, without I/O: feed a peer's bytes in, get events out; give replies, get bytes back.
 
-It speaks the wire protocol as QEMU 7.2 does (checked side by side against QEMU in the tests): the greeting,
-``qmp_capabilities`` negotiation, QEMU's framing (JSON values split on balanced braces, no newline needed),
-and QEMU's error replies for malformed input, with the same classes and texts. What the connection can answer
+It speaks the wire protocol as QEMU 7.2 does: the greeting, ``qmp_capabilities`` negotiation, QEMU's framing
+(JSON values split on balanced braces, no newline needed), and QEMU's error replies for malformed input with the
+same classes, and the same texts for the common cases (checked side by side against QEMU in the tests; rarer
+JSON syntax errors carry Python's wording, see docs/policy.md). What the connection can answer
 itself (negotiation, malformed input) it answers; a well-formed command becomes a :class:`Command` event for
 the owner to execute.
 """

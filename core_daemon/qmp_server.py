@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ipc.rundir import check_socket_path
+from ipc.rundir import check_socket_path, remove_stale_socket
 
 from .policy import Policy
 from .qmp_protocol import (
@@ -108,8 +108,7 @@ class QmpReexport:
 
     async def listen_unix(self, path: Path, socket_name: str, mode: int = 0o660) -> None:
         check_socket_path(path)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        remove_stale_socket(path)
         server = await asyncio.start_unix_server(
             lambda r, w: self._accept(r, w, socket_name), path=str(path), limit=_READ_CHUNK
         )

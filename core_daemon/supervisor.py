@@ -22,7 +22,7 @@ from typing import Any
 
 from qemu.qmp import ExecInterruptedError, ExecuteError, Message, QMPClient, QMPError, Runstate
 
-from ipc.rundir import RunDir, check_socket_path
+from ipc.rundir import RunDir, RunDirError, check_socket_path, remove_stale_socket
 
 from .activation import inherited_sockets
 from .pidlock import AlreadyRunning, PidLock
@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Exit statuses of ``vmfront core`` (documented in docs/operator.md).
 EXIT_OK = 0  # stopped on request, or the guest shut down and QEMU exited 0
-EXIT_START_FAILED = 1  # could not start: bad arguments, lock held, QEMU died before answering QMP
+EXIT_START_FAILED = 1  # could not start: bad option values, lock held, QEMU died before answering QMP
+# (argparse's own usage errors exit with 2.)
 EXIT_QEMU_FAILED = 3  # QEMU exited on its own with a non-zero status
 EXIT_QEMU_KILLED = 4  # QEMU was killed by a signal, or vanished without a shutdown
 
@@ -136,12 +137,14 @@ class Core:
     async def run(self) -> int:
         self._stop_requested = asyncio.Event()
         try:
-            self.run_dir.create()
             check_socket_path(self.config.qmp_socket_path)
             check_socket_path(self.run_dir.qemu_qmp_socket)
+            self.run_dir.create()
             self.lock.acquire()
         except AlreadyRunning as exc:
             raise CoreError(f"VM {self.config.name!r}: {exc}") from None
+        except RunDirError as exc:
+            raise CoreError(str(exc)) from None
         except OSError as exc:
             raise CoreError(f"cannot use run directory {self.run_dir.root}: {exc}") from exc
         try:
@@ -175,29 +178,39 @@ class Core:
         """Take over a run dir a crashed core left behind.
 
         If that core's QEMU still runs (a core crash must not take the guest down), adopt it: supervise it as if
-        we had started it, so a supervisor that restarts a crashed core gets the same guest back.
+        we had started it, so a supervisor that restarts a crashed core gets the same guest back. Never start a
+        second QEMU beside one that still runs for this VM.
         """
-        previous = read_state(self.run_dir.state_file)
+        previous = read_state(self.run_dir.state_file) or {}
         if self.lock.stale_pid is not None:
             log.info("reclaiming run directory of a core that died (pid %d)", self.lock.stale_pid)
         private_qmp = self.run_dir.qemu_qmp_socket
-        old_qemu = previous.get("qemu_pid") if previous else None
-        explicit_attach = self.config.attach is not None
-        if (not explicit_attach and isinstance(old_qemu, int) and process_alive(old_qemu) and previous
-                and previous.get("state") not in (RunState.SHUTDOWN, RunState.CRASHED)
-                and not previous.get("attached") and _socket_peer_pid(private_qmp) == old_qemu):
+        attach = self.config.attach.resolve() if self.config.attach is not None else None
+        old_qemu = previous.get("qemu_pid")
+        ours_alive = (isinstance(old_qemu, int) and not previous.get("attached") and process_alive(old_qemu)
+                      and previous.get("state") not in (RunState.SHUTDOWN, RunState.CRASHED))
+        if ours_alive and attach != private_qmp.resolve():
+            if attach is not None or _socket_peer_pid(private_qmp) != old_qemu:
+                raise CoreError(
+                    f"VM {self.config.name!r}: QEMU pid {old_qemu}, started by a core that is gone, still runs"
+                    + ("" if attach is not None else " but does not answer on its QMP socket")
+                    + f"; stop it, or supervise it with --attach {private_qmp}")
             log.warning("QEMU pid %d, started by a core that is gone, still runs: adopting it%s", old_qemu,
                         " (the QEMU arguments given are ignored)" if self.config.qemu_args else "")
             self._adopt = private_qmp
-        stale = [] if "qmp" in self._inherited else [self.config.qmp_socket_path]
-        if self._adopt is None and not (explicit_attach and self.config.attach == private_qmp):
-            stale.append(private_qmp)
-        for path in stale:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            self.state.data.update(accel=previous.get("accel"), qemu_argv=previous.get("qemu_argv"))
+        elif attach is not None and self.config.qemu_args:
+            log.warning("attaching to a running QEMU: the QEMU arguments given are ignored")
+        if "qmp" not in self._inherited:
+            remove_stale_socket(self.config.qmp_socket_path)
+        if self._adopt is None and attach != private_qmp.resolve():
+            remove_stale_socket(private_qmp)
 
     async def _start(self) -> None:
         cfg = self.config
+        risky = cfg.policy.host_access_allowed("client")
+        if risky:
+            log.warning("the policy lets clients run host-access commands: %s", ", ".join(risky))
         self.state.data.update(
             name=cfg.name, state=RunState.STARTING, core_pid=os.getpid(), qemu_pid=None, qemu_version=None,
             qemu_status=None, attached=cfg.attach is not None, adopted=self._adopt is not None, accel=None,
@@ -238,9 +251,9 @@ class Core:
 
         sd_notify(f"READY=1\nSTATUS=VM {cfg.name} {self.state.data['state']}\nMAINPID={os.getpid()}")
         if cfg.ready_fd is not None:
-            write_ready_fd(cfg.ready_fd, f"READY qmp={cfg.qmp_socket_path}")
+            write_ready_fd(cfg.ready_fd, f"READY qmp={endpoints['qmp']}")
         log.info("core for VM %r ready: QEMU pid %s (%s), QMP at %s", cfg.name, self.qemu.pid,
-                 self.state.data["qemu_version"], cfg.qmp_socket_path)
+                 self.state.data["qemu_version"], endpoints["qmp"])
 
     async def _launch(self) -> None:
         cfg = self.config
@@ -296,8 +309,8 @@ class Core:
     async def _disconnect_qmp(self) -> None:
         """Drop the QMP connection; errors from a QEMU that already hung up say nothing new."""
         try:
-            await self.qmp.disconnect()
-        except (QMPError, EOFError, OSError) as exc:
+            await asyncio.wait_for(self.qmp.disconnect(), timeout=5)
+        except (QMPError, EOFError, OSError, TimeoutError) as exc:
             log.debug("QMP disconnect: %s", exc)
 
     def _died_before_ready(self) -> str:
@@ -398,22 +411,27 @@ class Core:
             return EXIT_OK
         if self.config.graceful_timeout and not self.qemu.exited:
             log.info("asking the guest to power down (waiting up to %.0f s)", self.config.graceful_timeout)
-            with contextlib.suppress(QMPError, ConnectionError):
-                await self.qmp.execute("system_powerdown")
+            await self._ask_qemu("system_powerdown", self.config.graceful_timeout)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.qemu.wait(), timeout=self.config.graceful_timeout)
         if not self.qemu.exited:
-            with contextlib.suppress(QMPError, ConnectionError):
-                await asyncio.wait_for(self.qmp.execute("quit"), timeout=self.config.stop_timeout)
+            await self._ask_qemu("quit", self.config.stop_timeout)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.qemu.wait(), timeout=self.config.stop_timeout)
         if not self.qemu.exited:
             await self._kill_qemu()
         await self._close_endpoints()
-        self.state.update(state=RunState.SHUTDOWN, peers=[],
+        self.state.update(state=RunState.SHUTDOWN, peers=[], qemu_status=None, endpoints={},
                           last_exit={"code": self.qemu.returncode, "reason": f"stopped by core ({self._stop_reason})",
                                      "at": time.time()})
         return EXIT_OK
+
+    async def _ask_qemu(self, command: str, within: float) -> None:
+        """Send a command during teardown; a QEMU that is gone, hung or stopped must not stall the stop."""
+        try:
+            await asyncio.wait_for(self.qmp.execute(command), timeout=within)
+        except (QMPError, ConnectionError, EOFError, TimeoutError) as exc:
+            log.warning("QEMU did not accept %r during stop: %s", command, exc or type(exc).__name__)
 
     async def _kill_qemu(self) -> None:
         assert self.qemu is not None
@@ -435,14 +453,13 @@ class Core:
             reason = "QEMU's monitor connection was lost"
             clean = False
         state = RunState.SHUTDOWN if clean else RunState.CRASHED
-        log.log(logging.INFO if clean else logging.ERROR, "QEMU pid %d %s (%s)", self.qemu.pid,
-                describe_exit(code), reason)
+        log.log(logging.INFO if clean else logging.ERROR, "QEMU pid %d is gone: %s", self.qemu.pid, reason)
         if not clean:
             tail = log_tail(self.run_dir.qemu_log, 1000)
             if tail:
                 log.error("QEMU's last output:\n%s", tail)
         await self._close_endpoints()
-        self.state.update(state=state, peers=[],
+        self.state.update(state=state, peers=[], qemu_status=None, endpoints={},
                           last_exit={"code": code, "reason": reason, "at": time.time()})
         if clean:
             return EXIT_OK

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,17 @@ def check_socket_path(path: Path) -> Path:
     return path
 
 
+def remove_stale_socket(path: Path) -> None:
+    """Remove a socket left by a dead process, and only a socket: a mistyped path must not cost a file."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise RunDirError(f"{path} exists and is not a socket; refusing to replace it")
+    path.unlink()
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Paths inside one VM's run directory."""
@@ -95,7 +107,18 @@ class RunDir:
         return self.private / "qmp.sock"
 
     def create(self) -> None:
-        """Make the directory tree with the documented modes (umask must not widen ``private/``)."""
+        """Make the directory tree with the documented modes (umask must not widen ``private/``).
+
+        An existing directory must be ours and not writable by others: run dirs under a shared /tmp are
+        predictable, and another user must not be able to plant sockets or links in them.
+        """
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self.private.mkdir(mode=0o700, exist_ok=True)
+        for path in (self.root, self.private):
+            if not path.exists():
+                path.mkdir(mode=0o700)
+            info = path.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                raise RunDirError(f"{path} is not a directory owned by uid {os.geteuid()}; refusing to use it")
+            if info.st_mode & 0o022:
+                raise RunDirError(f"{path} is writable by group or others; refusing to use it")
         os.chmod(self.private, 0o700)

@@ -91,6 +91,20 @@ def test_sigterm_stops_qemu_and_removes_what_the_core_made(root: Path) -> None:
         kill_pid(qemu_pid)
 
 
+def test_stop_with_a_hung_qemu_still_ends_it(root: Path) -> None:
+    """A QEMU that no longer answers (here: SIGSTOPped) must not stall or crash the core's stop sequence."""
+    core = spawn_core("hung", root / "run", "--stop-timeout", "1", "--graceful-timeout", "1", qemu_args=SMALL_VM)
+    qemu_pid = core.qemu_pid
+    try:
+        os.kill(qemu_pid, signal.SIGSTOP)
+        assert core.stop(timeout=40) == 0
+        assert not pid_alive(qemu_pid)
+        assert core.state()["state"] == "shutdown"
+        assert "did not accept 'system_powerdown'" in core.stderr()
+    finally:
+        kill_pid(qemu_pid)
+
+
 def test_qemu_killed_is_recorded_as_crashed(root: Path) -> None:
     core = spawn_core("crash", root / "run", qemu_args=SMALL_VM)
     qemu_pid = core.qemu_pid
@@ -199,6 +213,14 @@ def test_sd_notify_ready(root: Path) -> None:
             kill_pid(core.state().get("qemu_pid"))
 
 
+def test_qmp_socket_path_that_is_not_a_socket_is_left_alone(root: Path) -> None:
+    precious = root / "precious.txt"
+    precious.write_text("keep me")
+    code, stderr, _ = run_core_to_exit(root, "--qmp-socket", str(precious), qemu_args=SMALL_VM)
+    assert code == 1 and "exists and is not a socket; refusing to replace it" in stderr
+    assert precious.read_text() == "keep me"
+
+
 def test_invalid_name_and_long_socket_path_are_clear_errors(root: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "vmfront", "core", "--name", "../evil"], capture_output=True,
                             text=True, timeout=30)
@@ -206,6 +228,7 @@ def test_invalid_name_and_long_socket_path_are_clear_errors(root: Path) -> None:
     deep = root / ("d" * 100)
     code, stderr, _ = run_core_to_exit(deep, qemu_args=SMALL_VM)
     assert code == 1 and "socket path too long" in stderr
+    assert not deep.exists(), "nothing is created before the checks pass"
 
 
 def test_socket_activation_serves_the_managers_socket(root: Path) -> None:

@@ -51,3 +51,19 @@ def test_load_missing_file(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="cannot read policy file"):
         load_policy(tmp_path / "missing.toml")
     assert load_policy(None) is DEFAULT_POLICY
+
+
+def test_tables_replace_only_the_keys_they_give_and_the_host_access_macro() -> None:
+    # Only allow given: the client's default deny list stays.
+    policy = parse_policy('[sockets.client]\nallow = ["migrate"]\n')
+    assert not policy.allows("client", "human-monitor-command")
+    assert not policy.allows("client", "migrate")  # deny wins over allow
+    assert policy.host_access_allowed("client") == []
+    # deny given: replaces, and @host-access brings the defaults back explicitly.
+    loose = parse_policy('[sockets.client]\ndeny = ["stop"]\n')
+    assert loose.allows("client", "human-monitor-command")
+    assert "human-monitor-command" in loose.host_access_allowed("client")
+    strict = parse_policy('[sockets.client]\ndeny = ["@host-access", "stop"]\n')
+    assert not strict.allows("client", "getfd") and not strict.allows("client", "stop")
+    with pytest.raises(PolicyError, match="unknown group '@nope'"):
+        parse_policy('[sockets.qmp]\ndeny = ["@nope"]\n')

@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_argument("--ready-fd", type=int, metavar="N", help="write one line to fd N when ready, then close it")
     core.add_argument("--graceful-timeout", type=float, metavar="SECONDS",
                       help="on stop, ask the guest to power down and wait this long before quitting QEMU")
-    core.add_argument("--start-timeout", type=float, default=30.0, metavar="SECONDS")
+    core.add_argument("--start-timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="how long QEMU may take to answer QMP at start (default 30)")
+    core.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",
+                      help="how long each stop step (quit, SIGTERM) may take before the next (default 10)")
     core.add_argument("--qmp-max-message", type=int, default=1 << 20, metavar="BYTES",
                       help="largest QMP message a peer may send (default 1 MiB)")
     core.add_argument("--qmp-max-backlog", type=int, default=8 << 20, metavar="BYTES",
@@ -123,7 +126,7 @@ def cmd_core(args: argparse.Namespace) -> int:
             name=args.name, run_dir=RunDir.for_vm(args.name, args.run_dir), qemu_args=qemu_args,
             qemu_binary=args.qemu_binary, accel=args.accel, attach=args.attach, qmp_socket=args.qmp_socket,
             qmp_tcp=args.qmp_tcp, policy=policy, ready_fd=args.ready_fd, graceful_timeout=args.graceful_timeout,
-            start_timeout=args.start_timeout, max_message=args.qmp_max_message, max_backlog=args.qmp_max_backlog,
+            start_timeout=args.start_timeout, stop_timeout=args.stop_timeout, max_message=args.qmp_max_message, max_backlog=args.qmp_max_backlog,
         )
         code = run_async(Core(config).run())
     except (CoreError, PolicyError, RunDirError, CliError) as exc:
