@@ -137,5 +137,7 @@ def demo_qemu_args(image: Path) -> list[str]:
         "-machine", "pc",
         "-m", "16",
         "-device", "VGA",
+        # An absolute pointer: with -nodefaults the PS/2 mouse is relative only, and QEMU drops absolute events.
+        "-usb", "-device", "usb-tablet",
         "-drive", f"file={escaped},format=raw,if=ide,snapshot=on",
     ]

@@ -83,14 +83,20 @@ class QemuCommand:
     accel: str | None  # None when the user chose the accelerator in their own arguments
 
 
+def qemu_opt_value(text: str | Path) -> str:
+    """Escape a value for QEMU's option syntax, where ``,`` separates options and ``,,`` is a literal comma."""
+    return str(text).replace(",", ",,")
+
+
 def build_qemu_command(
     binary: str,
     vm_name: str,
     user_args: list[str],
     qmp_socket: Path,
     accel: str | None,
+    vnc_socket: Path | None = None,
 ) -> QemuCommand:
-    """Add what the core needs: ``-nodefaults``, the private QMP socket, no default display, an accelerator."""
+    """Add what the core needs: ``-nodefaults``, the private QMP (and VNC) socket, no other display, an accelerator."""
     args: list[str] = [binary, "-nodefaults"]
     if "-name" not in user_args:
         args += ["-name", vm_name]
@@ -102,9 +108,12 @@ def build_qemu_command(
         # Without this QEMU falls back to a VNC server on localhost:5900 when no GUI is available.
         args += ["-display", "none"]
     args += [
-        "-chardev", f"socket,id=vmfront-qmp,path={qmp_socket},server=on,wait=off",
+        "-chardev", f"socket,id=vmfront-qmp,path={qemu_opt_value(qmp_socket)},server=on,wait=off",
         "-mon", "chardev=vmfront-qmp,mode=control",
     ]
+    if vnc_socket is not None:
+        # The display capture's source: QEMU's own VNC server, on a socket only the core can reach.
+        args += ["-vnc", f"unix:{qemu_opt_value(vnc_socket)}"]
     public = _options_in(user_args, _PUBLIC_OPTIONS)
     if public:
         log.warning("QEMU arguments open their own endpoints outside the core: %s", " ".join(public))

@@ -25,6 +25,8 @@ from qemu.qmp import ExecInterruptedError, ExecuteError, Message, QMPClient, QMP
 from ipc.rundir import RunDir, RunDirError, check_socket_path, remove_stale_socket
 
 from .activation import inherited_sockets
+from .display import DEFAULT_MAX_HEIGHT, DEFAULT_MAX_WIDTH, DisplayError
+from .guest_display import GuestDisplay
 from .pidlock import AlreadyRunning, PidLock
 from .policy import DEFAULT_POLICY, Policy
 from .qemu_process import (
@@ -91,6 +93,11 @@ class CoreConfig:
     stop_timeout: float = 10.0
     max_message: int = 1 << 20
     max_backlog: int = 8 << 20
+    #: Capture the guest display into shared memory (not for --attach: a foreign QEMU has no private VNC).
+    display: bool = True
+    display_max: tuple[int, int] = (DEFAULT_MAX_WIDTH, DEFAULT_MAX_HEIGHT)
+    #: Group that may open the shm segment and the client sockets (the clients' group), if not ours.
+    client_group: int | None = None
 
     @property
     def qmp_socket_path(self) -> Path:
@@ -121,6 +128,7 @@ class Core:
         self.qmp = QemuMonitor(f"qemu-{config.name}")
         self.qemu: ProcessWatch | None = None
         self.server: QmpReexport | None = None
+        self.display: GuestDisplay | None = None
         self._stop_requested: asyncio.Event | None = None
         self._stop_reason = ""
         self._shutdown_reason: str | None = None
@@ -137,8 +145,8 @@ class Core:
     async def run(self) -> int:
         self._stop_requested = asyncio.Event()
         try:
-            check_socket_path(self.config.qmp_socket_path)
-            check_socket_path(self.run_dir.qemu_qmp_socket)
+            for path in (self.config.qmp_socket_path, *self.run_dir.socket_paths()):
+                check_socket_path(path)
             self.run_dir.create()
             self.lock.acquire()
         except AlreadyRunning as exc:
@@ -205,6 +213,8 @@ class Core:
             remove_stale_socket(self.config.qmp_socket_path)
         if self._adopt is None and attach != private_qmp.resolve():
             remove_stale_socket(private_qmp)
+            remove_stale_socket(self.run_dir.vnc_socket)
+        remove_stale_socket(self.run_dir.display_socket)
 
     async def _start(self) -> None:
         cfg = self.config
@@ -246,7 +256,11 @@ class Core:
         if cfg.qmp_tcp is not None and "qmp_tcp" not in endpoints:
             port = await self.server.listen_tcp(cfg.qmp_tcp[0], cfg.qmp_tcp[1], "qmp-tcp")
             endpoints["qmp_tcp"] = f"{cfg.qmp_tcp[0]}:{port}"
-        self.state.update(endpoints=endpoints)
+        if cfg.display and cfg.attach is None:
+            await self._start_display()
+            if self.display is not None:
+                endpoints["display"] = str(self.run_dir.display_socket)
+        self.state.update(endpoints=endpoints, display=self.display.describe() if self.display else None)
         self._tasks.append(asyncio.get_running_loop().create_task(self._pump_events(), name="qmp-events"))
 
         sd_notify(f"READY=1\nSTATUS=VM {cfg.name} {self.state.data['state']}\nMAINPID={os.getpid()}")
@@ -255,10 +269,23 @@ class Core:
         log.info("core for VM %r ready: QEMU pid %s (%s), QMP at %s", cfg.name, self.qemu.pid,
                  self.state.data["qemu_version"], endpoints["qmp"])
 
+    async def _start_display(self) -> None:
+        """The display is a service of the core, not its reason to live: if it fails, the guest runs on."""
+        display = GuestDisplay(self.config.name, self.run_dir.vnc_socket, self.run_dir.display_socket,
+                               self.qmp.execute, max_size=self.config.display_max, group=self.config.client_group)
+        try:
+            await display.start(connect_timeout=self.config.start_timeout)
+        except (DisplayError, OSError) as exc:
+            log.error("no display capture: %s", exc)
+            await display.close()
+            return
+        display.set_run_state(str(self.state.data.get("qemu_status")))
+        self.display = display
+
     async def _launch(self) -> None:
         cfg = self.config
         command = build_qemu_command(cfg.qemu_binary, cfg.name, cfg.qemu_args, self.run_dir.qemu_qmp_socket,
-                                     cfg.accel)
+                                     cfg.accel, self.run_dir.vnc_socket if cfg.display else None)
         log.info("starting QEMU: %s", " ".join(command.argv))
         try:
             pid = spawn_qemu(command, self.run_dir.qemu_log)
@@ -320,12 +347,14 @@ class Core:
         return f"QEMU {what} before answering QMP" + (f":\n{stderr}" if stderr else " (it printed nothing)")
 
     async def _teardown_failed_start(self) -> None:
+        if self.display is not None:
+            await self.display.close()
+            self.display = None
         await self._disconnect_qmp()
         if self.qemu is not None and self.qemu.child and not self.qemu.exited:
             await self._kill_qemu()
         if self.qemu is not None and self.qemu.child:
-            with contextlib.suppress(FileNotFoundError):
-                self.run_dir.qemu_qmp_socket.unlink()
+            self._remove_qemu_sockets()
         code = self.qemu.returncode if self.qemu else None
         self.state.update(state=RunState.CRASHED,
                           last_exit={"code": code, "reason": "failed to start", "at": time.time()})
@@ -369,6 +398,8 @@ class Core:
                 return
             qemu_status = str(status.get("status", "unknown")) if isinstance(status, dict) else "unknown"
             new_state = run_state_from_qemu_status(qemu_status)
+            if self.display is not None:
+                self.display.set_run_state(qemu_status)
             if new_state != self.state.data.get("state") or qemu_status != self.state.data.get("qemu_status"):
                 log.info("VM state %s (QEMU status %s)", new_state.value, qemu_status)
                 self.state.update(state=new_state, qemu_status=qemu_status)
@@ -470,10 +501,18 @@ class Core:
             task.cancel()
         if self.server is not None:
             await self.server.close()
+        if self.display is not None:
+            await self.display.close()
+            self.display = None
         await self._disconnect_qmp()
         if self.qemu is not None and self.qemu.exited:
+            self._remove_qemu_sockets()
+
+    def _remove_qemu_sockets(self) -> None:
+        """QEMU does not always remove its sockets (never when killed): the core does, once QEMU is gone."""
+        for path in (self.run_dir.qemu_qmp_socket, self.run_dir.vnc_socket):
             with contextlib.suppress(FileNotFoundError):
-                self.run_dir.qemu_qmp_socket.unlink()
+                path.unlink()
 
 
 def _version_string(version: Any) -> str:

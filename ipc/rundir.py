@@ -7,9 +7,12 @@ Layout (documented in docs/rundir.md)::
       core.pid           pidfile, locked (flock) by the live core
       state.json         current state, rewritten atomically
       qmp.sock           management QMP socket (re-exported by the core)
+      control.sock       control channel for clients (ZeroMQ)
+      display.sock       display readers: shm name + notification eventfd
       qemu.log           QEMU's stdout/stderr
       private/           0700  only the core: QEMU's own sockets
         qmp.sock         QEMU's QMP monitor, spoken to only by the core
+        vnc.sock         QEMU's VNC server, read only by the core's display capture
 """
 
 from __future__ import annotations
@@ -105,6 +108,24 @@ class RunDir:
     @property
     def qemu_qmp_socket(self) -> Path:
         return self.private / "qmp.sock"
+
+    @property
+    def vnc_socket(self) -> Path:
+        """QEMU's own VNC server, read only by the core's display capture."""
+        return self.private / "vnc.sock"
+
+    @property
+    def display_socket(self) -> Path:
+        """Where display readers get the shm name and their notification eventfd."""
+        return self.root / "display.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        """The control channel (ZeroMQ ROUTER) that clients attach to."""
+        return self.root / "control.sock"
+
+    def socket_paths(self) -> list[Path]:
+        return [self.qmp_socket, self.qemu_qmp_socket, self.vnc_socket, self.display_socket, self.control_socket]
 
     def create(self) -> None:
         """Make the directory tree with the documented modes (umask must not widen ``private/``).

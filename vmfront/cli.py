@@ -78,11 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="largest QMP message a peer may send (default 1 MiB)")
     core.add_argument("--qmp-max-backlog", type=int, default=8 << 20, metavar="BYTES",
                       help="unread output after which a QMP peer counts as stalled and is closed (default 8 MiB)")
+    core.add_argument("--no-display", action="store_true",
+                      help="do not capture the guest display into shared memory (no private VNC for QEMU)")
     core.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
 
     status = sub.add_parser("status", help="show a VM's state")
     _add_vm(status, positional=True)
     status.add_argument("--json", action="store_true", help="print state.json as JSON for scripts")
+
+    dump = sub.add_parser("screendump", help="write the guest's current screen as PNG, from shared memory",
+                          description="Reads the shared framebuffer read-only: no QMP call, no path handed to QEMU.")
+    _add_vm(dump, positional=True)
+    dump.add_argument("file", type=Path, help="PNG file to write")
 
     sub.add_parser("demo-image", help="build (if needed) and print the path of the demo guest image")
     return parser
@@ -126,7 +133,8 @@ def cmd_core(args: argparse.Namespace) -> int:
             name=args.name, run_dir=RunDir.for_vm(args.name, args.run_dir), qemu_args=qemu_args,
             qemu_binary=args.qemu_binary, accel=args.accel, attach=args.attach, qmp_socket=args.qmp_socket,
             qmp_tcp=args.qmp_tcp, policy=policy, ready_fd=args.ready_fd, graceful_timeout=args.graceful_timeout,
-            start_timeout=args.start_timeout, stop_timeout=args.stop_timeout, max_message=args.qmp_max_message, max_backlog=args.qmp_max_backlog,
+            start_timeout=args.start_timeout, stop_timeout=args.stop_timeout, max_message=args.qmp_max_message,
+            max_backlog=args.qmp_max_backlog, display=not args.no_display,
         )
         code = run_async(Core(config).run())
     except (CoreError, PolicyError, RunDirError, CliError) as exc:
@@ -199,7 +207,20 @@ def cmd_demo_image(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"core": cmd_core, "status": cmd_status, "demo-image": cmd_demo_image}
+def cmd_screendump(args: argparse.Namespace) -> int:
+    from clients.screendump import ScreendumpError, screendump
+
+    try:
+        run_dir = RunDir.for_vm(check_vm_name(args.name), args.run_dir)
+        width, height = screendump(run_dir.display_socket, args.file)
+    except (ScreendumpError, RunDirError) as exc:
+        print(f"vmfront screendump: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: {width}x{height}")
+    return 0
+
+
+_COMMANDS = {"core": cmd_core, "status": cmd_status, "screendump": cmd_screendump, "demo-image": cmd_demo_image}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

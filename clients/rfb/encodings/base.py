@@ -1,0 +1,149 @@
+"""What every encoder shares: the Encoder interface, tiling, and small helpers on packed pixel buffers.
+
+Pixels given to an encoder are a rectangle already converted to the viewer's pixel format (clients.rfb.pixels),
+rows packed with no padding: ``width * height * bytes_per_pixel`` bytes.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import ClassVar
+
+from clients.rfb.wire import Buffer, PixelFormat, rect_header
+
+NATIVE_ORDER = sys.byteorder
+
+
+class Encoder(ABC):
+    """Encodes rectangles for one connection; keeps whatever state the encoding carries between rectangles
+    (zlib streams), so one instance must serve one viewer, in order."""
+
+    encoding: ClassVar[int]
+
+    @abstractmethod
+    def encode(self, pixels: Buffer, width: int, height: int, fmt: PixelFormat) -> bytes:
+        """The payload of one rectangle (what follows its 12-byte header)."""
+
+    def rects(self, x: int, y: int, width: int, height: int, pixels: Buffer, fmt: PixelFormat) -> list[bytes]:
+        """Complete rectangles (header and payload) covering the rectangle; encoders with size limits split."""
+        return [rect_header(x, y, width, height, self.encoding) + self.encode(pixels, width, height, fmt)]
+
+
+def check_size(pixels: Buffer, width: int, height: int, fmt: PixelFormat) -> bytes:
+    """The pixels as bytes, after checking they are exactly one width x height rectangle in ``fmt``."""
+    if not (0 <= width <= 0xFFFF and 0 <= height <= 0xFFFF):
+        raise ValueError(f"rectangle {width}x{height} does not fit RFB's 16-bit sizes")
+    expected = width * height * fmt.bytes_per_pixel
+    if len(pixels) != expected:
+        raise ValueError(f"{width}x{height} at {fmt.bits_per_pixel} bpp needs {expected} bytes, got {len(pixels)}")
+    return pixels if isinstance(pixels, bytes) else bytes(pixels)
+
+
+def tiles(width: int, height: int, size: int) -> Iterator[tuple[int, int, int, int]]:
+    """(x, y, width, height) of each tile, left to right then top to bottom, edge tiles smaller."""
+    for ty in range(0, height, size):
+        th = min(size, height - ty)
+        for tx in range(0, width, size):
+            yield tx, ty, min(size, width - tx), th
+
+
+def tile_bytes(data: bytes, row: int, x: int, y: int, width: int, height: int, bpp: int) -> bytes:
+    """The packed pixels of a tile inside a packed rectangle whose rows are ``row`` bytes long."""
+    start = y * row + x * bpp
+    span = width * bpp
+    if span == row:
+        return data[start : start + span * height]
+    return b"".join([data[o : o + span] for o in range(start, start + height * row, row)])
+
+
+def is_solid(data: bytes, bpp: int) -> bool:
+    """All pixels equal: one C-level comparison against the first pixel repeated."""
+    return data == data[:bpp] * (len(data) // bpp)
+
+
+def pixel_values(data: bytes, bpp: int) -> memoryview:
+    """The pixels as machine integers (values only serve as identities; :func:`pixel_bytes` maps back)."""
+    view = memoryview(data)
+    if bpp == 4:
+        return view.cast("I")
+    if bpp == 2:
+        return view.cast("H")
+    return view.cast("B")
+
+
+def pixel_bytes(value: int, bpp: int) -> bytes:
+    return value.to_bytes(bpp, NATIVE_ORDER)
+
+
+def distinct_colours(values: memoryview, width: int, height: int, limit: int) -> set[int] | None:
+    """The set of pixel values, or None once there are more than ``limit``. Rows are added in doubling
+    batches, so noise is rejected after about one row and a flat image costs a few C-level passes."""
+    colours: set[int] = set()
+    done, batch = 0, 1
+    while done < height:
+        end = min(height, done + batch)
+        colours.update(values[done * width : end * width])
+        if len(colours) > limit:
+            return None
+        done, batch = end, batch * 2
+    return colours
+
+
+def run_count(indices: bytes) -> int:
+    """How many runs of equal bytes ``indices`` has, without a Python loop: compare it with itself shifted by
+    one as big integers and count the equal neighbours."""
+    if not indices:
+        return 0
+    shifted = int.from_bytes(indices[1:], "big") ^ int.from_bytes(indices[:-1], "big")
+    return len(indices) - shifted.to_bytes(len(indices) - 1, "big").count(0)
+
+
+def palette_indices(data: bytes, values: memoryview, bpp: int, palette: list[int]) -> bytes:
+    """One byte per pixel: its position in ``palette`` (at most 256 colours, all present in ``palette``).
+
+    If one byte of the pixel already tells the palette colours apart (common: grey text, a single-channel
+    gradient), this is one ``bytes.translate`` of that byte plane; otherwise a dict lookup per pixel.
+    """
+    as_bytes = [pixel_bytes(v, bpp) for v in palette]
+    for k in range(bpp):
+        keys = [b[k] for b in as_bytes]
+        if len(set(keys)) == len(keys):
+            table = bytearray(256)
+            for i, key in enumerate(keys):
+                table[key] = i
+            plane = data[k::bpp] if bpp > 1 else data
+            return plane.translate(table)
+    lookup = {value: i for i, value in enumerate(palette)}
+    return bytes(map(lookup.__getitem__, values.tolist()))
+
+
+def compact_length(value: int) -> bytes:
+    """Tight's 1-3 byte length: 7 bits, 7 bits, then 8 bits, least significant first."""
+    if not 0 <= value <= 0x3FFFFF:
+        raise ValueError(f"length {value} does not fit Tight's compact representation")
+    if value < 0x80:
+        return bytes((value,))
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
+    return bytes((value & 0x7F | 0x80, (value >> 7) & 0x7F | 0x80, value >> 14))
+
+
+_HEX_DIGITS = b"0123456789abcdef"
+
+
+def pack_indices(indices: bytes, width: int, height: int, bits: int) -> bytes:
+    """Palette indices packed ``bits`` (1, 2 or 4) per pixel, most significant first, each row padded to a
+    byte: ZRLE's packed palettes and Tight's mono palette. Done through base-2/4/16 digit strings, in C."""
+    per_byte = 8 // bits
+    row_pixels = (width + per_byte - 1) // per_byte * per_byte
+    digits = indices.translate(_HEX_DIGITS.ljust(256, b"0"))
+    if row_pixels != width:
+        pad = b"0" * (row_pixels - width)
+        digits = b"".join([digits[r * width : (r + 1) * width] + pad for r in range(height)])
+    if not digits:
+        return b""
+    if bits == 4:
+        return bytes.fromhex(digits.decode("ascii"))
+    return int(digits, 1 << bits).to_bytes(len(digits) // per_byte, "big")

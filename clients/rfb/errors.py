@@ -1,0 +1,25 @@
+"""The two ways an RFB connection goes wrong: the viewer broke the protocol, or the owner misused the API."""
+
+from __future__ import annotations
+
+from clients.rfb.events import Event
+
+
+class RfbError(Exception):
+    """Root of this package's errors."""
+
+
+class ProtocolError(RfbError):
+    """The viewer sent something RFB does not allow (or over a limit); the connection is dead.
+
+    Bytes that tell the viewer why (a handshake failure reason) may still be waiting in ``data_to_send()``:
+    send them, then close. ``events`` holds what the same ``receive_data`` call completed before the error.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.events: tuple[Event, ...] = ()
+
+
+class LocalProtocolError(RfbError):
+    """The owner called a method in a state where it makes no sense (e.g. a FramebufferUpdate mid-handshake)."""

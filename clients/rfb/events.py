@@ -1,0 +1,140 @@
+"""What a viewer told the server: small immutable values returned by ``RfbServerConnection.receive_data``.
+
+Each event is one complete client message (or one handshake milestone), already validated; the owner acts on
+it (forward input to the guest, schedule an update, ...). Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clients.rfb.wire import PixelFormat, Screen
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityNegotiated:
+    """The handshake passed security: ``version`` is what both sides now speak, e.g. (3, 8).
+
+    ``client_version`` is what the viewer wrote, before mapping (e.g. (3, 889) for Apple's viewer).
+    """
+
+    version: tuple[int, int]
+    client_version: tuple[int, int]
+    security_type: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    """VNC authentication failed; the failure result is in ``data_to_send()`` and the connection is closed."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInitReceived:
+    """ClientInit arrived and ServerInit is queued in ``data_to_send()``.
+
+    ``shared`` false asks the server to disconnect every other viewer (or, by policy, to refuse this one by
+    closing it); true asks to share the desktop.
+    """
+
+    shared: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PixelFormatChanged:
+    """Updates from now on must use ``fmt``. For a colour-map format, SetColourMapEntries is queued in
+    ``data_to_send()`` and pixels.convert maps to the fixed BGR233 palette."""
+
+    fmt: PixelFormat
+
+
+@dataclass(frozen=True, slots=True)
+class EncodingsSet:
+    """The viewer's encodings in its order of preference (pseudo-encodings included)."""
+
+    encodings: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateRequested:
+    """FramebufferUpdateRequest, as sent. The spec says to crop it to the framebuffer: see :meth:`clipped`."""
+
+    incremental: bool
+    x: int
+    y: int
+    width: int
+    height: int
+
+    def clipped(self, fb_width: int, fb_height: int) -> tuple[int, int, int, int]:
+        """(x, y, width, height) cropped to a framebuffer of that size; width or height may be 0."""
+        x, y = min(self.x, fb_width), min(self.y, fb_height)
+        return x, y, max(0, min(self.x + self.width, fb_width) - x), max(0, min(self.y + self.height, fb_height) - y)
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """KeyEvent: an X11 keysym pressed or released."""
+
+    down: bool
+    keysym: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendedKey:
+    """QEMU Extended Key Event: keysym plus the XT scancode (0xe0-prefixed codes have the high bit set)."""
+
+    down: bool
+    keysym: int
+    keycode: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pointer:
+    """PointerEvent: buttons 1..8 in bits 0..7, absolute position (or S16 deltas in QEMU relative mode)."""
+
+    buttons: int
+    x: int
+    y: int
+
+
+@dataclass(frozen=True, slots=True)
+class CutText:
+    """ClientCutText: the viewer's clipboard, ISO 8859-1 as RFB defines it (decoded losslessly)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContinuousUpdates:
+    """EnableContinuousUpdates. When ``enable`` is false the owner must send
+    ``end_of_continuous_updates()`` at once (even if they were already off)."""
+
+    enable: bool
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class DesktopSizeRequested:
+    """SetDesktopSize. Every one must be answered with an ExtendedDesktopSize rect (reason 1, a status code)."""
+
+    width: int
+    height: int
+    screens: tuple[Screen, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """ClientFence. If ``flags`` has FENCE_REQUEST, answer with ``fence(flags & supported, payload)``."""
+
+    flags: int
+    payload: bytes
+
+
+Event = (
+    SecurityNegotiated | AuthFailed | ClientInitReceived | PixelFormatChanged | EncodingsSet | UpdateRequested
+    | Key | ExtendedKey | Pointer | CutText | ContinuousUpdates | DesktopSizeRequested | Fence
+)

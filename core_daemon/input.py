@@ -1,0 +1,162 @@
+"""Keyboard and pointer input for the guest: the one API every client-facing service goes through.
+
+Input is sent with QMP ``input-send-event`` (not over the private VNC connection): QMP keys are QEMU qcodes or
+XT scancodes, the pointer is absolute on QEMU's 0..0x7FFF axes, and QEMU routes the events to the guest's
+keyboard and its absolute pointing device. The guest needs one: with ``-nodefaults`` the pc machine's PS/2
+mouse is relative only, so add a tablet (``-usb -device usb-tablet``); without one QEMU drops pointer events.
+
+The QMP call goes through a callable, ``execute(command, arguments)`` that raises on an error reply (the
+core's ``QMPClient.execute``), so this module has no connection of its own and tests can record the calls.
+Keys and buttons held down are tracked, so ``release_all()`` can let go of what a client that vanished was
+holding, instead of leaving a key stuck in the guest.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+from qemu.qmp import ExecuteError
+
+log = logging.getLogger(__name__)
+
+QmpExecute = Callable[[str, dict[str, Any]], Awaitable[object]]
+
+#: QEMU's absolute axis range (INPUT_EVENT_ABS_MAX).
+ABS_MAX = 0x7FFF
+#: Buttons of QEMU 7.2's InputButton, in RFB button-mask bit order (bit 0 = left ... bit 4 = wheel down).
+MASK_BUTTONS = ("left", "middle", "right", "wheel-up", "wheel-down")
+BUTTONS = frozenset({*MASK_BUTTONS, "side", "extra"})
+_QCODE_RE = re.compile(r"[a-z0-9_]{1,32}")
+
+Event = dict[str, Any]
+
+
+class InputError(Exception):
+    """QEMU refused the input (unknown qcode, no display yet...); the message says why."""
+
+
+def key_event(key: str | int, down: bool) -> Event:
+    """One ``input-send-event`` key event; ``key`` is a qcode name or a QEMU key number (XT scancode)."""
+    value = {"type": "qcode", "data": key} if isinstance(key, str) else {"type": "number", "data": key}
+    return {"type": "key", "data": {"down": down, "key": value}}
+
+
+def button_event(button: str, down: bool) -> Event:
+    return {"type": "btn", "data": {"down": down, "button": button}}
+
+
+def abs_event(axis: str, value: int) -> Event:
+    return {"type": "abs", "data": {"axis": axis, "value": value}}
+
+
+def scale_axis(position: int, size: int) -> int:
+    """A framebuffer coordinate on QEMU's 0..0x7FFF axis, scaled the way QEMU's own VNC server does."""
+    position = max(0, min(position, size - 1))
+    return position * ABS_MAX // size
+
+
+def buttons_from_mask(mask: int) -> frozenset[str]:
+    """An RFB button mask as QMP button names (bits 5 and up have no QEMU 7.2 button and are ignored)."""
+    return frozenset(name for bit, name in enumerate(MASK_BUTTONS) if mask & (1 << bit))
+
+
+def check_qcode(qcode: str) -> str:
+    if not isinstance(qcode, str) or not _QCODE_RE.fullmatch(qcode):
+        raise InputError(f"not a QEMU qcode: {qcode!r}")
+    return qcode
+
+
+def scancode_number(code: int) -> int:
+    """An XT scancode as QEMU's key number: ``0xE0 nn`` (extended) becomes ``0x80 | nn``, as in the RFB
+    QEMU extended key event; plain codes 1..0x7F and already-folded codes 0x81..0xFF pass through."""
+    if 0xE001 <= code <= 0xE07F:
+        return 0x80 | (code & 0x7F)
+    if 0 < code <= 0xFF and code != 0x80:
+        return code
+    raise InputError(f"not an XT scancode: {code:#x}")
+
+
+class GuestInput:
+    """Sends keys and pointer events to the guest.
+
+    ``screen_size`` returns the current framebuffer size (``DisplayCapture.screen_size``), which maps pointer
+    coordinates in framebuffer pixels onto QEMU's absolute axes. ``on_input`` runs after every event QEMU
+    accepted (``DisplayCapture.input_hint``, so the guest's reaction shows up at once).
+    """
+
+    def __init__(self, execute: QmpExecute, screen_size: Callable[[], tuple[int, int] | None],
+                 on_input: Callable[[], None] | None = None) -> None:
+        self._execute = execute
+        self._screen_size = screen_size
+        self._on_input = on_input
+        self._keys_down: set[str | int] = set()
+        self._buttons: frozenset[str] = frozenset()
+
+    async def _send(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        try:
+            await self._execute("input-send-event", {"events": list(events)})
+        except ExecuteError as exc:
+            raise InputError(f"QEMU refused the input: {exc}") from exc
+        if self._on_input is not None:
+            self._on_input()
+
+    # --- keyboard ----------------------------------------------------------------------------------------
+
+    async def key(self, qcode: str, down: bool) -> None:
+        """Press or release one key by QEMU qcode ("a", "shift", "f2", "ret", ...)."""
+        await self._send([key_event(check_qcode(qcode), down)])
+        (self._keys_down.add if down else self._keys_down.discard)(qcode)
+
+    async def scancode(self, code: int, down: bool) -> None:
+        """Press or release one key by XT scancode (as the RFB QEMU extended key event carries it)."""
+        number = scancode_number(code)
+        await self._send([key_event(number, down)])
+        (self._keys_down.add if down else self._keys_down.discard)(number)
+
+    async def press(self, qcode: str, modifiers: Sequence[str] = ()) -> None:
+        """Modifiers down, key down, key up, modifiers up: one keystroke in one QMP command."""
+        codes = [check_qcode(c) for c in (*modifiers, qcode)]
+        events = [key_event(c, True) for c in codes] + [key_event(c, False) for c in reversed(codes)]
+        await self._send(events)
+
+    # --- pointer -----------------------------------------------------------------------------------------
+
+    async def pointer(self, x: int, y: int, buttons: Iterable[str] | int = 0) -> None:
+        """Move the pointer to (x, y) in framebuffer pixels with exactly ``buttons`` held (names, or an RFB
+        button mask). Buttons whose state changed are pressed/released with the move, in one command."""
+        size = self._screen_size()
+        if size is None or size[0] <= 0 or size[1] <= 0:
+            raise InputError("no display mode yet: cannot place the pointer")
+        held = buttons_from_mask(buttons) if isinstance(buttons, int) else frozenset(buttons)
+        unknown = held - BUTTONS
+        if unknown:
+            raise InputError(f"unknown buttons {sorted(unknown)} (known: {sorted(BUTTONS)})")
+        events = [abs_event("x", scale_axis(x, size[0])), abs_event("y", scale_axis(y, size[1]))]
+        events += [button_event(b, True) for b in sorted(held - self._buttons)]
+        events += [button_event(b, False) for b in sorted(self._buttons - held)]
+        await self._send(events)
+        self._buttons = held
+
+    async def wheel(self, steps: int) -> None:
+        """Scroll by ``steps`` wheel clicks at the current position: positive up, negative down."""
+        button = "wheel-up" if steps > 0 else "wheel-down"
+        events: list[Event] = []
+        for _ in range(min(abs(steps), 64)):
+            events += [button_event(button, True), button_event(button, False)]
+        await self._send(events)
+
+    # --- cleanup -----------------------------------------------------------------------------------------
+
+    async def release_all(self) -> None:
+        """Release every key and button this API pressed and did not release (e.g. its client died)."""
+        events = [key_event(k, False) for k in self._keys_down] + [button_event(b, False) for b in self._buttons]
+        if events:
+            log.info("releasing %d keys/buttons still held", len(events))
+        self._keys_down.clear()
+        self._buttons = frozenset()
+        await self._send(events)
