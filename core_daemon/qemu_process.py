@@ -18,6 +18,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -170,25 +171,25 @@ class ProcessWatch:
             os.kill(self.pid, sig)
 
 
-def spawn_qemu(command: QemuCommand, log_path: Path) -> int:
-    """Start QEMU with its output in ``log_path``; return its pid. A missing binary is a clear error.
+def spawn(argv: list[str], *, output_fd: int | None = None, new_session: bool = False) -> int:
+    """Start a child without a thread or a Popen object (the pidfd watch reaps it); returns its pid.
 
-    ``posix_spawn`` rather than ``subprocess.Popen``: the pidfd watch reaps the child, and a Popen object would
-    try to reap it too. Every fd Python opens is close-on-exec, so QEMU inherits only stdin/stdout/stderr.
+    Every fd Python opens is close-on-exec, so the child inherits only stdio and what was made inheritable.
+    ``output_fd`` replaces stdout and stderr; stdin is /dev/null when a new session is asked for.
     """
+    actions: list[tuple[Any, ...]] = []
+    if new_session:
+        actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
+    if output_fd is not None:
+        actions += [(os.POSIX_SPAWN_DUP2, output_fd, 1), (os.POSIX_SPAWN_DUP2, output_fd, 2)]
+    return os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions, setsid=new_session)
+
+
+def spawn_qemu(command: QemuCommand, log_path: Path) -> int:
+    """Start QEMU in its own session with its output in ``log_path``. A missing binary is a clear error."""
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        return os.posix_spawnp(
-            command.argv[0],
-            command.argv,
-            os.environ,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                (os.POSIX_SPAWN_DUP2, log_fd, 2),
-            ],
-            setsid=True,
-        )
+        return spawn(command.argv, output_fd=log_fd, new_session=True)
     except FileNotFoundError as exc:
         raise QemuStartError(f"QEMU binary not found: {command.argv[0]} ({exc.strerror})") from exc
     except PermissionError as exc:

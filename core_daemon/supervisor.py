@@ -25,6 +25,7 @@ from qemu.qmp import ExecInterruptedError, ExecuteError, Message, QMPClient, QMP
 from ipc.rundir import RunDir, RunDirError, check_socket_path, remove_stale_socket
 
 from .activation import inherited_sockets
+from .control import ControlService
 from .display import DEFAULT_MAX_HEIGHT, DEFAULT_MAX_WIDTH, DisplayError
 from .guest_display import GuestDisplay
 from .pidlock import AlreadyRunning, PidLock
@@ -129,6 +130,7 @@ class Core:
         self.qemu: ProcessWatch | None = None
         self.server: QmpReexport | None = None
         self.display: GuestDisplay | None = None
+        self.control: ControlService | None = None
         self._stop_requested: asyncio.Event | None = None
         self._stop_reason = ""
         self._shutdown_reason: str | None = None
@@ -215,6 +217,7 @@ class Core:
             remove_stale_socket(private_qmp)
             remove_stale_socket(self.run_dir.vnc_socket)
         remove_stale_socket(self.run_dir.display_socket)
+        remove_stale_socket(self.run_dir.control_socket)
 
     async def _start(self) -> None:
         cfg = self.config
@@ -260,6 +263,12 @@ class Core:
             await self._start_display()
             if self.display is not None:
                 endpoints["display"] = str(self.run_dir.display_socket)
+        self.control = ControlService(
+            cfg.name, self.run_dir.control_socket, self._execute, cfg.policy, display=lambda: self.display,
+            run_state=lambda: (str(self.state.data.get("state")), self.state.data.get("qemu_status")),
+            on_clients_changed=lambda clients: self.state.update(clients=clients))
+        await self.control.start()
+        endpoints["control"] = str(self.run_dir.control_socket)
         self.state.update(endpoints=endpoints, display=self.display.describe() if self.display else None)
         self._tasks.append(asyncio.get_running_loop().create_task(self._pump_events(), name="qmp-events"))
 
@@ -347,6 +356,9 @@ class Core:
         return f"QEMU {what} before answering QMP" + (f":\n{stderr}" if stderr else " (it printed nothing)")
 
     async def _teardown_failed_start(self) -> None:
+        if self.control is not None:
+            await self.control.close("the core failed to start")
+            self.control = None
         if self.display is not None:
             await self.display.close()
             self.display = None
@@ -380,6 +392,8 @@ class Core:
         async for event in self.qmp.events:
             payload = dict(event)
             self.server.broadcast_event(payload)
+            if self.control is not None:
+                self.control.qmp_event(payload)
             name = payload.get("event")
             if name == "SHUTDOWN":
                 data = payload.get("data")
@@ -403,6 +417,8 @@ class Core:
             if new_state != self.state.data.get("state") or qemu_status != self.state.data.get("qemu_status"):
                 log.info("VM state %s (QEMU status %s)", new_state.value, qemu_status)
                 self.state.update(state=new_state, qemu_status=qemu_status)
+                if self.control is not None:
+                    self.control.run_state_changed(new_state.value, qemu_status)
                 sd_notify(f"STATUS=VM {self.config.name} {new_state.value}")
 
     def _peers_changed(self) -> None:
@@ -452,7 +468,7 @@ class Core:
         if not self.qemu.exited:
             await self._kill_qemu()
         await self._close_endpoints()
-        self.state.update(state=RunState.SHUTDOWN, peers=[], qemu_status=None, endpoints={},
+        self.state.update(state=RunState.SHUTDOWN, peers=[], clients=[], qemu_status=None, endpoints={},
                           last_exit={"code": self.qemu.returncode, "reason": f"stopped by core ({self._stop_reason})",
                                      "at": time.time()})
         return EXIT_OK
@@ -490,7 +506,7 @@ class Core:
             if tail:
                 log.error("QEMU's last output:\n%s", tail)
         await self._close_endpoints()
-        self.state.update(state=state, peers=[], qemu_status=None, endpoints={},
+        self.state.update(state=state, peers=[], clients=[], qemu_status=None, endpoints={},
                           last_exit={"code": code, "reason": reason, "at": time.time()})
         if clean:
             return EXIT_OK
@@ -501,6 +517,9 @@ class Core:
             task.cancel()
         if self.server is not None:
             await self.server.close()
+        if self.control is not None:
+            await self.control.close(self._stop_reason or "QEMU exited")
+            self.control = None
         if self.display is not None:
             await self.display.close()
             self.display = None

@@ -82,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="do not capture the guest display into shared memory (no private VNC for QEMU)")
     core.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
 
+    client = sub.add_parser("client", help="start the unprivileged client (VNC, monitor, guest agent)",
+                            description="Attach to the VM's core (waiting for it if needed) and serve.")
+    _add_vm(client, positional=False)
+    client.add_argument("--core", metavar="ENDPOINT", help="control channel endpoint (default: "
+                        "ipc://RUN_DIR/control.sock)")
+    client.add_argument("--user", help="when started as root: bind listeners, then become this user for good")
+    client.add_argument("--group", help="with --user: this group instead of the user's primary group")
+
+    run = sub.add_parser("run", help="start core and client together, for interactive use",
+                         description="Starts `vmfront core` and `vmfront client` as child processes; restarts "
+                         "the client if it dies; Ctrl-C stops both. QEMU_ARGS follow `--` (none: the demo guest).")
+    _add_vm(run, positional=False)
+    run.add_argument("--client-user", metavar="USER", help="run the client as this user (when root)")
+    run.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
+
     status = sub.add_parser("status", help="show a VM's state")
     _add_vm(status, positional=True)
     status.add_argument("--json", action="store_true", help="print state.json as JSON for scripts")
@@ -141,6 +156,34 @@ def cmd_core(args: argparse.Namespace) -> int:
         print(f"vmfront core: error: {exc}", file=sys.stderr)
         return 1
     return code
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from clients.main import Client, ClientConfig
+    from clients.privileges import PrivilegeError
+
+    try:
+        config = ClientConfig(name=check_vm_name(args.name), run_dir=RunDir.for_vm(args.name, args.run_dir),
+                              core_endpoint=args.core, user=args.user, group=args.group)
+        return run_async(Client(config).run())
+    except (RunDirError, PrivilegeError) as exc:
+        print(f"vmfront client: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import RunConfig, run_both
+
+    qemu_args = list(args.qemu_args)
+    if qemu_args[:1] == ["--"]:
+        qemu_args = qemu_args[1:]
+    try:
+        config = RunConfig(name=check_vm_name(args.name), run_dir=args.run_dir, qemu_args=qemu_args,
+                           client_user=args.client_user, verbose=args.verbose)
+    except RunDirError as exc:
+        print(f"vmfront run: error: {exc}", file=sys.stderr)
+        return 1
+    return run_async(run_both(config))
 
 
 def _age(seconds: float) -> str:
@@ -220,7 +263,8 @@ def cmd_screendump(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"core": cmd_core, "status": cmd_status, "screendump": cmd_screendump, "demo-image": cmd_demo_image}
+_COMMANDS = {"core": cmd_core, "client": cmd_client, "run": cmd_run, "status": cmd_status,
+             "screendump": cmd_screendump, "demo-image": cmd_demo_image}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,174 @@
+"""The client process: one asyncio loop for the control channel, the display and every service's sockets.
+
+The client is unprivileged and disposable: it may be killed at any moment, and a new one attaches and serves
+within a second. It keeps its own listeners and peers when the core goes away (restart, crash), re-attaches by
+itself when a core for the VM is back, and then re-reads the display (new segment, full repaint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ipc.channel import ChannelError, ClientChannel, ipc_endpoint
+from ipc.messages import DisplayChanged, EventBody, Welcome
+from ipc.rundir import RunDir
+from shm import Overrun, Record
+from shm.notify import DisplayClosed, DisplaySubscription
+
+from .privileges import Identity, drop_privileges, resolve_user
+from .service import Service
+
+log = logging.getLogger(__name__)
+
+CLIENT_NAME = "vmfront-client"
+#: Backoff between attach attempts while no core answers.
+RETRY_MIN, RETRY_MAX = 0.1, 2.0
+
+
+class ClientError(Exception):
+    """The client cannot start; the message is for the operator."""
+
+
+@dataclass
+class ClientConfig:
+    name: str
+    run_dir: RunDir
+    core_endpoint: str | None = None
+    user: str | None = None
+    group: str | None = None
+    services: list[Service] = field(default_factory=list)
+
+    @property
+    def endpoint(self) -> str:
+        return self.core_endpoint or ipc_endpoint(self.run_dir.control_socket)
+
+
+@dataclass
+class ClientContext:
+    """What services get from the client: the channel for requests and the display for pixels."""
+
+    config: ClientConfig
+    channel: ClientChannel | None = None
+    display: DisplaySubscription | None = None
+
+
+class Client:
+    """``await Client(config).run()`` serves until SIGTERM/SIGINT; returns the exit status."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.ctx = ClientContext(config)
+        self.services = list(config.services)
+        self._stop = asyncio.Event()
+        self._display_task: asyncio.Task[None] | None = None
+        self._display_socket: str | None = None
+        self.attach_count = 0
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        identity: Identity | None = None
+        if self.config.user is not None:
+            identity = resolve_user(self.config.user, self.config.group)
+        for service in self.services:
+            await service.bind(self.ctx)
+        if identity is not None:
+            drop_privileges(identity)
+        for service in self.services:
+            await service.start()
+        try:
+            await self._attach_first()
+            if not self._stop.is_set():
+                await self._stop.wait()
+        finally:
+            await self._shutdown()
+        return 0
+
+    async def _attach_first(self) -> None:
+        """Attach, retrying with backoff while there is no core yet; later re-attaches are the channel's job."""
+        delay = RETRY_MIN
+        while not self._stop.is_set():
+            channel = ClientChannel(self.config.endpoint, name=f"{CLIENT_NAME}:{self.config.name}",
+                                    on_reattached=self._attached, on_detached=self._detached,
+                                    on_event=self._event)
+            try:
+                welcome = await channel.connect(timeout_s=max(delay, 1.0))
+            except ChannelError as exc:
+                log.info("no core for VM %r at %s yet (%s); retrying in %.1f s", self.config.name,
+                         self.config.endpoint, exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            self.ctx.channel = channel
+            await self._attached(welcome)
+            return
+
+    async def _attached(self, welcome: Welcome) -> None:
+        self.attach_count += 1
+        log.info("attached to the core of VM %r (core pid %d, instance %s, %s)%s", welcome.vm, welcome.core_pid,
+                 welcome.instance, welcome.run_state, " again" if self.attach_count > 1 else "")
+        self._follow_display(welcome.display_socket)
+        for service in self.services:
+            service.attached(welcome)
+
+    def _detached(self, reason: str) -> None:
+        log.warning("core gone (%s); keeping peers, re-attaching when it is back", reason)
+        for service in self.services:
+            service.detached(reason)
+
+    def _event(self, body: EventBody) -> None:
+        if isinstance(body, DisplayChanged):
+            self._follow_display(body.display_socket)
+        for service in self.services:
+            service.event(body)
+
+    def _follow_display(self, display_socket: str | None) -> None:
+        """(Re)subscribe to the display a welcome names: a new core means a new segment."""
+        if self._display_task is not None:
+            self._display_task.cancel()
+            self._display_task = None
+        if self.ctx.display is not None:
+            self.ctx.display.close()
+            self.ctx.display = None
+        self._display_socket = display_socket
+        if display_socket is not None:
+            self._display_task = asyncio.get_running_loop().create_task(self._display_loop(Path(display_socket)))
+
+    async def _display_loop(self, path: Path) -> None:
+        try:
+            sub = await DisplaySubscription.connect(path)
+        except (OSError, DisplayClosed, ValueError) as exc:
+            log.warning("cannot subscribe to the display at %s: %s", path, exc)
+            return
+        self.ctx.display = sub
+        log.info("display: mapped %s read-only", sub.hello.shm)
+        # A fresh subscription starts with a full repaint for every service.
+        self._dispatch(Overrun(0))
+        try:
+            while True:
+                self._dispatch(await sub.read())
+        except DisplayClosed:
+            log.info("display closed by the core")
+
+    def _dispatch(self, records: list[Record] | Overrun) -> None:
+        for service in self.services:
+            service.display_records(records)
+
+    async def _shutdown(self) -> None:
+        log.info("client stopping")
+        for service in self.services:
+            with contextlib.suppress(Exception):
+                await service.close()
+        if self._display_task is not None:
+            self._display_task.cancel()
+        if self.ctx.display is not None:
+            self.ctx.display.close()
+        if self.ctx.channel is not None:
+            await self.ctx.channel.close()

@@ -1,0 +1,134 @@
+"""The core's side of the control channel: what a client may ask, and what it is told.
+
+Requests run through the same QMP executor as the management socket, but under the ``client`` policy; input
+goes to the guest through the display's input API; broadcasts carry QEMU events and run-state changes. A client
+that goes away has its held keys and buttons released, so a killed viewer cannot leave a key stuck down.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ipc.channel import ClientInfo, CoreChannel, CoreStatus, RequestError, ipc_endpoint
+from ipc.messages import (
+    AgentWriteOp,
+    EventBody,
+    InputOp,
+    KeyEvent,
+    Op,
+    PointerEvent,
+    QmpEvent,
+    QmpOp,
+    RefreshOp,
+    RunStateChanged,
+    Shutdown,
+    WheelEvent,
+)
+
+from .guest_display import GuestDisplay
+from .input import InputError
+from .policy import Policy
+from .qmp_server import Executor
+
+log = logging.getLogger(__name__)
+
+#: The policy section that applies to requests from clients.
+CLIENT_SOCKET = "client"
+
+
+class ControlService:
+    """Serves ``control.sock`` for one VM."""
+
+    def __init__(self, vm_name: str, path: Path, execute: Executor, policy: Policy, *,
+                 display: Callable[[], GuestDisplay | None], run_state: Callable[[], tuple[str, str | None]],
+                 on_clients_changed: Callable[[list[dict[str, Any]]], None]) -> None:
+        self.path = path
+        self._execute = execute
+        self._policy = policy
+        self._display = display
+        self._run_state = run_state
+        self._on_clients_changed = on_clients_changed
+        self.channel = CoreChannel(ipc_endpoint(path), vm_name=vm_name, handler=self._handle, status=self._status,
+                                   on_client_attached=self._clients_changed, on_client_gone=self._client_gone)
+
+    async def start(self) -> None:
+        await self.channel.start()
+
+    async def close(self, reason: str) -> None:
+        self.broadcast(Shutdown(reason))
+        await self.channel.close(reason)
+
+    def broadcast(self, body: EventBody) -> None:
+        self.channel.broadcast(body)
+
+    def qmp_event(self, event: dict[str, Any]) -> None:
+        self.broadcast(QmpEvent(event))
+
+    def run_state_changed(self, state: str, qemu_status: str | None) -> None:
+        self.broadcast(RunStateChanged(state, qemu_status))
+
+    def _status(self) -> CoreStatus:
+        display = self._display()
+        state, _ = self._run_state()
+        if display is None or display.shm is None:
+            return CoreStatus(run_state=state)
+        return CoreStatus(run_state=state, shm=display.shm.name, shm_generation=display.shm.mode.generation,
+                          display_socket=str(display.display_socket_path))
+
+    def _clients_changed(self, client: ClientInfo) -> None:
+        self._on_clients_changed(self.channel.describe_clients())
+
+    async def _client_gone(self, client: ClientInfo) -> None:
+        display = self._display()
+        if display is not None and display.input is not None:
+            try:
+                await display.input.release_all()
+            except InputError as exc:
+                log.warning("releasing input held by %s failed: %s", client, exc)
+        self._on_clients_changed([c for c in self.channel.describe_clients() if c["pid"] != client.pid
+                                  or c["since"] != client.since])
+
+    async def _handle(self, client: ClientInfo, op_name: str, op: Op) -> Any:
+        if isinstance(op, QmpOp):
+            if not self._policy.allows(CLIENT_SOCKET, op.command):
+                log.info("%s: denied %r", client, op.command)
+                raise RequestError("GenericError", Policy.denial(CLIENT_SOCKET, op.command))
+            reply = await self._execute(op.command, op.arguments)
+            if "error" in reply:
+                error = reply["error"]
+                raise RequestError(str(error.get("class", "GenericError")), str(error.get("desc", "")))
+            return reply.get("return")
+        if isinstance(op, InputOp):
+            await self._input(op)
+            return None
+        if isinstance(op, RefreshOp):
+            display = self._display()
+            if display is None or display.capture is None:
+                raise RequestError("DisplayUnavailable", "this core has no display capture")
+            display.capture.request_refresh()
+            return None
+        if isinstance(op, AgentWriteOp):
+            raise RequestError("AgentUnavailable", "this core has no guest-agent channel")
+        raise RequestError("CommandNotFound", f"unknown request {op_name!r}")
+
+    async def _input(self, op: InputOp) -> None:
+        display = self._display()
+        if display is None or display.input is None:
+            raise RequestError("DisplayUnavailable", "this core has no display, so no input either")
+        guest = display.input
+        try:
+            for event in op.events:
+                if isinstance(event, KeyEvent):
+                    if event.qcode is not None:
+                        await guest.key(event.qcode, event.down)
+                    elif event.scancode is not None:
+                        await guest.scancode(event.scancode, event.down)
+                elif isinstance(event, PointerEvent):
+                    await guest.pointer(event.x, event.y, event.buttons)
+                elif isinstance(event, WheelEvent):
+                    await guest.wheel(event.steps)
+        except InputError as exc:
+            raise RequestError("GenericError", str(exc)) from exc

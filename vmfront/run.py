@@ -1,0 +1,112 @@
+"""``vmfront run``: core and client together for interactive use, the way an operator's supervisor would.
+
+Both are child processes of this one (reaped through pidfds, no threads). The client is restarted if it dies,
+which it may at any time without harm; when the core ends, the client is stopped and ``run`` exits with the
+core's status. Ctrl-C reaches all three (same process group): each stops itself cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core_daemon.qemu_process import ProcessWatch, spawn
+
+log = logging.getLogger("vmfront.run")
+
+CLIENT_RESTART_DELAY = 0.5
+READY_TIMEOUT = 90.0
+STOP_TIMEOUT = 60.0
+
+
+@dataclass
+class RunConfig:
+    name: str
+    run_dir: Path | None = None
+    qemu_args: list[str] = field(default_factory=list)
+    client_user: str | None = None
+    verbose: int = 0
+
+    def base(self, subcommand: str) -> list[str]:
+        argv = [sys.executable, "-m", "vmfront", *(["-v"] * self.verbose), subcommand, "--name", self.name]
+        if self.run_dir is not None:
+            argv += ["--run-dir", str(self.run_dir)]
+        return argv
+
+
+async def _wait_ready(read_fd: int, core: ProcessWatch) -> str | None:
+    """The core's ready line, or None if it exited (or took too long) first."""
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+    loop.add_reader(read_fd, readable.set)
+    ready = asyncio.ensure_future(readable.wait())
+    exited = asyncio.ensure_future(core.wait())
+    try:
+        done, _ = await asyncio.wait({ready, exited}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        exited.cancel()
+        if ready in done and select.select([read_fd], [], [], 0)[0]:
+            return os.read(read_fd, 4096).decode(errors="replace").strip() or None
+        return None
+    finally:
+        loop.remove_reader(read_fd)
+
+
+async def run_both(config: RunConfig) -> int:
+    read_fd, write_fd = os.pipe()
+    os.set_inheritable(write_fd, True)
+    try:
+        core = ProcessWatch(spawn([*config.base("core"), "--ready-fd", str(write_fd), "--", *config.qemu_args]),
+                            child=True)
+    finally:
+        os.close(write_fd)
+    try:
+        line = await _wait_ready(read_fd, core)
+    finally:
+        os.close(read_fd)
+    if line is None:
+        core.send_signal(signal.SIGTERM)
+        code = await core.wait()
+        log.error("the core did not start (exit status %s)", code)
+        return code if code else 1
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    client_argv = config.base("client") + (["--user", config.client_user] if config.client_user else [])
+    client = ProcessWatch(spawn(client_argv), child=True)
+    print(f"vmfront run: VM {config.name!r} is up ({line}); core pid {core.pid}, client pid {client.pid}. "
+          "Ctrl-C stops both.", file=sys.stderr, flush=True)
+    core_done = asyncio.ensure_future(core.wait())
+    stop_asked = asyncio.ensure_future(stopping.wait())
+    try:
+        while True:
+            client_done = asyncio.ensure_future(client.wait())
+            await asyncio.wait({core_done, stop_asked, client_done}, return_when=asyncio.FIRST_COMPLETED)
+            if core_done.done() or stop_asked.done():
+                client_done.cancel()
+                break
+            log.warning("client pid %d exited (%s); starting a new one", client.pid, client.returncode)
+            await asyncio.sleep(CLIENT_RESTART_DELAY)
+            client = ProcessWatch(spawn(client_argv), child=True)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    for child in (client, core):
+        child.send_signal(signal.SIGTERM)
+    for child in (client, core):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(child.wait(), STOP_TIMEOUT)
+        if not child.exited:
+            child.send_signal(signal.SIGKILL)
+            await child.wait()
+    code = core.returncode
+    return code if code is not None and code >= 0 else 1
