@@ -44,7 +44,7 @@ class ControlService:
 
     def __init__(self, vm_name: str, path: Path, execute: Executor, policy: Policy, *,
                  display: Callable[[], GuestDisplay | None], run_state: Callable[[], tuple[str, str | None]],
-                 on_clients_changed: Callable[[list[dict[str, Any]]], None]) -> None:
+                 on_clients_changed: Callable[[list[dict[str, Any]]], None], group: int | None = None) -> None:
         self.path = path
         self._execute = execute
         self._policy = policy
@@ -52,7 +52,8 @@ class ControlService:
         self._run_state = run_state
         self._on_clients_changed = on_clients_changed
         self.channel = CoreChannel(ipc_endpoint(path), vm_name=vm_name, handler=self._handle, status=self._status,
-                                   on_client_attached=self._clients_changed, on_client_gone=self._client_gone)
+                                   on_client_attached=self._clients_changed, on_client_gone=self._client_gone,
+                                   socket_group=group)
 
     async def start(self) -> None:
         await self.channel.start()

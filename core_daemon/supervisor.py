@@ -266,7 +266,7 @@ class Core:
         self.control = ControlService(
             cfg.name, self.run_dir.control_socket, self._execute, cfg.policy, display=lambda: self.display,
             run_state=lambda: (str(self.state.data.get("state")), self.state.data.get("qemu_status")),
-            on_clients_changed=lambda clients: self.state.update(clients=clients))
+            on_clients_changed=lambda clients: self.state.update(clients=clients), group=cfg.client_group)
         await self.control.start()
         endpoints["control"] = str(self.run_dir.control_socket)
         self.state.update(endpoints=endpoints, display=self.display.describe() if self.display else None)

@@ -318,6 +318,7 @@ class CoreChannel:
         on_client_attached: ClientCallback | None = None,
         on_client_gone: ClientCallback | None = None,
         socket_mode: int = 0o660,
+        socket_group: int | None = None,
         send_hwm: int = SEND_HWM,
     ) -> None:
         self._ipc_path = _check_transport(endpoint, curve)
@@ -333,6 +334,7 @@ class CoreChannel:
         self._on_attached = on_client_attached
         self._on_gone = on_client_gone
         self._socket_mode = socket_mode
+        self._socket_group = socket_group
         self._send_hwm = send_hwm
         self._sessions: dict[bytes, _Session] = {}
         self._workers: set[asyncio.Task[None]] = set()
@@ -374,6 +376,8 @@ class CoreChannel:
                     self._ipc_path.unlink()
             sock.bind(self.endpoint)
             if self._ipc_path is not None:
+                if self._socket_group is not None:
+                    os.chown(self._ipc_path, -1, self._socket_group)
                 os.chmod(self._ipc_path, self._socket_mode)
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except (zmq.ZMQError, OSError) as exc:

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="largest QMP message a peer may send (default 1 MiB)")
     core.add_argument("--qmp-max-backlog", type=int, default=8 << 20, metavar="BYTES",
                       help="unread output after which a QMP peer counts as stalled and is closed (default 8 MiB)")
+    core.add_argument("--client-group", metavar="GROUP",
+                      help="group of the client processes: may open control.sock, display.sock and the shm "
+                      "segment (default: only the core's own group)")
     core.add_argument("--no-display", action="store_true",
                       help="do not capture the guest display into shared memory (no private VNC for QEMU)")
     core.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
@@ -121,6 +124,15 @@ def run_async(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
+def _group_id(name: str) -> int:
+    import grp
+
+    try:
+        return grp.getgrgid(int(name)).gr_gid if name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise CliError(f"no such group: {name!r}") from None
+
+
 def _demo_guest_args() -> list[str]:
     from core_daemon.demo_guest import DemoGuestError, demo_image_path, demo_qemu_args
 
@@ -150,6 +162,7 @@ def cmd_core(args: argparse.Namespace) -> int:
             qmp_tcp=args.qmp_tcp, policy=policy, ready_fd=args.ready_fd, graceful_timeout=args.graceful_timeout,
             start_timeout=args.start_timeout, stop_timeout=args.stop_timeout, max_message=args.qmp_max_message,
             max_backlog=args.qmp_max_backlog, display=not args.no_display,
+            client_group=_group_id(args.client_group) if args.client_group else None,
         )
         code = run_async(Core(config).run())
     except (CoreError, PolicyError, RunDirError, CliError) as exc:
