@@ -14,6 +14,7 @@ from typing import Any
 
 from ipc.channel import ClientInfo, CoreChannel, CoreStatus, RequestError, ipc_endpoint
 from ipc.messages import (
+    AgentData,
     AgentWriteOp,
     EventBody,
     InputOp,
@@ -28,6 +29,7 @@ from ipc.messages import (
     WheelEvent,
 )
 
+from .agent_relay import AgentBusy, AgentRelay, AgentUnavailable
 from .guest_display import GuestDisplay
 from .input import InputError
 from .policy import Policy
@@ -51,6 +53,8 @@ class ControlService:
         self._display = display
         self._run_state = run_state
         self._on_clients_changed = on_clients_changed
+        self._agent: AgentRelay | None = None
+        self._agent_owner: ClientInfo | None = None
         self.channel = CoreChannel(ipc_endpoint(path), vm_name=vm_name, handler=self._handle, status=self._status,
                                    on_client_attached=self._clients_changed, on_client_gone=self._client_gone,
                                    socket_group=group)
@@ -83,6 +87,8 @@ class ControlService:
         self._on_clients_changed(self.channel.describe_clients())
 
     async def _client_gone(self, client: ClientInfo) -> None:
+        if self._agent_owner is client:
+            self._agent_owner = None
         display = self._display()
         if display is not None and display.input is not None:
             try:
@@ -112,8 +118,29 @@ class ControlService:
             display.capture.request_refresh()
             return None
         if isinstance(op, AgentWriteOp):
-            raise RequestError("AgentUnavailable", "this core has no guest-agent channel")
+            return await self._agent_write(client, op.data)
         raise RequestError("CommandNotFound", f"unknown request {op_name!r}")
+
+    def attach_agent(self, relay: AgentRelay) -> None:
+        self._agent = relay
+
+    def deliver_agent_data(self, data: bytes) -> bool:
+        """Agent bytes go to the client that last wrote to the agent (one agent user at a time)."""
+        owner = self._agent_owner
+        return owner is not None and self.channel.send_event(owner, AgentData(data))
+
+    async def _agent_write(self, client: ClientInfo, data: bytes) -> None:
+        if self._agent is None:
+            raise RequestError("AgentUnavailable", "this core has no guest-agent channel (start it with --agent)")
+        if self._agent_owner is not client:
+            log.info("guest agent channel now used by %s", client)
+            self._agent_owner = client
+        try:
+            await self._agent.write(data)
+        except AgentUnavailable as exc:
+            raise RequestError("AgentUnavailable", str(exc)) from exc
+        except AgentBusy as exc:
+            raise RequestError("AgentBusy", str(exc)) from exc
 
     async def _input(self, op: InputOp) -> None:
         display = self._display()

@@ -96,6 +96,7 @@ def build_qemu_command(
     qmp_socket: Path,
     accel: str | None,
     vnc_socket: Path | None = None,
+    agent_socket: Path | None = None,
 ) -> QemuCommand:
     """Add what the core needs: ``-nodefaults``, the private QMP (and VNC) socket, no other display, an accelerator."""
     args: list[str] = [binary, "-nodefaults"]
@@ -115,6 +116,13 @@ def build_qemu_command(
     if vnc_socket is not None:
         # The display capture's source: QEMU's own VNC server, on a socket only the core can reach.
         args += ["-vnc", f"unix:{qemu_opt_value(vnc_socket)}"]
+    if agent_socket is not None:
+        # The guest agent's virtio-serial port, its host side on a socket only the core can reach.
+        args += [
+            "-chardev", f"socket,id=vmfront-qga,path={qemu_opt_value(agent_socket)},server=on,wait=off",
+            "-device", "virtio-serial,id=vmfront-vserial",
+            "-device", "virtserialport,bus=vmfront-vserial.0,chardev=vmfront-qga,name=org.qemu.guest_agent.0",
+        ]
     public = _options_in(user_args, _PUBLIC_OPTIONS)
     if public:
         log.warning("QEMU arguments open their own endpoints outside the core: %s", " ".join(public))

@@ -25,6 +25,7 @@ from qemu.qmp import ExecInterruptedError, ExecuteError, Message, QMPClient, QMP
 from ipc.rundir import RunDir, RunDirError, check_socket_path, remove_stale_socket
 
 from .activation import inherited_sockets
+from .agent_relay import AgentRelay
 from .control import ControlService
 from .display import DEFAULT_MAX_HEIGHT, DEFAULT_MAX_WIDTH, DisplayError
 from .guest_display import GuestDisplay
@@ -97,6 +98,9 @@ class CoreConfig:
     #: Capture the guest display into shared memory (not for --attach: a foreign QEMU has no private VNC).
     display: bool = True
     display_max: tuple[int, int] = (DEFAULT_MAX_WIDTH, DEFAULT_MAX_HEIGHT)
+    #: Give the guest a qemu-ga channel (virtio-serial) relayed to clients; or relay an existing agent socket.
+    agent: bool = False
+    agent_socket: Path | None = None
     #: Group that may open the shm segment and the client sockets (the clients' group), if not ours.
     client_group: int | None = None
 
@@ -131,6 +135,7 @@ class Core:
         self.server: QmpReexport | None = None
         self.display: GuestDisplay | None = None
         self.control: ControlService | None = None
+        self.agent: AgentRelay | None = None
         self._stop_requested: asyncio.Event | None = None
         self._stop_reason = ""
         self._shutdown_reason: str | None = None
@@ -216,6 +221,7 @@ class Core:
         if self._adopt is None and attach != private_qmp.resolve():
             remove_stale_socket(private_qmp)
             remove_stale_socket(self.run_dir.vnc_socket)
+            remove_stale_socket(self.run_dir.agent_socket)
         remove_stale_socket(self.run_dir.display_socket)
         remove_stale_socket(self.run_dir.control_socket)
 
@@ -269,6 +275,12 @@ class Core:
             on_clients_changed=lambda clients: self.state.update(clients=clients), group=cfg.client_group)
         await self.control.start()
         endpoints["control"] = str(self.run_dir.control_socket)
+        agent_path = cfg.agent_socket or (self.run_dir.agent_socket if cfg.agent and cfg.attach is None else None)
+        if agent_path is not None:
+            self.agent = AgentRelay(agent_path, self.control.deliver_agent_data)
+            self.control.attach_agent(self.agent)
+            self.agent.start()
+            endpoints["agent"] = str(agent_path)
         self.state.update(endpoints=endpoints, display=self.display.describe() if self.display else None)
         self._tasks.append(asyncio.get_running_loop().create_task(self._pump_events(), name="qmp-events"))
 
@@ -294,7 +306,8 @@ class Core:
     async def _launch(self) -> None:
         cfg = self.config
         command = build_qemu_command(cfg.qemu_binary, cfg.name, cfg.qemu_args, self.run_dir.qemu_qmp_socket,
-                                     cfg.accel, self.run_dir.vnc_socket if cfg.display else None)
+                                     cfg.accel, self.run_dir.vnc_socket if cfg.display else None,
+                                     self.run_dir.agent_socket if cfg.agent and cfg.agent_socket is None else None)
         log.info("starting QEMU: %s", " ".join(command.argv))
         try:
             pid = spawn_qemu(command, self.run_dir.qemu_log)
@@ -517,6 +530,9 @@ class Core:
             task.cancel()
         if self.server is not None:
             await self.server.close()
+        if self.agent is not None:
+            await self.agent.close()
+            self.agent = None
         if self.control is not None:
             await self.control.close(self._stop_reason or "QEMU exited")
             self.control = None
@@ -529,7 +545,7 @@ class Core:
 
     def _remove_qemu_sockets(self) -> None:
         """QEMU does not always remove its sockets (never when killed): the core does, once QEMU is gone."""
-        for path in (self.run_dir.qemu_qmp_socket, self.run_dir.vnc_socket):
+        for path in (self.run_dir.qemu_qmp_socket, self.run_dir.vnc_socket, self.run_dir.agent_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

@@ -402,6 +402,13 @@ class CoreChannel:
                 sent += self._send(session, data)
         return sent
 
+    def send_event(self, client: ClientInfo, event: EventBody) -> bool:
+        """Send an event to one client (e.g. guest-agent replies to the client that asked); False if gone."""
+        session = self._sessions.get(client.identity)
+        if session is None or session.info is not client:
+            return False
+        return self._send(session, Broadcast(event).encode())
+
     async def close(self, reason: str = "core stopping") -> None:
         """Say bye to every client (their ``on_client_gone`` runs), stop, remove the socket file."""
         if self._closed:

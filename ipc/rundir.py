@@ -13,6 +13,7 @@ Layout (documented in docs/rundir.md)::
       private/           0700  only the core: QEMU's own sockets
         qmp.sock         QEMU's QMP monitor, spoken to only by the core
         vnc.sock         QEMU's VNC server, read only by the core's display capture
+        qga.sock         the guest agent's channel (with --agent), relayed only by the core
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ class RunDir:
         return self.private / "vnc.sock"
 
     @property
+    def agent_socket(self) -> Path:
+        """QEMU's chardev for the guest agent's virtio-serial port, relayed only by the core."""
+        return self.private / "qga.sock"
+
+    @property
     def display_socket(self) -> Path:
         """Where display readers get the shm name and their notification eventfd."""
         return self.root / "display.sock"
@@ -125,7 +131,8 @@ class RunDir:
         return self.root / "control.sock"
 
     def socket_paths(self) -> list[Path]:
-        return [self.qmp_socket, self.qemu_qmp_socket, self.vnc_socket, self.display_socket, self.control_socket]
+        return [self.qmp_socket, self.qemu_qmp_socket, self.vnc_socket, self.agent_socket, self.display_socket,
+                self.control_socket]
 
     def create(self) -> None:
         """Make the directory tree with the documented modes (umask must not widen ``private/``).

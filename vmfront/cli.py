@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="largest QMP message a peer may send (default 1 MiB)")
     core.add_argument("--qmp-max-backlog", type=int, default=8 << 20, metavar="BYTES",
                       help="unread output after which a QMP peer counts as stalled and is closed (default 8 MiB)")
+    core.add_argument("--agent", action="store_true",
+                      help="give the guest a qemu-ga channel (virtio-serial port org.qemu.guest_agent.0), relayed to "
+                      "clients")
+    core.add_argument("--agent-socket", type=Path, metavar="PATH",
+                      help="relay this existing qemu-ga socket instead (e.g. a host-run qemu-ga -m unix-listen)")
     core.add_argument("--client-group", metavar="GROUP",
                       help="group of the client processes: may open control.sock, display.sock and the shm "
                       "segment (default: only the core's own group)")
@@ -163,6 +168,7 @@ def cmd_core(args: argparse.Namespace) -> int:
             start_timeout=args.start_timeout, stop_timeout=args.stop_timeout, max_message=args.qmp_max_message,
             max_backlog=args.qmp_max_backlog, display=not args.no_display,
             client_group=_group_id(args.client_group) if args.client_group else None,
+            agent=args.agent or args.agent_socket is not None, agent_socket=args.agent_socket,
         )
         code = run_async(Core(config).run())
     except (CoreError, PolicyError, RunDirError, CliError) as exc:
