@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ipc.channel import ChannelError, ClientChannel, ipc_endpoint
-from ipc.messages import DisplayChanged, EventBody, Welcome
+from ipc.messages import DisplayChanged, EventBody, Migrated, Welcome
 from ipc.rundir import RunDir
 from shm import Overrun, Record
 from shm.notify import DisplayClosed, DisplaySubscription
@@ -126,6 +126,10 @@ class Client:
     def _event(self, body: EventBody) -> None:
         if isinstance(body, DisplayChanged):
             self._follow_display(body.display_socket)
+        elif isinstance(body, Migrated) and self.ctx.channel is not None:
+            # The guest now lives under another core: follow it; re-attaching re-maps its display.
+            log.info("guest migrated; following it to %s", body.endpoint)
+            self.ctx.channel.move_to(body.endpoint)
         for service in self.services:
             service.event(body)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from qemu.qmp import ExecInterruptedError, ExecuteError, Message, QMPClient, QMPError, Runstate
 
+from ipc.messages import Migrated, Migrating
 from ipc.rundir import RunDir, RunDirError, check_socket_path, remove_stale_socket
 
 from .activation import inherited_sockets
@@ -52,6 +53,9 @@ EXIT_START_FAILED = 1  # could not start: bad option values, lock held, QEMU die
 # (argparse's own usage errors exit with 2.)
 EXIT_QEMU_FAILED = 3  # QEMU exited on its own with a non-zero status
 EXIT_QEMU_KILLED = 4  # QEMU was killed by a signal, or vanished without a shutdown
+
+#: vmfront's own QMP command (QMP's downstream-extension naming) naming the destination core's control endpoint.
+MIGRATE_TARGET_COMMAND = "__org.vmfront_migrate-target"
 
 #: Events after which the core asks QEMU for its status again.
 _STATUS_EVENTS = frozenset({
@@ -98,6 +102,8 @@ class CoreConfig:
     #: Capture the guest display into shared memory (not for --attach: a foreign QEMU has no private VNC).
     display: bool = True
     display_max: tuple[int, int] = (DEFAULT_MAX_WIDTH, DEFAULT_MAX_HEIGHT)
+    #: Start QEMU waiting for an incoming migration on this URI ("auto": a unix socket in the run dir).
+    incoming: str | None = None
     #: Give the guest a qemu-ga channel (virtio-serial) relayed to clients; or relay an existing agent socket.
     agent: bool = False
     agent_socket: Path | None = None
@@ -141,8 +147,12 @@ class Core:
         self._shutdown_reason: str | None = None
         self._status_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        self._migrating = False
+        self._migration_target: str | None = None
         #: QEMU's private QMP socket when adopting the QEMU of a core that died.
         self._adopt: Path | None = None
+        self.incoming_uri = (f"unix:{self.run_dir.migration_socket}" if config.incoming == "auto"
+                             else config.incoming)
         #: Listening sockets handed in by a service manager, by name.
         self._inherited = inherited_sockets()
         self._refreshes: set[asyncio.Task[None]] = set()
@@ -244,6 +254,11 @@ class Core:
             await self._launch()
         assert self.qemu is not None
         await self._refresh_status()
+        # QEMU emits MIGRATION events only with this capability: the core follows migrations by them.
+        reply = await self._execute("migrate-set-capabilities",
+                                    {"capabilities": [{"capability": "events", "state": True}]})
+        if "error" in reply:
+            log.warning("cannot enable migration events: %s", reply["error"].get("desc"))
         version = await self.qmp.execute("query-version")
         self.state.update(qemu_version=_version_string(version))
 
@@ -305,7 +320,8 @@ class Core:
 
     async def _launch(self) -> None:
         cfg = self.config
-        command = build_qemu_command(cfg.qemu_binary, cfg.name, cfg.qemu_args, self.run_dir.qemu_qmp_socket,
+        qemu_args = [*cfg.qemu_args, "-incoming", "defer"] if self.incoming_uri is not None else cfg.qemu_args
+        command = build_qemu_command(cfg.qemu_binary, cfg.name, qemu_args, self.run_dir.qemu_qmp_socket,
                                      cfg.accel, self.run_dir.vnc_socket if cfg.display else None,
                                      self.run_dir.agent_socket if cfg.agent and cfg.agent_socket is None else None)
         log.info("starting QEMU: %s", " ".join(command.argv))
@@ -316,6 +332,13 @@ class Core:
         self.qemu = ProcessWatch(pid, child=True)
         self.state.update(qemu_pid=pid, accel=command.accel, qemu_argv=command.argv)
         await self._connect_qmp(self.run_dir.qemu_qmp_socket)
+        if self.incoming_uri is not None:
+            reply = await self._execute("migrate-incoming", {"uri": self.incoming_uri})
+            if "error" in reply:
+                raise CoreError(f"cannot wait for an incoming migration on {self.incoming_uri}: "
+                                f"{reply['error'].get('desc')}")
+            log.info("waiting for the guest to arrive on %s", self.incoming_uri)
+            self.state.update(incoming=self.incoming_uri)
 
     async def _attach(self, path: Path) -> None:
         pid = _socket_peer_pid(path)
@@ -388,6 +411,8 @@ class Core:
 
     async def _execute(self, name: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
         """Run one command on QEMU on behalf of a peer; QEMU's error replies pass through unchanged."""
+        if name == MIGRATE_TARGET_COMMAND:
+            return self._set_migration_target(arguments or {})
         try:
             value = await self.qmp.execute(name, arguments)
         except ExecuteError as exc:
@@ -398,6 +423,38 @@ class Core:
             return {"error": {"class": "GenericError",
                               "desc": f"QEMU's monitor connection was lost before it replied to '{name}'"}}
         return {"return": value}
+
+    def _set_migration_target(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """vmfront's own QMP command: where clients should re-attach once the outgoing migration completes."""
+        control = arguments.get("control")
+        if set(arguments) - {"control"} or not (control is None or isinstance(control, str)):
+            return {"error": {"class": "GenericError",
+                              "desc": f"{MIGRATE_TARGET_COMMAND} takes one string argument, 'control'"}}
+        self._migration_target = control
+        log.info("outgoing migration target: %s", control or "(none)")
+        return {"return": {}}
+
+    def _follow_migration(self, data: Any) -> None:
+        """MIGRATION events: tell clients 'migrating', then where to go, then end this core once the guest left."""
+        status = data.get("status") if isinstance(data, dict) else None
+        if self.state.data.get("state") == RunState.INCOMING:
+            return  # the incoming side's events: the guest is arriving here, nobody leaves
+        if status in ("setup", "active", "pre-switchover", "device") and not self._migrating:
+            self._migrating = True
+            if self.control is not None:
+                self.control.broadcast(Migrating())
+            self.state.update(state=RunState.MIGRATING)
+        elif status == "completed" and self._migrating:
+            self._migrating = False
+            target = self._migration_target
+            log.info("outgoing migration completed%s", f"; clients move to {target}" if target else "")
+            if self.control is not None and target:
+                self.control.broadcast(Migrated(target))
+            self.state.update(migrated_to=target)
+            self.request_stop(f"migrated to {target or 'another QEMU'}")
+        elif status in ("failed", "cancelled") and self._migrating:
+            self._migrating = False
+            log.warning("outgoing migration %s; the guest stays here", status)
 
     async def _pump_events(self) -> None:
         """Forward every QEMU event to the peers, and follow the ones that change the run state."""
@@ -411,6 +468,8 @@ class Core:
             if name == "SHUTDOWN":
                 data = payload.get("data")
                 self._shutdown_reason = str(data.get("reason", "shutdown") if isinstance(data, dict) else "shutdown")
+            if name == "MIGRATION":
+                self._follow_migration(payload.get("data"))
             if name in _STATUS_EVENTS:
                 refresh = asyncio.get_running_loop().create_task(self._refresh_status())
                 self._refreshes.add(refresh)
@@ -424,7 +483,7 @@ class Core:
                 log.debug("query-status failed: %s", exc)
                 return
             qemu_status = str(status.get("status", "unknown")) if isinstance(status, dict) else "unknown"
-            new_state = run_state_from_qemu_status(qemu_status)
+            new_state = RunState.MIGRATING if self._migrating else run_state_from_qemu_status(qemu_status)
             if self.display is not None:
                 self.display.set_run_state(qemu_status)
             if new_state != self.state.data.get("state") or qemu_status != self.state.data.get("qemu_status"):

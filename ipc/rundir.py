@@ -121,6 +121,11 @@ class RunDir:
         return self.private / "qga.sock"
 
     @property
+    def migration_socket(self) -> Path:
+        """Where QEMU waits for an incoming migration with ``--incoming auto``."""
+        return self.private / "migration.sock"
+
+    @property
     def display_socket(self) -> Path:
         """Where display readers get the shm name and their notification eventfd."""
         return self.root / "display.sock"

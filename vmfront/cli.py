@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="largest QMP message a peer may send (default 1 MiB)")
     core.add_argument("--qmp-max-backlog", type=int, default=8 << 20, metavar="BYTES",
                       help="unread output after which a QMP peer counts as stalled and is closed (default 8 MiB)")
+    core.add_argument("--incoming", metavar="URI",
+                      help="start QEMU waiting for an incoming migration on URI (auto: a unix socket in the run "
+                      "dir); state.json says 'incoming' until the guest arrives")
     core.add_argument("--agent", action="store_true",
                       help="give the guest a qemu-ga channel (virtio-serial port org.qemu.guest_agent.0), relayed to "
                       "clients")
@@ -97,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "ipc://RUN_DIR/control.sock)")
     client.add_argument("--user", help="when started as root: bind listeners, then become this user for good")
     client.add_argument("--group", help="with --user: this group instead of the user's primary group")
+    client.add_argument("--vnc", nargs="?", const="127.0.0.1:5900", metavar="HOST:PORT|unix:PATH",
+                        help="serve VNC viewers here (bare --vnc: 127.0.0.1:5900)")
+    client.add_argument("--vnc-password-file", type=Path, metavar="FILE",
+                        help="VNC authentication with the first line of FILE (else $VMFRONT_VNC_PASSWORD if set)")
+    client.add_argument("--websocket", metavar="HOST:PORT|unix:PATH", help="also serve VNC over WebSocket (noVNC)")
 
     run = sub.add_parser("run", help="start core and client together, for interactive use",
                          description="Starts `vmfront core` and `vmfront client` as child processes; restarts "
@@ -104,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vm(run, positional=False)
     run.add_argument("--client-user", metavar="USER", help="run the client as this user (when root)")
     run.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
+
+    mig = sub.add_parser("migrate", help="live-migrate a guest to another core (clients follow it)")
+    _add_vm(mig, positional=True)
+    mig.add_argument("--to", required=True, metavar="DEST_NAME|URI",
+                     help="a VM whose core waits with --incoming, or a QEMU migration URI")
+    mig.add_argument("--dest-run-dir", type=Path, help="run directory of DEST_NAME, if not the default")
+    mig.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    mig.add_argument("-q", "--quiet", action="store_true", help="no progress line")
 
     status = sub.add_parser("status", help="show a VM's state")
     _add_vm(status, positional=True)
@@ -169,6 +185,7 @@ def cmd_core(args: argparse.Namespace) -> int:
             max_backlog=args.qmp_max_backlog, display=not args.no_display,
             client_group=_group_id(args.client_group) if args.client_group else None,
             agent=args.agent or args.agent_socket is not None, agent_socket=args.agent_socket,
+            incoming=args.incoming,
         )
         code = run_async(Core(config).run())
     except (CoreError, PolicyError, RunDirError, CliError) as exc:
@@ -180,12 +197,16 @@ def cmd_core(args: argparse.Namespace) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     from clients.main import Client, ClientConfig
     from clients.privileges import PrivilegeError
+    from clients.vnc.service import VncError, service_from_args
 
     try:
         config = ClientConfig(name=check_vm_name(args.name), run_dir=RunDir.for_vm(args.name, args.run_dir),
                               core_endpoint=args.core, user=args.user, group=args.group)
+        vnc = service_from_args(args.vnc, args.vnc_password_file, args.websocket)
+        if vnc is not None:
+            config.services.append(vnc)
         return run_async(Client(config).run())
-    except (RunDirError, PrivilegeError) as exc:
+    except (RunDirError, PrivilegeError, VncError) as exc:
         print(f"vmfront client: error: {exc}", file=sys.stderr)
         return 1
 
@@ -203,6 +224,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"vmfront run: error: {exc}", file=sys.stderr)
         return 1
     return run_async(run_both(config))
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .migrate import MigrateError, migrate, resolve_destination
+
+    try:
+        source = RunDir.for_vm(check_vm_name(args.name), args.run_dir)
+        uri, control = resolve_destination(args.to, args.dest_run_dir)
+        info = asyncio.run(migrate(source.qmp_socket, uri, control, within=args.timeout, quiet=args.quiet))
+    except (MigrateError, RunDirError) as exc:
+        print(f"vmfront migrate: error: {exc}", file=sys.stderr)
+        return 1
+    timing = f" in {info['total-time']} ms (downtime {info.get('downtime', '?')} ms)" if "total-time" in info else ""
+    print(f"migrated {args.name} to {args.to}{timing}")
+    return 0
 
 
 def _age(seconds: float) -> str:
@@ -283,7 +319,7 @@ def cmd_screendump(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"core": cmd_core, "client": cmd_client, "run": cmd_run, "status": cmd_status,
-             "screendump": cmd_screendump, "demo-image": cmd_demo_image}
+             "screendump": cmd_screendump, "migrate": cmd_migrate, "demo-image": cmd_demo_image}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,94 @@
+"""Live migration between two real QEMUs under two cores; a client process follows the guest."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from corelib import RawQmpPeer, kill_pid, short_tmpdir, spawn_core
+from test_client import ClientProcess, client_pids
+
+
+def wait_for(predicate: Callable[[], object], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {within} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def vmfront(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vmfront", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_migration_moves_the_guest_and_the_client_follows(tmp_path: Path) -> None:
+    root = short_tmpdir()
+    src_run, dst_run = root / "src", root / "dst"
+    src = spawn_core("src", src_run)
+    dst = spawn_core("dst", dst_run, "--incoming", "auto")
+    qemu_pids = [src.qemu_pid, dst.qemu_pid]
+    client = ClientProcess(src_run, "src")
+    watcher = RawQmpPeer(src.qmp_socket).negotiate()  # a management peer of the source
+    try:
+        assert dst.state()["state"] == "incoming"
+        assert dst.state()["incoming"] == f"unix:{dst_run / 'private' / 'migration.sock'}"
+        wait_for(lambda: client.pid in client_pids(src), 15, "the client to attach to the source")
+
+        result = vmfront("migrate", "src", "--run-dir", str(src_run), "--to", "dst", "--dest-run-dir", str(dst_run))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("migrated src to dst")
+
+        # The management peer saw the migration events, then the source core ended cleanly.
+        statuses = []
+        while True:
+            try:
+                message = watcher.recv()
+            except (EOFError, ConnectionResetError):
+                break
+            if message.get("event") == "MIGRATION":
+                statuses.append(message["data"]["status"])
+        assert "completed" in statuses, statuses
+        assert src.wait(timeout=30) == 0
+        assert src.state()["state"] == "shutdown"
+        assert "migrated to ipc://" in src.state()["last_exit"]["reason"]
+
+        # The destination runs the guest; the client re-attached there and maps its display.
+        wait_for(lambda: dst.state()["state"] == "running", 15, "the destination to run the guest")
+        wait_for(lambda: client.pid in client_pids(dst), 15, "the client to follow the guest")
+        shm = dst.state()["display"]["shm"]
+        wait_for(lambda: f"display: mapped {shm} read-only" in client.text(), 10, "the client to map the new display")
+        assert client.proc.poll() is None
+        dump = vmfront("screendump", "dst", str(tmp_path / "after.png"), "--run-dir", str(dst_run))
+        assert dump.returncode == 0, dump.stderr
+    finally:
+        watcher.close()
+        client.stop()
+        src.stop()
+        dst.stop()
+        for pid in qemu_pids:
+            kill_pid(pid)
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def test_failed_migration_leaves_the_source_running() -> None:
+    root = short_tmpdir()
+    src = spawn_core("keep", root / "src")
+    qemu_pid = src.qemu_pid
+    try:
+        result = vmfront("migrate", "keep", "--run-dir", str(root / "src"), "--to", f"unix:{root}/nobody-listens",
+                         "-q")
+        assert result.returncode == 1 and "vmfront migrate: error:" in result.stderr
+        peer = RawQmpPeer(src.qmp_socket).negotiate()
+        assert peer.execute("query-status")["return"]["status"] == "running"
+        wait_for(lambda: src.state()["state"] == "running", 10, "the source to report running")
+        peer.close()
+        refused = vmfront("migrate", "keep", "--run-dir", str(root / "src"), "--to", "ghost",
+                          "--dest-run-dir", str(root / "ghost"))
+        assert refused.returncode == 1 and "is not waiting for an incoming migration" in refused.stderr
+    finally:
+        src.stop()
+        kill_pid(qemu_pid)
+        subprocess.run(["rm", "-rf", str(root)], check=False)
