@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils nasm socat qemu-guest-agent)
+APT_PACKAGES=(qemu-system-x86 qemu-utils nasm socat qemu-guest-agent tigervnc-viewer tigervnc-tools xvfb imagemagick)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

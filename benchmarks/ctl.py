@@ -1,9 +1,10 @@
 """The control channel vs a plain unix socket carrying the same msgpack messages, between two processes.
 
-A child process serves both: a CoreChannel (ZeroMQ ROUTER on ipc://) and a minimal asyncio unix-socket server
-that reads length-prefixed msgpack requests and answers each with a msgpack reply (no validation, no sessions:
-the least any transport could do). The parent times, on the same loop kind, in alternating rounds so machine
-noise hits both alike:
+A child process serves three ways: a minimal asyncio unix-socket server that reads length-prefixed msgpack
+requests and answers each with a msgpack reply (no validation, no sessions: the least any transport could do;
+the baseline), a bare zmq.asyncio ROUTER doing the same (what ZeroMQ itself costs), and a CoreChannel (the
+control channel: validation, sessions, per-client ordering). The parent times all three on the same loop kind,
+in alternating rounds so machine noise hits them alike:
 
 - round trip: one ``qmp`` request at a time (the core's handler returns at once): median and p99;
 - input throughput: ``input`` requests with 1 event (unbatched) and with 64 events (batched), 64 requests in
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import zmq
+import zmq.asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -58,47 +61,76 @@ async def serve(directory: Path) -> None:
                        status=lambda: CoreStatus("running"))
     await core.start()
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def answer(frame: bytes) -> bytes:
         nonlocal events
+        request = msgpack.unpackb(frame, raw=False)
+        result = None
+        if request["op"] == "input":
+            events += len(request["args"]["events"])
+        else:
+            result = {"status": "running"}
+        return bytes(msgpack.packb({"v": 1, "t": "reply", "id": request["id"], "ok": True, "result": result}))
+
+    async def bare_zmq() -> None:
+        sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        sock.bind(f"ipc://{directory / 'bare.sock'}")
+        while True:
+            identity, frame = await sock.recv_multipart()
+            await sock.send_multipart([identity, answer(frame)])
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-                request = msgpack.unpackb(await reader.readexactly(size), raw=False)
-                if request["op"] == "input":
-                    events += len(request["args"]["events"])
-                    result = None
-                else:
-                    result = {"status": "running"}
-                reply = msgpack.packb({"v": 1, "t": "reply", "id": request["id"], "ok": True, "result": result})
+                reply = answer(await reader.readexactly(size))
                 writer.write(_LENGTH.pack(len(reply)) + reply)
         except asyncio.IncompleteReadError:
             writer.close()
 
     server = await asyncio.start_unix_server(echo, path=str(directory / "echo.sock"))
+    bare = asyncio.get_running_loop().create_task(bare_zmq())
     print("ready", flush=True)
     async with server:
         await asyncio.Event().wait()
+    bare.cancel()
 
 
 # --- the parent: clients -------------------------------------------------------------------------------------
 
 
-class UnixClient:
-    """The baseline client: same message maps, same pending table, over a unix stream socket."""
+class PlainClient:
+    """The baselines' client: same message maps, same pending table, over a unix stream or a bare DEALER."""
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._dealer: zmq.asyncio.Socket | None = None
 
-    async def connect(self, path: Path) -> None:
-        self._reader, self._writer = await asyncio.open_unix_connection(str(path))
-        self._task = asyncio.get_running_loop().create_task(self._read())
+    async def connect_unix(self, path: Path) -> None:
+        reader, self._writer = await asyncio.open_unix_connection(str(path))
 
-    async def _read(self) -> None:
-        while True:
-            (size,) = _LENGTH.unpack(await self._reader.readexactly(_LENGTH.size))
-            reply = msgpack.unpackb(await self._reader.readexactly(size), raw=False)
-            self._pending.pop(reply["id"]).set_result(reply.get("result"))
+        async def frames() -> None:
+            while True:
+                (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+                self._dispatch(await reader.readexactly(size))
+
+        self._task = asyncio.get_running_loop().create_task(frames())
+
+    async def connect_zmq(self, endpoint: str) -> None:
+        dealer = self._dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(endpoint)
+
+        async def frames() -> None:
+            while True:
+                self._dispatch(await dealer.recv())
+
+        self._task = asyncio.get_running_loop().create_task(frames())
+
+    def _dispatch(self, frame: bytes) -> None:
+        reply = msgpack.unpackb(frame, raw=False)
+        self._pending.pop(reply["id"]).set_result(reply.get("result"))
 
     async def request(self, op: str, args: dict[str, Any]) -> Any:
         request_id = next(self._ids)
@@ -106,12 +138,18 @@ class UnixClient:
         self._pending[request_id] = future
         frame = msgpack.packb({"v": 1, "t": "request", "id": request_id, "op": op, "args": args},
                               use_bin_type=True)
-        self._writer.write(_LENGTH.pack(len(frame)) + frame)
+        if self._writer is not None:
+            self._writer.write(_LENGTH.pack(len(frame)) + frame)
+        elif self._dealer is not None:
+            await self._dealer.send(frame)
         return await future
 
     async def close(self) -> None:
         self._task.cancel()
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._dealer is not None:
+            self._dealer.close(linger=0)
 
 
 def key_events(count: int) -> list[dict[str, Any]]:
@@ -145,8 +183,9 @@ def summary(samples: list[float]) -> tuple[float, float]:
 async def measure(directory: Path, rounds: int, batch: int, loop_name: str) -> None:
     channel = ClientChannel(ipc_endpoint(directory / "control.sock"), name="bench")
     await channel.connect(timeout_s=10)
-    unix = UnixClient()
-    await unix.connect(directory / "echo.sock")
+    unix, bare = PlainClient(), PlainClient()
+    await unix.connect_unix(directory / "echo.sock")
+    await bare.connect_zmq(f"ipc://{directory / 'bare.sock'}")
     one = [KeyEvent(True, qcode="a")]
     many = [KeyEvent(bool(i % 2), qcode="a") for i in range(64)]
     calls: dict[str, dict[str, Callable[[], Awaitable[Any]]]] = {
@@ -155,13 +194,18 @@ async def measure(directory: Path, rounds: int, batch: int, loop_name: str) -> N
             "input1": lambda: unix.request("input", {"events": key_events(1)}),
             "input64": lambda: unix.request("input", {"events": key_events(64)}),
         },
-        "zmq": {
+        "bare": {
+            "rtt": lambda: bare.request("qmp", {"command": "query-status"}),
+            "input1": lambda: bare.request("input", {"events": key_events(1)}),
+            "input64": lambda: bare.request("input", {"events": key_events(64)}),
+        },
+        "channel": {
             "rtt": lambda: channel.qmp("query-status"),
             "input1": lambda: channel.send_input(one),
             "input64": lambda: channel.send_input(many),
         },
     }
-    rtt: dict[str, list[float]] = {"unix": [], "zmq": []}
+    rtt: dict[str, list[float]] = {name: [] for name in calls}
     rates: dict[tuple[str, str], list[float]] = {}
     try:
         for side in calls.values():  # warm-up, not counted
@@ -174,19 +218,23 @@ async def measure(directory: Path, rounds: int, batch: int, loop_name: str) -> N
     finally:
         await channel.close()
         await unix.close()
-    unix_med, unix_p99 = summary(rtt["unix"])
-    zmq_med, zmq_p99 = summary(rtt["zmq"])
+        await bare.close()
+    labels = {"unix": "unix socket + msgpack (baseline)", "bare": "bare ZeroMQ ROUTER/DEALER + msgpack",
+              "channel": "control channel"}
+    base_med, base_p99 = summary(rtt["unix"])
     print(f"control channel vs plain unix socket + msgpack, two processes, {loop_name} loop")
-    print(f"round trip of one request, {len(rtt['zmq'])} samples each (microseconds)")
-    print(f"  unix socket + msgpack:     median {unix_med * 1e6:8.1f}   p99 {unix_p99 * 1e6:8.1f}")
-    print(f"  control channel (ZeroMQ):  median {zmq_med * 1e6:8.1f}   p99 {zmq_p99 * 1e6:8.1f}")
-    print(f"  ratio channel/unix:        median {zmq_med / unix_med:8.2f}x  p99 {zmq_p99 / unix_p99:8.2f}x")
-    print(f"input events per second, {WINDOW} requests in flight (median of {rounds} rounds)")
-    for key, label in (("input1", "unbatched, 1 event/request"), ("input64", "batched, 64 events/request")):
-        unix_rate = statistics.median(rates[("unix", key)])
-        zmq_rate = statistics.median(rates[("zmq", key)])
-        print(f"  {label:28s} unix {unix_rate:11,.0f}/s   channel {zmq_rate:11,.0f}/s   "
-              f"ratio {zmq_rate / unix_rate:5.2f}x")
+    print(f"round trip of one request, {len(rtt['unix'])} samples each (microseconds; ratio to the baseline)")
+    for name, label in labels.items():
+        med, p99 = summary(rtt[name])
+        print(f"  {label:36s} median {med * 1e6:7.1f} ({med / base_med:4.2f}x)   "
+              f"p99 {p99 * 1e6:7.1f} ({p99 / base_p99:4.2f}x)")
+    print(f"input events per second, {WINDOW} requests in flight (median of {rounds} rounds; ratio to the baseline)")
+    for key, kind in (("input1", "unbatched, 1 event/request"), ("input64", "batched, 64 events/request")):
+        print(f"  {kind}")
+        base_rate = statistics.median(rates[("unix", key)])
+        for name, label in labels.items():
+            rate = statistics.median(rates[(name, key)])
+            print(f"    {label:34s} {rate:11,.0f}/s ({rate / base_rate:4.2f}x)")
 
 
 def main() -> None:

@@ -148,6 +148,7 @@ class Core:
         self._status_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._migrating = False
+        self._outgoing_migration = False
         self._migration_target: str | None = None
         #: QEMU's private QMP socket when adopting the QEMU of a core that died.
         self._adopt: Path | None = None
@@ -413,6 +414,9 @@ class Core:
         """Run one command on QEMU on behalf of a peer; QEMU's error replies pass through unchanged."""
         if name == MIGRATE_TARGET_COMMAND:
             return self._set_migration_target(arguments or {})
+        if name == "migrate":
+            # Only a real outgoing migration moves clients; savevm/snapshot jobs emit MIGRATION events too.
+            self._outgoing_migration = True
         try:
             value = await self.qmp.execute(name, arguments)
         except ExecuteError as exc:
@@ -437,23 +441,23 @@ class Core:
     def _follow_migration(self, data: Any) -> None:
         """MIGRATION events: tell clients 'migrating', then where to go, then end this core once the guest left."""
         status = data.get("status") if isinstance(data, dict) else None
-        if self.state.data.get("state") == RunState.INCOMING:
-            return  # the incoming side's events: the guest is arriving here, nobody leaves
+        if self.state.data.get("state") == RunState.INCOMING or not self._outgoing_migration:
+            return  # the guest arriving here, or a snapshot job: nobody leaves
         if status in ("setup", "active", "pre-switchover", "device") and not self._migrating:
             self._migrating = True
             if self.control is not None:
                 self.control.broadcast(Migrating())
             self.state.update(state=RunState.MIGRATING)
         elif status == "completed" and self._migrating:
-            self._migrating = False
+            self._migrating = self._outgoing_migration = False
             target = self._migration_target
             log.info("outgoing migration completed%s", f"; clients move to {target}" if target else "")
             if self.control is not None and target:
                 self.control.broadcast(Migrated(target))
             self.state.update(migrated_to=target)
             self.request_stop(f"migrated to {target or 'another QEMU'}")
-        elif status in ("failed", "cancelled") and self._migrating:
-            self._migrating = False
+        elif status in ("failed", "cancelled"):
+            self._migrating = self._outgoing_migration = False
             log.warning("outgoing migration %s; the guest stays here", status)
 
     async def _pump_events(self) -> None:

@@ -6,7 +6,9 @@ watches ZeroMQ's descriptor from the running loop (stdlib or uvloop), so there a
 
 The core never waits on a client: every send is non-blocking, with ROUTER_MANDATORY so that a client that went
 away (EHOSTUNREACH) or stopped reading (its queue is full: EAGAIN) is dropped instead of silently losing frames.
-A request handler that raises cannot stop the channel; neither can any frame a peer sends.
+A request handler that raises cannot stop the channel; neither can any frame a peer sends. Heartbeats bound how
+long a vanished peer goes unnoticed; ZeroMQ's connection events (socket monitors) make it milliseconds when the
+peer's process died.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
-
-from ipc.rundir import RunDir, check_socket_path
+from zmq.utils.monitor import parse_monitor_message
 
 from .messages import (
     ALL_CAPABILITIES,
@@ -61,6 +62,7 @@ from .messages import (
     choose_version,
     decode,
 )
+from .rundir import RunDir, check_socket_path
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,10 @@ SEND_HWM = 1000
 MAX_QUEUED_REQUESTS = 256
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
+#: ZeroMQ's own reconnection attempts, 100 ms doubling to this (a new core is found this soon after it binds).
+RECONNECT_MAX_MS = 1000
+_MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 _ALL_CAPABILITIES = tuple(sorted(ALL_CAPABILITIES))
 #: How long CoreChannel.close() lets requests in progress finish before cancelling them.
 _CLOSE_GRACE = 1.0
@@ -341,6 +347,7 @@ class CoreChannel:
         self._tasks: list[asyncio.Task[None]] = []
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
         self._auth: AsyncioAuthenticator | None = None
         self._log_limit = _LogLimit()
         self._heartbeat = Heartbeat(self.instance).encode()
@@ -387,8 +394,10 @@ class CoreChannel:
             ctx.term()
             raise ChannelError(f"cannot listen on {self.endpoint}: {exc}") from exc
         self._ctx, self._sock = ctx, sock
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._tick_loop())]
+        self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._tick_loop()),
+                       loop.create_task(self._watch_disconnects(self._monitor))]
         log.info("control channel for VM %r listening on %s (core instance %s)", self.vm_name, self.endpoint,
                  self.instance)
 
@@ -409,6 +418,12 @@ class CoreChannel:
             return False
         return self._send(session, Broadcast(event).encode())
 
+    def disconnect(self, client: ClientInfo, reason: str) -> None:
+        """Drop a client now (it gets a ``bye`` and will say hello again if it is still there)."""
+        session = self._sessions.get(client.identity)
+        if session is not None and session.info is client:
+            self._drop(session, reason, bye=reason)
+
     async def close(self, reason: str = "core stopping") -> None:
         """Say bye to every client (their ``on_client_gone`` runs), stop, remove the socket file."""
         if self._closed:
@@ -428,6 +443,10 @@ class CoreChannel:
         if self._auth is not None:
             self._auth.stop()
         if self._sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
             self._sock.close(linger=_CLOSE_LINGER_MS)
         if self._ctx is not None:
             self._ctx.term()
@@ -632,6 +651,22 @@ class CoreChannel:
         if suppressed is not None:
             log.log(level, fmt + (f" ({suppressed} similar lines suppressed)" if suppressed else ""), *args)
 
+    async def _watch_disconnects(self, monitor: zmq.asyncio.Socket) -> None:
+        """A connection closed (e.g. a client was killed): ZeroMQ does not say whose, so probe every client with
+        a heartbeat; the one that is gone fails with EHOSTUNREACH and is dropped now, not at the next beat."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                parse_monitor_message(await monitor.recv_multipart())
+            except zmq.ZMQError as exc:  # the monitor only speeds things up: heartbeats still work without it
+                log.warning("control channel: connection monitor failed: %s", exc)
+                return
+            loop.call_later(0.01, self._probe)  # after ZeroMQ has removed the peer's routing entry
+
+    def _probe(self) -> None:
+        for session in list(self._sessions.values()):
+            self._send(session, self._heartbeat)
+
     async def _tick_loop(self) -> None:
         """Heartbeats out every interval; clients silent for ``expiry`` are dropped, checked exactly on time."""
         next_beat = time.monotonic()
@@ -771,8 +806,11 @@ class ClientChannel:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._subscriptions: set[Subscription] = set()
         self._sock: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
+        self._next_hello = 0.0
+        self._hello_delay = BACKOFF_MIN
         self._first_welcome: asyncio.Future[Welcome] | None = None
         self._notifications: asyncio.Queue[tuple[Callable[..., object] | None, Any, str]] = asyncio.Queue()
         self._log_limit = _LogLimit()
@@ -803,23 +841,26 @@ class ClientChannel:
         sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         for option, value in ((zmq.ROUTING_ID, self.instance.encode()), (zmq.IMMEDIATE, 1),
                               (zmq.MAXMSGSIZE, MAX_FRAME), (zmq.LINGER, 0), (zmq.RECONNECT_IVL, 100),
-                              (zmq.RECONNECT_IVL_MAX, int(BACKOFF_MAX * 1000))):
+                              (zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)):
             sock.setsockopt(option, value)
         if self._curve is not None:
             sock.curve_secretkey = self._curve.keys.secret
             sock.curve_publickey = self._curve.keys.public
             sock.curve_serverkey = self._curve.server_public
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
             raise ChannelError(f"cannot connect to {self.endpoint}: {exc}") from exc
-        self._sock = sock
+        self._sock, self._monitor = sock, monitor
         self._state = ClientState.ATTACHING
         loop = asyncio.get_running_loop()
         self._first_welcome = loop.create_future()
         self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._supervise()),
-                       loop.create_task(self._notify_loop())]
+                       loop.create_task(self._notify_loop()), loop.create_task(self._watch_connection(monitor))]
         try:
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(self._first_welcome)
@@ -887,7 +928,7 @@ class ClientChannel:
         self.endpoint = endpoint
         self._hello_ids.clear()
         self._detach(f"moved to {endpoint}")
-        self._wake.set()
+        self._hello_soon()
 
     async def close(self) -> None:
         """Say bye, fail what is pending, stop. Safe to call more than once."""
@@ -909,6 +950,10 @@ class ClientChannel:
         if self._sock is not None:
             if was_attached:
                 _send_now(self._sock, [Bye("client closing").encode()])
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
             self._sock.close(linger=_CLOSE_LINGER_MS if was_attached else 0)
         for subscription in list(self._subscriptions):
             subscription.close()
@@ -936,7 +981,7 @@ class ClientChannel:
         log.warning("%s: detached from the core: %s; re-attaching", self._tag, reason)
         self._fail_pending(f"the core went away before answering: {reason}")
         self._notifications.put_nowait((self._on_detached, reason, "on_detached"))
-        self._wake.set()
+        self._hello_soon()
 
     def _attach(self, welcome: Welcome) -> None:
         self._welcome = welcome
@@ -1055,15 +1100,36 @@ class ClientChannel:
         if problem:
             log.debug("%s: hello not sent (core not reachable): %s", self._tag, problem)
 
+    def _hello_soon(self) -> None:
+        """Say hello now and restart the backoff (detached, or a connection to a core just came up)."""
+        self._next_hello = 0.0
+        self._hello_delay = BACKOFF_MIN
+        self._wake.set()
+
+    async def _watch_connection(self, monitor: zmq.asyncio.Socket) -> None:
+        """ZeroMQ's connection events: hello as soon as a core is reachable, detach as soon as it is not."""
+        while True:
+            try:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            except zmq.ZMQError as exc:  # the monitor only speeds things up: heartbeats still work without it
+                log.warning("%s: connection monitor failed: %s", self._tag, exc)
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self._state is ClientState.ATTACHING:
+                    self._hello_soon()
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._detach("the connection to the core was lost")
+            else:
+                self._log_limited(logging.WARNING, "%s: the handshake with %s failed (%s): wrong CurveZMQ keys?",
+                                  self._tag, self.endpoint, event)
+
     async def _supervise(self) -> None:
         """Heartbeats and liveness while attached; hello with backoff while not."""
-        delay = BACKOFF_MIN
         next_beat = 0.0
         while self._state is not ClientState.CLOSED:
             self._wake.clear()
             now = time.monotonic()
             if self._state is ClientState.ATTACHED:
-                delay = BACKOFF_MIN
                 silent = now - self._last_seen
                 if silent > self.expiry:
                     self._detach(f"no heartbeat from the core for {silent:.1f} s")
@@ -1076,9 +1142,11 @@ class ClientChannel:
                         continue
                 timeout = min(next_beat, self._last_seen + self.expiry) - now + 0.005
             else:
-                self._send_hello()
-                timeout = delay
-                delay = min(delay * 2, BACKOFF_MAX)
+                if now >= self._next_hello:
+                    self._send_hello()
+                    self._next_hello = now + self._hello_delay
+                    self._hello_delay = min(self._hello_delay * 2, BACKOFF_MAX)
+                timeout = self._next_hello - now
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, timeout)):
                     await self._wake.wait()

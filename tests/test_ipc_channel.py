@@ -678,6 +678,22 @@ def test_core_crash_fails_pending_requests_fast_and_the_client_reattaches(tmp: P
     assert failed_after < 3.5, f"the pending request failed only {failed_after:.2f} s after the core died"
 
 
+def test_a_dropped_client_that_is_still_there_attaches_again(tmp: Path) -> None:
+    endpoint = ipc_endpoint(tmp / "control.sock")
+    reattached: list[Welcome] = []
+
+    async def scenario() -> None:
+        async with running_core(endpoint) as core, attached_client(endpoint, on_reattached=reattached.append) as c:
+            await wait_until(lambda: core.attached, what="attached")
+            core.channel.disconnect(core.attached[0], "kicked by the test")
+            await wait_until(lambda: reattached, what="re-attach")
+            assert reattached[0].instance == core.channel.instance  # the same core: the client refreshes anyway
+            assert [info.name for info, _ in core.gone] == ["c1"] and len(core.attached) == 2
+            assert await c.qmp("query-status") == {"status": "running"}
+
+    run("asyncio", scenario())
+
+
 def test_version_mismatch_and_no_core(tmp: Path) -> None:
     endpoint = ipc_endpoint(tmp / "control.sock")
 

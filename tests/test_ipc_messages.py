@@ -318,6 +318,8 @@ def doc_sections() -> dict[str, list[list[str]]]:
         if line.startswith("### "):
             current = line[4:].replace("`", "").strip()
             sections[current] = []
+        elif line.startswith("## "):
+            current = None
         elif current and line.startswith("| ") and not line.startswith("| ---"):
             sections[current].append([cell.strip().replace("`", "") for cell in line.strip("|").split("|")])
     return sections
@@ -389,3 +391,23 @@ def test_docs_list_every_error_code_and_capability() -> None:
     capability_rows = set(re.findall(r"^\| `([a-z-]+)` \| (?:op|kind) ", text, re.M))
     assert capability_rows == {c.value for c in messages.Capability}
     assert f"{MAX_FRAME >> 20} MiB" in text
+
+
+input_event_maps = st.fixed_dictionaries(
+    {"type": st.sampled_from(["key", "pointer", "wheel", "mouse"])},
+    optional={key: st.none() | st.booleans() | st.integers(-70000, 70000) | st.text(max_size=40)
+              for key in ("down", "qcode", "scancode", "x", "y", "buttons", "steps")})
+
+
+@settings(max_examples=500)
+@given(input_event_maps)
+def test_the_input_fast_path_agrees_with_the_checked_parser(event: dict[str, Any]) -> None:
+    frame = msgpack.packb({"v": 1, "t": "request", "id": 1, "op": "input", "args": {"events": [event]}})
+    fast = messages._fast_input_event(msgpack.unpackb(frame)["args"]["events"][0])
+    try:
+        checked = decode(frame)
+    except ProtocolError:
+        assert fast is None
+    else:
+        assert isinstance(checked, Request) and isinstance(checked.body, InputOp)
+        assert fast is None or checked.body.events == (fast,)

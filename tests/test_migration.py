@@ -92,3 +92,26 @@ def test_failed_migration_leaves_the_source_running() -> None:
         src.stop()
         kill_pid(qemu_pid)
         subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def test_savevm_is_not_mistaken_for_a_migration() -> None:
+    """Snapshot jobs emit MIGRATION events too: the core must not end the VM because of them."""
+    root = short_tmpdir()
+    image = root / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True, timeout=30)
+    core = spawn_core("snap", root / "run", qemu_args=["-machine", "pc", "-m", "16",
+                                                      "-drive", f"file={image},format=qcow2,if=ide"])
+    qemu_pid = core.qemu_pid
+    try:
+        peer = RawQmpPeer(core.qmp_socket).negotiate()
+        reply = peer.execute("human-monitor-command", arguments={"command-line": "savevm s1"})
+        assert reply == {"return": ""}, reply
+        time.sleep(1)
+        assert core.proc.poll() is None, "the core ended the VM after a savevm"
+        assert peer.execute("query-status")["return"]["status"] == "running"
+        assert core.state()["state"] == "running"
+        peer.close()
+    finally:
+        core.stop()
+        kill_pid(qemu_pid)
+        subprocess.run(["rm", "-rf", str(root)], check=False)

@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--vnc-password-file", type=Path, metavar="FILE",
                         help="VNC authentication with the first line of FILE (else $VMFRONT_VNC_PASSWORD if set)")
     client.add_argument("--websocket", metavar="HOST:PORT|unix:PATH", help="also serve VNC over WebSocket (noVNC)")
+    client.add_argument("--monitor", nargs="?", const="unix:", metavar="unix:PATH|HOST:PORT",
+                        help="serve the text monitor here (bare --monitor: unix:RUN_DIR/monitor.sock, mode 0600)")
+    client.add_argument("--agent-proxy", metavar="PATH|none",
+                        help="guest-agent proxy socket speaking qemu-ga's protocol (default: RUN_DIR/agent.sock, "
+                        "mode 0600; 'none': do not serve one)")
 
     run = sub.add_parser("run", help="start core and client together, for interactive use",
                          description="Starts `vmfront core` and `vmfront client` as child processes; restarts "
@@ -121,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
     mig.add_argument("-q", "--quiet", action="store_true", help="no progress line")
 
+    monitor = sub.add_parser("monitor", help="interactive text monitor of a running client (history, completion)",
+                             description="Connects to the client's monitor socket (vmfront client --monitor).")
+    _add_vm(monitor, positional=True)
+    monitor.add_argument("--socket", type=Path, help="monitor socket (default: RUN_DIR/monitor.sock)")
+
     status = sub.add_parser("status", help="show a VM's state")
     _add_vm(status, positional=True)
     status.add_argument("--json", action="store_true", help="print state.json as JSON for scripts")
@@ -129,6 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Reads the shared framebuffer read-only: no QMP call, no path handed to QEMU.")
     _add_vm(dump, positional=True)
     dump.add_argument("file", type=Path, help="PNG file to write")
+
+    agent = sub.add_parser("agent", help="talk to the guest agent (qemu-ga) through the client's agent proxy",
+                           description="COMMAND is a qemu-ga command (e.g. guest-get-time) with optional JSON "
+                           "arguments, or: ping, info, osinfo, time, exec -- CMD ARGS..., copy-to SRC DST, "
+                           "copy-from SRC DST. Prints JSON; on failure exits 1 and prints the error class.")
+    _add_vm(agent, positional=True)
+    agent.add_argument("--socket", type=Path, help="the client's agent proxy (default: RUN_DIR/agent.sock)")
+    agent.add_argument("--timeout", type=float, metavar="SECONDS",
+                       help="deadline per call (exec: for the whole command, default 60)")
+    agent.add_argument("--wait", dest="wait", action="store_true", default=True,
+                       help="while the guest migrates, wait up to the deadline (default)")
+    agent.add_argument("--no-wait", dest="wait", action="store_false",
+                       help="while the guest migrates, fail at once with AgentBusy")
+    agent.add_argument("agent_command", metavar="COMMAND")
+    agent.add_argument("agent_args", nargs=argparse.REMAINDER, metavar="ARGS")
 
     sub.add_parser("demo-image", help="build (if needed) and print the path of the demo guest image")
     return parser
@@ -194,6 +219,17 @@ def cmd_core(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from clients.monitor.interactive import run_interactive
+
+    try:
+        run_dir = RunDir.for_vm(check_vm_name(args.name), args.run_dir)
+    except RunDirError as exc:
+        print(f"vmfront monitor: error: {exc}", file=sys.stderr)
+        return 1
+    return run_interactive(args.socket or run_dir.root / "monitor.sock")
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     from clients.main import Client, ClientConfig
     from clients.privileges import PrivilegeError
@@ -205,8 +241,19 @@ def cmd_client(args: argparse.Namespace) -> int:
         vnc = service_from_args(args.vnc, args.vnc_password_file, args.websocket)
         if vnc is not None:
             config.services.append(vnc)
+        if args.monitor is not None:
+            from clients.monitor.service import MonitorService, parse_monitor_address
+
+            config.services.append(MonitorService(parse_monitor_address(args.monitor,
+                                                                        config.run_dir.root / "monitor.sock")))
+        if args.agent_proxy != "none":
+            from clients.agent.service import AgentService
+
+            config.services.append(AgentService(Path(args.agent_proxy) if args.agent_proxy
+                                                else config.run_dir.root / "agent.sock",
+                                                proxy_required=bool(args.agent_proxy)))
         return run_async(Client(config).run())
-    except (RunDirError, PrivilegeError, VncError) as exc:
+    except (RunDirError, PrivilegeError, VncError, ValueError) as exc:
         print(f"vmfront client: error: {exc}", file=sys.stderr)
         return 1
 
@@ -318,8 +365,20 @@ def cmd_screendump(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"core": cmd_core, "client": cmd_client, "run": cmd_run, "status": cmd_status,
-             "screendump": cmd_screendump, "migrate": cmd_migrate, "demo-image": cmd_demo_image}
+def cmd_agent(args: argparse.Namespace) -> int:
+    from clients.agent.cli import main as agent_main
+
+    try:
+        path = args.socket or RunDir.for_vm(check_vm_name(args.name), args.run_dir).root / "agent.sock"
+    except RunDirError as exc:
+        print(f"vmfront agent: error: {exc}", file=sys.stderr)
+        return 1
+    return agent_main(path, args.agent_command, list(args.agent_args), wait=args.wait, timeout=args.timeout)
+
+
+_COMMANDS = {"agent": cmd_agent, "core": cmd_core, "client": cmd_client, "run": cmd_run, "status": cmd_status,
+             "screendump": cmd_screendump, "migrate": cmd_migrate, "demo-image": cmd_demo_image,
+             "monitor": cmd_monitor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,272 @@
+"""The qemu-ga wire protocol, sans-IO: feed the agent's bytes in, get events out; ask for a command's bytes.
+
+qemu-ga speaks JSON objects, one per line (``\\n``-terminated), and its replies carry no id: with one command in
+flight at a time, the next reply is that command's. Synchronisation is ``guest-sync-delimited``: the request is
+preceded by ``0xFF`` (so the agent flushes a half-read request of an earlier peer), and the agent answers with a
+``0xFF`` sentinel and then ``{"return": ID}``. Everything up to and including the last sentinel is stale and is
+dropped; replies that do not carry our ID are stale too. Commands also carry an ``id`` member, which qemu-ga
+echoes in its reply: a reply with another id is stale and ignored (one without an id is taken as the
+answer). Any timeout, garbage or oversized line leaves the
+connection *unsynchronised*, and the next command must resynchronise first.
+
+Nothing here does IO or raises on what the agent sends: bad input becomes ``Garbage``/``Oversize`` events.
+``AgentProtocolError`` is raised only when the API is misused (a command while not synchronised).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+SENTINEL = 0xFF
+#: Default bound on one reply line (qemu-ga's biggest replies are guest-file-read: 48 MiB of data max, which
+#: vmfront never asks for; its own reads are 512 KiB).
+DEFAULT_MAX_LINE = 16 << 20
+#: A reply without a trailing newline is tried as complete JSON only while it is this small (keeps a hostile
+#: agent from making us re-parse a big buffer on every chunk).
+_UNTERMINATED_PARSE_MAX = 1 << 20
+#: Commands after which qemu-ga sends nothing when they succeed (QAPI ``success-response: false``).
+NO_REPLY_COMMANDS = frozenset({"guest-shutdown", "guest-suspend-disk", "guest-suspend-ram", "guest-suspend-hybrid"})
+
+
+class AgentProtocolError(Exception):
+    """The protocol object was used wrongly (local error); the agent's misbehaviour never raises."""
+
+
+class ConnState(enum.Enum):
+    UNSYNCED = "unsynced"  # must sync before the next command
+    SYNCING = "syncing"    # sent guest-sync-delimited, waiting for the sentinel and our id
+    IDLE = "idle"          # synchronised, nothing in flight
+    AWAITING = "awaiting"  # one command in flight
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The in-flight command succeeded."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """The in-flight command failed in the guest (qemu-ga's error class and description)."""
+
+    error_class: str
+    desc: str
+
+
+@dataclass(frozen=True)
+class SyncDone:
+    sync_id: int
+
+
+@dataclass(frozen=True)
+class Garbage:
+    """Bytes that are not a reply we can use (``lines``: how many, ``reason``: the first one's problem)."""
+
+    reason: str
+    lines: int = 1
+
+
+@dataclass(frozen=True)
+class Oversize:
+    """A line longer than the limit: it is being dropped up to its end."""
+
+    limit: int
+
+
+Event = Reply | ErrorReply | SyncDone | Garbage | Oversize
+
+
+class AgentConnection:
+    """One side of one qemu-ga conversation (the host's)."""
+
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+        if max_line < 64:
+            raise AgentProtocolError("max_line must be at least 64 bytes")
+        self.max_line = max_line
+        self.state = ConnState.UNSYNCED
+        self.sync_id: int | None = None
+        self.command_name: str | None = None
+        self.command_id = 0
+        self._ids = secrets.randbits(20)
+        self.stale = 0  # replies dropped for carrying another command's id
+        self._buf = bytearray()
+        self._discarding = False  # dropping the rest of an oversized line
+        self._seen_sentinel = False
+        self.sentinels = 0  # 0xFF bytes seen (statistics)
+        self.dropped = 0    # bytes dropped (statistics)
+
+    # -- outgoing -------------------------------------------------------------------------------------------
+
+    def sync(self, sync_id: int | None = None) -> bytes:
+        """Start (re)synchronisation; returns the bytes to send. Valid in any state."""
+        self.sync_id = sync_id if sync_id is not None else secrets.randbits(31)
+        self.state = ConnState.SYNCING
+        self.command_name = None
+        self._seen_sentinel = False
+        self._reset_line()
+        request = {"execute": "guest-sync-delimited", "arguments": {"id": self.sync_id}}
+        return bytes([SENTINEL]) + json.dumps(request).encode() + b"\n"
+
+    def command(self, name: str, arguments: dict[str, Any] | None = None) -> bytes:
+        """The bytes of one command; the connection must be synchronised and idle."""
+        if self.state is not ConnState.IDLE:
+            raise AgentProtocolError(f"cannot send {name!r} while {self.state.value}")
+        self._ids += 1
+        self.command_id = self._ids
+        request: dict[str, Any] = {"execute": name, "id": self.command_id}
+        if arguments:
+            request["arguments"] = arguments
+        self.state = ConnState.AWAITING
+        self.command_name = name
+        return json.dumps(request).encode() + b"\n"
+
+    def abandon(self) -> None:
+        """The in-flight exchange timed out or was given up: the next command must resynchronise."""
+        self.state = ConnState.UNSYNCED
+        self.command_name = None
+        self._reset_line()
+
+    def no_reply_done(self) -> None:
+        """A command that answers only on error went by without an answer: treat it as done (and resync)."""
+        self.abandon()
+
+    # -- incoming -------------------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the agent; returns what they complete. Never raises for any input."""
+        events: list[Event] = []
+        garbage: list[str] = []
+        view = memoryview(data)
+        start = 0
+        next_nl = -1
+        while start < len(view):
+            if self.state is ConnState.UNSYNCED:
+                # Nobody waits, and the next sync drops everything before its sentinel anyway: drop it now, cheaply.
+                self.dropped += len(view) - start + len(self._buf)
+                self._reset_line()
+                break
+            if self.state is ConnState.SYNCING and not self._seen_sentinel:
+                # Drop everything until the sentinel (stale replies of an earlier peer or command).
+                idx = data.find(b"\xff", start)
+                next_nl = -1
+                if idx < 0:
+                    self.dropped += len(view) - start
+                    break
+                self.dropped += idx - start
+                self._sentinel()
+                self._seen_sentinel = True
+                start = idx + 1
+                continue
+            if next_nl < start:  # memchr-speed searches; the newline position is reused across sentinels
+                next_nl = data.find(b"\n", start)
+                if next_nl < 0:
+                    next_nl = len(view)
+            ff = data.rfind(b"\xff", start, next_nl)  # only the last sentinel before the newline matters
+            end = ff if ff >= 0 else next_nl
+            nl = next_nl if ff < 0 and next_nl < len(view) else -1
+            if ff >= 0:
+                # Sentinels in the middle of a line: flush our parser state (the spec's instruction).
+                self.sentinels += data.count(b"\xff", start, ff) + 1
+                self.dropped += ff - start + len(self._buf)
+                self._reset_line()
+                start = ff + 1
+                continue
+            chunk = view[start:end]
+            if self._discarding:
+                self.dropped += len(chunk)
+            elif len(self._buf) + len(chunk) > self.max_line:
+                self.dropped += len(self._buf) + len(chunk)
+                self._buf.clear()
+                self._discarding = True
+                events.extend(self._oversize())
+            else:
+                self._buf += chunk
+            if nl < 0:
+                break
+            start = nl + 1
+            if self._discarding:
+                self._discarding = False
+                continue
+            line = bytes(self._buf)
+            self._buf.clear()
+            self._line(line, events, garbage)
+        if (self._buf and not self._discarding and len(self._buf) <= _UNTERMINATED_PARSE_MAX
+                and self._buf[-16:].rstrip().endswith(b"}") and self.state is not ConnState.UNSYNCED):
+            # Robustness: a complete JSON object without its newline (not what qemu-ga does, but cheap to accept).
+            try:
+                json.loads(self._buf)
+            except ValueError:
+                pass
+            else:
+                line = bytes(self._buf)
+                self._buf.clear()
+                self._line(line, events, garbage)
+        if garbage:
+            events.append(Garbage(garbage[0], len(garbage)))
+        return events
+
+    def _reset_line(self) -> None:
+        self._buf.clear()
+        self._discarding = False
+
+    def _sentinel(self) -> None:
+        self.sentinels += 1
+        self._reset_line()
+
+    def _oversize(self) -> list[Event]:
+        if self.state is ConnState.SYNCING:
+            return []  # still waiting for our sync reply: stale, whatever its size
+        if self.state is ConnState.AWAITING:
+            self.state = ConnState.UNSYNCED
+            self.command_name = None
+        return [Oversize(self.max_line)]
+
+    def _line(self, line: bytes, events: list[Event], garbage: list[str]) -> None:
+        if not line.strip():
+            return
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError):
+            message = None
+        if self.state is ConnState.SYNCING:
+            if isinstance(message, dict) and message.get("return") == self.sync_id \
+                    and type(message.get("return")) is int:
+                self.state = ConnState.IDLE
+                events.append(SyncDone(message["return"]))
+            # Anything else while syncing is stale: dropped silently (wrong ids, error replies to our 0xFF).
+            return
+        if self.state is not ConnState.AWAITING:
+            # Nothing was asked: an unsolicited line means we no longer know where the stream is.
+            self.state = ConnState.UNSYNCED
+            garbage.append(f"unsolicited {_describe(line)}")
+            return
+        if not isinstance(message, dict):
+            self.state = ConnState.UNSYNCED
+            self.command_name = None
+            garbage.append(f"not a JSON object: {_describe(line)}")
+            return
+        if "id" in message and message["id"] != self.command_id:
+            self.stale += 1  # an answer to an earlier command (or a lie): not ours
+            return
+        if "return" in message:
+            self.state = ConnState.IDLE
+            self.command_name = None
+            events.append(Reply(message["return"]))
+        elif isinstance(message.get("error"), dict):
+            error = message["error"]
+            self.state = ConnState.IDLE
+            self.command_name = None
+            events.append(ErrorReply(str(error.get("class", "GenericError"))[:256], str(error.get("desc", ""))[:65536]))
+        else:
+            self.state = ConnState.UNSYNCED
+            self.command_name = None
+            garbage.append(f"neither return nor error: {_describe(line)}")
+
+
+def _describe(line: bytes) -> str:
+    return repr(line[:60]) + (f"... ({len(line)} bytes)" if len(line) > 60 else "")

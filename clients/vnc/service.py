@@ -1,0 +1,707 @@
+"""The VNC server of the client process: asyncio transports (TCP, unix, WebSocket) driving the sans-IO
+``RfbServerConnection`` of clients/rfb, pixels from the shared framebuffer, input through the core.
+
+Per viewer there are three tasks: the reader (bytes → events → state), the sender (at most one update in
+flight: it is built only when the viewer asked for one, and only once the transport has drained what was
+written before, so a slow viewer skips frames instead of buffering them) and the input sender (batches of
+input events to the core, one request at a time). See docs/vnc.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from clients.rfb import ProtocolError, RfbServerConnection, Screen, State
+from clients.rfb import events as ev
+from clients.rfb.encodings import (
+    NegotiatedEncoders,
+    cursor_rect,
+    desktop_size_rect,
+    extended_desktop_size_rect,
+    qemu_extended_key_event_rect,
+)
+from clients.rfb.pixels import convert
+from clients.rfb.wire import (
+    EDS_REASON_CLIENT,
+    EDS_STATUS_PROHIBITED,
+    ENCODING_CURSOR,
+    ENCODING_DESKTOP_SIZE,
+    ENCODING_EXTENDED_DESKTOP_SIZE,
+    ENCODING_QEMU_EXTENDED_KEY_EVENT,
+)
+from ipc.channel import ChannelError
+from ipc.messages import EventBody as CoreEvent
+from ipc.messages import InputEvent, KeyEvent, PointerEvent, Welcome, WheelEvent
+from shm import CursorShapeRecord, DamageRecord, LayoutError, Mode, ModeRecord, Overrun, Record
+
+from .keymap import qcode_for, scancode_for
+from .region import DirtyRegion, Rect, intersect
+
+if TYPE_CHECKING:
+    from clients.main import ClientContext
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:5900"
+PASSWORD_ENV = "VMFRONT_VNC_PASSWORD"
+#: How long a viewer that connects before the display exists waits for it before being closed.
+DISPLAY_WAIT_S = 10.0
+#: Write-buffer high-water mark per viewer: above it nothing new is built for that viewer.
+WRITE_HIGH_WATER = 256 * 1024
+READ_CHUNK = 64 * 1024
+#: Input events queued per viewer while the core is busy with the previous batch; beyond, input is dropped.
+MAX_PENDING_INPUT = 4096
+MAX_VIEWERS = 64
+#: Protocol replies (not updates) queued for a viewer that does not read them; beyond, it is disconnected.
+MAX_OUTBOX = 1 << 20
+SINGLE_SCREEN_ID = 0
+
+
+class VncError(Exception):
+    """The VNC service cannot start (bad listen address, port taken, unreadable password file)."""
+
+
+# --- listen addresses and passwords ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str | None = None
+    port: int = 0
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.path is not None else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """``HOST:PORT`` (``[v6]:PORT`` too) or ``unix:PATH``."""
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise VncError(f"no path in {text!r}")
+        return ListenAddress(path=Path(text[5:]))
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise VncError(f"expected HOST:PORT or unix:PATH, got {text!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return ListenAddress(host=host or "0.0.0.0", port=int(port))
+
+
+def read_password(path: Path | None, env: dict[str, str] | None = None) -> str | None:
+    """The VNC password: first line of ``path`` if given, else ``$VMFRONT_VNC_PASSWORD``, else None."""
+    env = dict(os.environ) if env is None else env
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VncError(f"cannot read the VNC password file {path}: {exc}") from exc
+        password = text[0] if text else ""
+    elif env.get(PASSWORD_ENV):
+        password = env[PASSWORD_ENV]
+    else:
+        return None
+    if not password:
+        raise VncError("the VNC password is empty (that would let anyone in)")
+    if len(password.encode()) > 8:
+        log.warning("VNC authentication uses only the first 8 bytes of the password")
+    return password
+
+
+def bind_socket(address: ListenAddress) -> socket.socket:
+    try:
+        if address.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(address.path.lstat().st_mode):
+                    address.path.unlink()  # a stale socket from an earlier client
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(os.fspath(address.path))
+        else:
+            infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            family, kind, proto, _, sockaddr = infos[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError as exc:
+        raise VncError(f"cannot listen on {address}: {exc}") from exc
+    return sock
+
+
+def describe(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    return f"unix:{name}" if sock.family == socket.AF_UNIX else f"{name[0]}:{name[1]}"
+
+
+# --- transports --------------------------------------------------------------------------------------------
+
+
+class Transport(Protocol):
+    peer: str
+
+    async def recv(self) -> bytes:
+        """Bytes from the viewer; b"" at the end."""
+
+    async def send(self, data: bytes) -> None:
+        """Write, then wait while the write buffer is above its high-water mark."""
+
+    def write_nowait(self, data: bytes) -> None:
+        """Best effort, no waiting (a last message before closing)."""
+
+    def close(self) -> None:
+        """Drop the connection now (whatever is unsent is lost)."""
+
+
+class StreamTransport:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"unix:{peer or '?'}"
+        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def recv(self) -> bytes:
+        return await self._reader.read(READ_CHUNK)
+
+    async def send(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    def write_nowait(self, data: bytes) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(data)
+
+    def close(self) -> None:
+        self._writer.transport.abort()
+
+
+class WebSocketTransport:
+    """RFB over WebSocket binary messages (noVNC); message boundaries mean nothing to RFB."""
+
+    def __init__(self, ws: Any) -> None:
+        self._ws = ws
+        peer = ws.remote_address
+        self.peer = f"ws:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "ws:unix"
+
+    async def recv(self) -> bytes:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            message = await self._ws.recv()
+        except ConnectionClosed:
+            return b""
+        if isinstance(message, str):
+            raise ProtocolError("text WebSocket message (RFB needs binary frames)")
+        return bytes(message)
+
+    async def send(self, data: bytes) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            await self._ws.send(data)
+        except ConnectionClosed as exc:
+            raise ConnectionResetError(str(exc)) from exc
+
+    def write_nowait(self, data: bytes) -> None:
+        pass  # a WebSocket frame cannot be written without awaiting; the close reason goes in the log
+
+    def close(self) -> None:
+        transport = getattr(self._ws, "transport", None)
+        if transport is not None:
+            transport.abort()
+
+
+def _binary_subprotocol(connection: Any, offered: Any) -> Any:
+    """"binary" if the browser offers it (older noVNC, websockify's convention); none is fine too (noVNC ≥ 1.0
+    offers none). The ``base64`` subprotocol of very old noVNC is not supported."""
+    return "binary" if "binary" in offered else None
+
+
+# --- one viewer --------------------------------------------------------------------------------------------
+
+
+class Viewer:
+    def __init__(self, service: VncService, transport: Transport) -> None:
+        self.service = service
+        self.transport = transport
+        self.peer = transport.peer
+        mode = service.mode
+        self.conn = RfbServerConnection(width=mode.width if mode else 0, height=mode.height if mode else 0,
+                                        name=service.vm_name, password=service.password)
+        self.encoders = NegotiatedEncoders()
+        self.dirty = DirtyRegion()
+        self.size: tuple[int, int] | None = None  # what the viewer was last told
+        self.requested: Rect | None = None  # union of outstanding update requests
+        self.full = False  # the next update must repaint everything requested (no incremental state)
+        self.eds_answer = False  # a non-incremental request: send the ExtendedDesktopSize layout
+        self.cursor_changed = False
+        self.ext_key_ack = False  # -258 seen, acknowledgement not yet sent
+        self.ext_key_acked = False
+        self._outbox = bytearray()
+        self._wake = asyncio.Event()
+        self._input: list[InputEvent] = []
+        self._input_wake = asyncio.Event()
+        self._buttons = 0
+        self._held: set[tuple[str, str | int]] = set()
+        self.updates_sent = 0
+        self.closed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def __repr__(self) -> str:
+        return f"<viewer {self.peer}>"
+
+    # --- lifetime -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._send_loop()), loop.create_task(self._input_loop())]
+        self._outbox += self.conn.data_to_send()
+        self._wake.set()
+        reason = "viewer closed the connection"
+        reader = loop.create_task(self._read_loop())
+        closer = loop.create_task(self.closed.wait())
+        try:
+            done, _ = await asyncio.wait([reader, closer, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is closer:
+                    reason = "disconnected by the server"
+                elif not task.cancelled() and task.exception() is not None:
+                    exc = task.exception()
+                    if isinstance(exc, ProtocolError):
+                        reason = f"protocol error: {exc}"
+                        self.transport.write_nowait(self.conn.data_to_send())
+                        log.warning("viewer %s: %s; closing it", self.peer, exc)
+                    elif isinstance(exc, ConnectionError | OSError):
+                        reason = f"connection lost: {exc}"
+                    else:
+                        reason = f"internal error: {exc!r}"
+                        log.error("viewer %s: internal error", self.peer, exc_info=exc)
+        finally:
+            for task in (reader, closer, *self._tasks):
+                task.cancel()
+            self.conn.close()
+            self.transport.close()
+            await self._release_held()
+            log.info("viewer %s gone (%s; %d updates sent)", self.peer, reason, self.updates_sent)
+
+    def disconnect(self) -> None:
+        self.closed.set()
+
+    # --- reading --------------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while True:
+            data = await self.transport.recv()
+            if not data:
+                return
+            events = self.conn.receive_data(data)
+            batch: list[InputEvent] = []
+            for event in events:
+                self._handle(event, batch)
+            if self.conn.closed:  # refused (auth failure): the reason is queued
+                self.transport.write_nowait(self.conn.data_to_send())
+                self.disconnect()
+                return
+            self._outbox += self.conn.data_to_send()
+            if len(self._outbox) > MAX_OUTBOX:
+                raise ProtocolError(f"viewer does not read its replies ({len(self._outbox)} bytes queued)")
+            if batch:
+                self._queue_input(batch)
+            self._wake.set()
+
+    def _handle(self, event: ev.Event, batch: list[InputEvent]) -> None:
+        if isinstance(event, ev.UpdateRequested):
+            self._on_request(event)
+        elif isinstance(event, ev.Pointer):
+            self._on_pointer(event, batch)
+        elif isinstance(event, ev.Key | ev.ExtendedKey):
+            self._on_key(event, batch)
+        elif isinstance(event, ev.EncodingsSet):
+            self.encoders.set_encodings(event.encodings)
+            if self.conn.supports(ENCODING_CURSOR):
+                self.cursor_changed = True
+            if self.conn.supports(ENCODING_QEMU_EXTENDED_KEY_EVENT) and not self.ext_key_acked:
+                self.ext_key_ack = True
+            log.debug("viewer %s: encodings %s", self.peer, event.encodings)
+        elif isinstance(event, ev.PixelFormatChanged):
+            self.full = True  # updates after this are in the new format; repaint with it
+            log.debug("viewer %s: pixel format %s", self.peer, event.fmt)
+        elif isinstance(event, ev.ClientInitReceived):
+            self.size = (self.conn.width, self.conn.height)
+            self.full = True
+            log.info("viewer %s: connected (RFB %d.%d, %s, %dx%d)", self.peer, *(self.conn.version or (0, 0)),
+                     "shared" if event.shared else "exclusive", *self.size)
+            if not event.shared:
+                self.service.disconnect_others(self)
+        elif isinstance(event, ev.DesktopSizeRequested):
+            if self.conn.supports(ENCODING_EXTENDED_DESKTOP_SIZE) and self.size is not None:
+                w, h = self.size
+                rect = extended_desktop_size_rect(w, h, [Screen(SINGLE_SCREEN_ID, 0, 0, w, h)],
+                                                  reason=EDS_REASON_CLIENT, status=EDS_STATUS_PROHIBITED)
+                self._outbox += self.conn.framebuffer_update([rect])
+        elif isinstance(event, ev.AuthFailed):
+            log.warning("viewer %s: authentication failed (%s)", self.peer, event.reason)
+        elif isinstance(event, ev.SecurityNegotiated):
+            log.debug("viewer %s: RFB %s, security type %d", self.peer, event.version, event.security_type)
+        else:  # CutText, ContinuousUpdates and Fence (never announced)
+            log.debug("viewer %s: ignoring %s", self.peer, type(event).__name__)
+
+    def _on_request(self, event: ev.UpdateRequested) -> None:
+        mode = self.service.mode
+        if self.size is None:
+            return
+        x, y, w, h = event.clipped(*self.size)
+        rect: Rect = (x, y, w, h)
+        if self.requested is None:
+            self.requested = rect
+        else:
+            x0, y0 = min(self.requested[0], x), min(self.requested[1], y)
+            x1 = max(self.requested[0] + self.requested[2], x + w)
+            y1 = max(self.requested[1] + self.requested[3], y + h)
+            self.requested = (x0, y0, x1 - x0, y1 - y0)
+        if not event.incremental:
+            if mode is not None and (mode.width, mode.height) == self.size:
+                self.dirty.add(x, y, w, h)
+            self.eds_answer = self.conn.supports(ENCODING_EXTENDED_DESKTOP_SIZE)
+
+    def _on_key(self, event: ev.Key | ev.ExtendedKey, batch: list[InputEvent]) -> None:
+        key: KeyEvent | None = None
+        if isinstance(event, ev.ExtendedKey):
+            code = scancode_for(event.keycode)
+            if code is not None:
+                key = KeyEvent(down=event.down, scancode=code)
+        if key is None:
+            qcode = qcode_for(event.keysym)
+            if qcode is None:
+                log.debug("viewer %s: no key for keysym %#x", self.peer, event.keysym)
+                return
+            key = KeyEvent(down=event.down, qcode=qcode)
+        held: tuple[str, str | int] = ("q", key.qcode) if key.qcode is not None else ("s", key.scancode or 0)
+        (self._held.add if event.down else self._held.discard)(held)
+        batch.append(key)
+
+    def _on_pointer(self, event: ev.Pointer, batch: list[InputEvent]) -> None:
+        pressed = event.buttons & ~self._buttons
+        if pressed & 0x08:
+            batch.append(WheelEvent(1))
+        if pressed & 0x10:
+            batch.append(WheelEvent(-1))
+        buttons = event.buttons & 0x07
+        self._buttons = event.buttons
+        x, y = event.x, event.y
+        if self.size is not None:
+            x, y = min(x, max(self.size[0] - 1, 0)), min(y, max(self.size[1] - 1, 0))
+        batch.append(PointerEvent(x, y, buttons))
+
+    # --- input to the core ----------------------------------------------------------------------------
+
+    def _queue_input(self, batch: list[InputEvent]) -> None:
+        room = MAX_PENDING_INPUT - len(self._input)
+        if room < len(batch):
+            log.warning("viewer %s: core not keeping up with input; dropping %d events", self.peer,
+                        len(batch) - max(room, 0))
+            batch = batch[: max(room, 0)]
+        self._input += batch
+        self._input_wake.set()
+
+    async def _input_loop(self) -> None:
+        while True:
+            await self._input_wake.wait()
+            self._input_wake.clear()
+            batch, self._input = self._input, []
+            if batch:
+                log.debug("viewer %s: input %s", self.peer, batch)
+                await self.service.send_input(batch, self.peer)
+
+    async def _release_held(self) -> None:
+        if not self._held:
+            return
+        events: list[InputEvent] = [KeyEvent(down=False, qcode=str(v)) if k == "q" else
+                                    KeyEvent(down=False, scancode=int(v)) for k, v in self._held]
+        self._held.clear()
+        await self.service.send_input(events, self.peer)
+
+    # --- updates --------------------------------------------------------------------------------------
+
+    def display_changed(self, damage: list[Rect], full: bool, cursor: bool) -> None:
+        if full:
+            self.full = True
+        else:
+            for rect in damage:
+                self.dirty.add(*rect)
+        if cursor and self.conn.supports(ENCODING_CURSOR):
+            self.cursor_changed = True
+        if self.conn.state is State.NORMAL:
+            self._wake.set()
+        elif self.service.mode is not None and self.conn.state is not State.CLOSED:
+            self.conn.width, self.conn.height = self.service.mode.width, self.service.mode.height
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._outbox:
+                data = bytes(self._outbox)
+                self._outbox.clear()
+                await self.transport.send(data)
+            update = self._build_update()
+            if update is not None:
+                self.updates_sent += 1
+                await self.transport.send(update)
+
+    def _build_update(self) -> bytes | None:
+        """The next FramebufferUpdate, or None if the viewer did not ask or there is nothing to say."""
+        if self.requested is None or self.conn.state is not State.NORMAL or self.size is None:
+            return None
+        mode = self.service.mode
+        display = self.service.ctx.display if self.service.ctx is not None else None
+        if mode is None or display is None or mode.width == 0:
+            return None
+        if (mode.width, mode.height) != self.size:
+            return self._resize(mode)
+        rects: list[bytes] = []
+        if self.ext_key_ack:
+            rects.append(qemu_extended_key_event_rect())
+            self.ext_key_ack, self.ext_key_acked = False, True
+        if self.eds_answer:
+            rects.append(extended_desktop_size_rect(mode.width, mode.height,
+                                                    [Screen(SINGLE_SCREEN_ID, 0, 0, mode.width, mode.height)]))
+            self.eds_answer = False
+        if self.cursor_changed:
+            self.cursor_changed = False
+            try:
+                image = display.reader.cursor()
+            except (LayoutError, TimeoutError) as exc:
+                log.debug("viewer %s: no cursor (%s)", self.peer, exc)
+            else:
+                rects.append(cursor_rect(image.hot_x, image.hot_y, image.width, image.height, image.pixels,
+                                         self.conn.pixel_format))
+        if self.full:
+            self.full = False
+            self.dirty.clear()
+            self.dirty.add(0, 0, mode.width, mode.height)
+        fmt = self.conn.pixel_format
+        try:
+            for x, y, w, h in self.dirty.take(self.requested):
+                pixels = convert(display.reader.copy_rect(x, y, w, h, mode), fmt)
+                rects.extend(self.encoders.rects(x, y, w, h, pixels, fmt))
+        except (LayoutError, ValueError) as exc:  # the segment changed under us: a mode record follows
+            log.debug("viewer %s: frame copy failed (%s); waiting for the next mode", self.peer, exc)
+            self.full = True
+            return None
+        if not rects:
+            return None
+        self.requested = None
+        return self.conn.framebuffer_update(rects)
+
+    def _resize(self, mode: Mode) -> bytes | None:
+        w, h = mode.width, mode.height
+        if self.conn.supports(ENCODING_EXTENDED_DESKTOP_SIZE):
+            rect = extended_desktop_size_rect(w, h, [Screen(SINGLE_SCREEN_ID, 0, 0, w, h)])
+        elif self.conn.supports(ENCODING_DESKTOP_SIZE):
+            rect = desktop_size_rect(w, h)
+        else:
+            log.warning("viewer %s: the guest changed mode to %dx%d and the viewer cannot resize; closing",
+                        self.peer, w, h)
+            self.disconnect()
+            return None
+        log.info("viewer %s: resized to %dx%d", self.peer, w, h)
+        self.size = (w, h)
+        self.requested = None
+        self.dirty.clear()
+        self.full = True
+        self.cursor_changed = self.conn.supports(ENCODING_CURSOR)
+        return self.conn.framebuffer_update([rect])
+
+
+# --- the service -------------------------------------------------------------------------------------------
+
+
+class VncService:
+    """``Service`` for clients.main.Client: VNC on TCP or a unix socket, and optionally WebSocket."""
+
+    name = "vnc"
+
+    def __init__(self, listen: str = DEFAULT_LISTEN, *, password: str | None = None,
+                 websocket: str | None = None, max_viewers: int = MAX_VIEWERS,
+                 display_wait_s: float = DISPLAY_WAIT_S) -> None:
+        self.listen = parse_listen(listen)
+        self.websocket = parse_listen(websocket) if websocket else None
+        self.password = password
+        self.max_viewers = max_viewers
+        self.display_wait_s = display_wait_s
+        self.ctx: ClientContext | None = None
+        self.vm_name = "vmfront"
+        self.mode: Mode | None = None
+        self.viewers: set[Viewer] = set()
+        self._mode_known = asyncio.Event()
+        self._socks: list[socket.socket] = []
+        self._servers: list[Any] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    # --- Service protocol -----------------------------------------------------------------------------
+
+    async def bind(self, ctx: ClientContext) -> None:
+        self.ctx = ctx
+        self.vm_name = ctx.config.name
+        self._socks.append(bind_socket(self.listen))
+        if self.websocket is not None:
+            self._socks.append(bind_socket(self.websocket))
+
+    async def start(self) -> None:
+        sock = self._socks[0]
+        if sock.family == socket.AF_UNIX:
+            server = await asyncio.start_unix_server(self._on_stream, sock=sock)
+        else:
+            server = await asyncio.start_server(self._on_stream, sock=sock)
+        self._servers.append(server)
+        log.info("VNC: listening on %s%s", describe(sock), " (VNC authentication)" if self.password else "")
+        if self.websocket is not None:
+            from websockets.asyncio.server import serve
+
+            ws_sock = self._socks[1]
+            logging.getLogger("websockets").setLevel(max(logging.INFO, log.getEffectiveLevel()))
+            ws_server = await serve(self._on_websocket, sock=ws_sock, select_subprotocol=_binary_subprotocol,
+                                    compression=None, max_size=1 << 20, ping_interval=None)
+            self._servers.append(ws_server)
+            log.info("VNC: WebSocket on %s", describe(ws_sock))
+
+    def attached(self, welcome: Welcome) -> None:
+        pass  # the new display subscription starts with Overrun(0): every viewer gets a full update
+
+    def detached(self, reason: str) -> None:
+        log.info("VNC: core gone (%s): viewers stay, input is dropped until it is back", reason)
+
+    def event(self, body: CoreEvent) -> None:
+        pass
+
+    def display_records(self, records: list[Record] | Overrun) -> None:
+        display = self.ctx.display if self.ctx is not None else None
+        full = False
+        cursor = False
+        damage: list[Rect] = []
+        if isinstance(records, Overrun):
+            full = cursor = True
+            if display is not None:
+                try:
+                    self._set_mode(display.reader.mode())
+                except (LayoutError, TimeoutError) as exc:
+                    log.warning("VNC: cannot read the display mode: %s", exc)
+        else:
+            for record in records:
+                if isinstance(record, DamageRecord):
+                    if self.mode is not None and record.generation == self.mode.generation:
+                        damage.append((record.x, record.y, record.width, record.height))
+                elif isinstance(record, ModeRecord):
+                    self._set_mode(Mode(record.generation, record.width, record.height, record.stride,
+                                        record.pixel_format))
+                    full = True
+                    damage.clear()
+                elif isinstance(record, CursorShapeRecord):
+                    cursor = True
+        if self.mode is not None:
+            clip = (0, 0, self.mode.width, self.mode.height)
+            damage = [r for r in (intersect(d, clip) for d in damage) if r is not None]
+        if not (damage or full or cursor):
+            return
+        for viewer in list(self.viewers):
+            viewer.display_changed(damage, full, cursor)
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for viewer in list(self.viewers):
+            viewer.disconnect()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=2.0)
+        for sock in self._socks:
+            with contextlib.suppress(OSError):
+                if sock.family == socket.AF_UNIX:
+                    os.unlink(sock.getsockname())
+            sock.close()
+
+    # --- helpers for viewers --------------------------------------------------------------------------
+
+    def _set_mode(self, mode: Mode) -> None:
+        if mode.generation == 0 or mode.width == 0 or mode.height == 0:
+            return
+        if self.mode != mode:
+            log.info("VNC: display mode %dx%d (generation %d)", mode.width, mode.height, mode.generation)
+        self.mode = mode
+        self._mode_known.set()
+
+    def disconnect_others(self, keep: Viewer) -> None:
+        others = [v for v in self.viewers if v is not keep]
+        if others:
+            log.info("viewer %s asked for exclusive use: disconnecting %d other viewers", keep.peer, len(others))
+        for viewer in others:
+            viewer.disconnect()
+
+    async def send_input(self, events: list[InputEvent], peer: str) -> None:
+        channel = self.ctx.channel if self.ctx is not None else None
+        if channel is None or not channel.attached:
+            log.debug("viewer %s: core not attached; dropping %d input events", peer, len(events))
+            return
+        try:
+            await channel.send_input(events, timeout_s=5.0)
+        except ChannelError as exc:
+            log.debug("viewer %s: input not delivered: %s", peer, exc)
+
+    # --- connections ----------------------------------------------------------------------------------
+
+    async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._serve(StreamTransport(reader, writer))
+
+    async def _on_websocket(self, ws: Any) -> None:
+        await self._serve(WebSocketTransport(ws))
+
+    async def _serve(self, transport: Transport) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            await self._serve_viewer(transport)
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+
+    async def _serve_viewer(self, transport: Transport) -> None:
+        if len(self.viewers) >= self.max_viewers:
+            log.warning("viewer %s refused: already %d viewers", transport.peer, len(self.viewers))
+            transport.close()
+            return
+        if self.mode is None:
+            log.info("viewer %s: waiting up to %.0f s for the guest display", transport.peer, self.display_wait_s)
+            try:
+                await asyncio.wait_for(self._mode_known.wait(), self.display_wait_s)
+            except TimeoutError:
+                log.warning("viewer %s refused: no guest display yet", transport.peer)
+                transport.close()
+                return
+        viewer = Viewer(self, transport)
+        log.info("viewer %s: connection", viewer.peer)
+        self.viewers.add(viewer)
+        try:
+            await viewer.run()
+        finally:
+            self.viewers.discard(viewer)
+
+
+def service_from_args(listen: str | None, password_file: Path | None, websocket: str | None) -> VncService | None:
+    """Build the service from the client's command line (None when neither --vnc nor --websocket is given)."""
+    if listen is None and websocket is None:
+        return None
+    return VncService(listen or DEFAULT_LISTEN, password=read_password(password_file), websocket=websocket)
+

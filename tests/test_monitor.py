@@ -1,0 +1,338 @@
+"""The monitor against a real core, QEMU and client: same output as QEMU's own HMP, errors, stop/cont, sendkey
+reaching the guest, screendump from shared memory, TCP, several monitors with one killed, and an interactive
+``vmfront monitor`` session in a real terminal (tmux)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from corelib import CoreProcess, RawQmpPeer, running_core, short_tmpdir
+from PIL import Image
+from test_client import ClientProcess, wait_for
+
+PROMPT = b"(qemu) "
+VM = "mon"
+
+
+class Monitor:
+    """A line-based monitor connection, as socat or a script would use it."""
+
+    def __init__(self, address: Path | tuple[str, int], timeout: float = 15.0) -> None:
+        family = socket.AF_UNIX if isinstance(address, Path) else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(address) if isinstance(address, Path) else address)
+        self.buf = b""
+        self.banner = self._until_prompt()
+
+    def _until_prompt(self) -> str:
+        while not (self.buf == PROMPT or self.buf.endswith(b"\n" + PROMPT)):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"monitor closed; got {self.buf!r}")
+            self.buf += chunk
+        out, self.buf = self.buf[: -len(PROMPT)], b""
+        return out.decode()
+
+    def cmd(self, line: str) -> str:
+        self.sock.sendall(line.encode() + b"\n")
+        return self._until_prompt()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def hmp(peer: RawQmpPeer, line: str) -> str:
+    reply = peer.execute("human-monitor-command", arguments={"command-line": line})
+    assert "return" in reply, reply
+    text: str = reply["return"]
+    return text
+
+
+class Rig:
+    def __init__(self, core: CoreProcess, client: ClientProcess) -> None:
+        self.core, self.client = core, client
+        self.socket = core.run_dir / "monitor.sock"
+        self.peer = RawQmpPeer(core.qmp_socket).negotiate()
+
+    def guest_keys_row(self) -> str:
+        """Row 4 of the demo guest's text screen ("KEYS: ..."), read from guest memory by the management socket."""
+        path = self.core.run_dir.parent / "vram.bin"
+        reply = self.peer.execute("pmemsave", arguments={"val": 0xB8000, "size": 80 * 25 * 2, "filename": str(path)})
+        assert reply == {"return": {}}, reply
+        data = path.read_bytes()[::2]
+        row = data[4 * 80:5 * 80].decode("cp437").rstrip()
+        return row.removeprefix("KEYS:").strip() if row.startswith("KEYS:") else "?" + row
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    with running_core(VM) as core:
+        client = ClientProcess(core, VM, "--monitor")
+        try:
+            wait_for(lambda: (core.run_dir / "monitor.sock").exists() and "display: mapped" in client.text(),
+                     15, "the client's monitor socket and display")
+            rig = Rig(core, client)
+            # The demo guest draws its screen within a second of boot.
+            wait_for(lambda: not rig.guest_keys_row().startswith("?"), 15, "the demo guest to draw")
+            yield rig
+            rig.peer.close()
+        finally:
+            client.stop()
+
+
+#: Info commands QEMU's HMP also has, compared through both monitors at the same guest state.
+INFO_COMPARED = ["status", "version", "name", "uuid", "kvm", "cpus", "block", "block -n", "block ide0-hd0",
+                 "blockstats", "chardev", "mice", "vnc", "migrate", "migrate_parameters", "migrate_capabilities",
+                 "pci", "balloon", "hotpluggable-cpus", "memdev", "iothreads", "snapshots", "block-jobs"]
+
+
+def normalise(command: str, text: str) -> str:
+    """Documented differences (docs/monitor.md): counters that move between the two calls."""
+    if command == "blockstats":
+        text = re.sub(r"idle_time_ns=\d+", "idle_time_ns=N", text)
+    return text
+
+
+def test_socket_is_private_and_banner_is_qemus(rig: Rig) -> None:
+    assert oct(os.stat(rig.socket).st_mode & 0o777) == "0o600"
+    mon = Monitor(rig.socket)
+    try:
+        version = hmp(rig.peer, "info version").split("Debian")[0].strip()
+        assert mon.banner == f"QEMU {version} monitor - type 'help' for more information\r\n"
+    finally:
+        mon.close()
+
+
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
+def test_info_output_same_as_qemu(rig: Rig, paused: bool) -> None:
+    mon = Monitor(rig.socket)
+    try:
+        if paused:
+            assert mon.cmd("stop") == ""
+        mismatches = []
+        for command in INFO_COMPARED:
+            ours = normalise(command, mon.cmd(f"info {command}"))
+            qemu = normalise(command, hmp(rig.peer, f"info {command}"))
+            if ours != qemu:
+                mismatches.append(f"info {command}:\n ours: {ours!r}\n qemu: {qemu!r}")
+        assert not mismatches, "\n".join(mismatches)
+    finally:
+        if paused:
+            mon.cmd("cont")
+        mon.close()
+
+
+ERRORS_COMPARED = ["foo", "info foo", "sendkey", "sendkey ctrl-foo", "help stop", "help sendkey", "help help",
+                   "help info status", "help nonexist", "stop x", "info status extra", "mouse_button", "balloon x",
+                   "device_del nosuch", "eject nosuch", "migrate_set_parameter foo 1",
+                   "migrate_set_parameter downtime-limit x", "mouse_move", "cont extra"]
+
+
+def test_errors_and_help_same_as_qemu(rig: Rig) -> None:
+    mon = Monitor(rig.socket)
+    try:
+        mismatches = []
+        for line in ERRORS_COMPARED:
+            ours, qemu = mon.cmd(line), hmp(rig.peer, line)
+            if ours != qemu:
+                mismatches.append(f"{line}:\n ours: {ours!r}\n qemu: {qemu!r}")
+        assert not mismatches, "\n".join(mismatches)
+        # What the client's policy denies prints as a QEMU error.
+        assert mon.cmd("migrate -d tcp:127.0.0.1:1") == \
+            "Error: command 'migrate' is denied by vmfront policy on socket 'client'\r\n"
+    finally:
+        mon.close()
+
+
+def test_stop_cont_sendkey_screendump(rig: Rig) -> None:
+    mon = Monitor(rig.socket)
+    try:
+        assert mon.cmd("stop") == ""
+        assert mon.cmd("info status") == "VM status: paused\r\n"
+        assert rig.peer.execute("query-status")["return"]["status"] == "paused"
+        assert mon.cmd("c") == ""
+        assert mon.cmd("info status") == "VM status: running\r\n"
+        before = rig.guest_keys_row()
+        assert mon.cmd("sendkey shift-m 50") == ""
+        assert mon.cmd("sendkey o") == ""
+        wait_for(lambda: rig.guest_keys_row() == before + "Mo", 10, f"'Mo' after {before!r} on the guest screen")
+        out = rig.core.run_dir.parent / "shot.png"
+        assert mon.cmd(f"screendump {out} -f png") == ""
+        with Image.open(out) as image:
+            assert image.size == (720, 400)
+        ppm = rig.core.run_dir.parent / "shot.ppm"
+        assert mon.cmd(f"screendump {ppm}") == ""
+        assert ppm.read_bytes().startswith(b"P6")
+        assert mon.cmd("mouse_move 5 5") == "" and mon.cmd("mouse_button 1") == "" and mon.cmd("mouse_button 0") == ""
+    finally:
+        mon.close()
+
+
+def test_three_monitors_one_killed_mid_command(rig: Rig) -> None:
+    monitors = [Monitor(rig.socket) for _ in range(3)]
+    try:
+        # Monitor 1 sends a command with a large answer and dies (RST) without reading it.
+        victim = monitors[1]
+        victim.sock.sendall(b"info pci\ninfo migrate_parameters\ninfo block\n")
+        victim.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        victim.sock.close()
+        for mon in (monitors[0], monitors[2]):
+            assert mon.cmd("info status") == "VM status: running\r\n"
+        assert monitors[0].cmd("stop") == ""
+        assert monitors[2].cmd("info status") == "VM status: paused\r\n"
+        assert monitors[2].cmd("cont") == ""
+        assert monitors[0].cmd("info status") == "VM status: running\r\n"
+        assert rig.peer.execute("query-status")["return"]["status"] == "running"
+        assert rig.client.proc.poll() is None
+        assert "monitor connection failed" not in rig.client.text()
+        # A new monitor still connects.
+        extra = Monitor(rig.socket)
+        assert extra.cmd("info name") == f"{VM}\r\n"
+        extra.close()
+    finally:
+        for mon in monitors:
+            mon.close()
+
+
+def test_socat_script(rig: Rig) -> None:
+    if shutil.which("socat") is None:
+        pytest.skip("socat not installed")
+    out = subprocess.run(["socat", "-", f"UNIX-CONNECT:{rig.socket}"], input=b"info name\ninfo kvm\n",
+                         capture_output=True, timeout=20).stdout.decode()
+    assert f"(qemu) {VM}\r\n(qemu) kvm support: " in out
+
+
+def test_tcp_monitor_and_detached_core() -> None:
+    """A client with a TCP monitor and no core yet: the monitor answers, saying it is not attached."""
+    root = short_tmpdir()
+    run = root / "run"
+    run.mkdir()
+    client = ClientProcess(run, "nocore", "--monitor", "127.0.0.1:0")
+    try:
+        wait_for(lambda: "monitor listening on 127.0.0.1:" in client.text(), 15, "the TCP monitor")
+        match = re.search(r"monitor listening on 127\.0\.0\.1:(\d+)", client.text())
+        assert match is not None
+        mon = Monitor(("127.0.0.1", int(match.group(1))))
+        assert mon.banner == "QEMU monitor - type 'help' for more information\r\n"
+        assert mon.cmd("info status") == "Error: core not attached (retrying)\r\n"
+        assert mon.cmd("help cont") == "cont|c  -- resume emulation\r\n"
+        mon.close()
+    finally:
+        client.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- interactive, through a real terminal -----------------------------------------------------------------
+
+
+class Tmux:
+    def __init__(self, session: str, command: list[str], env: dict[str, str]) -> None:
+        self.session = session
+        exports = " ".join(f"{k}={v}" for k, v in env.items())
+        subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "50",
+                        f"env {exports} {' '.join(command)}"], check=True, timeout=10)
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.session, *keys], check=True, timeout=10)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.session], capture_output=True,
+                              text=True, timeout=10).stdout
+
+    def wait(self, predicate_text: str, within: float = 10.0) -> str:
+        wait_for(lambda: predicate_text in self.screen(), within, f"{predicate_text!r} in the terminal")
+        return self.screen()
+
+    def last_line(self) -> str:
+        lines = [line for line in self.screen().splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.session], check=False, timeout=10)
+
+
+def test_interactive_terminal_session(rig: Rig) -> None:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux not installed")
+    state = rig.core.run_dir.parent / "state"
+    env = {"XDG_STATE_HOME": str(state), "PYTHONPATH": str(Path(__file__).parent.parent),
+           "TERM": "xterm", "INPUTRC": "/dev/null"}
+    command = [sys.executable, "-m", "vmfront", "monitor", VM, "--run-dir", str(rig.core.run_dir)]
+    name = f"vmfmon{os.getpid()}"
+    term = Tmux(name, command, env)
+    try:
+        term.wait("type 'help' for more information")
+        # Tab completion of a command and of an info topic.
+        term.keys("info sta", "Tab")
+        wait_for(lambda: term.last_line().endswith("(qemu) info status"), 10, "completion to 'info status'")
+        term.keys("Enter")
+        term.wait("VM status: running")
+        term.keys("sto", "Tab")
+        wait_for(lambda: term.last_line().endswith("(qemu) stop"), 10, "completion to 'stop'")
+        term.keys("Enter")
+        # History: the up arrow twice brings back "info status".
+        term.keys("Up", "Up")
+        wait_for(lambda: term.last_line().endswith("(qemu) info status"), 10, "history recall")
+        term.keys("Enter")
+        term.wait("VM status: paused")
+        term.keys("cont", "Enter")
+        wait_for(lambda: rig.peer.execute("query-status")["return"]["status"] == "running", 10, "cont")
+        before = rig.guest_keys_row()
+        term.keys("sendkey z", "Enter")
+        wait_for(lambda: rig.guest_keys_row() == before + "z", 10, "the key typed in the terminal to reach the guest")
+        term.keys("C-d")
+        wait_for(lambda: subprocess.run(["tmux", "has-session", "-t", name], capture_output=True,
+                                        timeout=10).returncode != 0, 10, "the front-end to exit on Ctrl-D")
+        history = (state / "vmfront" / "monitor_history").read_text()
+        assert "info status" in history and "sendkey z" in history
+        # A new session recalls the previous one's last command.
+        term = Tmux(name, command, env)
+        term.wait("type 'help' for more information")
+        term.keys("Up")
+        wait_for(lambda: term.last_line().endswith("(qemu) sendkey z"), 10, "history from the last session")
+        term.keys("C-u", "C-d")
+    finally:
+        term.kill()
+
+
+def test_migrate_shows_progress_and_another_monitor_cancels_it() -> None:
+    """With a policy that lets the client migrate: a blocking ``migrate`` prints progress; ``migrate_cancel``
+    from a second monitor ends it and the guest keeps running here."""
+    policy_dir = short_tmpdir()
+    policy = policy_dir / "policy.toml"
+    policy.write_text('[sockets.client]\ndeny = ["human-monitor-command"]\n')
+    try:
+        with running_core("mig", "--policy", str(policy)) as core:
+            client = ClientProcess(core, "mig", "--monitor")
+            try:
+                sock = core.run_dir / "monitor.sock"
+                wait_for(lambda: sock.exists() and "attached to the core" in client.text(), 15, "the monitor")
+                first, second = Monitor(sock, timeout=30), Monitor(sock)
+                assert first.cmd("migrate_set_parameter max-bandwidth 200k") == ""
+                assert "max-bandwidth: 204800 bytes/second\r\n" in first.cmd("info migrate_parameters")
+                first.sock.sendall(b'migrate "exec:cat > /dev/null"\n')
+                wait_for(lambda: "Migration status: active" in second.cmd("info migrate"), 10, "migration to start")
+                time.sleep(1.0)
+                assert second.cmd("migrate_cancel") == ""
+                output = first._until_prompt()
+                assert re.search(r"migrate: active, \d+% of RAM sent\r\n", output), output
+                assert output.endswith("migrate: cancelled\r\n"), output
+                assert second.cmd("info status") == "VM status: running\r\n"
+                assert core.proc.poll() is None
+                first.close()
+                second.close()
+            finally:
+                client.stop()
+    finally:
+        shutil.rmtree(policy_dir, ignore_errors=True)

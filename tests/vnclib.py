@@ -1,0 +1,247 @@
+"""Helpers for VNC tests and benchmarks: a client process serving VNC, vncdotool in a subprocess, a minimal
+asyncio RFB viewer (Raw and ZRLE: it needs message boundaries, not pixels, for ZRLE), Xvfb + TigerVNC.
+
+Every process started here is ended by its pid; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(predicate: Callable[[], object], within: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > within:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def wait_port(port: int, within: float = 15.0) -> None:
+    def ok() -> bool:
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.settimeout(0.2)
+            s.connect(("127.0.0.1", port))
+            return True
+        return False
+
+    wait_for(ok, within, f"port {port} to listen")
+
+
+class VncClientProcess:
+    """``vmfront client --vnc 127.0.0.1:PORT`` for a core's run directory."""
+
+    def __init__(self, run_dir: Path, name: str, port: int, *extra: str, env: dict[str, str] | None = None,
+                 verbose: bool = True) -> None:
+        self.port = port
+        self.log = run_dir.parent / f"vnc-client-{time.monotonic_ns()}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vmfront", *(["-v"] if verbose else []), "client", "--name", name,
+                 "--run-dir", str(run_dir), "--vnc", f"127.0.0.1:{port}", *extra],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT, env={**os.environ, **(env or {})})
+        try:
+            wait_port(port)
+            wait_for(lambda: "VNC: display mode" in self.text(), 15, "the client to see the display")
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+# --- vncdotool, in a subprocess (its twisted reactor cannot be restarted within one process) ----------------
+
+_VNCDO_SCRIPT = r"""
+import sys
+from vncdotool import api, rfb
+from vncdotool.client import VNCDoToolClient, VNCDoToolFactory
+
+server, password, encoding, out, text = sys.argv[1:6]
+
+class Client(VNCDoToolClient):
+    encoding = getattr(rfb.Encoding, encoding.upper())
+
+class Factory(VNCDoToolFactory):
+    protocol = Client
+
+c = api.connect(server, password=password or None, factory_class=Factory, timeout=20)
+try:
+    if text:
+        for ch in text:
+            c.keyPress(ch)
+        c.pause(0.5)
+    if out:
+        c.captureScreen(out)
+finally:
+    c.disconnect()
+    api.shutdown()
+"""
+
+
+def vncdo(port: int, *, capture: Path | None = None, type_text: str = "", encoding: str = "raw",
+          password: str = "", timeout: float = 40.0) -> None:
+    subprocess.run([sys.executable, "-c", _VNCDO_SCRIPT, f"127.0.0.1::{port}", password, encoding,
+                    str(capture or ""), type_text], check=True, timeout=timeout, cwd=ROOT)
+
+
+# --- a minimal viewer ------------------------------------------------------------------------------------------
+
+RAW, ZRLE, DESKTOP_SIZE = 0, 16, -223
+
+
+class MiniViewer:
+    """RFB 3.8, security None, 32-bit BGRX; counts FramebufferUpdates and the time each one completed."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.width = self.height = 0
+        self.updates: list[float] = []
+        self.rects: list[tuple[int, int, int, int]] = []  # of the last update
+
+    @classmethod
+    async def connect(cls, port: int, encoding: int = RAW, *, rcvbuf: int | None = None) -> MiniViewer:
+        sock = socket.socket()
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
+        viewer = cls(reader, writer)
+        await asyncio.wait_for(viewer._handshake(encoding), 10)
+        return viewer
+
+    async def _handshake(self, encoding: int) -> None:
+        r, w = self.reader, self.writer
+        assert (await r.readexactly(12)).startswith(b"RFB ")
+        w.write(b"RFB 003.008\n")
+        count = (await r.readexactly(1))[0]
+        types = await r.readexactly(count)
+        assert 1 in types, types
+        w.write(b"\x01")
+        assert await r.readexactly(4) == b"\0\0\0\0"
+        w.write(b"\x01")  # shared
+        self.width, self.height = struct.unpack(">HH", await r.readexactly(4))
+        await r.readexactly(16)
+        (name_len,) = struct.unpack(">I", await r.readexactly(4))
+        await r.readexactly(name_len)
+        encodings = [encoding, DESKTOP_SIZE]
+        w.write(struct.pack(">BxH", 2, len(encodings)) + b"".join(struct.pack(">i", e) for e in encodings))
+
+    def request(self, incremental: bool) -> None:
+        self.writer.write(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, self.width, self.height))
+
+    async def read_update(self) -> list[tuple[int, int, int, int]]:
+        r = self.reader
+        while True:
+            kind = (await r.readexactly(1))[0]
+            if kind == 0:
+                break
+            if kind == 2:  # bell
+                continue
+            raise AssertionError(f"unexpected server message {kind}")
+        (count,) = struct.unpack(">xH", await r.readexactly(3))
+        rects = []
+        for _ in range(count):
+            x, y, w, h, enc = struct.unpack(">HHHHi", await r.readexactly(12))
+            if enc == RAW:
+                await r.readexactly(w * h * 4)
+            elif enc == ZRLE:
+                (length,) = struct.unpack(">I", await r.readexactly(4))
+                await r.readexactly(length)
+            elif enc == DESKTOP_SIZE:
+                self.width, self.height = w, h
+            else:
+                raise AssertionError(f"unexpected encoding {enc}")
+            rects.append((x, y, w, h))
+        self.updates.append(time.monotonic())
+        self.rects = rects
+        return rects
+
+    def key(self, keysym: int, down: bool) -> None:
+        self.writer.write(struct.pack(">BBxxI", 4, int(down), keysym))
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+# --- Xvfb and TigerVNC ----------------------------------------------------------------------------------------
+
+
+def free_display() -> int:
+    for n in range(40, 100):
+        if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
+            return n
+    raise RuntimeError("no free X display number")
+
+
+@contextlib.contextmanager
+def xvfb(width: int = 1024, height: int = 768) -> Iterator[str]:
+    number = free_display()
+    proc = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: Path(f"/tmp/.X11-unix/X{number}").exists() or proc.poll() is not None, 10, "Xvfb")
+        assert proc.poll() is None, "Xvfb exited"
+        yield f":{number}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def screenshot(display: str, path: Path) -> None:
+    subprocess.run(["import", "-display", display, "-window", "root", str(path)], check=True, timeout=20,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def vnc_password_file(password: str, path: Path) -> Path:
+    """The obfuscated password file TigerVNC's ``-passwd`` reads (``vncpasswd -f``)."""
+    out = subprocess.run(["vncpasswd", "-f"], input=f"{password}\n{password}\n".encode(), check=True,
+                         capture_output=True, timeout=10).stdout
+    path.write_bytes(out)
+    return path
