@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils nasm socat qemu-guest-agent tigervnc-viewer tigervnc-tools xvfb imagemagick)
+# QEMU and the demo guest's assembler; the rest are the real peers the tests drive (qemu-ga, TigerVNC under
+# Xvfb, noVNC in headless Chromium, socat for the monitor, tmux for interactive sessions).
+APT_PACKAGES=(qemu-system-x86 qemu-utils nasm socat qemu-guest-agent tigervnc-viewer tigervnc-tools xvfb
+              imagemagick chromium novnc tmux)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -538,6 +538,8 @@ class Core:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.qemu.wait(), timeout=self.config.graceful_timeout)
         if not self.qemu.exited:
+            # QEMU hangs up on quit; qemu.qmp would log that expected reset as an error.
+            logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
             await self._ask_qemu("quit", self.config.stop_timeout)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.qemu.wait(), timeout=self.config.stop_timeout)

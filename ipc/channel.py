@@ -658,7 +658,7 @@ class CoreChannel:
         while True:
             try:
                 parse_monitor_message(await monitor.recv_multipart())
-            except zmq.ZMQError as exc:  # the monitor only speeds things up: heartbeats still work without it
+            except (zmq.ZMQError, RuntimeError) as exc:  # the monitor only speeds things up: heartbeats suffice
                 log.warning("control channel: connection monitor failed: %s", exc)
                 return
             loop.call_later(0.01, self._probe)  # after ZeroMQ has removed the peer's routing entry
@@ -811,6 +811,7 @@ class ClientChannel:
         self._wake = asyncio.Event()
         self._next_hello = 0.0
         self._hello_delay = BACKOFF_MIN
+        self._left_endpoints: set[bytes] = set()
         self._first_welcome: asyncio.Future[Welcome] | None = None
         self._notifications: asyncio.Queue[tuple[Callable[..., object] | None, Any, str]] = asyncio.Queue()
         self._log_limit = _LogLimit()
@@ -925,6 +926,8 @@ class ClientChannel:
             sock.disconnect(self.endpoint)
         sock.connect(endpoint)
         log.info("%s: moving from %s to %s", self._tag, self.endpoint, endpoint)
+        self._left_endpoints.add(self.endpoint.encode())
+        self._left_endpoints.discard(endpoint.encode())
         self.endpoint = endpoint
         self._hello_ids.clear()
         self._detach(f"moved to {endpoint}")
@@ -1110,10 +1113,13 @@ class ClientChannel:
         """ZeroMQ's connection events: hello as soon as a core is reachable, detach as soon as it is not."""
         while True:
             try:
-                event = parse_monitor_message(await monitor.recv_multipart())["event"]
-            except zmq.ZMQError as exc:  # the monitor only speeds things up: heartbeats still work without it
+                message = parse_monitor_message(await monitor.recv_multipart())
+            except (zmq.ZMQError, RuntimeError) as exc:  # the monitor only speeds things up: heartbeats suffice
                 log.warning("%s: connection monitor failed: %s", self._tag, exc)
                 return
+            event = message["event"]
+            if message["endpoint"] in self._left_endpoints:
+                continue  # news of a connection we left with move_to()
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if self._state is ClientState.ATTACHING:
                     self._hello_soon()

@@ -733,6 +733,8 @@ def test_move_to_another_core(tmp: Path) -> None:
                 await client.qmp("query-status")
                 assert b.calls and not a.calls
                 await wait_until(lambda: a.gone, what="the source to notice")
+                await asyncio.sleep(0.3)
+                assert len(reattached) == 1 and client.attached  # leaving the source is no reason to detach
 
     run("uvloop", scenario())
 

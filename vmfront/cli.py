@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the client if it dies; Ctrl-C stops both. QEMU_ARGS follow `--` (none: the demo guest).")
     _add_vm(run, positional=False)
     run.add_argument("--client-user", metavar="USER", help="run the client as this user (when root)")
+    run.add_argument("--vnc", default="127.0.0.1:5900", metavar="HOST:PORT|unix:PATH",
+                     help="where the client serves VNC (default 127.0.0.1:5900)")
+    run.add_argument("--websocket", metavar="HOST:PORT", help="also serve VNC over WebSocket (noVNC)")
     run.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
 
     mig = sub.add_parser("migrate", help="live-migrate a guest to another core (clients follow it)")
@@ -266,7 +269,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         qemu_args = qemu_args[1:]
     try:
         config = RunConfig(name=check_vm_name(args.name), run_dir=args.run_dir, qemu_args=qemu_args,
-                           client_user=args.client_user, verbose=args.verbose)
+                           client_user=args.client_user, verbose=args.verbose, vnc=args.vnc,
+                           websocket=args.websocket)
     except RunDirError as exc:
         print(f"vmfront run: error: {exc}", file=sys.stderr)
         return 1

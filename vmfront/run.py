@@ -33,12 +33,18 @@ class RunConfig:
     qemu_args: list[str] = field(default_factory=list)
     client_user: str | None = None
     verbose: int = 0
+    vnc: str = "127.0.0.1:5900"
+    websocket: str | None = None
 
     def base(self, subcommand: str) -> list[str]:
         argv = [sys.executable, "-m", "vmfront", *(["-v"] * self.verbose), subcommand, "--name", self.name]
         if self.run_dir is not None:
             argv += ["--run-dir", str(self.run_dir)]
         return argv
+
+
+def _run_dir_arg(config: RunConfig) -> str:
+    return f" --run-dir {config.run_dir}" if config.run_dir is not None else ""
 
 
 async def _wait_ready(read_fd: int, core: ProcessWatch) -> str | None:
@@ -81,9 +87,16 @@ async def run_both(config: RunConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    client_argv = config.base("client") + (["--user", config.client_user] if config.client_user else [])
+    client_argv = [*config.base("client"), "--vnc", config.vnc, "--monitor"]
+    if config.websocket:
+        client_argv += ["--websocket", config.websocket]
+    if config.client_user:
+        client_argv += ["--user", config.client_user]
     client = ProcessWatch(spawn(client_argv), child=True)
-    print(f"vmfront run: VM {config.name!r} is up ({line}); core pid {core.pid}, client pid {client.pid}. "
+    print(f"vmfront run: VM {config.name!r} is up; core pid {core.pid}, client pid {client.pid}.\n"
+          f"  VNC:     vncviewer {config.vnc}  (or any VNC viewer)\n"
+          f"  monitor: vmfront monitor {config.name}{_run_dir_arg(config)}\n"
+          f"  QMP:     {line.removeprefix('READY qmp=')}\n"
           "Ctrl-C stops both.", file=sys.stderr, flush=True)
     core_done = asyncio.ensure_future(core.wait())
     stop_asked = asyncio.ensure_future(stopping.wait())
@@ -97,16 +110,17 @@ async def run_both(config: RunConfig) -> int:
             log.warning("client pid %d exited (%s); starting a new one", client.pid, client.returncode)
             await asyncio.sleep(CLIENT_RESTART_DELAY)
             client = ProcessWatch(spawn(client_argv), child=True)
+        # Signals stay handled until both children are gone: a second Ctrl-C must not cut their teardown.
+        for child in (client, core):
+            child.send_signal(signal.SIGTERM)
+        for child in (client, core):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(child.wait(), STOP_TIMEOUT)
+            if not child.exited:
+                child.send_signal(signal.SIGKILL)
+                await child.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    for child in (client, core):
-        child.send_signal(signal.SIGTERM)
-    for child in (client, core):
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(child.wait(), STOP_TIMEOUT)
-        if not child.exited:
-            child.send_signal(signal.SIGKILL)
-            await child.wait()
     code = core.returncode
     return code if code is not None and code >= 0 else 1
