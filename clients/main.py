@@ -55,6 +55,8 @@ class ClientContext:
     config: ClientConfig
     channel: ClientChannel | None = None
     display: DisplaySubscription | None = None
+    #: Every service of this client, so one can describe another (the monitor's ``info vnc``).
+    services: list[Service] = field(default_factory=list)
 
 
 class Client:
@@ -64,6 +66,7 @@ class Client:
         self.config = config
         self.ctx = ClientContext(config)
         self.services = list(config.services)
+        self.ctx.services = self.services
         self._stop = asyncio.Event()
         self._display_task: asyncio.Task[None] | None = None
         self._display_socket: str | None = None

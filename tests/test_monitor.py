@@ -78,7 +78,9 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig() -> Iterator[Rig]:
     with running_core(VM) as core:
-        client = ClientProcess(core, VM, "--monitor")
+        vnc_port = _free_port()
+        client = ClientProcess(core, VM, "--monitor", "--vnc", f"127.0.0.1:{vnc_port}")
+        client.vnc_port = vnc_port  # type: ignore[attr-defined]
         try:
             wait_for(lambda: (core.run_dir / "monitor.sock").exists() and "display: mapped" in client.text(),
                      15, "the client's monitor socket and display")
@@ -93,7 +95,7 @@ def rig() -> Iterator[Rig]:
 
 #: Info commands QEMU's HMP also has, compared through both monitors at the same guest state.
 INFO_COMPARED = ["status", "version", "name", "uuid", "kvm", "cpus", "block", "block -n", "block ide0-hd0",
-                 "blockstats", "chardev", "mice", "vnc", "migrate", "migrate_parameters", "migrate_capabilities",
+                 "blockstats", "chardev", "mice", "migrate", "migrate_parameters", "migrate_capabilities",
                  "pci", "balloon", "hotpluggable-cpus", "memdev", "iothreads", "snapshots", "block-jobs"]
 
 
@@ -102,6 +104,30 @@ def normalise(command: str, text: str) -> str:
     if command == "blockstats":
         text = re.sub(r"idle_time_ns=\d+", "idle_time_ns=N", text)
     return text
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_info_vnc_shows_our_vnc_server_and_viewers(rig: Rig) -> None:
+    """Not QEMU's VNC (that is the core's private capture source): the client's own server and viewers."""
+    port = rig.client.vnc_port  # type: ignore[attr-defined]
+    mon = Monitor(rig.socket)
+    viewer = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        assert viewer.recv(12) == b"RFB 003.008\n"
+        text = mon.cmd("info vnc")
+        assert f"  Server: 127.0.0.1:{port} (ipv4)" in text, text
+        assert "    Auth: none (Sub: none)" in text
+        assert "  Client: 127.0.0.1:" in text
+        assert "vnc.sock" not in text, "the private capture socket must not show"
+    finally:
+        viewer.close()
+        mon.close()
 
 
 def test_socket_is_private_and_banner_is_qemus(rig: Rig) -> None:

@@ -33,6 +33,9 @@ class Backend(Protocol):
     async def screendump(self, path: Path, image_format: str) -> None:
         """Write the current frame from shared memory (never through QEMU)."""
 
+    def vnc_servers(self) -> list[dict[str, Any]]:
+        """This client's own VNC server and viewers (QEMU's VNC is the core's private capture source)."""
+
 
 class MonitorError(Exception):
     """A command failed in a way QEMU prints as ``Error: MESSAGE``."""
@@ -503,7 +506,13 @@ _info_query("kvm", "query-kvm", fmt.info_kvm, "show KVM information")
 _info_query("blockstats", "query-blockstats", fmt.info_blockstats, "show block device statistics")
 _info_query("chardev", "query-chardev", fmt.info_chardev, "show the character devices")
 _info_query("mice", "query-mice", fmt.info_mice, "show which guest mouse is receiving events")
-_info_query("vnc", "query-vnc-servers", fmt.info_vnc, "show the vnc server status")
+
+
+@info("vnc", "show the vnc server status")
+async def _info_vnc(session: Session, args: dict[str, Any]) -> None:
+    session.write(fmt.info_vnc(session.backend.vnc_servers()))
+
+
 _info_query("migrate_parameters", "query-migrate-parameters", fmt.info_migrate_parameters,
             "show current migration parameters")
 _info_query("migrate_capabilities", "query-migrate-capabilities", fmt.info_migrate_capabilities,

@@ -553,6 +553,27 @@ class VncService:
 
     # --- Service protocol -----------------------------------------------------------------------------
 
+    def describe_vnc_servers(self) -> list[dict[str, Any]]:
+        """Our VNC server and its viewers, in QMP ``query-vnc-servers`` shape (the monitor's ``info vnc``)."""
+        auth = "vnc" if self.password else "none"
+
+        def address(sock: socket.socket, websocket: bool) -> dict[str, Any]:
+            name = sock.getsockname()
+            if isinstance(name, tuple):
+                family = "ipv6" if sock.family == socket.AF_INET6 else "ipv4"
+                return {"host": name[0], "service": str(name[1]), "family": family, "websocket": websocket,
+                        "auth": auth}
+            return {"host": name, "service": "", "family": "unix", "websocket": websocket, "auth": auth}
+
+        servers = [address(sock, index > 0) for index, sock in enumerate(self._socks)]
+        clients = []
+        for viewer in sorted(self.viewers, key=lambda v: v.peer):
+            websocket = viewer.peer.startswith("ws:")
+            host, _, port = viewer.peer.removeprefix("ws:").rpartition(":")
+            clients.append({"host": host or viewer.peer, "service": port, "websocket": websocket,
+                            "family": "unix" if viewer.peer.startswith(("unix:", "ws:unix")) else "ipv4"})
+        return [{"id": "default", "server": servers, "clients": clients, "auth": auth}]
+
     async def bind(self, ctx: ClientContext) -> None:
         self.ctx = ctx
         self.vm_name = ctx.config.name
