@@ -16,6 +16,7 @@ from ipc.channel import ClientInfo, CoreChannel, CoreStatus, RequestError, ipc_e
 from ipc.messages import (
     AgentData,
     AgentWriteOp,
+    Capability,
     EventBody,
     InputOp,
     KeyEvent,
@@ -76,12 +77,17 @@ class ControlService:
         self.broadcast(RunStateChanged(state, qemu_status))
 
     def _status(self) -> CoreStatus:
+        """The welcome: what this core really offers (no display or input without capture, no agent without one)."""
         display = self._display()
         state, _ = self._run_state()
+        offered = {Capability.QMP, Capability.QMP_EVENTS}
+        if self._agent is not None:
+            offered.add(Capability.AGENT)
         if display is None or display.shm is None:
-            return CoreStatus(run_state=state)
+            return CoreStatus(run_state=state, capabilities=frozenset(offered))
+        offered |= {Capability.DISPLAY, Capability.INPUT}
         return CoreStatus(run_state=state, shm=display.shm.name, shm_generation=display.shm.mode.generation,
-                          display_socket=str(display.display_socket_path))
+                          display_socket=str(display.display_socket_path), capabilities=frozenset(offered))
 
     def _clients_changed(self, client: ClientInfo) -> None:
         self._on_clients_changed(self.channel.describe_clients())
@@ -95,8 +101,7 @@ class ControlService:
                 await display.input.release_all()
             except InputError as exc:
                 log.warning("releasing input held by %s failed: %s", client, exc)
-        self._on_clients_changed([c for c in self.channel.describe_clients() if c["pid"] != client.pid
-                                  or c["since"] != client.since])
+        self._on_clients_changed(self.channel.describe_clients())  # already without the gone client
 
     async def _handle(self, client: ClientInfo, op_name: str, op: Op) -> Any:
         if isinstance(op, QmpOp):

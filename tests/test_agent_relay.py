@@ -75,7 +75,9 @@ async def test_agent_write_without_an_agent_is_a_clear_error() -> None:
         try:
             with pytest.raises(RemoteError) as info:
                 await channel.request(AgentWriteOp(b'{"execute":"guest-ping"}\n'))
-            assert info.value.error_class == "AgentUnavailable"
+            # A core without an agent does not offer the capability at all.
+            assert info.value.error_class == "CapabilityNotGranted"
+            assert "agent" not in (channel.welcome.capabilities if channel.welcome else ())
         finally:
             await channel.close()
 
