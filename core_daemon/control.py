@@ -153,15 +153,17 @@ class ControlService:
             raise RequestError("DisplayUnavailable", "this core has no display, so no input either")
         guest = display.input
         try:
+            batch = []  # the whole request in one input-send-event: one QEMU round trip, not one per event
             for event in op.events:
                 if isinstance(event, KeyEvent):
                     if event.qcode is not None:
-                        await guest.key(event.qcode, event.down)
+                        batch += guest.key_events(event.qcode, event.down)
                     elif event.scancode is not None:
-                        await guest.scancode(event.scancode, event.down)
+                        batch += guest.scancode_events(event.scancode, event.down)
                 elif isinstance(event, PointerEvent):
-                    await guest.pointer(event.x, event.y, event.buttons)
+                    batch += guest.pointer_events(event.x, event.y, event.buttons)
                 elif isinstance(event, WheelEvent):
-                    await guest.wheel(event.steps)
+                    batch += guest.wheel_events(event.steps)
+            await guest.send(batch)
         except InputError as exc:
             raise RequestError("GenericError", str(exc)) from exc

@@ -60,8 +60,7 @@ class GuestDisplay:
         """For ``state.json``: where readers find the display."""
         if self.shm is None:
             return {}
-        return {"shm": self.shm.name, "socket": str(self.display_socket_path), "max": list(self.max_size),
-                "size": list(self.capture.screen_size) if self.capture and self.capture.screen_size else None}
+        return {"shm": self.shm.name, "socket": str(self.display_socket_path), "max": list(self.max_size)}
 
     async def close(self) -> None:
         """Stop capturing, drop the readers, unlink the segment (readers keep their mapping until they let go)."""

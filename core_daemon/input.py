@@ -95,7 +95,8 @@ class GuestInput:
         self._keys_down: set[str | int] = set()
         self._buttons: frozenset[str] = frozenset()
 
-    async def _send(self, events: Sequence[Event]) -> None:
+    async def send(self, events: Sequence[Event]) -> None:
+        """One ``input-send-event`` for a batch built with the ``*_events`` methods (one QEMU round trip)."""
         if not events:
             return
         try:
@@ -107,28 +108,35 @@ class GuestInput:
 
     # --- keyboard ----------------------------------------------------------------------------------------
 
-    async def key(self, qcode: str, down: bool) -> None:
+    def key_events(self, qcode: str, down: bool) -> list[Event]:
         """Press or release one key by QEMU qcode ("a", "shift", "f2", "ret", ...)."""
-        await self._send([key_event(check_qcode(qcode), down)])
+        event = key_event(check_qcode(qcode), down)
         (self._keys_down.add if down else self._keys_down.discard)(qcode)
+        return [event]
 
-    async def scancode(self, code: int, down: bool) -> None:
+    def scancode_events(self, code: int, down: bool) -> list[Event]:
         """Press or release one key by XT scancode (as the RFB QEMU extended key event carries it)."""
         number = scancode_number(code)
-        await self._send([key_event(number, down)])
         (self._keys_down.add if down else self._keys_down.discard)(number)
+        return [key_event(number, down)]
+
+    async def key(self, qcode: str, down: bool) -> None:
+        await self.send(self.key_events(qcode, down))
+
+    async def scancode(self, code: int, down: bool) -> None:
+        await self.send(self.scancode_events(code, down))
 
     async def press(self, qcode: str, modifiers: Sequence[str] = ()) -> None:
         """Modifiers down, key down, key up, modifiers up: one keystroke in one QMP command."""
         codes = [check_qcode(c) for c in (*modifiers, qcode)]
         events = [key_event(c, True) for c in codes] + [key_event(c, False) for c in reversed(codes)]
-        await self._send(events)
+        await self.send(events)
 
     # --- pointer -----------------------------------------------------------------------------------------
 
-    async def pointer(self, x: int, y: int, buttons: Iterable[str] | int = 0) -> None:
+    def pointer_events(self, x: int, y: int, buttons: Iterable[str] | int = 0) -> list[Event]:
         """Move the pointer to (x, y) in framebuffer pixels with exactly ``buttons`` held (names, or an RFB
-        button mask). Buttons whose state changed are pressed/released with the move, in one command."""
+        button mask). Buttons whose state changed are pressed/released with the move."""
         size = self._screen_size()
         if size is None or size[0] <= 0 or size[1] <= 0:
             raise InputError("no display mode yet: cannot place the pointer")
@@ -139,16 +147,22 @@ class GuestInput:
         events = [abs_event("x", scale_axis(x, size[0])), abs_event("y", scale_axis(y, size[1]))]
         events += [button_event(b, True) for b in sorted(held - self._buttons)]
         events += [button_event(b, False) for b in sorted(self._buttons - held)]
-        await self._send(events)
         self._buttons = held
+        return events
 
-    async def wheel(self, steps: int) -> None:
+    def wheel_events(self, steps: int) -> list[Event]:
         """Scroll by ``steps`` wheel clicks at the current position: positive up, negative down."""
         button = "wheel-up" if steps > 0 else "wheel-down"
         events: list[Event] = []
         for _ in range(min(abs(steps), 64)):
             events += [button_event(button, True), button_event(button, False)]
-        await self._send(events)
+        return events
+
+    async def pointer(self, x: int, y: int, buttons: Iterable[str] | int = 0) -> None:
+        await self.send(self.pointer_events(x, y, buttons))
+
+    async def wheel(self, steps: int) -> None:
+        await self.send(self.wheel_events(steps))
 
     # --- cleanup -----------------------------------------------------------------------------------------
 
@@ -159,4 +173,4 @@ class GuestInput:
             log.info("releasing %d keys/buttons still held", len(events))
         self._keys_down.clear()
         self._buttons = frozenset()
-        await self._send(events)
+        await self.send(events)

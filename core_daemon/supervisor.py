@@ -233,6 +233,7 @@ class Core:
             remove_stale_socket(private_qmp)
             remove_stale_socket(self.run_dir.vnc_socket)
             remove_stale_socket(self.run_dir.agent_socket)
+            remove_stale_socket(self.run_dir.migration_socket)
         remove_stale_socket(self.run_dir.display_socket)
         remove_stale_socket(self.run_dir.control_socket)
 
@@ -492,7 +493,9 @@ class Core:
                 self.display.set_run_state(qemu_status)
             if new_state != self.state.data.get("state") or qemu_status != self.state.data.get("qemu_status"):
                 log.info("VM state %s (QEMU status %s)", new_state.value, qemu_status)
-                self.state.update(state=new_state, qemu_status=qemu_status)
+                arrived = self.state.data.get("state") == RunState.INCOMING and new_state != RunState.INCOMING
+                self.state.update(state=new_state, qemu_status=qemu_status,
+                                  **({"incoming": None} if arrived else {}))
                 if self.control is not None:
                     self.control.run_state_changed(new_state.value, qemu_status)
                 sd_notify(f"STATUS=VM {self.config.name} {new_state.value}")
@@ -532,7 +535,8 @@ class Core:
                               last_exit={"code": None, "reason": f"core detached ({self._stop_reason})",
                                          "at": time.time()}, peers=[])
             return EXIT_OK
-        if self.config.graceful_timeout and not self.qemu.exited:
+        migrated_away = self.state.data.get("migrated_to") is not None or self._stop_reason.startswith("migrated")
+        if self.config.graceful_timeout and not self.qemu.exited and not migrated_away:
             log.info("asking the guest to power down (waiting up to %.0f s)", self.config.graceful_timeout)
             await self._ask_qemu("system_powerdown", self.config.graceful_timeout)
             with contextlib.suppress(TimeoutError):
@@ -546,7 +550,7 @@ class Core:
         if not self.qemu.exited:
             await self._kill_qemu()
         await self._close_endpoints()
-        self.state.update(state=RunState.SHUTDOWN, peers=[], clients=[], qemu_status=None, endpoints={},
+        self.state.update(state=RunState.SHUTDOWN, peers=[], clients=[], qemu_status=None, endpoints={}, display=None,
                           last_exit={"code": self.qemu.returncode, "reason": f"stopped by core ({self._stop_reason})",
                                      "at": time.time()})
         return EXIT_OK
@@ -584,7 +588,7 @@ class Core:
             if tail:
                 log.error("QEMU's last output:\n%s", tail)
         await self._close_endpoints()
-        self.state.update(state=state, peers=[], clients=[], qemu_status=None, endpoints={},
+        self.state.update(state=state, peers=[], clients=[], qemu_status=None, endpoints={}, display=None,
                           last_exit={"code": code, "reason": reason, "at": time.time()})
         if clean:
             return EXIT_OK

@@ -136,8 +136,8 @@ class RunDir:
         return self.root / "control.sock"
 
     def socket_paths(self) -> list[Path]:
-        return [self.qmp_socket, self.qemu_qmp_socket, self.vnc_socket, self.agent_socket, self.display_socket,
-                self.control_socket]
+        return [self.qmp_socket, self.qemu_qmp_socket, self.vnc_socket, self.agent_socket, self.migration_socket,
+                self.display_socket, self.control_socket]
 
     def create(self) -> None:
         """Make the directory tree with the documented modes (umask must not widen ``private/``).

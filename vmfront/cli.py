@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vnc", default="127.0.0.1:5900", metavar="HOST:PORT|unix:PATH",
                      help="where the client serves VNC (default 127.0.0.1:5900)")
     run.add_argument("--websocket", metavar="HOST:PORT", help="also serve VNC over WebSocket (noVNC)")
+    run.add_argument("--agent", action="store_true", help="give the guest a qemu-ga channel (see core --agent)")
     run.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
 
     mig = sub.add_parser("migrate", help="live-migrate a guest to another core (clients follow it)")
@@ -237,6 +238,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     from clients.main import Client, ClientConfig
     from clients.privileges import PrivilegeError
     from clients.vnc.service import VncError, service_from_args
+    from ipc.channel import ChannelError
 
     try:
         config = ClientConfig(name=check_vm_name(args.name), run_dir=RunDir.for_vm(args.name, args.run_dir),
@@ -256,12 +258,14 @@ def cmd_client(args: argparse.Namespace) -> int:
                                                 else config.run_dir.root / "agent.sock",
                                                 proxy_required=bool(args.agent_proxy)))
         return run_async(Client(config).run())
-    except (RunDirError, PrivilegeError, VncError, ValueError) as exc:
+    except (RunDirError, PrivilegeError, VncError, ValueError, ChannelError) as exc:
         print(f"vmfront client: error: {exc}", file=sys.stderr)
         return 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from clients.privileges import PrivilegeError
+
     from .run import RunConfig, run_both
 
     qemu_args = list(args.qemu_args)
@@ -270,11 +274,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         config = RunConfig(name=check_vm_name(args.name), run_dir=args.run_dir, qemu_args=qemu_args,
                            client_user=args.client_user, verbose=args.verbose, vnc=args.vnc,
-                           websocket=args.websocket)
+                           websocket=args.websocket, agent=args.agent)
     except RunDirError as exc:
         print(f"vmfront run: error: {exc}", file=sys.stderr)
         return 1
-    return run_async(run_both(config))
+    try:
+        return run_async(run_both(config))
+    except PrivilegeError as exc:
+        print(f"vmfront run: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

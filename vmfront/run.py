@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clients.privileges import resolve_user
 from core_daemon.qemu_process import ProcessWatch, spawn
 
 log = logging.getLogger("vmfront.run")
@@ -35,6 +36,7 @@ class RunConfig:
     verbose: int = 0
     vnc: str = "127.0.0.1:5900"
     websocket: str | None = None
+    agent: bool = False
 
     def base(self, subcommand: str) -> list[str]:
         argv = [sys.executable, "-m", "vmfront", *(["-v"] * self.verbose), subcommand, "--name", self.name]
@@ -69,8 +71,13 @@ async def run_both(config: RunConfig) -> int:
     read_fd, write_fd = os.pipe()
     os.set_inheritable(write_fd, True)
     try:
-        core = ProcessWatch(spawn([*config.base("core"), "--ready-fd", str(write_fd), "--", *config.qemu_args]),
-                            child=True)
+        core_argv = [*config.base("core"), "--ready-fd", str(write_fd)]
+        if config.agent:
+            core_argv.append("--agent")
+        if config.client_user:
+            # The unprivileged client must be able to open control.sock, display.sock and the segment.
+            core_argv += ["--client-group", str(resolve_user(config.client_user).gid)]
+        core = ProcessWatch(spawn([*core_argv, "--", *config.qemu_args]), child=True)
     finally:
         os.close(write_fd)
     try:
