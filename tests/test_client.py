@@ -181,7 +181,8 @@ def test_privilege_drop_to_nobody(core: CoreProcess) -> None:
         assert uid_line.split()[1:] == [str(nobody.pw_uid)] * 4, uid_line
         assert gid_line.split()[1:] == [str(nobody.pw_gid)] * 4, gid_line
         assert "dropped privileges to nobody" in client.text()
-        assert f"display: mapped {restarted.state()['display']['shm']} read-only" in client.text()
+        shm = restarted.state()["display"]["shm"]
+        wait_for(lambda: f"display: mapped {shm} read-only" in client.text(), 10, "the client to map the display")
         # As that user, the core's private sockets and the management QMP socket are out of reach.
         targets = [restarted.run_dir / "private" / "qmp.sock", restarted.run_dir / "private" / "vnc.sock",
                    restarted.qmp_socket]
