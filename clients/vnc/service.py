@@ -39,7 +39,7 @@ from clients.rfb.wire import (
 )
 from ipc.channel import ChannelError
 from ipc.messages import EventBody as CoreEvent
-from ipc.messages import InputEvent, KeyEvent, PointerEvent, Welcome, WheelEvent
+from ipc.messages import InputEvent, KeyEvent, Migrated, PointerEvent, Welcome, WheelEvent
 from shm import CursorShapeRecord, DamageRecord, LayoutError, Mode, ModeRecord, Overrun, Record
 
 from .keymap import qcode_for, scancode_for
@@ -54,6 +54,9 @@ DEFAULT_LISTEN = "127.0.0.1:5900"
 PASSWORD_ENV = "VMFRONT_VNC_PASSWORD"
 #: How long a viewer that connects before the display exists waits for it before being closed.
 DISPLAY_WAIT_S = 10.0
+#: After following a migration: how long viewers keep the last picture while the destination shows QEMU's
+#: placeholder instead of the guest's display (see ``VncService.attached``).
+HOLD_MAX_S = 1.0
 #: Write-buffer high-water mark per viewer: above it nothing new is built for that viewer.
 WRITE_HIGH_WATER = 256 * 1024
 READ_CHUNK = 64 * 1024
@@ -465,6 +468,8 @@ class Viewer:
         """The next FramebufferUpdate, or None if the viewer did not ask or there is nothing to say."""
         if self.requested is None or self.conn.state is not State.NORMAL or self.size is None:
             return None
+        if self.service.holding:  # the segment is not the guest's picture (yet): answer once it is
+            return None
         mode = self.service.mode
         display = self.service.ctx.display if self.service.ctx is not None else None
         if mode is None or display is None or mode.width == 0:
@@ -550,6 +555,10 @@ class VncService:
         self._socks: list[socket.socket] = []
         self._servers: list[Any] = []
         self._handlers: set[asyncio.Task[None]] = set()
+        #: Viewers keep their picture: the display after a migration is still QEMU's placeholder (see ``attached``).
+        self.holding = False
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._following_migration = False
 
     # --- Service protocol -----------------------------------------------------------------------------
 
@@ -600,15 +609,49 @@ class VncService:
             log.info("VNC: WebSocket on %s", describe(ws_sock))
 
     def attached(self, welcome: Welcome) -> None:
-        pass  # the new display subscription starts with Overrun(0): every viewer gets a full update
+        # The new display subscription starts with Overrun(0): every viewer gets a full update. But the core a
+        # migration moved the guest to may still show QEMU's first surface, its 640x480 placeholder, not the guest:
+        # after following a migration, viewers would flicker to it (and one that cannot resize would be closed).
+        # So they keep the last picture until the guest's own display arrives there (a later mode generation),
+        # or HOLD_MAX_S passed (a guest whose mode has the placeholder's size brings no new generation).
+        self._release_hold()
+        followed, self._following_migration = self._following_migration, False
+        if (followed or welcome.run_state == "incoming") and self.mode is not None:
+            log.info("VNC: the guest arrives from a migration: viewers keep their picture until its display is there")
+            self.holding = True
+            self._hold_timer = asyncio.get_running_loop().call_later(HOLD_MAX_S, self._release_hold, True)
 
     def detached(self, reason: str) -> None:
         log.info("VNC: core gone (%s): viewers stay, input is dropped until it is back", reason)
 
     def event(self, body: CoreEvent) -> None:
-        pass
+        if isinstance(body, Migrated):
+            self._following_migration = True  # the next attach is to the destination core
+
+    def _release_hold(self, repaint: bool = False) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if self.holding:
+            self.holding = False
+            log.info("VNC: %s: repainting viewers", "hold timed out" if repaint else "the guest's display is there")
+            if repaint:
+                self.display_records(Overrun(0))
 
     def display_records(self, records: list[Record] | Overrun) -> None:
+        if self.holding:
+            if isinstance(records, Overrun):
+                display = self.ctx.display if self.ctx is not None else None
+                try:
+                    arrived = display is not None and display.reader.mode().generation > 1
+                except (LayoutError, TimeoutError):
+                    arrived = False
+            else:
+                arrived = any(isinstance(r, ModeRecord) for r in records)
+            if not arrived:
+                return  # still QEMU's first surface (generation 1): the placeholder
+            self._release_hold(repaint=False)
+            records = Overrun(0)  # the guest's display: repaint everything from the segment as it is now
         display = self.ctx.display if self.ctx is not None else None
         full = False
         cursor = False
@@ -641,6 +684,8 @@ class VncService:
             viewer.display_changed(damage, full, cursor)
 
     async def close(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
         for server in self._servers:
             server.close()
         for viewer in list(self.viewers):
