@@ -628,6 +628,8 @@ def _parse_hello(f: _Fields) -> Hello:
 
 
 def _parse_welcome(f: _Fields) -> Welcome:
+    if f.data.get("version") != f.data.get("v"):
+        f.fail(ErrorCode.INVALID, "field 'version' must equal the frame's protocol version 'v'")
     return Welcome(
         id=f.integer("id", 0, MAX_ID), version=f.integer("version", 1, 0xFFFF), vm=f.string("vm", nonempty=True),
         instance=f.string("instance", nonempty=True), core_pid=f.integer("core_pid", 0, MAX_PID),

@@ -108,7 +108,13 @@ def lookup(table: dict[str, Command], name: str) -> Command | None:
 
 async def execute(session: Session, line: str) -> None:
     """Run one command line, writing its output (and errors, QEMU-style) to the session."""
-    word = next_word(line, 0) if line.strip() else None
+    try:
+        word = next_word(line, 0) if line.strip() else None
+        found = lookup(COMMANDS, word[0]) if word is not None else None
+        sub = next_word(line, word[1]) if word is not None and found is not None and found.name == "info" else None
+    except ArgError as exc:  # e.g. a quoted command name with no closing quote
+        session.write(f"Error: {exc}\n")
+        return
     if word is None:
         return
     name, pos = word
@@ -118,7 +124,6 @@ async def execute(session: Session, line: str) -> None:
         return
     help_name = cmd.name
     if cmd.name == "info":
-        sub = next_word(line, pos)
         if sub is None:
             session.write("".join(c.help_line("info ") for c in sorted(INFO_COMMANDS.values(), key=lambda c: c.name)))
             return

@@ -94,7 +94,7 @@ def parse_int(expr: str) -> int:
 
     def take() -> str:
         token = current[0]
-        current[0] = next(items)
+        current[0] = next(items, "")  # past the end: keep answering the end marker
         return token
 
     def unary() -> int:
@@ -112,7 +112,12 @@ def parse_int(expr: str) -> int:
             raise ArgError("unexpected end of expression")
         if token in "*/)":
             raise ArgError(f"invalid char '{token}' in expression")
-        return int(token, 0)
+        # QEMU reads numbers with strtoull base 0: a leading 0 means octal ("010" is 8).
+        base = 8 if len(token) > 1 and token[0] == "0" and token[1].isdigit() else 0
+        try:
+            return int(token, base)
+        except ValueError:
+            raise ArgError(f"invalid number '{token}' in expression") from None
 
     def term() -> int:
         value = unary()

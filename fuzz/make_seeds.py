@@ -1,0 +1,195 @@
+"""Write the seed corpus: a few valid (and a few nearly valid) inputs per target, under tests/fuzz_corpus/TARGET/.
+
+``python fuzz/make_seeds.py`` rewrites the seeds (never the ``crashes/`` folder). The files are committed, so this
+only needs running when a protocol grows a message.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from clients.rfb import auth, wire  # noqa: E402
+from ipc.messages import (  # noqa: E402
+    AgentData,
+    AgentWriteOp,
+    Broadcast,
+    Bye,
+    DisplayChanged,
+    ErrorFrame,
+    ErrorInfo,
+    Heartbeat,
+    Hello,
+    InputOp,
+    KeyEvent,
+    Message,
+    Migrated,
+    Migrating,
+    PointerEvent,
+    QmpEvent,
+    QmpOp,
+    RefreshOp,
+    Reply,
+    Request,
+    RunStateChanged,
+    Shutdown,
+    Welcome,
+    WheelEvent,
+)
+
+SEEDS = ROOT / "tests" / "fuzz_corpus"
+# BGRX8888: 32 bpp, depth 24, little-endian, true colour, max 255 each, shifts 16 8 0.
+PIXEL_FORMAT = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+
+
+def qmp_seeds() -> dict[str, bytes]:
+    def j(obj: object) -> bytes:
+        return json.dumps(obj).encode() + b"\r\n"
+
+    caps = j({"execute": "qmp_capabilities"})
+    return {
+        "negotiate": caps,
+        "negotiate-id": j({"execute": "qmp_capabilities", "arguments": {"enable": []}, "id": "a"}),
+        "commands": caps + j({"execute": "query-status", "id": 1}) + j({"execute": "query-name"})
+        + j({"execute": "input-send-event", "arguments": {"events": [
+            {"type": "key", "data": {"down": True, "key": {"type": "qcode", "data": "a"}}}]}, "id": [1, {"x": None}]}),
+        "no-newline": b'{"execute":"qmp_capabilities"}{"execute":"query-status","id":2}',
+        "strings": caps + b'{"execute": "qom-get", "arguments": {"path": "/ma\\u0063hine\\"\\\\", "property": "t"}}\n',
+        "errors": caps + b'{"execute": 1}\n[1,2]\n"str"\n{"foo": 1}\n}\n{"execute":"x","exec-oob":"y"}\nnull tru\n',
+        "bad-utf8": caps + b'{"execute": "\xff\xfe"}\n{"execute": "a\x01b"}\n',
+        "nested": caps + b"[" * 40 + b"]" * 40 + b"\n" + b'{"execute": "x", "arguments": {"a": 1e999, "b": NaN}}\n',
+    }
+
+
+def rfb_client_seeds() -> dict[str, bytes]:
+    """What QEMU's VNC server sends the core."""
+    def server_init(width: int, height: int, name: bytes = b"QEMU (fuzz)") -> bytes:
+        return struct.pack(">HH", width, height) + PIXEL_FORMAT + struct.pack(">I", len(name)) + name
+
+    hs38 = b"RFB 003.008\n" + b"\x01\x01" + b"\x00\x00\x00\x00" + server_init(4, 2)
+    hs33 = b"RFB 003.003\n" + b"\x00\x00\x00\x01" + server_init(4, 2)
+    raw_rect = struct.pack(">HHHHi", 0, 0, 4, 2, 0) + bytes(range(32))
+    update = b"\x00\x00" + struct.pack(">H", 1) + raw_rect
+    desktop = b"\x00\x00" + struct.pack(">H", 1) + struct.pack(">HHHHi", 0, 0, 8, 4, -223)
+    cursor = (b"\x00\x00" + struct.pack(">H", 1) + struct.pack(">HHHHi", 1, 1, 2, 2, -239)
+              + bytes(2 * 2 * 4) + b"\xc0\xc0")
+    colour_map = b"\x01\x00" + struct.pack(">HH", 0, 2) + bytes(12)
+    cut = b"\x03\x00\x00\x00" + struct.pack(">I", 5) + b"hello"
+    return {
+        "handshake-3.8": hs38,
+        "handshake-3.3": hs33,
+        "handshake-3.7": b"RFB 003.007\n" + b"\x01\x01" + server_init(4, 2),
+        "refused": b"RFB 003.008\n" + b"\x00" + struct.pack(">I", 6) + b"no way",
+        "auth-failed": b"RFB 003.008\n\x01\x01" + b"\x00\x00\x00\x01" + struct.pack(">I", 4) + b"nope",
+        "updates": hs38 + update + desktop + cursor + b"\x02" + cut,
+        "colour-map": hs38 + colour_map + update,
+        "multi-rect": hs38 + b"\x00\x00" + struct.pack(">H", 2) + raw_rect + struct.pack(">HHHHi", 1, 1, 1, 1, 0)
+        + b"\x01\x02\x03\x04",
+    }
+
+
+def rfb_server_seeds() -> dict[str, bytes]:
+    """What a viewer sends the client's VNC server."""
+    set_pf = b"\x00\x00\x00\x00" + PIXEL_FORMAT
+    encodings = [wire.ENCODING_ZRLE, wire.ENCODING_HEXTILE, wire.ENCODING_RAW, wire.ENCODING_DESKTOP_SIZE,
+                 wire.ENCODING_CURSOR, wire.ENCODING_LAST_RECT, wire.ENCODING_QEMU_EXTENDED_KEY_EVENT,
+                 wire.ENCODING_EXTENDED_DESKTOP_SIZE, wire.ENCODING_FENCE, wire.ENCODING_CONTINUOUS_UPDATES]
+    set_enc = b"\x02\x00" + struct.pack(">H", len(encodings)) + b"".join(struct.pack(">i", e) for e in encodings)
+    fbur = b"\x03\x00" + struct.pack(">HHHH", 0, 0, 640, 480) + b"\x03\x01" + struct.pack(">HHHH", 0, 0, 64, 64)
+    keys = b"\x04\x01\x00\x00" + struct.pack(">I", 0x61) + b"\x04\x00\x00\x00" + struct.pack(">I", 0x61)
+    pointer = b"\x05\x01" + struct.pack(">HH", 10, 20) + b"\x05\x00" + struct.pack(">HH", 11, 21)
+    cut = b"\x06\x00\x00\x00" + struct.pack(">I", 3) + b"abc"
+    qemu_key = struct.pack(">BBHII", 255, 0, 1, 0x61, 0x1E)
+    continuous = b"\x96\x01" + struct.pack(">HHHH", 0, 0, 640, 480)
+    fence = b"\xf8\x00\x00\x00" + struct.pack(">IB", 0x80000003, 4) + b"abcd"
+    desktop = b"\xfb\x00" + struct.pack(">HHBx", 800, 600, 1) + struct.pack(">IHHHHI", 0, 0, 0, 800, 600, 0)
+    messages = set_pf + set_enc + fbur + keys + pointer + cut + qemu_key + continuous + fence + desktop
+    response = auth.response_for("secret", bytes(range(16)))
+    return {
+        "handshake-3.8": b"RFB 003.008\n\x01\x01",
+        "handshake-3.3": b"RFB 003.003\n\x01",
+        "handshake-3.7": b"RFB 003.007\n\x01\x00",
+        "apple-3.889": b"RFB 003.889\n\x01\x01",
+        "messages-3.8": b"RFB 003.008\n\x01\x01" + messages,
+        "messages-3.3": b"RFB 003.003\n\x01" + messages,
+        "auth-3.8": b"RFB 003.008\n\x02" + response + b"\x01" + messages,
+        "auth-3.3": b"RFB 003.003\n" + response + b"\x00" + set_enc + fbur,
+        "bad-version": b"RFB 002.000\n",
+    }
+
+
+def ipc_seeds() -> dict[str, bytes]:
+    msgs: dict[str, Message] = {
+        "hello": Hello(1, (1,), "inst", 1234, 1000, "client", "0.1", ("qmp", "input")),
+        "welcome": Welcome(1, 1, "vm", "inst", 99, "running", 1.0, "vmfront.vm.99.1", 3, "/run/d.sock", ("qmp",)),
+        "heartbeat": Heartbeat("inst"),
+        "request-qmp": Request(2, QmpOp("query-status", {"a": [1, 2.5, None, True, "x"]})),
+        "request-input": Request(3, InputOp((KeyEvent(True, qcode="a"), KeyEvent(False, scancode=0x1E),
+                                             PointerEvent(10, 20, 1), WheelEvent(-2)))),
+        "request-refresh": Request(4, RefreshOp()),
+        "request-agent": Request(5, AgentWriteOp(b'\xff{"execute":"guest-ping"}\n')),
+        "reply-ok": Reply(2, {"status": "running", "running": True}),
+        "reply-error": Reply(2, error=ErrorInfo("GenericError", "denied by policy")),
+        "event-qmp": Broadcast(QmpEvent({"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}})),
+        "event-runstate": Broadcast(RunStateChanged("paused", "paused")),
+        "event-migrating": Broadcast(Migrating()),
+        "event-migrated": Broadcast(Migrated("ipc:///run/x/ctl.sock")),
+        "event-agent": Broadcast(AgentData(b'\xff{"return": 1}\n')),
+        "event-display": Broadcast(DisplayChanged("vmfront.vm.1.2", 2, None)),
+        "event-shutdown": Broadcast(Shutdown("qemu exited")),
+        "error": ErrorFrame("malformed", "not msgpack", 7),
+        "bye": Bye("client stopping"),
+    }
+    return {name: message.encode() for name, message in msgs.items()}
+
+
+def agent_seeds() -> dict[str, bytes]:
+    return {
+        "sync-reply": b'\xff{"return": 42}\n{"return": {}}\n',
+        "stale-then-sync": b'{"return": {"version": "7.2"}}\n\xff{"return": 7}\n\xff{"return": 42}\n{"return": {}}\n',
+        "error-reply": b'\xff{"return": 42}\n{"error": {"class": "CommandNotFound", "desc": "nope"}}\n',
+        "info": b'\xff{"return": 42}\n{"return": {"version": "7.2.0", "supported_commands": '
+        b'[{"enabled": true, "name": "guest-ping", "success-response": true}]}}\n',
+        "ids": b'\xff{"return": 42}\n{"return": {}, "id": 12345}\n{"return": 1}',
+        "garbage": b'\xff{"return": 42}\nnot json\n\xff{"return": 42}\n{"return": 1}\n{"unexpected": 1}\n',
+        "mid-line-ff": b'\xff{"return": 42}\n{"retu\xffrn": 1}\n\xff\xff{"return": 42}\r\n{"return": []}\n',
+    }
+
+
+def monitor_seeds() -> dict[str, bytes]:
+    lines = [
+        "info status", "info version", "info name", "info cpus", "info block", "info vnc", "info migrate",
+        "help", "help info", "? sendkey", "stop", "cont", "system_reset", "system_powerdown",
+        "sendkey ctrl-alt-f1", "sendkey ctrl-- 100", "sendkey 0x1d-0x38", "mouse_move 10 -20 1",
+        "mouse_button 1", "screendump /tmp/fuzz-never-written.ppm -f png", "migrate -d tcp:127.0.0.1:4444",
+        "migrate_set_parameter max-bandwidth 1G", "balloon 512", "device_add e1000,id=n1", "device_del n1",
+        'drive_add 0 "file=x.img,if=none"', "eject -f ide1-cd0", "change vnc password", "savevm snap1",
+        "loadvm snap1", "delvm snap1", "cpu 1", "quit", "nmi", "memsave 0x1000+(2*3) 100 /tmp/x",
+        '"quoted \\"word\\"\\n" extra', "info qtree", "unknowncmd arg",
+    ]
+    return {f"line-{i:02d}": line.encode() for i, line in enumerate(lines)} | {
+        "many-lines": "\n".join(lines[:8]).encode() + b"\r\n",
+        "non-utf8": b"sendkey \xff\xfe\nmouse_move 0x7fffffff 0xffffffffffffffff\n",
+    }
+
+
+def main() -> None:
+    for target, seeds in (("qmp", qmp_seeds()), ("rfb_client", rfb_client_seeds()),
+                          ("rfb_server", rfb_server_seeds()), ("ipc", ipc_seeds()),
+                          ("agent", agent_seeds()), ("monitor", monitor_seeds())):
+        folder = SEEDS / target
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in seeds.items():
+            (folder / f"{name}.bin").write_bytes(data)
+        print(f"{target}: {len(seeds)} seeds in {folder}")
+    (SEEDS / "crashes").mkdir(parents=True, exist_ok=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Fuzz targets: one function per parser that sees bytes from outside the process.
+
+Each target takes arbitrary bytes, feeds them to a fresh parser (whole, and again split at points derived from
+the data, so a crash always reproduces from the same bytes), and lets only the parser's documented exception
+type escape as "fine". Anything else escaping a target is a crash. Some targets check one more property the
+module documents (e.g. QMP framing does not depend on how the bytes were split, a decoded control frame
+re-encodes to itself).
+
+The targets are plain functions so they run under atheris, under hypothesis (``fuzz/run.py``) and in pytest
+(``tests/test_fuzz_targets.py``) alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from clients.agent.protocol import AgentConnection, ConnState
+from clients.monitor import commands as monitor_commands
+from clients.monitor.parser import ArgError
+from clients.rfb.errors import ProtocolError as RfbServerProtocolError
+from clients.rfb.server import RfbServerConnection
+from clients.rfb.server import State as RfbServerState
+from core_daemon.qmp_protocol import QmpServerConnection
+from core_daemon.rfb_client import (
+    BGRX8888,
+    ENCODING_CURSOR,
+    ENCODING_DESKTOP_SIZE,
+    ENCODING_RAW,
+    RemoteProtocolError,
+    RfbClient,
+)
+from core_daemon.rfb_client import State as RfbClientState
+from ipc import messages as ipc_messages
+from ipc.channel import RemoteError
+
+#: ``FUZZ_SKIP_KNOWN=1`` (``fuzz/run.py --skip-known``) steps over the reported, not yet fixed bugs listed in
+#: tests/test_fuzz_targets.py KNOWN_CRASHES, so a long run goes on looking for new ones.
+SKIP_KNOWN = os.environ.get("FUZZ_SKIP_KNOWN") == "1"
+
+#: What a valid QMP greeting of QEMU 7.2 looks like (the core re-exports QEMU's).
+_QMP_GREETING: dict[str, Any] = {
+    "QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}
+
+
+def chunks(data: bytes, max_pieces: int = 16) -> Iterator[bytes]:
+    """``data`` split at up to ``max_pieces - 1`` points derived from the data itself (deterministic)."""
+    if len(data) < 2:
+        yield data
+        return
+    rng = random.Random(zlib.crc32(data))
+    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randrange(max_pieces))))
+    start = 0
+    for cut in [*cuts, len(data)]:
+        yield data[start:cut]
+        start = cut
+
+
+def _flag(data: bytes, bit: int) -> bool:
+    """A bit of the data's checksum: picks a parser variant (e.g. with or without a password) reproducibly."""
+    return bool(zlib.adler32(data) >> bit & 1)
+
+
+# --- QMP from peers (core_daemon/qmp_protocol.py) -----------------------------------------------------------------
+
+
+def _qmp_events(pieces: Iterator[bytes] | list[bytes], max_message: int) -> list[str]:
+    conn = QmpServerConnection(_QMP_GREETING, max_message=max_message)
+    conn.greeting_bytes()
+    out: list[str] = []
+    biggest = 0
+    for piece in pieces:
+        biggest = max(biggest, len(piece))
+        out.extend(repr(event) for event in conn.receive_data(piece))
+        # Bounded by the limit plus one read (whitespace before a value is kept until the value completes);
+        # a closed connection reads nothing more, so what it holds no longer grows.
+        if not conn.closed:
+            assert len(conn._framer.buffer) <= max_message + biggest, "QMP framer buffers past its limit"
+    return out
+
+
+def fuzz_qmp(data: bytes) -> None:
+    """QmpServerConnection.receive_data never raises; whole or split, the peer gets the same answers."""
+    max_message = 1 << 20 if _flag(data, 0) else 64
+    whole = _qmp_events([data], max_message)
+    split = _qmp_events(chunks(data), max_message)
+    if max_message > len(data):  # below the limit, where the split falls must not matter
+        assert whole == split, f"QMP events depend on how the bytes were split:\n{whole}\n{split}"
+
+
+# --- RFB from QEMU's VNC server, read by the core (core_daemon/rfb_client.py) --------------------------------------
+
+
+def fuzz_rfb_client(data: bytes) -> None:
+    """RfbClient.receive_data raises only RemoteProtocolError (and AuthenticationFailed, a subclass).
+
+    The handshake is fed a byte at a time (it is short), so the owner turns on the pseudo-encodings right after
+    ServerInit, as the capture does; the rest goes in data-derived chunks.
+    """
+    conn = RfbClient(max_name=256, max_cut_text=4096, max_cursor=64)
+    pos = 0
+    try:
+        while pos < len(data) and pos < 1024 and conn.state is not RfbClientState.NORMAL:
+            conn.receive_data(data[pos : pos + 1])
+            conn.data_to_send()
+            pos += 1
+        if conn.state is RfbClientState.NORMAL:
+            conn.set_pixel_format(BGRX8888)
+            conn.set_encodings([ENCODING_RAW, ENCODING_DESKTOP_SIZE, ENCODING_CURSOR])
+            conn.framebuffer_update_request(0, 0, max(conn.width, 1), max(conn.height, 1), incremental=False)
+        for piece in chunks(data[pos:]):
+            conn.receive_data(piece)
+            conn.data_to_send()
+            # The bound the module promises: a row of pixels, a cursor, a name or a cut text at most is buffered.
+            assert conn.buffered <= 0xFFFF * 4 + 64, conn.buffered
+    except RemoteProtocolError:
+        assert conn.state is RfbClientState.CLOSED
+
+
+# --- RFB from viewers (clients/rfb/server.py) ---------------------------------------------------------------------
+
+
+def _rfb_server_events(pieces: Iterator[bytes] | list[bytes], password: str | None) -> list[str]:
+    conn = RfbServerConnection(width=640, height=480, name="fuzz", password=password, max_cut_text=4096,
+                               max_encodings=64, continuous_updates=True, fences=True, challenge=bytes(range(16)))
+    conn.data_to_send()
+    out: list[str] = []
+    for piece in pieces:
+        try:
+            out.extend(repr(event) for event in conn.receive_data(piece))
+        except RfbServerProtocolError as exc:
+            assert conn.state is RfbServerState.CLOSED
+            out.extend(repr(event) for event in exc.events)
+            out.append("ProtocolError")
+            conn.data_to_send()
+            break
+        conn.data_to_send()
+    return out
+
+
+def fuzz_rfb_server(data: bytes) -> None:
+    """RfbServerConnection.receive_data raises only ProtocolError; whole or split, the same events."""
+    password = "secret" if _flag(data, 1) else None
+    whole = _rfb_server_events([data], password)
+    split = _rfb_server_events(chunks(data), password)
+    assert whole == split, f"RFB server events depend on how the bytes were split:\n{whole}\n{split}"
+
+
+# --- control channel frames (ipc/messages.py) ---------------------------------------------------------------------
+
+
+def fuzz_ipc(data: bytes) -> None:
+    """decode() raises only ipc.messages.ProtocolError; whatever it accepts re-encodes to an equal message."""
+    try:
+        message = ipc_messages.decode(data)
+    except ipc_messages.ProtocolError as exc:
+        assert isinstance(exc.code, ipc_messages.ErrorCode)
+        return
+    if SKIP_KNOWN and isinstance(message, ipc_messages.Welcome) \
+            and message.version not in ipc_messages.SUPPORTED_VERSIONS:
+        return  # known: decode accepts a welcome whose "version" the frame's "v" does not match
+    again = ipc_messages.decode(message.encode())
+    assert repr(again) == repr(message), f"{message!r} re-encodes to {again!r}"
+
+
+# --- qemu-ga bytes relayed from the guest (clients/agent/protocol.py) ----------------------------------------------
+
+_SYNC_ID = 42  # the seeds answer guest-sync-delimited with this id
+
+
+def fuzz_agent(data: bytes) -> None:
+    """AgentConnection.receive_data never raises; the owner's next step is always a valid call."""
+    conn = AgentConnection(max_line=256 if _flag(data, 2) else 1 << 16)
+    conn.sync(_SYNC_ID)
+    for piece in chunks(data):
+        for event in conn.receive_data(piece):
+            assert event is not None
+        # What the service does next: a command when synchronised, a new sync when the stream was lost.
+        if conn.state is ConnState.IDLE:
+            conn.command("guest-ping" if _flag(piece, 3) else "guest-info", {"x": 1} if _flag(piece, 4) else None)
+        elif conn.state is ConnState.UNSYNCED:
+            conn.sync(_SYNC_ID)
+        assert len(conn._buf) <= conn.max_line, "agent line buffer past its limit"
+
+
+# --- monitor input (clients/monitor/parser.py through commands.execute) -------------------------------------------
+
+
+class _RefusingBackend:
+    """Every QMP command fails the way a policy denial does: the parsing and error paths run, no I/O."""
+
+    async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        raise RemoteError("GenericError", f"fuzz: {command} not executed")
+
+    async def screendump(self, path: Path, image_format: str) -> None:
+        return None
+
+    def vnc_servers(self) -> list[dict[str, Any]]:
+        return [{"id": "default", "server": [{"host": "127.0.0.1", "service": "5900", "family": "ipv4",
+                                               "websocket": False, "auth": "none"}], "clients": []}]
+
+
+_monitor_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _run(coro: Any) -> None:
+    """Drive a handler coroutine; none of them should block when every QMP call fails at once."""
+    global _monitor_loop
+    if _monitor_loop is None:
+        _monitor_loop = asyncio.new_event_loop()
+    _monitor_loop.run_until_complete(asyncio.wait_for(coro, timeout=5))
+
+
+def fuzz_monitor(data: bytes) -> None:
+    """Monitor lines (decoded as the service does) never raise out of execute(); completion never raises.
+
+    ``help_text`` is reached through ``execute("help ...")`` only: it takes the stripped, non-empty ``S`` argument.
+    """
+    text = data.decode("utf-8", errors="replace")
+    output: list[str] = []
+    for raw in text.split("\n")[:8]:
+        line = raw.rstrip("\r")
+        session = monitor_commands.Session(_RefusingBackend(), output.append)
+        try:
+            _run(monitor_commands.execute(session, line))
+        except ArgError:
+            if not SKIP_KNOWN:
+                raise
+            # known: a quoted command or info name with a bad escape / no closing quote escapes execute()
+        except ValueError as exc:
+            if not (SKIP_KNOWN and "invalid literal for int() with base 0" in str(exc)):
+                raise
+            # known: parse_int() hands a leading-zero number ("010", "079") to int(token, 0), which refuses it
+        monitor_commands.completions(line)  # what `vmfront monitor` asks on TAB, with the line typed so far
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "qmp": fuzz_qmp,
+    "rfb_client": fuzz_rfb_client,
+    "rfb_server": fuzz_rfb_server,
+    "ipc": fuzz_ipc,
+    "agent": fuzz_agent,
+    "monitor": fuzz_monitor,
+}
