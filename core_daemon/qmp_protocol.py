@@ -209,6 +209,16 @@ class QmpServerConnection:
         """Feed bytes from the peer; return the events they complete."""
         if self.closed:
             return []
+        if not self._framer.buffer and data.endswith(b"\n") and data.count(b"\n") == 1 \
+                and len(data) <= self.max_message:
+            # Fast path for the common case, one whole message per read: if it parses as exactly one JSON value,
+            # the framer would have produced that same value; anything else goes the framer's way.
+            try:
+                message = json.loads(data)
+            except (ValueError, RecursionError):
+                pass
+            else:
+                return self._handle_message(message)
         self._framer.buffer += data
         events: list[Event] = []
         while not self.closed:
