@@ -144,7 +144,11 @@ async def test_two_clients_get_broadcasts_and_policy_applies(core: CoreProcess) 
         for channel in channels:
             welcome = await channel.connect(timeout_s=10)
             assert welcome.vm == "cl" and welcome.shm == core.state()["display"]["shm"]
-        assert len(client_pids(core)) == 2
+        # state.json is updated by the core as each attach is processed: give it a moment.
+        deadline = time.monotonic() + 10
+        while len(client_pids(core)) != 2:
+            assert time.monotonic() < deadline, f"state.json clients: {client_pids(core)}"
+            await asyncio.sleep(0.05)
         assert (await channels[0].qmp("query-status"))["status"] == "running"
         with pytest.raises(RemoteError) as denied:
             await channels[1].qmp("human-monitor-command", {"command-line": "info status"})
