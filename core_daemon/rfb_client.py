@@ -28,6 +28,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
+# PIXEL_FORMAT is defined once, with the rest of RFB's wire format (both roles speak it).
+from clients.rfb.wire import PixelFormat
+
 # --- encodings (RFC 6143 section 7.7, and the community registry) -------------------------------------------
 ENCODING_RAW = 0
 ENCODING_DESKTOP_SIZE = -223
@@ -58,7 +61,6 @@ _UPDATE_HEADER = struct.Struct(">xH")  # after the type byte: padding, number of
 _RECT_HEADER = struct.Struct(">HHHHi")
 _COLOUR_MAP_HEADER = struct.Struct(">xHH")
 _CUT_TEXT_HEADER = struct.Struct(">3xI")
-_PIXEL_FORMAT = struct.Struct(">BBBBHHHBBB3x")
 
 #: Limits on what the server may make us buffer (RFB itself allows up to 4 GiB for each).
 DEFAULT_MAX_NAME = 64 << 10
@@ -84,42 +86,6 @@ class AuthenticationFailed(RemoteProtocolError):
 
 class LocalProtocolError(RfbError):
     """This side misused the API (e.g. sent a message before the handshake finished)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PixelFormat:
-    """RFB PIXEL_FORMAT (RFC 6143 section 7.4)."""
-
-    bits_per_pixel: int
-    depth: int
-    big_endian: bool
-    true_colour: bool
-    red_max: int
-    green_max: int
-    blue_max: int
-    red_shift: int
-    green_shift: int
-    blue_shift: int
-
-    @property
-    def bytes_per_pixel(self) -> int:
-        return self.bits_per_pixel // 8
-
-    def pack(self) -> bytes:
-        return _PIXEL_FORMAT.pack(
-            self.bits_per_pixel, self.depth, self.big_endian, self.true_colour, self.red_max, self.green_max,
-            self.blue_max, self.red_shift, self.green_shift, self.blue_shift,
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> PixelFormat:
-        bpp, depth, big, true, rmax, gmax, bmax, rshift, gshift, bshift = _PIXEL_FORMAT.unpack(data)
-        return cls(bpp, depth, bool(big), bool(true), rmax, gmax, bmax, rshift, gshift, bshift)
-
-    def check(self) -> None:
-        """Only formats whose pixel size we can step over are usable (8, 16, 32 bits)."""
-        if self.bits_per_pixel not in (8, 16, 32) or not 0 < self.depth <= self.bits_per_pixel:
-            raise ValueError(f"unusable pixel format {self}")
 
 
 #: 32 bits little-endian xRGB: bytes B, G, R, X in memory, the shm segment's pixel format 1 (BGRX8888).

@@ -151,6 +151,11 @@ class PixelFormat:
         bpp, depth, big, true, rmax, gmax, bmax, rshift, gshift, bshift = PIXEL_FORMAT.unpack(data)
         return cls(bpp, depth, big != 0, true != 0, rmax, gmax, bmax, rshift, gshift, bshift)
 
+    def check(self) -> None:
+        """Only formats whose pixel size can be stepped over are usable (8, 16, 32 bits)."""
+        if self.bits_per_pixel not in (8, 16, 32) or not 0 < self.depth <= self.bits_per_pixel:
+            raise ValueError(f"unusable pixel format {self}")
+
     def problem(self) -> str | None:
         """Why this format cannot be served, or None. Colour-map formats are fine (see pixels.py)."""
         if self.bits_per_pixel not in (8, 16, 32):
