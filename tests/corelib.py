@@ -61,6 +61,29 @@ def pid_alive(pid: int) -> bool:
     return False
 
 
+class LoggedProcess:
+    """A child whose output goes to a log file: its pid, its log text, and a stop by pid (TERM, wait, KILL)."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
 @dataclass
 class CoreProcess:
     """A running ``vmfront core`` child."""

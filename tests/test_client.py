@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, kill_pid, running_core, short_tmpdir, spawn_core
+from corelib import CoreProcess, LoggedProcess, RawQmpPeer, kill_pid, running_core, short_tmpdir, spawn_core
 
 from ipc.channel import ClientChannel, RemoteError, ipc_endpoint
 from ipc.messages import InputOp, KeyEvent, RunStateChanged
@@ -29,7 +29,7 @@ def wait_for(predicate: Callable[[], object], within: float, what: str) -> float
     return time.monotonic() - start
 
 
-class ClientProcess:
+class ClientProcess(LoggedProcess):
     def __init__(self, core_or_dir: CoreProcess | Path, name: str, *extra: str, log: Path | None = None) -> None:
         run_dir = core_or_dir.run_dir if isinstance(core_or_dir, CoreProcess) else core_or_dir
         self.log = log or run_dir.parent / f"client-{time.monotonic_ns()}.log"
@@ -38,21 +38,6 @@ class ClientProcess:
                                           "--run-dir", str(run_dir), *extra], stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=out)
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 def client_pids(core: CoreProcess) -> list[int]:

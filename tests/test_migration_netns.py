@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import READY_TIMEOUT, CoreProcess, RawQmpPeer, core_command, kill_pid, short_tmpdir
+from corelib import READY_TIMEOUT, CoreProcess, LoggedProcess, RawQmpPeer, core_command, kill_pid, short_tmpdir
 from guestlib import is_demo_text_screen
 from PIL import Image, ImageChops
 from test_client import client_pids
@@ -122,7 +122,7 @@ def spawn_core_in(ns: str, name: str, run_dir: Path, *extra: str) -> CoreProcess
     return core
 
 
-class NsClient:
+class NsClient(LoggedProcess):
     """``vmfront client --vnc 127.0.0.1:PORT`` inside a namespace."""
 
     def __init__(self, ns: str, run_dir: Path, name: str, port: int) -> None:
@@ -132,21 +132,6 @@ class NsClient:
                                                "--run-dir", str(run_dir), "--vnc", f"127.0.0.1:{port}"),
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT)
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 def vncdo_in(ns: str, port: int, *, capture: Path | None = None, type_text: str = "") -> None:

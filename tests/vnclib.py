@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from corelib import LoggedProcess
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -48,7 +50,7 @@ def wait_port(port: int, within: float = 15.0) -> None:
     wait_for(ok, within, f"port {port} to listen")
 
 
-class VncClientProcess:
+class VncClientProcess(LoggedProcess):
     """``vmfront client --vnc 127.0.0.1:PORT`` for a core's run directory."""
 
     def __init__(self, run_dir: Path, name: str, port: int, *extra: str, env: dict[str, str] | None = None,
@@ -67,21 +69,6 @@ class VncClientProcess:
             self.stop()
             raise
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 # --- vncdotool, in a subprocess (its twisted reactor cannot be restarted within one process) ----------------
