@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # QEMU and the demo guest's assembler; the rest are the real peers the tests drive (qemu-ga, TigerVNC under
-# Xvfb, noVNC in headless Chromium, socat for the monitor, tmux for interactive sessions).
+# Xvfb, noVNC in headless Chromium, socat for the monitor, tmux for interactive sessions; cpio builds the Linux
+# test guest's initramfs).
 APT_PACKAGES=(qemu-system-x86 qemu-utils nasm socat qemu-guest-agent tigervnc-viewer tigervnc-tools xvfb
-              imagemagick chromium novnc tmux)
+              imagemagick chromium novnc tmux cpio)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -31,4 +32,6 @@ fi
 
 # The demo guest is part of the product: `vmfront core` with no QEMU arguments boots it.
 .venv/bin/vmfront demo-image >/dev/null
-echo "install.sh: done. Demo guest image: $(.venv/bin/vmfront demo-image)"
+# The Linux test guest (Debian's kernel + a busybox initramfs with qemu-ga), downloaded and built once, cached.
+linux_guest="$(tests/linux_guest/build.sh)"
+echo "install.sh: done. Demo guest image: $(.venv/bin/vmfront demo-image); Linux test guest: $linux_guest"

@@ -42,7 +42,8 @@ class AgentRelay:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
-        self.dropped = 0  # bytes that arrived while nobody listened
+        self.dropped = 0  # bytes that arrived while nobody listened, in all
+        self._dropping = 0  # ... since the last byte a client took (logged when that stretch ends)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="agent-relay")
@@ -63,6 +64,17 @@ class AgentRelay:
         if self._writer is not None:
             self._writer.close()
 
+    def _relay(self, data: bytes) -> None:
+        if self._deliver(data):
+            if self._dropping:
+                log.info("guest agent: dropped %d bytes that arrived while no client listened", self._dropping)
+                self._dropping = 0
+            return
+        if not self._dropping:
+            log.info("guest agent: bytes arriving with no client listening; dropping them")
+        self._dropping += len(data)
+        self.dropped += len(data)
+
     async def _run(self) -> None:
         delay = RECONNECT_MIN
         while True:
@@ -79,8 +91,7 @@ class AgentRelay:
             self.connected.set()
             try:
                 while data := await reader.read(READ_CHUNK):
-                    if not self._deliver(data):
-                        self.dropped += len(data)
+                    self._relay(data)
             except OSError as exc:
                 log.warning("guest agent channel error: %s", exc)
             finally:

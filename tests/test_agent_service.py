@@ -84,6 +84,21 @@ async def test_timeout_then_resync() -> None:
         await service.close()
 
 
+async def test_guest_going_away_after_shutdown_is_success() -> None:
+    """guest-shutdown never answers; a guest that powers off at once makes QEMU exit and the core say bye."""
+    service, channel = await make_service()
+    try:
+        await service.call("guest-ping")
+        channel.silent = True
+        asyncio.get_running_loop().call_later(0.2, service.detached, "QEMU exited")
+        start = time.monotonic()
+        assert await service.call("guest-shutdown") is None
+        assert time.monotonic() - start < 1.0, "waited out the grace period instead of seeing the guest go"
+        assert channel.commands[-1] == "guest-shutdown"
+    finally:
+        await service.close()
+
+
 async def test_migration_waits_or_fails_busy() -> None:
     service, _ = await make_service()
     try:

@@ -281,6 +281,10 @@ class AgentService:
                     except TimeoutError:
                         self._conn.no_reply_done()
                         return None
+                    except AgentUnavailable as exc:
+                        # The command was delivered and the guest went away: what a shutdown looks like.
+                        log.info("%s: the guest went away after it, as expected (%s)", job.command, exc)
+                        return None
                 else:
                     event = await waiter
         except TimeoutError:
