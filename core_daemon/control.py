@@ -98,7 +98,7 @@ class ControlService:
         display = self._display()
         if display is not None and display.input is not None:
             try:
-                await display.input.release_all()
+                await display.input.release_all(client)
             except InputError as exc:
                 log.warning("releasing input held by %s failed: %s", client, exc)
         self._on_clients_changed(self.channel.describe_clients())  # already without the gone client
@@ -114,7 +114,7 @@ class ControlService:
                 raise RequestError(str(error.get("class", "GenericError")), str(error.get("desc", "")))
             return reply.get("return")
         if isinstance(op, InputOp):
-            await self._input(op)
+            await self._input(client, op)
             return None
         if isinstance(op, RefreshOp):
             display = self._display()
@@ -147,7 +147,7 @@ class ControlService:
         except AgentBusy as exc:
             raise RequestError("AgentBusy", str(exc)) from exc
 
-    async def _input(self, op: InputOp) -> None:
+    async def _input(self, client: ClientInfo, op: InputOp) -> None:
         display = self._display()
         if display is None or display.input is None:
             raise RequestError("DisplayUnavailable", "this core has no display, so no input either")
@@ -157,11 +157,11 @@ class ControlService:
             for event in op.events:
                 if isinstance(event, KeyEvent):
                     if event.qcode is not None:
-                        batch += guest.key_events(event.qcode, event.down)
+                        batch += guest.key_events(event.qcode, event.down, client)
                     elif event.scancode is not None:
-                        batch += guest.scancode_events(event.scancode, event.down)
+                        batch += guest.scancode_events(event.scancode, event.down, client)
                 elif isinstance(event, PointerEvent):
-                    batch += guest.pointer_events(event.x, event.y, event.buttons)
+                    batch += guest.pointer_events(event.x, event.y, event.buttons, client)
                 elif isinstance(event, WheelEvent):
                     batch += guest.wheel_events(event.steps)
             await guest.send(batch)

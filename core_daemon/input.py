@@ -7,8 +7,9 @@ mouse is relative only, so add a tablet (``-usb -device usb-tablet``); without o
 
 The QMP call goes through a callable, ``execute(command, arguments)`` that raises on an error reply (the
 core's ``QMPClient.execute``), so this module has no connection of its own and tests can record the calls.
-Keys and buttons held down are tracked, so ``release_all()`` can let go of what a client that vanished was
-holding, instead of leaving a key stuck in the guest.
+Keys and buttons held down are tracked per holder (the client that pressed them), so ``release_all(holder)``
+can let go of what a client that vanished was holding, instead of leaving a key stuck in the guest, and without
+releasing what another client still holds.
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ class GuestInput:
         self._execute = execute
         self._screen_size = screen_size
         self._on_input = on_input
-        self._keys_down: set[str | int] = set()
-        self._buttons: frozenset[str] = frozenset()
+        self._keys_down: dict[str | int, set[object]] = {}  # key -> the holders that pressed it
+        self._buttons: frozenset[str] = frozenset()  # the pointer's buttons now (one pointer for all clients)
+        self._buttons_holder: object = None  # who set them
 
     async def send(self, events: Sequence[Event]) -> None:
         """One ``input-send-event`` for a batch built with the ``*_events`` methods (one QEMU round trip)."""
@@ -108,17 +110,24 @@ class GuestInput:
 
     # --- keyboard ----------------------------------------------------------------------------------------
 
-    def key_events(self, qcode: str, down: bool) -> list[Event]:
+    def key_events(self, qcode: str, down: bool, holder: object = None) -> list[Event]:
         """Press or release one key by QEMU qcode ("a", "shift", "f2", "ret", ...)."""
         event = key_event(check_qcode(qcode), down)
-        (self._keys_down.add if down else self._keys_down.discard)(qcode)
+        self._track_key(qcode, down, holder)
         return [event]
 
-    def scancode_events(self, code: int, down: bool) -> list[Event]:
+    def scancode_events(self, code: int, down: bool, holder: object = None) -> list[Event]:
         """Press or release one key by XT scancode (as the RFB QEMU extended key event carries it)."""
         number = scancode_number(code)
-        (self._keys_down.add if down else self._keys_down.discard)(number)
+        self._track_key(number, down, holder)
         return [key_event(number, down)]
+
+    def _track_key(self, key: str | int, down: bool, holder: object) -> None:
+        if down:
+            self._keys_down.setdefault(key, set()).add(holder)
+        else:
+            # The guest has one keyboard: a release lets go of the key whoever pressed it.
+            self._keys_down.pop(key, None)
 
     async def key(self, qcode: str, down: bool) -> None:
         await self.send(self.key_events(qcode, down))
@@ -134,7 +143,8 @@ class GuestInput:
 
     # --- pointer -----------------------------------------------------------------------------------------
 
-    def pointer_events(self, x: int, y: int, buttons: Iterable[str] | int = 0) -> list[Event]:
+    def pointer_events(self, x: int, y: int, buttons: Iterable[str] | int = 0,
+                       holder: object = None) -> list[Event]:
         """Move the pointer to (x, y) in framebuffer pixels with exactly ``buttons`` held (names, or an RFB
         button mask). Buttons whose state changed are pressed/released with the move."""
         size = self._screen_size()
@@ -148,6 +158,7 @@ class GuestInput:
         events += [button_event(b, True) for b in sorted(held - self._buttons)]
         events += [button_event(b, False) for b in sorted(self._buttons - held)]
         self._buttons = held
+        self._buttons_holder = holder
         return events
 
     def wheel_events(self, steps: int) -> list[Event]:
@@ -166,11 +177,18 @@ class GuestInput:
 
     # --- cleanup -----------------------------------------------------------------------------------------
 
-    async def release_all(self) -> None:
-        """Release every key and button this API pressed and did not release (e.g. its client died)."""
-        events = [key_event(k, False) for k in self._keys_down] + [button_event(b, False) for b in self._buttons]
+    async def release_all(self, holder: object = None) -> None:
+        """Release the keys and buttons ``holder`` pressed and did not release (e.g. its client died); a key
+        another holder also pressed stays down. With no holder: everything pressed through this API."""
+        keys = [k for k, holders in self._keys_down.items() if holder is None or holders == {holder}]
+        for key in self._keys_down:
+            self._keys_down[key].discard(holder)
+        for key in keys:
+            del self._keys_down[key]
+        events = [key_event(k, False) for k in keys]
+        if holder is None or self._buttons_holder is holder:
+            events += [button_event(b, False) for b in self._buttons]
+            self._buttons = frozenset()
         if events:
-            log.info("releasing %d keys/buttons still held", len(events))
-        self._keys_down.clear()
-        self._buttons = frozenset()
+            log.info("releasing %d keys/buttons still held by %s", len(events), holder or "anyone")
         await self.send(events)

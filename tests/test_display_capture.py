@@ -453,6 +453,27 @@ async def test_input_events_as_qmp_sees_them() -> None:
     assert scale_axis(10_000, 640) == 639 * ABS_MAX // 640 and scale_axis(-5, 640) == 0
 
 
+async def test_release_all_lets_go_only_of_what_the_gone_holder_pressed() -> None:
+    qmp = RecordingQmp()
+    guest = GuestInput(qmp.execute, lambda: (640, 400))
+    first, second = object(), object()
+    await guest.send(guest.key_events("shift", True, first) + guest.key_events("a", True, first)
+                     + guest.key_events("b", True, second) + guest.key_events("shift", True, second))
+    await guest.send(guest.pointer_events(10, 10, {"left"}, second))
+    qmp.calls.clear()
+    await guest.release_all(first)  # "shift" is still held by the second: only "a" goes up
+    assert qmp.events() == [{"type": "key", "data": {"down": False, "key": {"type": "qcode", "data": "a"}}}]
+    qmp.calls.clear()
+    await guest.release_all(second)
+    released = qmp.events()
+    assert len(released) == 3
+    assert {"type": "btn", "data": {"down": False, "button": "left"}} in released
+    assert {e["data"]["key"]["data"] for e in released if e["type"] == "key"} == {"b", "shift"}
+    qmp.calls.clear()
+    await guest.release_all(first)
+    assert qmp.calls == []
+
+
 async def test_input_refuses_what_qmp_would_not_understand() -> None:
     guest = GuestInput(RecordingQmp().execute, lambda: None)
     with pytest.raises(InputError):

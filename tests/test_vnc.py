@@ -4,6 +4,7 @@ TigerVNC under Xvfb, and minimal asyncio viewers (several at once, one stalled).
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import sys
@@ -182,6 +183,30 @@ async def test_five_viewers_one_stalled(client: VncClientProcess) -> None:
         stalled.close()
         for v in viewers:
             v.close()
+
+
+async def test_killed_client_releases_only_its_own_keys(core: CoreProcess, client: VncClientProcess) -> None:
+    """Two clients' viewers hold keys; one client is SIGKILLed: the core lets go of its keys, not the other's."""
+    other = VncClientProcess(core.run_dir, VM, free_port())
+    kept = await MiniViewer.connect(client.port)
+    doomed = await MiniViewer.connect(other.port)
+    released = re.compile(r"releasing (\d+) keys/buttons still held by (.*)")
+    try:
+        kept.key(0xFFE1, True)  # shift, held through the module's client
+        doomed.key(0x61, True)  # "a" and "b", held through the client about to die
+        doomed.key(0x62, True)
+        await asyncio.sleep(1.0)  # both clients forwarded their keys to the core
+        before = len(released.findall(core.stderr()))
+        other.proc.kill()
+        other.proc.wait(timeout=10)
+        wait_for(lambda: len(released.findall(core.stderr())) > before, 15, "the core to release the dead client's")
+        count, holder = released.findall(core.stderr())[before]
+        assert int(count) == 2 and f"pid {other.pid}" in holder, (count, holder)
+    finally:
+        kept.key(0xFFE1, False)
+        kept.close()
+        doomed.close()
+        other.stop()
 
 
 async def test_bad_bytes_close_only_that_viewer(client: VncClientProcess) -> None:
