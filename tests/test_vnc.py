@@ -199,7 +199,7 @@ async def test_killed_client_releases_only_its_own_keys(core: CoreProcess, clien
         before = len(released.findall(core.stderr()))
         other.proc.kill()
         other.proc.wait(timeout=10)
-        wait_for(lambda: len(released.findall(core.stderr())) > before, 15, "the core to release the dead client's")
+        wait_for(lambda: len(released.findall(core.stderr())) > before, 15, "the dead client's keys released")
         count, holder = released.findall(core.stderr())[before]
         assert int(count) == 2 and f"pid {other.pid}" in holder, (count, holder)
     finally:
