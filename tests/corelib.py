@@ -17,12 +17,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 READY_TIMEOUT = 60.0
+
+
+def wait_for(predicate: Callable[[], object], within: float, what: str) -> float:
+    """Poll ``predicate`` (state written by another process); returns the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > within:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start
 
 
 def short_tmpdir() -> Path:
@@ -139,14 +149,16 @@ def core_command(name: str, run_dir: Path, *extra: str, qemu_args: list[str] | N
 
 def spawn_core(name: str, run_dir: Path, *extra: str, qemu_args: list[str] | None = None,
                env: dict[str, str] | None = None, wait_ready: bool = True,
-               timeout: float = READY_TIMEOUT, verbose: bool = True) -> CoreProcess:
-    """Start a core with ``--ready-fd``; with ``wait_ready``, return once it says READY (or fail with its log)."""
+               timeout: float = READY_TIMEOUT, verbose: bool = True, prefix: Sequence[str] = ()) -> CoreProcess:
+    """Start a core with ``--ready-fd``; with ``wait_ready``, return once it says READY (or fail with its log).
+    ``prefix`` goes before the command (e.g. ``ip netns exec NS``: the fd crosses the exec)."""
     read_fd, write_fd = os.pipe()
     stderr_path = run_dir.parent / f"{name}-{time.monotonic_ns()}.stderr"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with stderr_path.open("wb") as stderr:
         proc = subprocess.Popen(
-            core_command(name, run_dir, "--ready-fd", str(write_fd), *extra, qemu_args=qemu_args, verbose=verbose),
+            [*prefix, *core_command(name, run_dir, "--ready-fd", str(write_fd), *extra, qemu_args=qemu_args,
+                                    verbose=verbose)],
             stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, pass_fds=(write_fd,),
             env={**os.environ, **(env or {})},
         )
@@ -166,19 +178,77 @@ def spawn_core(name: str, run_dir: Path, *extra: str, qemu_args: list[str] | Non
     return core
 
 
+class Stoppable(Protocol):
+    def stop(self) -> object: ...
+
+
+class Closable(Protocol):
+    def close(self) -> object: ...
+
+
+Ended = Stoppable | Closable | subprocess.Popen[Any]
+EndedT = TypeVar("EndedT", bound=Ended)
+
+
+class Fleet:
+    """What a test started, under one short root dir, ended when the block exits whatever happened: first what
+    it added (clients, viewers, agents, QMP peers, plain children: stopped, closed or killed, the last added
+    first), then the cores, then every QEMU a core reported (a core killed by the test may have left its QEMU
+    behind), then the root dir."""
+
+    def __init__(self) -> None:
+        self.root = short_tmpdir()
+        self._processes: list[Ended] = []
+        self._cores: list[CoreProcess] = []
+        self._qemu_pids: list[int] = []
+
+    def core(self, name: str, *extra: str, run_dir: Path | None = None, **options: Any) -> CoreProcess:
+        """``spawn_core`` in ROOT/NAME (or ``run_dir``); the core and its QEMU are ended with the fleet."""
+        return self.add_core(spawn_core(name, run_dir or self.root / name, *extra, **options))
+
+    def add_core(self, core: CoreProcess) -> CoreProcess:
+        self._cores.append(core)
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            self._qemu_pids.append(core.qemu_pid)
+        return core
+
+    def add(self, process: EndedT) -> EndedT:
+        self._processes.append(process)
+        return process
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for process in reversed(self._processes):
+                with contextlib.suppress(Exception):
+                    _end(process)
+            for core in self._cores:
+                core.stop()
+        finally:
+            for pid in self._qemu_pids:
+                kill_pid(pid)
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _end(process: Ended) -> None:
+    if isinstance(process, subprocess.Popen):
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+    elif hasattr(process, "stop"):
+        process.stop()
+    else:
+        process.close()
+
+
 @contextlib.contextmanager
 def running_core(name: str = "t", *extra: str, qemu_args: list[str] | None = None,
                  env: dict[str, str] | None = None) -> Iterator[CoreProcess]:
     """A ready core in a fresh short run dir; everything it and its QEMU started is ended afterwards."""
-    root = short_tmpdir()
-    core = spawn_core(name, root / "run", *extra, qemu_args=qemu_args, env=env)
-    qemu_pid = core.qemu_pid
-    try:
-        yield core
-    finally:
-        core.stop()
-        kill_pid(qemu_pid)
-        shutil.rmtree(root, ignore_errors=True)
+    with Fleet() as fleet:
+        yield fleet.core(name, *extra, run_dir=fleet.root / "run", qemu_args=qemu_args, env=env)
 
 
 class RawQmpPeer:

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, kill_pid, running_core, short_tmpdir
-from test_client import ClientProcess, client_pids, wait_for
+from corelib import CoreProcess, RawQmpPeer, kill_pid, running_core, short_tmpdir, wait_for
+from test_client import ClientProcess, client_pids
 
 HERE = Path(__file__).parent
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, kill_pid, short_tmpdir, spawn_core
-from test_client import ClientProcess, client_pids, wait_for
+from corelib import CoreProcess, Fleet, RawQmpPeer, short_tmpdir, wait_for
+from test_client import ClientProcess, client_pids
 from test_migration_e2e import agent_call, set_bandwidth, wait_migration_status
 from vnclib import ROOT
 
@@ -106,23 +106,19 @@ class BootedGuest:
     def console_text(self) -> str:
         return self.console.read_text(errors="replace")
 
+    def stop(self) -> None:
+        self.client.stop()
+
 
 @pytest.fixture(scope="module")
 def guest(image: LinuxGuestImage) -> Iterator[BootedGuest]:
-    root = short_tmpdir()
-    console = root / "console.log"
-    core = spawn_core("lg", root / "lg", "--agent", qemu_args=image.qemu_args(console))
-    qemu_pid = core.qemu_pid
-    client = ClientProcess(core, "lg")
-    booted = BootedGuest(core, client, console)
-    try:
+    with Fleet() as fleet:
+        console = fleet.root / "console.log"
+        core = fleet.core("lg", "--agent", qemu_args=image.qemu_args(console))
+        booted = BootedGuest(core, ClientProcess(core, "lg"), console)
+        fleet.add(booted)  # stops whichever client it has by then (a test replaces it)
         wait_agent_ready(core.run_dir, console)
         yield booted
-    finally:
-        booted.client.stop()
-        core.stop()
-        kill_pid(qemu_pid)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def qemu_ga_pid(run_dir: Path) -> int:
@@ -231,29 +227,20 @@ def test_client_killed_mid_transfer_never_disturbs_the_guest_agent(guest: Booted
 def test_migration_with_the_agent_inside_the_guest_then_guest_shutdown(image: LinuxGuestImage) -> None:
     """The guest (and its qemu-ga, same pid) moves to a second core; the client follows, --no-wait calls fail busy
     while it moves, waiting calls are answered after; guest-shutdown then powers the guest off on the destination."""
-    root = short_tmpdir()
-    cores: list[CoreProcess] = []
-    qemu_pids: list[int] = []
-    client: ClientProcess | None = None
-    watcher: RawQmpPeer | None = None
-    migrate: subprocess.Popen[str] | None = None
-    try:
-        src_console, dst_console = root / "src.console", root / "dst.console"
-        cores.append(spawn_core("src", root / "src", "--agent", qemu_args=image.qemu_args(src_console)))
-        qemu_pids.append(cores[0].qemu_pid)
-        cores.append(spawn_core("dst", root / "dst", "--agent", "--incoming", "auto",
-                                qemu_args=image.qemu_args(dst_console)))
-        qemu_pids.append(cores[1].qemu_pid)
-        src, dst = cores
-        client = ClientProcess(src, "src")
+    with Fleet() as fleet:
+        src_console, dst_console = fleet.root / "src.console", fleet.root / "dst.console"
+        src = fleet.core("src", "--agent", qemu_args=image.qemu_args(src_console))
+        dst = fleet.core("dst", "--agent", "--incoming", "auto", qemu_args=image.qemu_args(dst_console))
+        client = fleet.add(ClientProcess(src, "src"))
         wait_agent_ready(src.run_dir, src_console)
         pid_before = qemu_ga_pid(src.run_dir)
 
-        watcher = RawQmpPeer(src.qmp_socket).negotiate()
+        watcher = fleet.add(RawQmpPeer(src.qmp_socket).negotiate())
         set_bandwidth(watcher, 2 << 20)  # slow enough that calls surely meet the migration in flight
-        migrate = subprocess.Popen([sys.executable, "-m", "vmfront", "migrate", "src", "--run-dir", str(src.run_dir),
-                                    "--to", "dst", "--dest-run-dir", str(dst.run_dir), "-q"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        migrate = fleet.add(subprocess.Popen(
+            [sys.executable, "-m", "vmfront", "migrate", "src", "--run-dir", str(src.run_dir), "--to", "dst",
+             "--dest-run-dir", str(dst.run_dir), "-q"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
         wait_migration_status(watcher, {"active"}, 20)
         busy_until = time.monotonic() + 10
         outcome = agent_call(src.run_dir, "guest-ping", wait=False)
@@ -273,7 +260,7 @@ def test_migration_with_the_agent_inside_the_guest_then_guest_shutdown(image: Li
         waiter.join(65)
         assert waited and waited[0][0] == "ok" and waited[0][1]["id"] == "vmfront-test-guest", waited
 
-        wait_for(lambda: client is not None and client.pid in client_pids(dst), 15, "the client to follow the guest")
+        wait_for(lambda: client.pid in client_pids(dst), 15, "the client to follow the guest")
         # The very same qemu-ga process answers, now through the destination's QEMU and core.
         assert qemu_ga_pid(src.run_dir) == pid_before
         assert "qemu-ga exited" not in src_console.read_text() + dst_console.read_text()
@@ -284,16 +271,3 @@ def test_migration_with_the_agent_inside_the_guest_then_guest_shutdown(image: Li
         assert dst.wait(timeout=60) == 0, dst.stderr()[-3000:]
         assert dst.state()["state"] == "shutdown"
         assert dst.state()["last_exit"]["reason"] == "guest-shutdown", dst.state()["last_exit"]
-    finally:
-        if migrate is not None and migrate.poll() is None:
-            migrate.kill()
-            migrate.wait(timeout=10)
-        if watcher is not None:
-            watcher.close()
-        if client is not None:
-            client.stop()
-        for core in cores:
-            core.stop()
-        for pid in qemu_pids:
-            kill_pid(pid)
-        shutil.rmtree(root, ignore_errors=True)

@@ -9,24 +9,24 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, LoggedProcess, RawQmpPeer, kill_pid, running_core, short_tmpdir, spawn_core
+from corelib import (
+    CoreProcess,
+    Fleet,
+    LoggedProcess,
+    RawQmpPeer,
+    kill_pid,
+    running_core,
+    short_tmpdir,
+    spawn_core,
+    wait_for,
+)
 
 from ipc.channel import ClientChannel, RemoteError, ipc_endpoint
 from ipc.messages import InputOp, KeyEvent, RunStateChanged
-
-
-def wait_for(predicate: Callable[[], object], within: float, what: str) -> float:
-    """Poll ``predicate`` (state written by another process); returns the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > within:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 class ClientProcess(LoggedProcess):
@@ -93,29 +93,20 @@ def test_client_killed_20_times_disturbs_nothing(core: CoreProcess) -> None:
 
 
 def test_client_follows_a_core_restart() -> None:
-    root = short_tmpdir()
-    run = root / "run"
-    core = spawn_core("rs", run)
-    qemu_pids = [core.qemu_pid]
-    client = ClientProcess(run, "rs")
-    try:
+    with Fleet() as fleet:
+        run = fleet.root / "run"
+        core = fleet.core("rs", run_dir=run)
+        client = fleet.add(ClientProcess(run, "rs"))
         wait_for(lambda: client.pid in client_pids(core), 10, "the client to attach")
         assert core.stop() == 0
         wait_for(lambda: "core gone" in client.text(), 10, "the client to notice the core went")
         assert client.proc.poll() is None, "the client must outlive its core"
-        core = spawn_core("rs", run)
-        qemu_pids.append(core.qemu_pid)
+        core = fleet.core("rs", run_dir=run)
         wait_for(lambda: client.pid in client_pids(core), 15, "the client to re-attach to the new core")
         new_shm = core.state()["display"]["shm"]
         wait_for(lambda: f"display: mapped {new_shm} read-only" in client.text(), 10,
                  "the client to map the new core's display")
         assert "attached to the core of VM 'rs'" in client.text() and " again" in client.text()
-    finally:
-        client.stop()
-        core.stop()
-        for pid in qemu_pids:
-            kill_pid(pid)
-        subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 async def test_two_clients_get_broadcasts_and_policy_applies(core: CoreProcess) -> None:

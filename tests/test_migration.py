@@ -5,18 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from corelib import RawQmpPeer, kill_pid, short_tmpdir, spawn_core
+from corelib import Fleet, RawQmpPeer, wait_for
 from test_client import ClientProcess, client_pids
-
-
-def wait_for(predicate: Callable[[], object], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {within} s waiting for {what}"
-        time.sleep(0.05)
 
 
 def vmfront(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -25,14 +17,12 @@ def vmfront(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 
 
 def test_migration_moves_the_guest_and_the_client_follows(tmp_path: Path) -> None:
-    root = short_tmpdir()
-    src_run, dst_run = root / "src", root / "dst"
-    src = spawn_core("src", src_run)
-    dst = spawn_core("dst", dst_run, "--incoming", "auto")
-    qemu_pids = [src.qemu_pid, dst.qemu_pid]
-    client = ClientProcess(src_run, "src")
-    watcher = RawQmpPeer(src.qmp_socket).negotiate()  # a management peer of the source
-    try:
+    with Fleet() as fleet:
+        src = fleet.core("src")
+        dst = fleet.core("dst", "--incoming", "auto")
+        src_run, dst_run = src.run_dir, dst.run_dir
+        client = fleet.add(ClientProcess(src_run, "src"))
+        watcher = fleet.add(RawQmpPeer(src.qmp_socket).negotiate())  # a management peer of the source
         assert dst.state()["state"] == "incoming"
         assert dst.state()["incoming"] == f"unix:{dst_run / 'private' / 'migration.sock'}"
         wait_for(lambda: client.pid in client_pids(src), 15, "the client to attach to the source")
@@ -63,55 +53,34 @@ def test_migration_moves_the_guest_and_the_client_follows(tmp_path: Path) -> Non
         assert client.proc.poll() is None
         dump = vmfront("screendump", "dst", str(tmp_path / "after.png"), "--run-dir", str(dst_run))
         assert dump.returncode == 0, dump.stderr
-    finally:
-        watcher.close()
-        client.stop()
-        src.stop()
-        dst.stop()
-        for pid in qemu_pids:
-            kill_pid(pid)
-        subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 def test_failed_migration_leaves_the_source_running() -> None:
-    root = short_tmpdir()
-    src = spawn_core("keep", root / "src")
-    qemu_pid = src.qemu_pid
-    try:
+    with Fleet() as fleet:
+        root = fleet.root
+        src = fleet.core("keep", run_dir=root / "src")
         result = vmfront("migrate", "keep", "--run-dir", str(root / "src"), "--to", f"unix:{root}/nobody-listens",
                          "-q")
         assert result.returncode == 1 and "vmfront migrate: error:" in result.stderr
-        peer = RawQmpPeer(src.qmp_socket).negotiate()
+        peer = fleet.add(RawQmpPeer(src.qmp_socket).negotiate())
         assert peer.execute("query-status")["return"]["status"] == "running"
         wait_for(lambda: src.state()["state"] == "running", 10, "the source to report running")
-        peer.close()
         refused = vmfront("migrate", "keep", "--run-dir", str(root / "src"), "--to", "ghost",
                           "--dest-run-dir", str(root / "ghost"))
         assert refused.returncode == 1 and "is not waiting for an incoming migration" in refused.stderr
-    finally:
-        src.stop()
-        kill_pid(qemu_pid)
-        subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 def test_savevm_is_not_mistaken_for_a_migration() -> None:
     """Snapshot jobs emit MIGRATION events too: the core must not end the VM because of them."""
-    root = short_tmpdir()
-    image = root / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True, timeout=30)
-    core = spawn_core("snap", root / "run", qemu_args=["-machine", "pc", "-m", "16",
-                                                      "-drive", f"file={image},format=qcow2,if=ide"])
-    qemu_pid = core.qemu_pid
-    try:
-        peer = RawQmpPeer(core.qmp_socket).negotiate()
+    with Fleet() as fleet:
+        image = fleet.root / "disk.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True, timeout=30)
+        core = fleet.core("snap", qemu_args=["-machine", "pc", "-m", "16",
+                                             "-drive", f"file={image},format=qcow2,if=ide"])
+        peer = fleet.add(RawQmpPeer(core.qmp_socket).negotiate())
         reply = peer.execute("human-monitor-command", arguments={"command-line": "savevm s1"})
         assert reply == {"return": ""}, reply
         time.sleep(1)
         assert core.proc.poll() is None, "the core ended the VM after a savevm"
         assert peer.execute("query-status")["return"]["status"] == "running"
         assert core.state()["state"] == "running"
-        peer.close()
-    finally:
-        core.stop()
-        kill_pid(qemu_pid)
-        subprocess.run(["rm", "-rf", str(root)], check=False)

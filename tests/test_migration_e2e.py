@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, kill_pid, pid_alive, short_tmpdir, spawn_core
+from corelib import CoreProcess, Fleet, RawQmpPeer, kill_pid, pid_alive, wait_for
 from guestlib import TEXT_BOXES, crop, is_demo_text_screen
 from PIL import Image, ImageChops
 from test_client import client_pids
-from vnclib import ROOT, VncClientProcess, free_port, wait_for
+from vnclib import ROOT, VncClientProcess, free_port
 
 from clients.agent.cli import AgentCliError, ProxyClient
 
@@ -232,28 +232,14 @@ class Pair:
 def pair() -> Iterator[Pair]:
     """A source core running the demo guest (booted) and a destination core waiting with --incoming auto,
     each with its own qemu-ga."""
-    root = short_tmpdir()
-    qgas: dict[str, Qga] = {}
-    cores: list[CoreProcess] = []
-    qemu_pids: list[int] = []
-    try:
-        for name in ("src", "dst"):
-            qgas[name] = Qga(root, name)
-        cores.append(spawn_core("src", root / "src", "--agent-socket", str(qgas["src"].sock)))
-        qemu_pids.append(cores[0].qemu_pid)
-        cores.append(spawn_core("dst", root / "dst", "--incoming", "auto", "--agent-socket", str(qgas["dst"].sock)))
-        qemu_pids.append(cores[1].qemu_pid)
+    with Fleet() as fleet:
+        root = fleet.root
+        qgas = {name: fleet.add(Qga(root, name)) for name in ("src", "dst")}
+        src = fleet.core("src", "--agent-socket", str(qgas["src"].sock))
+        dst = fleet.core("dst", "--incoming", "auto", "--agent-socket", str(qgas["dst"].sock))
         wait_for(lambda: is_demo_text_screen(screendump("src", root / "src", root / "boot.png")), 30,
                  "the demo guest to boot")
-        yield Pair(root, cores[0], cores[1], qgas, qemu_pids)
-    finally:
-        for core in cores:
-            core.stop()
-        for pid in qemu_pids:
-            kill_pid(pid)
-        for qga in qgas.values():
-            qga.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        yield Pair(root, src, dst, qgas, [src.qemu_pid, dst.qemu_pid])
 
 
 def start_migrate(pair: Pair) -> subprocess.Popen[str]:

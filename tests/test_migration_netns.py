@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -25,12 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import READY_TIMEOUT, CoreProcess, LoggedProcess, RawQmpPeer, core_command, kill_pid, short_tmpdir
+from corelib import Fleet, LoggedProcess, RawQmpPeer, wait_for
 from guestlib import is_demo_text_screen
 from PIL import Image, ImageChops
 from test_client import client_pids
 from test_migration_e2e import screendump, text_row
-from vnclib import _VNCDO_SCRIPT, ROOT, wait_for
+from vnclib import _VNCDO_SCRIPT, ROOT
 
 IP = shutil.which("ip")
 SRC_ADDR, DST_ADDR = "127.77.0.1", "127.77.0.2"
@@ -98,30 +97,6 @@ def two_namespaces() -> Iterator[tuple[str, str]]:
                 ip("netns", "del", ns, check=False)  # deletes the veth end inside it too
 
 
-def spawn_core_in(ns: str, name: str, run_dir: Path, *extra: str) -> CoreProcess:
-    """corelib.spawn_core, under ``ip netns exec NS`` (the --ready-fd crosses the exec)."""
-    read_fd, write_fd = os.pipe()
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    stderr_path = run_dir.parent / f"{name}-{time.monotonic_ns()}.stderr"
-    with stderr_path.open("wb") as stderr:
-        proc = subprocess.Popen(in_ns(ns, *core_command(name, run_dir, "--ready-fd", str(write_fd), *extra)),
-                                stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, pass_fds=(write_fd,),
-                                cwd=ROOT)
-    os.close(write_fd)
-    core = CoreProcess(proc, run_dir, name, stderr_path=stderr_path)
-    try:
-        ready, _, _ = select.select([read_fd], [], [], READY_TIMEOUT)
-        line = os.read(read_fd, 4096).decode() if ready else ""
-        if not line.startswith("READY"):
-            code = proc.poll()
-            core.stop()
-            raise AssertionError(f"core {name} in {ns} did not become ready (exit {code}); its log:\n{core.stderr()}")
-        core.ready_line = line.strip()
-    finally:
-        os.close(read_fd)
-    return core
-
-
 class NsClient(LoggedProcess):
     """``vmfront client --vnc 127.0.0.1:PORT`` inside a namespace."""
 
@@ -143,88 +118,71 @@ def vncdo_in(ns: str, port: int, *, capture: Path | None = None, type_text: str 
 
 
 def test_migration_between_namespaces_and_viewers_reconnect() -> None:
-    with two_namespaces() as (ns_a, ns_b):
-        root = short_tmpdir()
+    with two_namespaces() as (ns_a, ns_b), Fleet() as fleet:
+        root = fleet.root
         src_run, dst_run = root / "src", root / "dst"
-        cores: list[CoreProcess] = []
-        qemu_pids: list[int] = []
-        clients: list[NsClient] = []
+        # Each core under ``ip netns exec`` (which execs: the core's pid is the child's; the --ready-fd crosses).
+        src = fleet.core("src", prefix=in_ns(ns_a))
+        dst = fleet.core("dst", "--incoming", f"tcp:{DST_ADDR}:{MIGRATION_PORT}", prefix=in_ns(ns_b))
+        assert dst.state()["state"] == "incoming"
+        assert dst.state()["incoming"] == f"tcp:{DST_ADDR}:{MIGRATION_PORT}"
+        # Each QEMU runs in its own namespace (ip netns exec execs: the core's pid is the child's).
+        for ns, core in ((ns_a, src), (ns_b, dst)):
+            ns_inode = os.stat(f"/var/run/netns/{ns}").st_ino
+            assert os.stat(f"/proc/{core.pid}/ns/net").st_ino == ns_inode
+            assert os.stat(f"/proc/{core.qemu_pid}/ns/net").st_ino == ns_inode
+        wait_for(lambda: is_demo_text_screen(screendump("src", src_run, root / "boot.png")), 30,
+                 "the demo guest to boot")
+
+        # On the source side: a client serving VNC, a viewer that types into the guest.
+        src_client = fleet.add(NsClient(ns_a, src_run, "src", VNC_PORT))
+        wait_for(lambda: src_client.pid in client_pids(src), 15, "the source-side client to attach")
+        wait_for(lambda: "VNC: display mode" in src_client.text(), 15, "the source-side client's display")
+        src_qmp = RawQmpPeer(src.qmp_socket).negotiate()
         try:
-            src = spawn_core_in(ns_a, "src", src_run)
-            cores.append(src)
-            qemu_pids.append(src.qemu_pid)
-            dst = spawn_core_in(ns_b, "dst", dst_run, "--incoming", f"tcp:{DST_ADDR}:{MIGRATION_PORT}")
-            cores.append(dst)
-            qemu_pids.append(dst.qemu_pid)
-            assert dst.state()["state"] == "incoming"
-            assert dst.state()["incoming"] == f"tcp:{DST_ADDR}:{MIGRATION_PORT}"
-            # Each QEMU runs in its own namespace (ip netns exec execs: the core's pid is the child's).
-            for ns, core in ((ns_a, src), (ns_b, dst)):
-                ns_inode = os.stat(f"/var/run/netns/{ns}").st_ino
-                assert os.stat(f"/proc/{core.pid}/ns/net").st_ino == ns_inode
-                assert os.stat(f"/proc/{core.qemu_pid}/ns/net").st_ino == ns_inode
-            wait_for(lambda: is_demo_text_screen(screendump("src", src_run, root / "boot.png")), 30,
-                     "the demo guest to boot")
-
-            # On the source side: a client serving VNC, a viewer that types into the guest.
-            src_client = NsClient(ns_a, src_run, "src", VNC_PORT)
-            clients.append(src_client)
-            wait_for(lambda: src_client.pid in client_pids(src), 15, "the source-side client to attach")
-            wait_for(lambda: "VNC: display mode" in src_client.text(), 15, "the source-side client's display")
-            src_qmp = RawQmpPeer(src.qmp_socket).negotiate()
-            try:
-                vncdo_in(ns_a, VNC_PORT, type_text="n", capture=root / "src-view.png")
-                wait_for(lambda: text_row(src_qmp, 4, root) == "KEYS: n", 10, "the keys on the source")
-            finally:
-                src_qmp.close()
-            assert is_demo_text_screen(Image.open(root / "src-view.png").convert("RGB"))
-
-            # Migrate over the veth, from namespace A (where the source QEMU is).
-            migrate = subprocess.run(in_ns(ns_a, sys.executable, "-m", "vmfront", "migrate", "src", "--run-dir",
-                                           str(src_run), "--to", f"tcp:{DST_ADDR}:{MIGRATION_PORT}", "-q"),
-                                     capture_output=True, text=True, timeout=40, cwd=ROOT)
-            assert migrate.returncode == 0, migrate.stderr
-            assert src.wait(timeout=30) == 0, src.stderr()[-3000:]
-            assert src.state()["state"] == "shutdown"
-            wait_for(lambda: dst.state()["state"] == "running", 15, "the destination to run the guest")
-            assert dst.proc.poll() is None
-
-            # A plain URI: the source-side client is left behind, so end it and start one on the destination side.
-            assert src_client.proc.poll() is None
-            src_client.stop()
-            dst_client = NsClient(ns_b, dst_run, "dst", VNC_PORT)
-            clients.append(dst_client)
-            wait_for(lambda: dst_client.pid in client_pids(dst), 15, "the destination-side client to attach")
-            shm = dst.state()["display"]["shm"]
-            wait_for(lambda: f"display: mapped {shm} read-only" in dst_client.text(), 10,
-                     "the destination-side client to map the display")
-            wait_for(lambda: "VNC: display mode" in dst_client.text(), 15, "the destination-side client's display")
-
-            # A viewer in namespace B reconnects and gets the migrated guest: the keys typed on the source are
-            # there, keys typed now reach it, and with the guest paused its frame equals the destination's dump.
-            dst_qmp = RawQmpPeer(dst.qmp_socket).negotiate()
-            try:
-                assert dst_qmp.execute("query-status")["return"]["status"] == "running"
-                assert text_row(dst_qmp, 4, root) == "KEYS: n"
-                vncdo_in(ns_b, VNC_PORT, type_text="s")
-                wait_for(lambda: text_row(dst_qmp, 4, root) == "KEYS: ns", 10, "the keys on the destination")
-                assert "return" in dst_qmp.execute("stop")
-                time.sleep(0.5)
-                vncdo_in(ns_b, VNC_PORT, capture=root / "dst-view.png")
-                capture = Image.open(root / "dst-view.png").convert("RGB")
-                dump = screendump("dst", dst_run, root / "dst-dump.png")
-                assert capture.size == dump.size == (720, 400)
-                assert ImageChops.difference(capture, dump).getbbox() is None
-                assert is_demo_text_screen(capture)
-                assert "return" in dst_qmp.execute("cont")
-            finally:
-                dst_qmp.close()
-            assert dst_client.proc.poll() is None and dst.proc.poll() is None
+            vncdo_in(ns_a, VNC_PORT, type_text="n", capture=root / "src-view.png")
+            wait_for(lambda: text_row(src_qmp, 4, root) == "KEYS: n", 10, "the keys on the source")
         finally:
-            for client in clients:
-                client.stop()
-            for core in cores:
-                core.stop()
-            for pid in qemu_pids:
-                kill_pid(pid)
-            shutil.rmtree(root, ignore_errors=True)
+            src_qmp.close()
+        assert is_demo_text_screen(Image.open(root / "src-view.png").convert("RGB"))
+
+        # Migrate over the veth, from namespace A (where the source QEMU is).
+        migrate = subprocess.run(in_ns(ns_a, sys.executable, "-m", "vmfront", "migrate", "src", "--run-dir",
+                                       str(src_run), "--to", f"tcp:{DST_ADDR}:{MIGRATION_PORT}", "-q"),
+                                 capture_output=True, text=True, timeout=40, cwd=ROOT)
+        assert migrate.returncode == 0, migrate.stderr
+        assert src.wait(timeout=30) == 0, src.stderr()[-3000:]
+        assert src.state()["state"] == "shutdown"
+        wait_for(lambda: dst.state()["state"] == "running", 15, "the destination to run the guest")
+        assert dst.proc.poll() is None
+
+        # A plain URI: the source-side client is left behind, so end it and start one on the destination side.
+        assert src_client.proc.poll() is None
+        src_client.stop()
+        dst_client = fleet.add(NsClient(ns_b, dst_run, "dst", VNC_PORT))
+        wait_for(lambda: dst_client.pid in client_pids(dst), 15, "the destination-side client to attach")
+        shm = dst.state()["display"]["shm"]
+        wait_for(lambda: f"display: mapped {shm} read-only" in dst_client.text(), 10,
+                 "the destination-side client to map the display")
+        wait_for(lambda: "VNC: display mode" in dst_client.text(), 15, "the destination-side client's display")
+
+        # A viewer in namespace B reconnects and gets the migrated guest: the keys typed on the source are
+        # there, keys typed now reach it, and with the guest paused its frame equals the destination's dump.
+        dst_qmp = RawQmpPeer(dst.qmp_socket).negotiate()
+        try:
+            assert dst_qmp.execute("query-status")["return"]["status"] == "running"
+            assert text_row(dst_qmp, 4, root) == "KEYS: n"
+            vncdo_in(ns_b, VNC_PORT, type_text="s")
+            wait_for(lambda: text_row(dst_qmp, 4, root) == "KEYS: ns", 10, "the keys on the destination")
+            assert "return" in dst_qmp.execute("stop")
+            time.sleep(0.5)
+            vncdo_in(ns_b, VNC_PORT, capture=root / "dst-view.png")
+            capture = Image.open(root / "dst-view.png").convert("RGB")
+            dump = screendump("dst", dst_run, root / "dst-dump.png")
+            assert capture.size == dump.size == (720, 400)
+            assert ImageChops.difference(capture, dump).getbbox() is None
+            assert is_demo_text_screen(capture)
+            assert "return" in dst_qmp.execute("cont")
+        finally:
+            dst_qmp.close()
+        assert dst_client.proc.poll() is None and dst.proc.poll() is None

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, running_core, short_tmpdir
+from corelib import CoreProcess, RawQmpPeer, running_core, short_tmpdir, wait_for
 from PIL import Image
-from test_client import ClientProcess, wait_for
+from test_client import ClientProcess
 
 PROMPT = b"(qemu) "
 VM = "mon"

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, kill_pid, pid_alive, running_core
+from corelib import CoreProcess, RawQmpPeer, kill_pid, pid_alive, running_core, wait_for
 from guestlib import TEXT_BOXES, crop, is_demo_text_screen
 from PIL import Image
-from vnclib import ROOT, VncClientProcess, free_port, wait_for, wait_port
+from vnclib import ROOT, VncClientProcess, free_port, wait_port
 
 VM = "nv"
 NOVNC = Path("/usr/share/novnc")

@@ -14,10 +14,10 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-from corelib import LoggedProcess
+from corelib import LoggedProcess, wait_for
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -28,15 +28,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def wait_for(predicate: Callable[[], object], within: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > within:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def wait_port(port: int, within: float = 15.0) -> None:
