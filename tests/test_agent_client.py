@@ -60,6 +60,22 @@ def setup() -> Iterator[tuple[CoreProcess, ClientProcess, Qga]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def qga_script(proxy: Path, *commands: str, sync_id: int, timeout: float = 30) -> list[bytes]:
+    """What an unchanged qga script does on a qga socket: its own guest-sync-delimited, then plain JSON lines;
+    returns the reply lines (the first one is the sync's, 0xFF-prefixed)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(proxy))
+        s.sendall(b'\xff{"execute": "guest-sync-delimited", "arguments": {"id": %d}}\n' % sync_id
+                  + b"".join(b'{"execute": "%s"}\n' % c.encode() for c in commands))
+        buf = b""
+        while buf.count(b"\n") < len(commands) + 1:
+            chunk = s.recv(65536)
+            assert chunk, f"the proxy closed after {buf!r}"
+            buf += chunk
+    return buf.split(b"\n")[:len(commands) + 1]
+
+
 def vmfront_agent(core: CoreProcess, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vmfront", "agent", "agc", "--run-dir", str(core.run_dir), *args],
                           capture_output=True, text=True, timeout=timeout)
@@ -104,18 +120,10 @@ def test_commands_exec_copy_and_proxy_against_real_qemu_ga(setup: tuple[CoreProc
         shutil.rmtree(work, ignore_errors=True)
 
     # An unchanged qga script: plain JSON lines on the proxy socket, its own guest-sync-delimited included.
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(15)
-        s.connect(str(core.run_dir / "agent.sock"))
-        s.sendall(b'\xff{"execute": "guest-sync-delimited", "arguments": {"id": 1234}}\n'
-                  b'{"execute": "guest-ping"}\n{"execute": "guest-info"}\n')
-        buf = b""
-        while buf.count(b"\n") < 3:
-            buf += s.recv(65536)
-        lines = buf.split(b"\n")
-        assert lines[0] == b'\xff{"return": 1234}'
-        assert json.loads(lines[1]) == {"return": {}}
-        assert "version" in json.loads(lines[2])["return"]
+    lines = qga_script(core.run_dir / "agent.sock", "guest-ping", "guest-info", sync_id=1234)
+    assert lines[0] == b'\xff{"return": 1234}'
+    assert json.loads(lines[1]) == {"return": {}}
+    assert "version" in json.loads(lines[2])["return"]
 
 
 def test_qemu_ga_killed_and_restarted(setup: tuple[CoreProcess, ClientProcess, Qga]) -> None:

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from typing import Any
 
 import pytest
 from corelib import CoreProcess, Fleet, RawQmpPeer, short_tmpdir, wait_for
+from test_agent_client import qga_script
 from test_client import ClientProcess, client_pids
 from test_migration_e2e import agent_call, set_bandwidth, wait_migration_status
 from vnclib import ROOT
@@ -171,20 +171,10 @@ def test_copy_round_trip_through_virtio_serial(guest: BootedGuest) -> None:
 
 
 def test_unchanged_qga_script_on_the_proxy_socket(guest: BootedGuest) -> None:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(30)
-        s.connect(str(guest.run_dir / "agent.sock"))
-        s.sendall(b'\xff{"execute": "guest-sync-delimited", "arguments": {"id": 4321}}\n'
-                  b'{"execute": "guest-get-host-name"}\n{"execute": "guest-get-osinfo"}\n')
-        buf = b""
-        while buf.count(b"\n") < 3:
-            chunk = s.recv(65536)
-            assert chunk, f"the proxy closed after {buf!r}"
-            buf += chunk
-        lines = buf.split(b"\n")
-        assert lines[0] == b'\xff{"return": 4321}'
-        assert json.loads(lines[1]) == {"return": {"host-name": "vmfront-guest"}}
-        assert json.loads(lines[2])["return"]["id"] == "vmfront-test-guest"
+    lines = qga_script(guest.run_dir / "agent.sock", "guest-get-host-name", "guest-get-osinfo", sync_id=4321)
+    assert lines[0] == b'\xff{"return": 4321}'
+    assert json.loads(lines[1]) == {"return": {"host-name": "vmfront-guest"}}
+    assert json.loads(lines[2])["return"]["id"] == "vmfront-test-guest"
 
 
 def test_client_killed_mid_transfer_never_disturbs_the_guest_agent(guest: BootedGuest) -> None:
