@@ -15,7 +15,7 @@ from shm import ShmWriter, reclaim_stale_segments, segment_name
 
 from .display import DEFAULT_MAX_HEIGHT, DEFAULT_MAX_WIDTH, DisplayCapture
 from .display_socket import DisplaySocket
-from .input import GuestInput, QmpExecute
+from .input import KEY_DELAY_S, GuestInput, QmpExecute
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,9 @@ class GuestDisplay:
 
     def __init__(self, vm_name: str, vnc_socket: Path, display_socket: Path, execute: QmpExecute, *,
                  max_size: tuple[int, int] = (DEFAULT_MAX_WIDTH, DEFAULT_MAX_HEIGHT),
-                 group: int | None = None) -> None:
+                 group: int | None = None, key_delay: float = KEY_DELAY_S) -> None:
         self.vm_name = vm_name
+        self.key_delay = key_delay
         self.vnc_socket = vnc_socket
         self.display_socket_path = display_socket
         self.max_size = max_size
@@ -49,7 +50,8 @@ class GuestDisplay:
                                       connect_timeout=connect_timeout, name=self.vm_name)
         await self.capture.start()
         capture = self.capture
-        self.input = GuestInput(self._execute, lambda: capture.screen_size, on_input=capture.input_hint)
+        self.input = GuestInput(self._execute, lambda: capture.screen_size, on_input=capture.input_hint,
+                                key_delay=self.key_delay)
         log.info("display: shm %s, readers on %s", self.shm.name, self.display_socket_path)
 
     def set_run_state(self, qemu_status: str) -> None:

@@ -5,6 +5,11 @@ XT scancodes, the pointer is absolute on QEMU's 0..0x7FFF axes, and QEMU routes 
 keyboard and its absolute pointing device. The guest needs one: with ``-nodefaults`` the pc machine's PS/2
 mouse is relative only, so add a tablet (``-usb -device usb-tablet``); without one QEMU drops pointer events.
 
+Key events are paced: one ``input-send-event`` per key event, ``key_delay`` apart (10 ms by default, as QEMU's
+own VNC server's ``key-delay-ms``). QEMU queues them in the emulated keyboard, whose buffer holds 16 bytes: a
+burst in one command (a script typing, a paste) overflows it before the guest can read, and the keys are lost.
+Pointer events are not paced: a batch of them is one command.
+
 The QMP call goes through a callable, ``execute(command, arguments)`` that raises on an error reply (the
 core's ``QMPClient.execute``), so this module has no connection of its own and tests can record the calls.
 Keys and buttons held down are tracked per holder (the client that pressed them), so ``release_all(holder)``
@@ -14,6 +19,7 @@ releasing what another client still holds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -31,6 +37,8 @@ ABS_MAX = 0x7FFF
 MASK_BUTTONS = ("left", "middle", "right", "wheel-up", "wheel-down")
 BUTTONS = frozenset({*MASK_BUTTONS, "side", "extra"})
 _QCODE_RE = re.compile(r"[a-z0-9_]{1,32}")
+#: Pause after each key event, as QEMU's VNC server's key-delay-ms default: lets the guest drain its keyboard.
+KEY_DELAY_S = 0.010
 
 Event = dict[str, Any]
 
@@ -89,8 +97,10 @@ class GuestInput:
     """
 
     def __init__(self, execute: QmpExecute, screen_size: Callable[[], tuple[int, int] | None],
-                 on_input: Callable[[], None] | None = None) -> None:
+                 on_input: Callable[[], None] | None = None, key_delay: float = KEY_DELAY_S) -> None:
         self._execute = execute
+        self._key_delay = key_delay
+        self._sending = asyncio.Lock()  # one batch at a time, in arrival order: pacing must not reorder keys
         self._screen_size = screen_size
         self._on_input = on_input
         self._keys_down: dict[str | int, set[object]] = {}  # key -> the holders that pressed it
@@ -98,11 +108,24 @@ class GuestInput:
         self._buttons_holder: object = None  # who set them
 
     async def send(self, events: Sequence[Event]) -> None:
-        """One ``input-send-event`` for a batch built with the ``*_events`` methods (one QEMU round trip)."""
+        """Send a batch built with the ``*_events`` methods: one ``input-send-event`` up to and including each
+        key event, then the key delay before the next (none at all with a zero delay)."""
         if not events:
             return
+        async with self._sending:
+            chunk: list[Event] = []
+            for index, event in enumerate(events):
+                chunk.append(event)
+                last = index == len(events) - 1
+                if last or (event["type"] == "key" and self._key_delay > 0):
+                    await self._send_now(chunk)
+                    chunk = []
+                    if not last:
+                        await asyncio.sleep(self._key_delay)
+
+    async def _send_now(self, events: list[Event]) -> None:
         try:
-            await self._execute("input-send-event", {"events": list(events)})
+            await self._execute("input-send-event", {"events": events})
         except ExecuteError as exc:
             raise InputError(f"QEMU refused the input: {exc}") from exc
         if self._on_input is not None:

@@ -30,6 +30,7 @@ from .agent_relay import AgentRelay
 from .control import ControlService
 from .display import DEFAULT_MAX_HEIGHT, DEFAULT_MAX_WIDTH, DisplayError
 from .guest_display import GuestDisplay
+from .input import KEY_DELAY_S
 from .pidlock import AlreadyRunning, PidLock
 from .policy import DEFAULT_POLICY, Policy
 from .qemu_process import (
@@ -102,6 +103,8 @@ class CoreConfig:
     #: Capture the guest display into shared memory (not for --attach: a foreign QEMU has no private VNC).
     display: bool = True
     display_max: tuple[int, int] = (DEFAULT_MAX_WIDTH, DEFAULT_MAX_HEIGHT)
+    #: Pause after each key event sent to the guest (QEMU's VNC key-delay-ms): 0 sends a batch at once.
+    key_delay: float = KEY_DELAY_S
     #: Start QEMU waiting for an incoming migration on this URI ("auto": a unix socket in the run dir).
     incoming: str | None = None
     #: Give the guest a qemu-ga channel (virtio-serial) relayed to clients; or relay an existing agent socket.
@@ -310,7 +313,8 @@ class Core:
     async def _start_display(self) -> None:
         """The display is a service of the core, not its reason to live: if it fails, the guest runs on."""
         display = GuestDisplay(self.config.name, self.run_dir.vnc_socket, self.run_dir.display_socket,
-                               self.qmp.execute, max_size=self.config.display_max, group=self.config.client_group)
+                               self.qmp.execute, max_size=self.config.display_max, group=self.config.client_group,
+                               key_delay=self.config.key_delay)
         try:
             await display.start(connect_timeout=self.config.start_timeout)
         except (DisplayError, OSError) as exc:

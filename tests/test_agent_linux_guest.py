@@ -30,10 +30,11 @@ from typing import Any
 
 import pytest
 from corelib import CoreProcess, Fleet, RawQmpPeer, short_tmpdir, wait_for
+from PIL import Image
 from test_agent_client import qga_script
 from test_client import ClientProcess, client_pids
 from test_migration_e2e import agent_call, set_bandwidth, wait_migration_status
-from vnclib import ROOT
+from vnclib import ROOT, free_port, vncdo
 
 pytestmark = [pytest.mark.linux_guest, pytest.mark.timeout(400)]  # a boot under TCG, then the test itself
 
@@ -96,8 +97,14 @@ def wait_agent_ready(run_dir: Path, console: Path, within: float = BOOT_TIMEOUT)
 @dataclass
 class BootedGuest:
     core: CoreProcess
-    client: ClientProcess
     console: Path
+    vnc_port: int
+    client: ClientProcess | None = None
+
+    def start_client(self) -> ClientProcess:
+        """The client, serving VNC as an operator's would (and the agent proxy, by default)."""
+        self.client = ClientProcess(self.core, "lg", "--vnc", f"127.0.0.1:{self.vnc_port}")
+        return self.client
 
     @property
     def run_dir(self) -> Path:
@@ -107,7 +114,8 @@ class BootedGuest:
         return self.console.read_text(errors="replace")
 
     def stop(self) -> None:
-        self.client.stop()
+        if self.client is not None:
+            self.client.stop()
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +123,8 @@ def guest(image: LinuxGuestImage) -> Iterator[BootedGuest]:
     with Fleet() as fleet:
         console = fleet.root / "console.log"
         core = fleet.core("lg", "--agent", qemu_args=image.qemu_args(console))
-        booted = BootedGuest(core, ClientProcess(core, "lg"), console)
-        fleet.add(booted)  # stops whichever client it has by then (a test replaces it)
+        booted = fleet.add(BootedGuest(core, console, free_port()))  # ends whichever client it has by then
+        booted.start_client()
         wait_agent_ready(core.run_dir, console)
         yield booted
 
@@ -177,11 +185,27 @@ def test_unchanged_qga_script_on_the_proxy_socket(guest: BootedGuest) -> None:
     assert json.loads(lines[2])["return"]["id"] == "vmfront-test-guest"
 
 
+def test_a_vnc_viewer_types_into_a_shell_on_the_guest_console(guest: BootedGuest) -> None:
+    """Keys from a real viewer (vncdotool) reach a real shell on the guest's VGA console (through the client's VNC
+    server, the core's QMP input, the PS/2 keyboard and Linux's tty), and the agent finds the file it made."""
+    work = short_tmpdir()
+    try:
+        vncdo(guest.vnc_port, type_text="touch /tmp/typed-via-vnc-42\n", capture=work / "console.png")
+        wait_for(lambda: "typed-via-vnc-42" in guest_sh(guest.run_dir, "ls /tmp"), 20, "the typed command to run")
+        with Image.open(work / "console.png") as console:
+            assert console.size == (720, 400)  # Linux's VGA text console, 80x25 cells of 9x16
+            assert len(console.convert("L").getcolors(1 << 16) or []) > 1, "the viewer saw a blank screen"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def test_client_killed_mid_transfer_never_disturbs_the_guest_agent(guest: BootedGuest) -> None:
     """SIGKILL the client while the guest's qemu-ga is streaming replies: the core keeps the port open and drains
     what arrives, so the agent (same pid) never sees a disconnect, and the next client resynchronises."""
     run_dir = guest.run_dir
     pid_before = qemu_ga_pid(run_dir)
+    doomed = guest.client
+    assert doomed is not None
     guest_sh(run_dir, "dd if=/dev/urandom of=/tmp/big.bin bs=1M count=8 2>/dev/null")
     work = short_tmpdir()
     copy = subprocess.Popen([sys.executable, "-m", "vmfront", "agent", "lg", "--run-dir", str(run_dir),
@@ -190,8 +214,8 @@ def test_client_killed_mid_transfer_never_disturbs_the_guest_agent(guest: Booted
     try:
         part = work / "big.bin.part"
         wait_for(lambda: part.exists() and part.stat().st_size > 0, 60, "the copy to be under way")
-        guest.client.proc.send_signal(signal.SIGKILL)
-        guest.client.proc.wait(timeout=10)
+        doomed.proc.send_signal(signal.SIGKILL)
+        doomed.proc.wait(timeout=10)
         _, err = copy.communicate(timeout=60)
         assert copy.returncode != 0, "a copy whose client was killed claimed success"
         interrupted = re.search(r"interrupted after (\d+) of 8388608 bytes.*Nothing was written.*retry", err)
@@ -203,8 +227,8 @@ def test_client_killed_mid_transfer_never_disturbs_the_guest_agent(guest: Booted
             copy.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
 
-    guest.client = ClientProcess(guest.core, "lg")
-    wait_for(lambda: guest.client.pid in client_pids(guest.core), 15, "the new client to attach")
+    client = guest.start_client()
+    wait_for(lambda: client.pid in client_pids(guest.core), 15, "the new client to attach")
     wait_agent_ready(run_dir, guest.console, within=30)
     assert qemu_ga_pid(run_dir) == pid_before
     assert "qemu-ga exited" not in guest.console_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -451,6 +452,36 @@ async def test_input_events_as_qmp_sees_them() -> None:
     assert {"type": "key", "data": {"down": False, "key": {"type": "qcode", "data": "a"}}} in released
     assert len(released) == 3
     assert scale_axis(10_000, 640) == 639 * ABS_MAX // 640 and scale_axis(-5, 640) == 0
+
+
+async def test_key_events_are_paced_pointer_events_are_not() -> None:
+    """QEMU's keyboard buffer holds 16 bytes: a burst of keys in one command would overflow it. So each key event
+    ends a command, and the next one waits the key delay; pointer events ride along with no delay."""
+    qmp = RecordingQmp()
+    stamps: list[float] = []
+    execute = qmp.execute
+
+    async def timed(command: str, arguments: dict[str, Any]) -> object:
+        stamps.append(time.monotonic())
+        return await execute(command, arguments)
+
+    guest = GuestInput(timed, lambda: (640, 400), key_delay=0.05)
+    batch = (guest.pointer_events(1, 1) + guest.key_events("h", True) + guest.key_events("h", False)
+             + guest.pointer_events(2, 2))
+    await guest.send(batch)
+    assert [len(args["events"]) for _, args in qmp.calls] == [3, 1, 2]
+    assert qmp.events() == batch
+    assert all(b - a >= 0.045 for a, b in itertools.pairwise(stamps)), stamps
+    # Two batches sent at once keep their order: the second waits for the first to be paced out.
+    qmp.calls.clear()
+    first = guest.key_events("a", True) + guest.key_events("a", False)
+    second = guest.key_events("b", True) + guest.key_events("b", False)
+    await asyncio.gather(guest.send(first), guest.send(second))
+    assert qmp.events() == first + second
+    # No delay: one command for the whole batch.
+    qmp.calls.clear()
+    await GuestInput(qmp.execute, lambda: (640, 400), key_delay=0).send(batch)
+    assert len(qmp.calls) == 1
 
 
 async def test_release_all_lets_go_only_of_what_the_gone_holder_pressed() -> None:

@@ -81,7 +81,7 @@ c = api.connect(server, password=password or None, factory_class=Factory, timeou
 try:
     if text:
         for ch in text:
-            c.keyPress(ch)
+            c.keyPress("enter" if ch == "\n" else ch)
         c.pause(0.5)
     if out:
         c.captureScreen(out)

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_argument("--client-group", metavar="GROUP",
                       help="group of the client processes: may open control.sock, display.sock and the shm "
                       "segment (default: only the core's own group)")
+    core.add_argument("--key-delay-ms", type=float, default=10.0, metavar="MS",  # core_daemon.input.KEY_DELAY_S
+                      help="pause after each key event sent to the guest, so its keyboard buffer does not overflow "
+                      "when keys arrive in bulk (default: %(default)g, as QEMU's own VNC server; 0: no pause)")
     core.add_argument("--no-display", action="store_true",
                       help="do not capture the guest display into shared memory (no private VNC for QEMU)")
     core.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
@@ -211,7 +214,7 @@ def cmd_core(args: argparse.Namespace) -> int:
             qemu_binary=args.qemu_binary, accel=args.accel, attach=args.attach, qmp_socket=args.qmp_socket,
             qmp_tcp=args.qmp_tcp, policy=policy, ready_fd=args.ready_fd, graceful_timeout=args.graceful_timeout,
             start_timeout=args.start_timeout, stop_timeout=args.stop_timeout, max_message=args.qmp_max_message,
-            max_backlog=args.qmp_max_backlog, display=not args.no_display,
+            max_backlog=args.qmp_max_backlog, display=not args.no_display, key_delay=args.key_delay_ms / 1000,
             client_group=_group_id(args.client_group) if args.client_group else None,
             agent=args.agent or args.agent_socket is not None, agent_socket=args.agent_socket,
             incoming=args.incoming,
