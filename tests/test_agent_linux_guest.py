@@ -204,6 +204,7 @@ def test_client_killed_mid_transfer_never_disturbs_the_guest_agent(guest: Booted
     what arrives, so the agent (same pid) never sees a disconnect, and the next client resynchronises."""
     run_dir = guest.run_dir
     pid_before = qemu_ga_pid(run_dir)
+    exits_before = guest.console_text().count("qemu-ga exited")
     doomed = guest.client
     assert doomed is not None
     guest_sh(run_dir, "dd if=/dev/urandom of=/tmp/big.bin bs=1M count=8 2>/dev/null")
@@ -231,11 +232,35 @@ def test_client_killed_mid_transfer_never_disturbs_the_guest_agent(guest: Booted
     wait_for(lambda: client.pid in client_pids(guest.core), 15, "the new client to attach")
     wait_agent_ready(run_dir, guest.console, within=30)
     assert qemu_ga_pid(run_dir) == pid_before
-    assert "qemu-ga exited" not in guest.console_text()
+    assert guest.console_text().count("qemu-ga exited") == exits_before
     # Replies were in flight when the client died: the core drained them (and says how much).
     dropped = re.search(r"guest agent: dropped (\d+) bytes", guest.core.stderr())
     assert dropped and int(dropped.group(1)) > 0, guest.core.stderr()[-3000:]
     guest_sh(run_dir, "rm -f /tmp/big.bin")
+
+
+def test_agent_restarted_inside_the_guest(guest: BootedGuest) -> None:
+    """qemu-ga dies in the guest (an upgrade, a crash) and its supervisor restarts it a second later: calls in the
+    gap fail clearly within their deadline, and the next call reaches the new qemu-ga after a resync. Meanwhile the
+    host side never disconnected: the core's socket to QEMU's port stays open (virtio-serial holds what it cannot
+    deliver until the new agent opens the port, and the resync skips it)."""
+    run_dir = guest.run_dir
+    old_pid = qemu_ga_pid(run_dir)
+    exits_before = guest.console_text().count("qemu-ga exited")
+    # Killed from inside, a second after guest-exec has answered (so no reply is cut short by it).
+    spawned = agent_json(run_dir, "guest-exec", json.dumps(
+        {"path": "/bin/sh", "arg": ["-c", f"(sleep 1; kill -9 {old_pid}) >/dev/null 2>&1 &"]}))
+    assert "pid" in spawned
+    wait_for(lambda: guest.console_text().count("qemu-ga exited") > exits_before, 30, "qemu-ga to die in the guest")
+    start = time.monotonic()
+    gap = vmfront_agent(run_dir, "--timeout", "2", "ping")
+    assert time.monotonic() - start < 2 + 5
+    if gap.returncode != 0:  # the new agent may already be up; if not, a clear error
+        assert "AgentTimeout" in gap.stderr or "AgentUnavailable" in gap.stderr, gap.stderr
+    wait_agent_ready(run_dir, guest.console, within=60)
+    assert qemu_ga_pid(run_dir) != old_pid
+    assert "qemu-ga exited with 137" in guest.console_text()
+    assert "guest agent channel closed" not in guest.core.stderr()
 
 
 def test_migration_with_the_agent_inside_the_guest_then_guest_shutdown(image: LinuxGuestImage) -> None:
