@@ -11,7 +11,11 @@ outstanding request) talks to both, with the same encoding (Raw, ZRLE):
   its own rate over an equal idle spell, which is the guest running);
 * damage → viewer latency: a key sent by QMP ``send-key`` makes the guest echo it on its KEYS row; both
   viewers wait with an incremental request outstanding, and the latency is from the QMP reply to the first
-  update covering that row (median and p99 over ``--samples`` keys).
+  update covering that row (median and p99 over ``--samples`` keys);
+* typing in bulk: a viewer sends ``--burst`` lowercase letters (down and up each) in one write, as a script or
+  a paste does; the guest's KEYS row (read from guest memory) says how many arrived and when the last did.
+  The emulated PS/2 keyboard buffers 16 bytes, so a server that forwards a burst at once loses keys; both pace
+  them (QEMU's key-delay-ms, our core's --key-delay-ms).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from corelib import RawQmpPeer, kill_pid, short_tmpdir, spawn_core  # noqa: E402
+from guestlib import text_row  # noqa: E402
 from vnclib import RAW, ZRLE, MiniViewer, VncClientProcess, free_port, wait_for  # noqa: E402
 
 from core_daemon.demo_guest import demo_image_path, demo_qemu_args  # noqa: E402
@@ -93,6 +98,40 @@ async def latencies(ports: dict[str, int], encoding: int, samples: int, qmp: Raw
     return result
 
 
+async def typing(ports: dict[str, int], qmp: RawQmpPeer, scratch: Path, burst: int,
+                 rounds: int) -> dict[str, list[tuple[int, float]]]:
+    """(keys that reached the guest, seconds until the last did) per round, per server, alternating."""
+    loop = asyncio.get_running_loop()
+    text = ("abcdefghijklmnopqrstuvwxyz" * 4)[:burst]
+
+    def keys_typed() -> str:
+        return text_row(qmp, 4, scratch)[len("KEYS: "):]
+
+    result: dict[str, list[tuple[int, float]]] = {name: [] for name in ports}
+    for _ in range(rounds):
+        for name, port in ports.items():
+            await loop.run_in_executor(None, lambda: qmp.execute(
+                "send-key", arguments={"keys": [{"type": "qcode", "data": "esc"}]}))  # clears the KEYS row
+            await asyncio.sleep(0.3)
+            viewer = await MiniViewer.connect(port, RAW)
+            try:
+                start = time.monotonic()
+                for ch in text:
+                    viewer.key(ord(ch), True)
+                    viewer.key(ord(ch), False)
+                await viewer.writer.drain()
+                seen, last_change = "", time.monotonic()
+                while len(seen) < burst and time.monotonic() - last_change < 2.0:
+                    now = await loop.run_in_executor(None, keys_typed)
+                    if now != seen:
+                        seen, last_change = now, time.monotonic()
+                    await asyncio.sleep(0.01)
+                result[name].append((len(seen), last_change - start))
+            finally:
+                viewer.close()
+    return result
+
+
 def p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
@@ -102,6 +141,8 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--samples", type=int, default=60)
+    parser.add_argument("--burst", type=int, default=40, help="keys per typing burst (at most 74)")
+    parser.add_argument("--rounds", type=int, default=3, help="typing bursts per server")
     args = parser.parse_args()
 
     root = short_tmpdir()
@@ -146,6 +187,14 @@ async def main() -> int:
         for name, fps, lat_med, lat_p99, cpu_ratio in ratios:
             print(f"  {name}: frames/s {fps:.2f}x, latency median {lat_med:.2f}x, p99 {lat_p99:.2f}x, "
                   f"CPU per update {cpu_ratio:.2f}x (vs QEMU's whole process)")
+        typed = await typing({"vmfront": client.port, "QEMU": qemu_port}, qmp, root, args.burst, args.rounds)
+        print(f"\ntyping {args.burst} keys in one write ({args.rounds} rounds each):")
+        for name, runs in typed.items():
+            arrived = ", ".join(f"{n}/{args.burst}" for n, _ in runs)
+            print(f"  {name}: arrived {arrived}; last key after median "
+                  f"{statistics.median(t for _, t in runs) * 1000:.0f} ms")
+        ours, theirs = (statistics.median(t for _, t in typed[k]) for k in ("vmfront", "QEMU"))
+        print(f"  time to type, ours / QEMU: {ours / theirs:.2f}x")
     finally:
         qmp.close()
         client.stop()

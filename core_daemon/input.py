@@ -101,6 +101,7 @@ class GuestInput:
         self._execute = execute
         self._key_delay = key_delay
         self._sending = asyncio.Lock()  # one batch at a time, in arrival order: pacing must not reorder keys
+        self._next_key_at = 0.0  # loop time before which nothing follows the last key event sent
         self._screen_size = screen_size
         self._on_input = on_input
         self._keys_down: dict[str | int, set[object]] = {}  # key -> the holders that pressed it
@@ -109,19 +110,26 @@ class GuestInput:
 
     async def send(self, events: Sequence[Event]) -> None:
         """Send a batch built with the ``*_events`` methods: one ``input-send-event`` up to and including each
-        key event, then the key delay before the next (none at all with a zero delay)."""
+        key event; the next command starts no sooner than the key delay after that one started (the round trip
+        counts towards the delay). With a zero delay, the whole batch is one command."""
         if not events:
             return
+        loop = asyncio.get_running_loop()
         async with self._sending:
             chunk: list[Event] = []
             for index, event in enumerate(events):
                 chunk.append(event)
-                last = index == len(events) - 1
-                if last or (event["type"] == "key" and self._key_delay > 0):
-                    await self._send_now(chunk)
-                    chunk = []
-                    if not last:
-                        await asyncio.sleep(self._key_delay)
+                ends_chunk = event["type"] == "key" and self._key_delay > 0
+                if not ends_chunk and index < len(events) - 1:
+                    continue
+                wait = self._next_key_at - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                started = loop.time()
+                await self._send_now(chunk)
+                chunk = []
+                if ends_chunk:
+                    self._next_key_at = started + self._key_delay
 
     async def _send_now(self, events: list[Event]) -> None:
         try:

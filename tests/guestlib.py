@@ -35,13 +35,30 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 from qemu.qmp import QMPClient
 
 from core_daemon.demo_guest import demo_image_path, demo_qemu_args
 
+if TYPE_CHECKING:
+    from corelib import RawQmpPeer
+
 QEMU_BINARY = "qemu-system-x86_64"
+
+
+def text_row(peer: RawQmpPeer, row: int, scratch: Path) -> str:
+    """One row of the guest's text screen, read from guest memory (what the guest wrote, not how it renders)."""
+    path = scratch / f"vram-{time.monotonic_ns()}.bin"
+    reply = peer.execute("pmemsave", arguments={"val": 0xB8000, "size": 80 * 25 * 2, "filename": str(path)})
+    assert "return" in reply, reply
+    try:
+        cells = path.read_bytes()[::2]
+    finally:
+        path.unlink(missing_ok=True)
+    return cells[row * 80:(row + 1) * 80].decode("cp437").rstrip()
+
 
 Box = tuple[int, int, int, int]
 """(left, top, right, bottom) in screendump pixels, right/bottom exclusive, as Image.crop takes."""

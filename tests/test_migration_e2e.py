@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from corelib import CoreProcess, Fleet, RawQmpPeer, kill_pid, pid_alive, wait_for
-from guestlib import TEXT_BOXES, crop, is_demo_text_screen
+from guestlib import TEXT_BOXES, crop, is_demo_text_screen, text_row
 from PIL import Image, ImageChops
 from test_client import client_pids
 from vnclib import ROOT, VncClientProcess, free_port
@@ -48,18 +48,6 @@ def screendump(name: str, run_dir: Path, path: Path) -> Image.Image:
     result = vmfront("screendump", name, str(path), "--run-dir", str(run_dir), timeout=20)
     assert result.returncode == 0, result.stderr
     return Image.open(path).convert("RGB")
-
-
-def text_row(peer: RawQmpPeer, row: int, scratch: Path) -> str:
-    """One row of the guest's text screen, read from guest memory (what the guest wrote, not how it renders)."""
-    path = scratch / f"vram-{time.monotonic_ns()}.bin"
-    reply = peer.execute("pmemsave", arguments={"val": 0xB8000, "size": 80 * 25 * 2, "filename": str(path)})
-    assert "return" in reply, reply
-    try:
-        cells = path.read_bytes()[::2]
-    finally:
-        path.unlink(missing_ok=True)
-    return cells[row * 80:(row + 1) * 80].decode("cp437").rstrip()
 
 
 class Qga:

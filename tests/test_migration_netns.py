@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 from corelib import Fleet, LoggedProcess, RawQmpPeer, wait_for
-from guestlib import is_demo_text_screen
+from guestlib import is_demo_text_screen, text_row
 from PIL import Image, ImageChops
 from test_client import client_pids
-from test_migration_e2e import screendump, text_row
+from test_migration_e2e import screendump
 from vnclib import _VNCDO_SCRIPT, ROOT
 
 IP = shutil.which("ip")
