@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ipc.rundir import listen_unix
 from shm.notify import encode_hello
 
 log = logging.getLogger(__name__)
@@ -59,20 +60,7 @@ class DisplaySocket:
     def start(self) -> None:
         """Bind and listen (replacing a stale socket file) and start accepting on the running loop."""
         self._loop = asyncio.get_running_loop()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        try:
-            sock.bind(str(self.path))
-            os.chmod(self.path, self.mode)  # bind applied the umask; the mode asked for is the contract
-            if self.group is not None:
-                os.chown(self.path, -1, self.group)
-            sock.listen(16)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            raise
+        sock = listen_unix(self.path, mode=self.mode, group=self.group, kind=socket.SOCK_SEQPACKET, backlog=16)
         self._listener = sock
         self._loop.add_reader(sock.fileno(), self._accept)
         log.info("display readers attach at %s", self.path)

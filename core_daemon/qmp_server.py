@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import socket
 import struct
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ipc.rundir import check_socket_path, remove_stale_socket
+from ipc.rundir import check_socket_path, listen_unix, remove_stale_socket
 
 from .policy import Policy
 from .qmp_protocol import (
@@ -110,9 +109,7 @@ class QmpReexport:
         check_socket_path(path)
         remove_stale_socket(path)
         server = await asyncio.start_unix_server(
-            lambda r, w: self._accept(r, w, socket_name), path=str(path), limit=_READ_CHUNK
-        )
-        os.chmod(path, mode)
+            lambda r, w: self._accept(r, w, socket_name), sock=listen_unix(path, mode=mode), limit=_READ_CHUNK)
         self._servers.append((server, path))
         log.info("QMP socket %r listening on %s", socket_name, path)
 

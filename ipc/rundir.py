@@ -18,8 +18,10 @@ Layout (documented in docs/rundir.md)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -74,6 +76,44 @@ def remove_stale_socket(path: Path) -> None:
     if not stat.S_ISSOCK(mode):
         raise RunDirError(f"{path} exists and is not a socket; refusing to replace it")
     path.unlink()
+
+
+def listen_unix(path: Path, *, mode: int | None, group: int | None = None, kind: int = socket.SOCK_STREAM,
+                backlog: int = 64) -> socket.socket:
+    """A listening, non-blocking unix socket at ``path``, with ``mode`` (None: what the umask gives) and ``group``.
+
+    It is bound under a temporary name, given its mode, put in the listening state, and only then renamed into
+    place. So whoever sees the path can connect: bind() creates the file before listen(), and a process
+    preempted in between leaves a socket that refuses connections, which made "wait until it exists" racy on a
+    loaded machine. Nor is the path ever seen with other permissions than asked. A socket already at ``path``
+    is replaced (the caller decides first whether that is allowed); anything else there is an error."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    if len(os.fsencode(temp)) > UNIX_PATH_MAX:
+        temp = path.with_name(f".{os.getpid()}")
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        sock.bind(os.fspath(temp))
+        try:
+            if mode is not None:
+                os.chmod(temp, mode)
+            if group is not None:
+                os.chown(temp, -1, group)
+            sock.listen(backlog)
+            os.rename(temp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            raise
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 @dataclass(frozen=True)

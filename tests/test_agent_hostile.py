@@ -76,7 +76,11 @@ def hostile() -> Iterator[tuple[CoreProcess, ClientProcess, Path]]:
 def test_hostile_agent_cannot_hurt_the_client(hostile: tuple[CoreProcess, ClientProcess, Path], mode: str) -> None:
     core, client, mode_file = hostile
     proxy_path = core.run_dir / "agent.sock"
-    good = Proxy(proxy_path)
+    try:
+        good = Proxy(proxy_path)
+    except OSError as exc:
+        raise AssertionError(f"cannot connect to the agent proxy: {exc}; client alive: {client.proc.poll() is None}"
+                             f"\nclient log:\n{client.text()[-4000:]}\ncore log:\n{core.stderr()[-3000:]}") from exc
     assert good.call({"execute": "guest-ping"}) == {"return": {}}, client.text()[-2000:]
     rss_before = rss_kib(client.pid)
     mode_file.write_text(mode)

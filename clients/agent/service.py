@@ -15,7 +15,6 @@ import contextlib
 import enum
 import json
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ipc.channel import ChannelError, NotAttached, RemoteError
 from ipc.messages import MAX_AGENT_CHUNK, AgentData, EventBody, Migrated, Migrating, RunStateChanged, Welcome
-from ipc.rundir import RunDirError
+from ipc.rundir import RunDirError, listen_unix
 from shm import Overrun, Record
 
 from .protocol import (
@@ -507,11 +506,7 @@ async def _bind_proxy(path: Path, handler: Callable[[asyncio.StreamReader, async
             raise OSError(f"another process already serves {path}")
         finally:
             probe.close()
-    old = os.umask(0o177)
-    try:
-        return await asyncio.start_unix_server(handler, str(path), limit=PROXY_MAX_LINE)
-    finally:
-        os.umask(old)
+    return await asyncio.start_unix_server(handler, sock=listen_unix(path, mode=0o600), limit=PROXY_MAX_LINE)
 
 
 def _loop_time(deadline: float) -> float:

@@ -12,7 +12,6 @@ import contextlib
 import ipaddress
 import logging
 import os
-import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ipc.channel import ChannelError, NotAttached
 from ipc.messages import EventBody, Welcome
+from ipc.rundir import listen_unix
 from shm import Overrun, Record
 
 from .commands import MonitorError, Session, execute
@@ -148,17 +148,10 @@ class MonitorService:
     async def bind(self, ctx: ClientContext) -> None:
         self._ctx = ctx
         if self.address.path is not None:
-            path = self.address.path
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(path.lstat().st_mode):
-                    path.unlink()  # a socket left by a killed client
-            old_umask = os.umask(0o777 & ~self.mode)
-            try:
-                self._server = await asyncio.start_unix_server(self._serve, path, limit=MAX_LINE,
-                                                               start_serving=False)
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, self.mode)
+            # A socket left by a killed client is replaced.
+            self._server = await asyncio.start_unix_server(self._serve, sock=listen_unix(self.address.path,
+                                                                                         mode=self.mode),
+                                                           limit=MAX_LINE, start_serving=False)
         else:
             self._server = await asyncio.start_server(self._serve, self.address.host, self.address.port,
                                                       limit=MAX_LINE, start_serving=False)

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import socket
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,6 +39,7 @@ from clients.rfb.wire import (
 from ipc.channel import ChannelError
 from ipc.messages import EventBody as CoreEvent
 from ipc.messages import InputEvent, KeyEvent, Migrated, PointerEvent, Welcome, WheelEvent
+from ipc.rundir import listen_unix
 from shm import CursorShapeRecord, DamageRecord, LayoutError, Mode, ModeRecord, Overrun, Record
 
 from .keymap import qcode_for, scancode_for
@@ -121,18 +121,12 @@ def read_password(path: Path | None, env: dict[str, str] | None = None) -> str |
 def bind_socket(address: ListenAddress) -> socket.socket:
     try:
         if address.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(address.path.lstat().st_mode):
-                    address.path.unlink()  # a stale socket from an earlier client
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(os.fspath(address.path))
-        else:
-            infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-            family, kind, proto, _, sockaddr = infos[0]
-            sock = socket.socket(family, kind, proto)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
+            return listen_unix(address.path, mode=None)  # a stale socket from an earlier client is replaced
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
         sock.listen(64)
         sock.setblocking(False)
     except OSError as exc:
