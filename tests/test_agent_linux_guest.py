@@ -200,8 +200,9 @@ def test_a_vnc_viewer_types_into_a_shell_on_the_guest_console(guest: BootedGuest
 
 
 def test_client_killed_mid_transfer_never_disturbs_the_guest_agent(guest: BootedGuest) -> None:
-    """SIGKILL the client while the guest's qemu-ga is streaming replies: the core keeps the port open and drains
-    what arrives, so the agent (same pid) never sees a disconnect, and the next client resynchronises."""
+    """SIGKILL the client while the guest's qemu-ga is streaming replies: the core keeps the port open (and drops
+    what arrives once it knows the client is gone; what came before went to the dead client's queue), so the agent
+    (same pid) never sees a disconnect, and the next client resynchronises."""
     run_dir = guest.run_dir
     pid_before = qemu_ga_pid(run_dir)
     exits_before = guest.console_text().count("qemu-ga exited")
@@ -233,9 +234,6 @@ def test_client_killed_mid_transfer_never_disturbs_the_guest_agent(guest: Booted
     wait_agent_ready(run_dir, guest.console, within=30)
     assert qemu_ga_pid(run_dir) == pid_before
     assert guest.console_text().count("qemu-ga exited") == exits_before
-    # Replies were in flight when the client died: the core drained them (and says how much).
-    dropped = re.search(r"guest agent: dropped (\d+) bytes", guest.core.stderr())
-    assert dropped and int(dropped.group(1)) > 0, guest.core.stderr()[-3000:]
     guest_sh(run_dir, "rm -f /tmp/big.bin")
 
 
