@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from corelib import CoreProcess, RawQmpPeer, kill_pid, pid_alive, short_tmpdir, spawn_core  # noqa: E402
-from test_client import ClientProcess  # noqa: E402
+from test_client import ClientProcess, client_pids  # noqa: E402
+from vnclib import free_port  # noqa: E402
 
 NAME = "soak"
 #: After a (re)attach, failures of viewers, monitors and agent calls still count as "during restarts" this long.
@@ -120,7 +121,7 @@ class Soak:
         self.root = short_tmpdir()
         self.run_dir = self.root / "run"
         self.agent_sock = self.root / "qga.sock"
-        self.port = _free_port()
+        self.port = free_port()
         self.stats = Stats()
         self.stop = threading.Event()
         self.client_ok = threading.Event()  # cleared while the client is being replaced
@@ -172,7 +173,7 @@ class Soak:
         while time.monotonic() < deadline:
             assert self.core is not None
             with contextlib.suppress(OSError, ValueError, KeyError):
-                if client.pid in [c["pid"] for c in self.core.state().get("clients", [])] and _port_open(self.port):
+                if client.pid in client_pids(self.core) and _port_open(self.port):
                     return
             if client.proc.poll() is not None:
                 raise RuntimeError(f"client exited ({client.proc.returncode}):\n{client.text()[-3000:]}")
@@ -247,6 +248,14 @@ class Soak:
             finally:
                 peer.close()
 
+    def failed(self, kind: str, detail: str, expected: bool) -> None:
+        """Count a failure; it is an error only if no restart was under way when it started or when it ended."""
+        if expected or not self.client_ok.is_set() or not self.core_ok.is_set():
+            self.stats.add(f"{kind} failures during restarts")
+        else:
+            self.stats.add(f"{kind} failures")
+            self.stats.error(detail)
+
     def viewer(self, index: int) -> None:
         while not self.stop.is_set():
             expected = not self.client_ok.is_set() or not self.core_ok.is_set()
@@ -255,11 +264,7 @@ class Soak:
                 self.stats.add("viewer sessions ok")
                 self.stats.add("viewer bytes", got)
             except (OSError, ValueError) as exc:
-                if expected or not self.client_ok.is_set() or not self.core_ok.is_set():
-                    self.stats.add("viewer failures during restarts")
-                else:
-                    self.stats.add("viewer failures")
-                    self.stats.error(f"viewer {index}: {exc!r}")
+                self.failed("viewer", f"viewer {index}: {exc!r}", expected)
             self.stop.wait(0.3 + 0.1 * index)
 
     def monitor(self) -> None:
@@ -280,11 +285,7 @@ class Soak:
                         if self.stop.wait(0.2):
                             break
             except (OSError, ValueError) as exc:
-                if expected or not self.client_ok.is_set() or not self.core_ok.is_set():
-                    self.stats.add("monitor failures during restarts")
-                else:
-                    self.stats.add("monitor failures")
-                    self.stats.error(f"monitor: {exc!r}")
+                self.failed("monitor", f"monitor: {exc!r}", expected)
             self.stop.wait(0.2)
 
     def agent(self) -> None:
@@ -299,11 +300,8 @@ class Soak:
                 ok, detail = False, "timed out"
             if ok:
                 self.stats.add("agent calls ok")
-            elif expected or not self.client_ok.is_set() or not self.core_ok.is_set():
-                self.stats.add("agent failures during restarts")
             else:
-                self.stats.add("agent failures")
-                self.stats.error(f"agent: {detail}")
+                self.failed("agent", f"agent: {detail}", expected)
             self.stop.wait(1.0)
 
     # -- the run
@@ -485,13 +483,6 @@ class Soak:
 
 
 # --- small helpers --------------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _port_open(port: int) -> bool:
