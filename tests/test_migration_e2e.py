@@ -268,6 +268,25 @@ def agent_pid(run_dir: Path) -> int:
     return int(result.stdout)
 
 
+def viewer_shows_the_running_guest(viewer: Viewer, qmp: RawQmpPeer, vm: str, run_dir: Path, scratch: Path,
+                                   keys: str, keys_row: str) -> None:
+    """The viewer's captures keep changing (the guest's counter runs), the keys it types reach the guest (its
+    KEYS row, read from guest memory, becomes ``keys_row``), and with the guest paused a capture equals the
+    core's screendump."""
+    first = viewer.capture(scratch / "after-1.png")
+    wait_for(lambda: crop(viewer.capture(scratch / "after-2.png"), TEXT_BOXES["counter"])
+             != crop(first, TEXT_BOXES["counter"]), 10, f"the viewer's counter to change ({vm})")
+    viewer.command(f"keys {keys}")
+    wait_for(lambda: text_row(qmp, 4, scratch) == keys_row, 10, f"the keys on {vm}")
+    assert "return" in qmp.execute("stop")
+    time.sleep(0.5)
+    capture = viewer.capture(scratch / "paused.png")
+    dump = screendump(vm, run_dir, scratch / f"{vm}.png")
+    assert capture.size == dump.size
+    assert ImageChops.difference(capture, dump).getbbox() is None
+    assert "return" in qmp.execute("cont")
+
+
 # --- the tests -------------------------------------------------------------------------------------------------
 
 
@@ -328,23 +347,10 @@ def test_viewer_keys_and_agent_follow_the_guest(pair: Pair) -> None:
         wait_for(lambda: plain.ended or (plain.updates and plain.updates[-1] > switched + 0.5), 10,
                  "updates to the viewer that cannot resize")
         assert plain.ended is None, plain.ended
-        # Its captures keep changing (the counter runs on the destination) ...
-        first = viewer.capture(scratch / "after-1.png")
-        wait_for(lambda: crop(viewer.capture(scratch / "after-2.png"), TEXT_BOXES["counter"])
-                 != crop(first, TEXT_BOXES["counter"]), 10, "the viewer's counter to change after the switch")
-        # ... keys typed now reach the guest on the destination ...
+        # The viewer shows the guest running on the destination, and its keys reach it there.
         dst_qmp = RawQmpPeer(pair.dst.qmp_socket).negotiate()
         try:
-            viewer.command("keys bc")
-            wait_for(lambda: text_row(dst_qmp, 4, scratch) == "KEYS: abc", 10, "the keys on the destination")
-            # ... and with the destination paused, a capture equals the destination's screendump.
-            assert "return" in dst_qmp.execute("stop")
-            time.sleep(0.5)
-            capture = viewer.capture(scratch / "paused.png")
-            dump = screendump("dst", pair.dst_run, scratch / "dst.png")
-            assert capture.size == dump.size
-            assert ImageChops.difference(capture, dump).getbbox() is None
-            assert "return" in dst_qmp.execute("cont")
+            viewer_shows_the_running_guest(viewer, dst_qmp, "dst", pair.dst_run, scratch, "bc", "KEYS: abc")
         finally:
             dst_qmp.close()
 
@@ -399,17 +405,7 @@ def test_destination_dies_mid_way(pair: Pair) -> None:
         assert client.proc.poll() is None and client.pid in client_pids(pair.src)
         assert "guest migrated" not in client.text()
         # The viewer on the same connection keeps getting a running screen equal to the source's.
-        first = viewer.capture(scratch / "after-1.png")
-        wait_for(lambda: crop(viewer.capture(scratch / "after-2.png"), TEXT_BOXES["counter"])
-                 != crop(first, TEXT_BOXES["counter"]), 10, "the counter to keep changing")
-        viewer.command("keys z")
-        wait_for(lambda: text_row(watcher, 4, scratch) == "KEYS: z", 10, "the keys on the source")
-        assert "return" in watcher.execute("stop")
-        time.sleep(0.5)
-        capture = viewer.capture(scratch / "paused.png")
-        dump = screendump("src", pair.src_run, scratch / "src.png")
-        assert ImageChops.difference(capture, dump).getbbox() is None
-        assert "return" in watcher.execute("cont")
+        viewer_shows_the_running_guest(viewer, watcher, "src", pair.src_run, scratch, "z", "KEYS: z")
         peer = f"viewer 127.0.0.1:{viewer.local_port}"
         assert client.text().count(f"{peer}: connection") == 1 and f"{peer} gone" not in client.text()
         # Agent calls work again (no lingering "migrating"), answered by the source's agent.
