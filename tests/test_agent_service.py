@@ -111,7 +111,17 @@ async def test_migration_waits_or_fails_busy() -> None:
         waiting = asyncio.ensure_future(service.call("guest-ping", timeout_s=5))
         await asyncio.sleep(0.2)
         assert not waiting.done()
+        # "Migrated" alone does not release it: the client has yet to attach to the new core (the old core's
+        # last state changes do not either) ...
         service.event(Migrated("ipc:///elsewhere"))
+        service.event(RunStateChanged("paused", "postmigrate"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        with pytest.raises(AgentBusy, match="migrating"):
+            await service.call("guest-ping", wait_if_busy=False)
+        # ... attaching there does.
+        service.detached("moved to ipc:///elsewhere")
+        service.attached(welcome())
         assert await waiting == {"echo": "guest-ping"}
         # A run-state change that is not "migrating" also ends it (e.g. the migration failed and the guest runs).
         service.event(Migrating())

@@ -134,6 +134,7 @@ class AgentService:
         self._attached = False
         self._absent_reason = "not attached to a core yet"
         self.migrating = False
+        self._moving = False  # told the guest runs under another core, not attached there yet
         self.migrations = 0  # incremented when a migration starts (stateful sessions compare it)
         self._worker: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
@@ -177,6 +178,7 @@ class AgentService:
 
     def attached(self, welcome: Welcome) -> None:
         self._attached = True
+        self._moving = False
         self._conn.abandon()  # a (new) core: its relay may have reconnected; resync before the next command
         self._set_migrating(welcome.run_state == "migrating")
         self._changed.set()
@@ -197,8 +199,11 @@ class AgentService:
         elif isinstance(body, Migrating):
             self._set_migrating(True)
         elif isinstance(body, Migrated):
-            self._set_migrating(False)
-        elif isinstance(body, RunStateChanged):
+            # The guest left this core; the channel is about to follow it. Until the client is attached to the
+            # new core, calls still wait (or fail busy): sent now, they would reach the old core, or no core.
+            self._moving = True
+            self._set_migrating(True)
+        elif isinstance(body, RunStateChanged) and not self._moving:
             self._set_migrating(body.state == "migrating")
 
     async def close(self) -> None:
