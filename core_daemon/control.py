@@ -105,13 +105,18 @@ class ControlService:
 
     async def _handle(self, client: ClientInfo, op_name: str, op: Op) -> Any:
         if isinstance(op, QmpOp):
-            if not self._policy.allows(CLIENT_SOCKET, op.command):
-                log.info("%s: denied %r", client, op.command)
-                raise RequestError("GenericError", Policy.denial(CLIENT_SOCKET, op.command))
+            denied = self._policy.refusal(CLIENT_SOCKET, op.command, op.arguments)
+            if denied is not None:
+                log.info("%s: %s", client, denied)
+                raise RequestError("GenericError", denied)
             reply = await self._execute(op.command, op.arguments)
             if "error" in reply:
                 error = reply["error"]
                 raise RequestError(str(error.get("class", "GenericError")), str(error.get("desc", "")))
+            if op.command == "query-commands" and isinstance(reply.get("return"), list):
+                # A client is told only what it may run (QEMU's list less what the policy denies it).
+                return [c for c in reply["return"]
+                        if isinstance(c, dict) and self._policy.allows(CLIENT_SOCKET, str(c.get("name")))]
             return reply.get("return")
         if isinstance(op, InputOp):
             await self._input(client, op)

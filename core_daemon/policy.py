@@ -1,28 +1,31 @@
-"""QMP command policy: which commands each of the core's sockets may run.
+"""QMP command policy: which commands, with which arguments, each of the core's sockets may run.
 
-The management socket gets full access by default; the control channel used by the unprivileged client is
-denied what grants host access (arbitrary HMP, file descriptors, objects and chardevs, host paths). A TOML file
-can change either; see docs/policy.md.
+The management socket gets full access by default. The control channel used by the unprivileged client gets an
+**allow-list**: what a VNC server, a human monitor and a guest-agent front end need, and nothing else (a command
+QEMU adds later is denied until someone decides otherwise). Where a command is only partly safe the policy matches
+its arguments too (``qom-get`` only under ``/machine``, ``migrate`` only to the migration socket of a vmfront core
+on this host). A TOML file can change any socket; see docs/policy.md, which gives the reason for every entry.
 
 Format::
 
-    [sockets.qmp]                 # the management QMP socket (qmp-tcp is the optional TCP one)
-    default = "allow"             # what happens to commands not listed
-    deny = ["human-monitor-command"]
-
     [sockets.client]
-    default = "deny"
-    allow = ["query-*", "stop", "cont"]
+    default = "deny"                      # what happens to commands not listed
+    allow = ["query-status", "qom-get"]
+    deny = []
 
-Names are shell-style patterns (``query-*``); ``@host-access`` stands for the whole default deny list of the
-client socket. ``deny`` wins over ``allow``; ``qmp_capabilities`` is protocol, not a command, and is always
-allowed. A socket's table replaces only the keys it gives: ``[sockets.client]`` with just ``allow = [...]`` keeps
-the default deny list.
+    [sockets.client.arguments.qom-get]    # qom-get is allowed only with these arguments
+    path = ["/machine/*"]                 # if given, the value must match one of these patterns
+
+Names are shell-style patterns (``query-*``); ``@host-access`` stands for the list of commands that reach the
+host, and ``@client`` for the default client allow-list. ``deny`` wins over ``allow``; ``qmp_capabilities`` is
+protocol, not a command, and is always allowed. A socket's table replaces only the keys it gives.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
+import posixpath
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,12 +84,62 @@ HOST_ACCESS_COMMANDS = (
     "x-*",
 )
 
-#: Write this in a policy list to mean every command of HOST_ACCESS_COMMANDS.
+#: The client's allow-list: what the client's services need (docs/policy.md gives the reason for each).
+CLIENT_ALLOWED = (
+    # Guest lifecycle, as the monitor's stop/cont/system_reset/system_powerdown/system_wakeup/quit/nmi.
+    "stop", "cont", "system_reset", "system_powerdown", "system_wakeup", "quit", "inject-nmi",
+    # Keyboard and mouse from the monitor (sendkey, mouse_move, mouse_button); viewers' input uses the input op.
+    "send-key", "input-send-event",
+    # Guest memory and removable media (balloon, eject): the guest's own virtual hardware, no host paths.
+    "balloon", "eject",
+    # The monitor's savevm/loadvm/delvm: internal snapshots inside the VM's own images, jobs named vmfront-*.
+    "snapshot-save", "snapshot-load", "snapshot-delete", "job-dismiss",
+    # The monitor's migrate, to another vmfront core on this host only (see the argument rules).
+    "migrate",
+    # Reading the machine's device tree, types and properties (the monitor's device help, qom-list, qom-get).
+    "qom-get", "qom-list", "qom-list-types", "qom-list-properties", "device-list-properties",
+    # Read-only state the monitor's info commands show; none carries secrets.
+    "query-status", "query-version", "query-name", "query-uuid", "query-kvm", "query-target", "query-machines",
+    "query-current-machine", "query-cpus-fast", "query-cpu-definitions", "query-hotpluggable-cpus",
+    "query-block", "query-blockstats", "query-named-block-nodes", "query-block-jobs", "query-jobs",
+    "query-chardev", "query-mice", "query-pci", "query-balloon", "query-memdev", "query-memory-size-summary",
+    "query-memory-devices", "query-iothreads", "query-acpi-ospm-status", "query-vm-generation-id", "query-tpm",
+    "query-dump", "query-display-options", "query-migrate", "query-migrate-capabilities",
+    "query-migrate-parameters", "query-vnc", "query-vnc-servers", "query-commands", "query-command-line-options",
+    "query-qmp-schema",
+)
+
+#: Where the client's allowed commands are only partly safe: argument name -> patterns a given value must match.
+#: ``{run_root}`` is the directory holding every VM's run directory (the parent of this core's).
+CLIENT_ARGUMENTS: dict[str, dict[str, tuple[str, ...]]] = {
+    # Objects under /objects are host backends (secrets hold LUKS keys and passwords: qom-get would read them).
+    "qom-get": {"path": ("/machine", "/machine/*")},
+    "qom-list": {"path": ("/machine", "/machine/*")},
+    # Only into the migration socket of a vmfront core (never exec:, which runs a host command, nor any other
+    # socket QEMU would connect to with root's rights).
+    "migrate": {"uri": ("unix:{run_root}/*/migration.sock",), "@only": ("uri", "detach", "resume")},
+    # The monitor's own snapshot jobs, not the management's.
+    "snapshot-save": {"job-id": ("vmfront-*",)},
+    "snapshot-load": {"job-id": ("vmfront-*",)},
+    "snapshot-delete": {"job-id": ("vmfront-*",)},
+    "job-dismiss": {"id": ("vmfront-*",)},
+}
+
+#: Write this in a policy list to mean every command of HOST_ACCESS_COMMANDS (or of CLIENT_ALLOWED).
 HOST_ACCESS_MACRO = "@host-access"
+CLIENT_MACRO = "@client"
+#: An argument rule's key naming the only arguments the command may be given (others are refused).
+ONLY_KEY = "@only"
 
 
 class PolicyError(Exception):
     """The policy file is malformed; the message names the file and the problem."""
+
+
+def _normalised(value: str) -> bool:
+    """A path (or ``unix:`` path) with nothing that could step outside what a pattern names."""
+    path = value.removeprefix("unix:")
+    return not path.startswith("/") or posixpath.normpath(path) == path
 
 
 @dataclass(frozen=True)
@@ -94,8 +147,11 @@ class SocketPolicy:
     default_allow: bool = True
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    #: command -> {argument: patterns}; the command is allowed only with arguments that match.
+    arguments: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
 
     def allows(self, command: str) -> bool:
+        """Whether the command may run at all (with some arguments): what ``query-commands`` lists."""
         if command == "qmp_capabilities":
             return True
         if any(fnmatch.fnmatchcase(command, pattern) for pattern in self.deny):
@@ -104,10 +160,35 @@ class SocketPolicy:
             return True
         return self.default_allow
 
+    def refuses(self, command: str, arguments: dict[str, Any] | None, run_root: str = "") -> str | None:
+        """Why this command with these arguments is denied (the argument at fault), or None if it may run."""
+        if not self.allows(command):
+            return ""
+        rules = self.arguments.get(command)
+        if not rules or command == "qmp_capabilities":
+            return None
+        given = arguments or {}
+        only = rules.get(ONLY_KEY)
+        if only is not None:
+            extra = sorted(set(given) - set(only))
+            if extra:
+                return f"argument '{extra[0]}'"
+        for name, patterns in rules.items():
+            if name == ONLY_KEY or name not in given:
+                continue
+            value = given[name]
+            expanded = [p.replace("{run_root}", run_root) for p in patterns]
+            if not (isinstance(value, str) and _normalised(value)
+                    and any(fnmatch.fnmatchcase(value, pattern) for pattern in expanded)):
+                return f"{name} {json.dumps(value)[:80]}"
+        return None
+
 
 @dataclass(frozen=True)
 class Policy:
     sockets: dict[str, SocketPolicy] = field(default_factory=dict)
+    #: What ``{run_root}`` in argument patterns stands for (set by the core: the parent of its run directory).
+    run_root: str = ""
 
     def for_socket(self, socket_name: str) -> SocketPolicy:
         return self.sockets.get(socket_name, DEFAULT_POLICY.sockets[socket_name])
@@ -115,22 +196,31 @@ class Policy:
     def allows(self, socket_name: str, command: str) -> bool:
         return self.for_socket(socket_name).allows(command)
 
+    def refusal(self, socket_name: str, command: str, arguments: dict[str, Any] | None) -> str | None:
+        """The error text a denied peer sees, or None when the command may run with these arguments."""
+        why = self.for_socket(socket_name).refuses(command, arguments, self.run_root)
+        if why is None:
+            return None
+        return self.denial(socket_name, command, why)
+
     def host_access_allowed(self, socket_name: str) -> list[str]:
-        """Host-access commands this socket may run (patterns like ``x-*`` are checked as written)."""
+        """Host-access commands this socket may run with any arguments (patterns like ``x-*`` checked as written)."""
         policy = self.for_socket(socket_name)
-        return [c for c in HOST_ACCESS_COMMANDS if policy.allows(c.replace("*", "anything"))]
+        return [c for c in HOST_ACCESS_COMMANDS
+                if policy.allows(c.replace("*", "anything")) and c not in policy.arguments]
 
     @staticmethod
-    def denial(socket_name: str, command: str) -> str:
-        """The error text a denied peer sees: it names the command and the socket."""
-        return f"command '{command}' is denied by vmfront policy on socket '{socket_name}'"
+    def denial(socket_name: str, command: str, argument: str = "") -> str:
+        """The error text a denied peer sees: it names the command (and argument) and the socket."""
+        what = f"command '{command}'" + (f" with {argument}" if argument else "")
+        return f"{what} is denied by vmfront policy on socket '{socket_name}'"
 
 
 DEFAULT_POLICY = Policy(
     {
         "qmp": SocketPolicy(default_allow=True),
         "qmp-tcp": SocketPolicy(default_allow=True),
-        "client": SocketPolicy(default_allow=True, deny=HOST_ACCESS_COMMANDS),
+        "client": SocketPolicy(default_allow=False, allow=CLIENT_ALLOWED, arguments=CLIENT_ARGUMENTS),
     }
 )
 
@@ -142,11 +232,30 @@ def _string_list(source: str, where: str, value: Any) -> tuple[str, ...]:
     for item in value:
         if item == HOST_ACCESS_MACRO:
             expanded.extend(HOST_ACCESS_COMMANDS)
+        elif item == CLIENT_MACRO:
+            expanded.extend(CLIENT_ALLOWED)
         elif item.startswith("@"):
-            raise PolicyError(f"{source}: {where}: unknown group {item!r}; known: {HOST_ACCESS_MACRO}")
+            raise PolicyError(f"{source}: {where}: unknown group {item!r}; known: {HOST_ACCESS_MACRO}, "
+                              f"{CLIENT_MACRO}")
         else:
             expanded.append(item)
     return tuple(expanded)
+
+
+def _argument_rules(source: str, socket_name: str, table: Any) -> dict[str, dict[str, tuple[str, ...]]]:
+    where = f"[sockets.{socket_name}.arguments]"
+    if not isinstance(table, dict):
+        raise PolicyError(f"{source}: {where} must be a table of commands")
+    rules: dict[str, dict[str, tuple[str, ...]]] = {}
+    for command, arguments in table.items():
+        if not isinstance(arguments, dict):
+            raise PolicyError(f"{source}: {where[:-1]}.{command}] must be a table of argument names")
+        rules[command] = {}
+        for argument, patterns in arguments.items():
+            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+                raise PolicyError(f"{source}: {where[:-1]}.{command}] {argument} must be a list of patterns")
+            rules[command][argument] = tuple(patterns)
+    return rules
 
 
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
@@ -167,7 +276,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
             raise PolicyError(f"{source}: unknown socket {name!r}; known: {', '.join(SOCKET_NAMES)}")
         if not isinstance(table, dict):
             raise PolicyError(f"{source}: [sockets.{name}] must be a table")
-        unknown = set(table) - {"default", "allow", "deny"}
+        unknown = set(table) - {"default", "allow", "deny", "arguments"}
         if unknown:
             raise PolicyError(f"{source}: [sockets.{name}] has unknown key(s) {sorted(unknown)}")
         # Keys a table leaves out keep that socket's defaults; keys it gives replace them.
@@ -179,6 +288,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
             default_allow=default == "allow",
             allow=_string_list(source, f"[sockets.{name}] allow", table["allow"]) if "allow" in table else base.allow,
             deny=_string_list(source, f"[sockets.{name}] deny", table["deny"]) if "deny" in table else base.deny,
+            # Per command: a file's rule for a command replaces that command's (an empty table lifts it).
+            arguments={**base.arguments, **_argument_rules(source, name, table.get("arguments", {}))},
         )
     return Policy(sockets)
 

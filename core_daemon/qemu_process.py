@@ -109,10 +109,7 @@ def build_qemu_command(
     if not _options_in(user_args, _DISPLAY_OPTIONS):
         # Without this QEMU falls back to a VNC server on localhost:5900 when no GUI is available.
         args += ["-display", "none"]
-    args += [
-        "-chardev", f"socket,id=vmfront-qmp,path={qemu_opt_value(qmp_socket)},server=on,wait=off",
-        "-mon", "chardev=vmfront-qmp,mode=control",
-    ]
+    args += ["-chardev", qmp_chardev_option(qmp_socket), "-mon", "chardev=vmfront-qmp,mode=control"]
     if vnc_socket is not None:
         # The display capture's source: QEMU's own VNC server, on a socket only the core can reach.
         args += ["-vnc", f"unix:{qemu_opt_value(vnc_socket)}"]
@@ -228,6 +225,76 @@ def describe_exit(code: int | None) -> str:
             name = f"signal {-code}"
         return f"killed by {name}"
     return f"exited with status {code}"
+
+
+def process_start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, /proc/PID/stat field 22): with the pid, an identity that
+    a reused pid cannot fake. None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may contain anything: fields after the last ')' are fixed.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def process_argv(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [arg.decode(errors="surrogateescape") for arg in raw.split(b"\0")[:-1]]
+
+
+def qmp_chardev_option(qmp_socket: Path) -> str:
+    """The ``-chardev`` value that gives QEMU the core's private monitor socket: also how the core recognises the
+    QEMU of its VM among all processes (no other process names that socket in its arguments)."""
+    return f"socket,id=vmfront-qmp,path={qemu_opt_value(qmp_socket)},server=on,wait=off"
+
+
+@dataclass(frozen=True)
+class QemuIdentity:
+    """A running QEMU, identified by pid and start time (so a reused pid is never mistaken for it)."""
+
+    pid: int
+    start_time: int
+
+    def still_alive(self) -> bool:
+        return process_start_time(self.pid) == self.start_time
+
+
+def find_vm_qemu(qmp_socket: Path, hint: int | None = None) -> QemuIdentity | None:
+    """The live QEMU whose arguments name this VM's private monitor socket, whatever state.json says.
+
+    ``hint`` (the pid state.json last recorded) is checked first; otherwise every process is looked at, so a QEMU
+    is found even when state.json is missing, stale or wrong: a core must never start a second QEMU beside it.
+    """
+    option = qmp_chardev_option(qmp_socket)
+    candidates: list[int] = [hint] if hint else []
+    candidates += [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and int(entry) != hint]
+    for pid in candidates:
+        start = process_start_time(pid)
+        argv = process_argv(pid) if start is not None else None
+        if argv and option in argv and pid != os.getpid():
+            if _is_zombie(pid):
+                continue
+            # Read the start time again: the pid must not have been reused while we read its arguments.
+            if process_start_time(pid) == start:
+                assert start is not None
+                return QemuIdentity(pid, start)
+    return None
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 :][:1] in (b"Z", b"X")
 
 
 def process_alive(pid: int) -> bool:

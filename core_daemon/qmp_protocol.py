@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from .qmp_values import INVALID_KEYWORD, InvalidLiteral, contains_invalid, lenient_decoder
+
 #: QEMU ends every message with CRLF; so do we.
 _TERMINATOR = b"\r\n"
 
@@ -214,7 +216,7 @@ class QmpServerConnection:
             # Fast path for the common case, one whole message per read: if it parses as exactly one JSON value,
             # the framer would have produced that same value; anything else goes the framer's way.
             try:
-                message = json.loads(data)
+                message = lenient_decoder.decode(data.decode("utf-8"))
             except (ValueError, RecursionError):
                 pass
             else:
@@ -241,7 +243,7 @@ class QmpServerConnection:
             desc = f"QMP message exceeds the limit of {self.max_message} bytes; closing the connection"
             return [MessageTooLarge(encode(error_message("GenericError", desc)), self.max_message)]
         try:
-            message = json.loads(raw)
+            message = lenient_decoder.decode(raw.decode("utf-8"))
         except UnicodeDecodeError:
             return [Answer(encode(error_message("GenericError", "JSON parse error, invalid UTF-8 sequence")))]
         except (json.JSONDecodeError, RecursionError) as exc:
@@ -252,10 +254,16 @@ class QmpServerConnection:
         return self._handle_message(message)
 
     def _handle_message(self, message: Any) -> list[Event]:
+        if isinstance(message, InvalidLiteral) and message.why == INVALID_KEYWORD:
+            desc = f"JSON parse error, invalid keyword '{message.text}'"
+            return [Answer(encode(error_message("GenericError", desc)))]
         if not isinstance(message, dict):
             return [Answer(encode(error_message("GenericError", "QMP input must be a JSON object")))]
         has_id = "id" in message
         msg_id = message.get("id")
+        if has_id and contains_invalid(msg_id):  # it could not be echoed as JSON: answer without it
+            return [Answer(encode(error_message(
+                "GenericError", "QMP input member 'id' holds a number or constant that is not valid JSON")))]
 
         def fail(error_class: str, desc: str) -> list[Event]:
             return [Answer(encode(error_message(error_class, desc, msg_id, has_id=has_id)))]

@@ -214,9 +214,9 @@ class QmpReexport:
             await self._run_command(peer, event)
 
     async def _run_command(self, peer: QmpPeer, command: Command) -> None:
-        if not self._policy.allows(peer.socket_name, command.name):
-            log.info("QMP peer %d: denied %r on socket %r", peer.peer_id, command.name, peer.socket_name)
-            desc = Policy.denial(peer.socket_name, command.name)
+        desc = self._policy.refusal(peer.socket_name, command.name, command.arguments)
+        if desc is not None:
+            log.info("QMP peer %d: %s", peer.peer_id, desc)
             self._send(peer, encode(error_message("GenericError", desc, command.id, has_id=command.has_id)))
             return
         log.debug("QMP peer %d: execute %s", peer.peer_id, command.name)

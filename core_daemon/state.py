@@ -27,6 +27,8 @@ class RunState(StrEnum):
     INCOMING = "incoming"
     SHUTDOWN = "shutdown"
     CRASHED = "crashed"
+    #: QEMU runs but no core supervises it (an adoption failed: QEMU did not answer); the next core adopts it.
+    UNSUPERVISED = "unsupervised"
 
 
 _QEMU_STATUS_TO_STATE = {
@@ -45,11 +47,11 @@ def run_state_from_qemu_status(status: str) -> RunState:
 
 
 def read_state(path: Path) -> dict[str, Any] | None:
-    """The last state record, or None if there is none."""
+    """The last state record, or None if there is none (or it cannot be read: it is a hint, never the truth)."""
     try:
         with path.open() as f:
             data = json.load(f)
-    except FileNotFoundError:
+    except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 

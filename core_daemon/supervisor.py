@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -35,14 +36,18 @@ from .pidlock import AlreadyRunning, PidLock
 from .policy import DEFAULT_POLICY, Policy
 from .qemu_process import (
     ProcessWatch,
+    QemuIdentity,
     QemuStartError,
     build_qemu_command,
     describe_exit,
+    find_vm_qemu,
     log_tail,
-    process_alive,
+    process_argv,
+    process_start_time,
     spawn_qemu,
 )
 from .qmp_server import QmpReexport
+from .qmp_values import COMMAND_NAME, arguments_problem, reserved_problem
 from .readiness import sd_notify, write_ready_fd
 from .state import RunState, StateFile, read_state, run_state_from_qemu_status
 
@@ -77,6 +82,21 @@ class QemuMonitor(QMPClient):
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug("<-- %s", msg)
         return msg
+
+    async def _on_message(self, msg: Message) -> None:
+        """An error without an id is QEMU refusing input it could not parse. qemu.qmp would drop the connection
+        (and the core would lose QEMU); but QEMU answers in-band commands strictly in order, parse errors
+        included, so it is the answer to the oldest command still waiting: give it to that one."""
+        if "error" in msg and "id" not in msg and "event" not in msg:
+            waiting = [key for key in self._pending if key is not None]
+            if waiting:
+                self.logger.warning("QEMU answered without an id (%s); taking it as the reply to %s",
+                                    msg["error"], waiting[0])
+                await self._pending[waiting[0]].put(Message({**msg, "id": waiting[0]}))
+            else:
+                self.logger.error("QEMU sent an error without an id and nothing was waiting: %s", msg["error"])
+            return
+        await super()._on_message(msg)
 
 
 class CoreError(Exception):
@@ -135,6 +155,8 @@ class Core:
     """One VM's core daemon. ``await Core(config).run()`` returns the process exit status."""
 
     def __init__(self, config: CoreConfig) -> None:
+        # Argument rules may name other VMs' run directories ("{run_root}"): the parent of this one.
+        config.policy = dataclasses.replace(config.policy, run_root=str(config.run_dir.root.parent))
         self.config = config
         self.run_dir = config.run_dir
         self.lock = PidLock(self.run_dir.pidfile)
@@ -153,8 +175,11 @@ class Core:
         self._migrating = False
         self._outgoing_migration = False
         self._migration_target: str | None = None
-        #: QEMU's private QMP socket when adopting the QEMU of a core that died.
+        #: QEMU's private QMP socket, and which process answers there, when adopting the QEMU of a core that died.
         self._adopt: Path | None = None
+        self._adopt_identity: QemuIdentity | None = None
+        #: Where the core's QMP connection goes, for reconnecting when it is lost while QEMU lives.
+        self._qmp_path: Path | None = None
         self.incoming_uri = (f"unix:{self.run_dir.migration_socket}" if config.incoming == "auto"
                              else config.incoming)
         #: Listening sockets handed in by a service manager, by name.
@@ -206,28 +231,30 @@ class Core:
     def _reclaim(self) -> None:
         """Take over a run dir a crashed core left behind.
 
-        If that core's QEMU still runs (a core crash must not take the guest down), adopt it: supervise it as if
-        we had started it, so a supervisor that restarts a crashed core gets the same guest back. Never start a
-        second QEMU beside one that still runs for this VM.
+        If this VM's QEMU still runs (a core crash must not take the guest down), adopt it: supervise it as if we
+        had started it, so a supervisor that restarts a crashed core gets the same guest back. The QEMU is found
+        by what it is, not by what state.json says (which may be stale, wrong or gone): a live process whose
+        arguments name this run directory's private monitor socket. Never start a second QEMU beside it.
         """
         previous = read_state(self.run_dir.state_file) or {}
         if self.lock.stale_pid is not None:
             log.info("reclaiming run directory of a core that died (pid %d)", self.lock.stale_pid)
         private_qmp = self.run_dir.qemu_qmp_socket
         attach = self.config.attach.resolve() if self.config.attach is not None else None
-        old_qemu = previous.get("qemu_pid")
-        ours_alive = (isinstance(old_qemu, int) and not previous.get("attached") and process_alive(old_qemu)
-                      and previous.get("state") not in (RunState.SHUTDOWN, RunState.CRASHED))
-        if ours_alive and attach != private_qmp.resolve():
-            if attach is not None or _socket_peer_pid(private_qmp) != old_qemu:
+        hint = previous.get("qemu_pid")
+        live = find_vm_qemu(private_qmp, hint if isinstance(hint, int) else None)
+        if live is not None and attach != private_qmp.resolve():
+            if attach is not None:
                 raise CoreError(
-                    f"VM {self.config.name!r}: QEMU pid {old_qemu}, started by a core that is gone, still runs"
-                    + ("" if attach is not None else " but does not answer on its QMP socket")
-                    + f"; stop it, or supervise it with --attach {private_qmp}")
-            log.warning("QEMU pid %d, started by a core that is gone, still runs: adopting it%s", old_qemu,
+                    f"VM {self.config.name!r}: its QEMU (pid {live.pid}) still runs; stop it, or supervise it "
+                    f"with --attach {private_qmp}")
+            log.warning("QEMU pid %d of VM %r still runs without a core (last recorded state: %s): adopting it%s",
+                        live.pid, self.config.name, previous.get("state", "none"),
                         " (the QEMU arguments given are ignored)" if self.config.qemu_args else "")
             self._adopt = private_qmp
-            self.state.data.update(accel=previous.get("accel"), qemu_argv=previous.get("qemu_argv"))
+            self._adopt_identity = live
+            self.state.data.update(accel=previous.get("accel"),
+                                   qemu_argv=previous.get("qemu_argv") or process_argv(live.pid))
         elif attach is not None and self.config.qemu_args:
             log.warning("attaching to a running QEMU: the QEMU arguments given are ignored")
         if "qmp" not in self._inherited:
@@ -326,6 +353,9 @@ class Core:
 
     async def _launch(self) -> None:
         cfg = self.config
+        running = find_vm_qemu(self.run_dir.qemu_qmp_socket)
+        if running is not None:  # _reclaim adopts a live QEMU; this is the last line of defence
+            raise CoreError(f"VM {cfg.name!r}: its QEMU (pid {running.pid}) already runs; not starting another")
         qemu_args = [*cfg.qemu_args, "-incoming", "defer"] if self.incoming_uri is not None else cfg.qemu_args
         command = build_qemu_command(cfg.qemu_binary, cfg.name, qemu_args, self.run_dir.qemu_qmp_socket,
                                      cfg.accel, self.run_dir.vnc_socket if cfg.display else None,
@@ -336,7 +366,8 @@ class Core:
         except QemuStartError as exc:
             raise CoreError(str(exc)) from None
         self.qemu = ProcessWatch(pid, child=True)
-        self.state.update(qemu_pid=pid, accel=command.accel, qemu_argv=command.argv)
+        self.state.update(qemu_pid=pid, qemu_start_time=process_start_time(pid), accel=command.accel,
+                          qemu_argv=command.argv)
         await self._connect_qmp(self.run_dir.qemu_qmp_socket)
         if self.incoming_uri is not None:
             reply = await self._execute("migrate-incoming", {"uri": self.incoming_uri})
@@ -348,15 +379,25 @@ class Core:
 
     async def _attach(self, path: Path) -> None:
         pid = _socket_peer_pid(path)
+        adopting = self._adopt_identity
+        if adopting is not None and pid != adopting.pid:
+            where = "is gone" if pid is None else f"is served by pid {pid}"
+            raise CoreError(
+                f"VM {self.config.name!r}: its QEMU (pid {adopting.pid}) still runs, but its monitor socket {path} "
+                f"{where}, so it cannot be supervised; not starting a second QEMU. Stop it (kill {adopting.pid}) "
+                "and start the VM again")
         if pid is None:
             raise CoreError(f"cannot attach: no QEMU QMP socket answers at {path}")
         self.qemu = ProcessWatch(pid, child=False)
-        self.state.update(qemu_pid=pid, attach_socket=str(path))
+        if adopting is not None and not adopting.still_alive():  # the pid was reused before the pidfd was taken
+            raise CoreError(f"VM {self.config.name!r}: QEMU pid {pid} exited while being adopted")
+        self.state.update(qemu_pid=pid, qemu_start_time=process_start_time(pid), attach_socket=str(path))
         await self._connect_qmp(path)
 
     async def _connect_qmp(self, path: Path) -> None:
         """Connect to QEMU's QMP, racing QEMU's exit and a deadline: failure is an error, never a hang."""
         assert self.qemu is not None
+        self._qmp_path = path
         deadline = time.monotonic() + self.config.start_timeout
         delay = 0.005
         while True:
@@ -410,18 +451,32 @@ class Core:
         if self.qemu is not None and self.qemu.child:
             self._remove_qemu_sockets()
         code = self.qemu.returncode if self.qemu else None
+        live = find_vm_qemu(self.run_dir.qemu_qmp_socket) if self.config.attach is None else None
+        if live is not None:  # an adoption that failed: QEMU runs on, and the next core adopts it
+            self.state.update(state=RunState.UNSUPERVISED, qemu_pid=live.pid, qemu_start_time=live.start_time,
+                              last_exit={"code": None, "reason": f"could not adopt QEMU pid {live.pid} (it still "
+                                         "runs; the next core for this VM adopts it)", "at": time.time()})
+            return
         self.state.update(state=RunState.CRASHED,
                           last_exit={"code": code, "reason": "failed to start", "at": time.time()})
 
     # -- running --------------------------------------------------------------------------------------------
 
     async def _execute(self, name: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
-        """Run one command on QEMU on behalf of a peer; QEMU's error replies pass through unchanged."""
+        """Run one command on QEMU on behalf of a peer; QEMU's error replies pass through unchanged.
+
+        Every peer's command comes through here, so this is where the core stands between peers and QEMU: only a
+        command name QEMU could know and strict JSON within QEMU's parser limits go on (anything else would make
+        QEMU answer without an id, which costs the core its QMP connection), and nothing may cut the core's own
+        links to QEMU."""
+        if not isinstance(name, str) or not COMMAND_NAME.fullmatch(name):
+            return _error("CommandNotFound", f"The command {str(name)[:64]!r} has not been found")
         if name == MIGRATE_TARGET_COMMAND:
             return self._set_migration_target(arguments or {})
-        if name == "migrate":
-            # Only a real outgoing migration moves clients; savevm/snapshot jobs emit MIGRATION events too.
-            self._outgoing_migration = True
+        problem = arguments_problem(arguments) or reserved_problem(name, arguments)
+        if problem:
+            log.info("refused %r before QEMU: %s", name, problem)
+            return _error("GenericError", f"'{name}' not sent to QEMU: {problem}")
         try:
             value = await self.qmp.execute(name, arguments)
         except ExecuteError as exc:
@@ -429,8 +484,11 @@ class Core:
             return {"error": error if isinstance(error, dict) else {"class": "GenericError", "desc": str(exc)}}
         except (ExecInterruptedError, QMPError, ConnectionError) as exc:
             log.warning("command %s interrupted: %s", name, exc)
-            return {"error": {"class": "GenericError",
-                              "desc": f"QEMU's monitor connection was lost before it replied to '{name}'"}}
+            return _error("GenericError", f"QEMU's monitor connection was lost before it replied to '{name}'")
+        if name == "migrate":
+            # Only a migration QEMU accepted moves clients: a refused one changes nothing, and savevm/snapshot
+            # jobs (which emit MIGRATION events too) never count as the guest leaving.
+            self._outgoing_migration = True
         return {"return": value}
 
     def _set_migration_target(self, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -509,26 +567,74 @@ class Core:
             self.state.update(peers=[peer.describe() for peer in self.server.peers])
 
     async def _supervise(self) -> int:
-        """Wait until a stop is requested or QEMU goes away, then tear down. Returns the exit status."""
+        """Wait until a stop is requested or QEMU goes away, then tear down. Returns the exit status.
+
+        A lost QMP connection is not QEMU going away: while QEMU lives the core reconnects to its monitor socket
+        (``server=on,wait=off`` takes a new connection) and carries on. Supervision is never given up while QEMU
+        lives."""
         assert self.qemu is not None and self._stop_requested is not None
         stop = asyncio.ensure_future(self._stop_requested.wait())
         exited = asyncio.ensure_future(self.qemu.wait())
-        monitor_lost = asyncio.ensure_future(self._wait_qmp_lost())
-        await asyncio.wait({stop, exited, monitor_lost}, return_when=asyncio.FIRST_COMPLETED)
-        for fut in (stop, exited, monitor_lost):
-            fut.cancel()
-        if self._stop_requested.is_set():
-            return await self._stop()
-        return await self._qemu_gone()
+        try:
+            while True:
+                monitor_lost = asyncio.ensure_future(self._wait_qmp_lost())
+                await asyncio.wait({stop, exited, monitor_lost}, return_when=asyncio.FIRST_COMPLETED)
+                monitor_lost.cancel()
+                if self._stop_requested.is_set():
+                    return await self._stop()
+                if self.qemu.exited:
+                    return await self._qemu_gone()
+                await self._reconnect_qmp()
+        finally:
+            stop.cancel()
+            exited.cancel()
 
     async def _wait_qmp_lost(self) -> None:
-        """In attach mode a lost monitor is how we learn QEMU went away (or someone else took it)."""
+        """Returns once the QMP connection is down (QEMU hung up, a peer's yank, a protocol error)."""
         while self.qmp.runstate == Runstate.RUNNING:
             await self.qmp.runstate_changed()
         # Give the process watch a moment to report the exit it usually implies.
-        if self.qemu is not None and not self.qemu.exited:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.qemu.wait(), timeout=2)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.qemu.wait() if self.qemu else asyncio.sleep(0), timeout=1)
+
+    async def _reconnect_qmp(self) -> None:
+        """Connect to QEMU's monitor again, with backoff, until it answers, QEMU exits or a stop is asked for.
+        Commands in flight when the link dropped got an error; commands meanwhile get one too (not sent)."""
+        assert self.qemu is not None and self._qmp_path is not None and self._stop_requested is not None
+        log.warning("QMP connection to QEMU pid %d lost while QEMU runs: reconnecting to %s", self.qemu.pid,
+                    self._qmp_path)
+        self.state.update(qmp_reconnects=int(self.state.data.get("qmp_reconnects") or 0) + 1)
+        await self._disconnect_qmp()
+        if not await self._connect_until_answered(self._qmp_path):
+            return
+        log.warning("QMP connection to QEMU pid %d restored", self.qemu.pid)
+        reply = await self._execute("migrate-set-capabilities",
+                                    {"capabilities": [{"capability": "events", "state": True}]})
+        if "error" in reply:
+            log.warning("cannot enable migration events: %s", reply["error"].get("desc"))
+        await self._refresh_status()
+
+    async def _connect_until_answered(self, path: Path) -> bool:
+        """True once connected; False if QEMU exited or a stop was asked for first."""
+        assert self.qemu is not None and self._stop_requested is not None
+        delay = 0.02
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        exited = asyncio.ensure_future(self.qemu.wait())
+        try:
+            while not (stop.done() or exited.done()):
+                try:
+                    await asyncio.wait_for(self.qmp.connect(str(path)), timeout=5.0)
+                    return True
+                except (QMPError, OSError, EOFError, TimeoutError) as exc:
+                    log.log(logging.WARNING if delay == 0.02 else logging.DEBUG,
+                            "QMP reconnect to %s failed (%s); still trying", path, exc or type(exc).__name__)
+                    await self._disconnect_qmp()
+                    await asyncio.wait({stop, exited}, timeout=delay)
+                    delay = min(delay * 2, 2.0)
+            return False
+        finally:
+            stop.cancel()
+            exited.cancel()
 
     async def _stop(self) -> int:
         assert self.qemu is not None
@@ -582,9 +688,6 @@ class Core:
         code = self.qemu.returncode
         clean = (code == 0) or (code is None and self._shutdown_reason is not None)
         reason = self._shutdown_reason if clean and self._shutdown_reason else describe_exit(code)
-        if not self.qemu.exited:
-            reason = "QEMU's monitor connection was lost"
-            clean = False
         state = RunState.SHUTDOWN if clean else RunState.CRASHED
         log.log(logging.INFO if clean else logging.ERROR, "QEMU pid %d is gone: %s", self.qemu.pid, reason)
         if not clean:
@@ -621,6 +724,10 @@ class Core:
         for path in (self.run_dir.qemu_qmp_socket, self.run_dir.vnc_socket, self.run_dir.agent_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def _error(error_class: str, desc: str) -> dict[str, Any]:
+    return {"error": {"class": error_class, "desc": desc}}
 
 
 def _version_string(version: Any) -> str:

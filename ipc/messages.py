@@ -34,6 +34,11 @@ MAX_NAME = 256
 MAX_TEXT = 64 << 10
 #: Free-form values (QMP arguments, results, events) may nest this deep.
 MAX_DEPTH = 32
+#: Items of one array or map, checked by msgpack from the header before anything is built.
+MAX_CONTAINER = 1 << 16
+#: Objects in one frame (every array and map item), counted while decoding: without it a 4 MiB frame of empty maps
+#: would be four million dicts (~300 MB, a second of the loop) before any check could look at it.
+MAX_ELEMENTS = 1 << 17
 MAX_VERSIONS = 16
 MAX_CAPABILITIES = 64
 MAX_INPUT_EVENTS = 4096
@@ -464,11 +469,18 @@ def decode(frame: bytes | bytearray | memoryview) -> Message:
         raise ProtocolError(ErrorCode.MALFORMED, "a frame must be bytes")
     if len(frame) > MAX_FRAME:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"frame of {len(frame)} bytes exceeds {MAX_FRAME} bytes")
+    budget = _ElementBudget()
     try:
         obj = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, max_str_len=MAX_FRAME, max_bin_len=MAX_FRAME,
-            max_array_len=MAX_FRAME // 2, max_map_len=MAX_FRAME // 4, max_ext_len=0)
+            max_array_len=MAX_CONTAINER, max_map_len=MAX_CONTAINER, max_ext_len=0,
+            list_hook=budget.array, object_hook=budget.map)
+    except _TooManyElements:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"frame holds more than {MAX_ELEMENTS} values") from None
     except Exception as exc:  # msgpack raises ValueError, TypeError, UnicodeDecodeError, ExtraData, StackError...
+        # Refused from the header, before anything was built:
+        if isinstance(exc, ValueError) and ("max_array_len" in str(exc) or "max_map_len" in str(exc)):
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"an array or map of more than {MAX_CONTAINER} items") from None
         raise ProtocolError(ErrorCode.MALFORMED, f"not one msgpack value ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.MALFORMED, f"a frame must be a msgpack map, not {_kind(obj)}")
@@ -487,6 +499,29 @@ def decode(frame: bytes | bytearray | memoryview) -> Message:
         fields.fail(ErrorCode.UNSUPPORTED_VERSION,
                     f"protocol version {version} is not spoken here (versions: {list(SUPPORTED_VERSIONS)})")
     return parser(fields)
+
+
+class _TooManyElements(Exception):
+    pass
+
+
+class _ElementBudget:
+    """msgpack calls these as each array and map is completed: count their items, stop at MAX_ELEMENTS."""
+
+    def __init__(self) -> None:
+        self.left = MAX_ELEMENTS
+
+    def array(self, items: list[Any]) -> list[Any]:
+        self.left -= len(items) + 1
+        if self.left < 0:
+            raise _TooManyElements
+        return items
+
+    def map(self, items: dict[str, Any]) -> dict[str, Any]:
+        self.left -= len(items) + 1
+        if self.left < 0:
+            raise _TooManyElements
+        return items
 
 
 def _is_int(value: object) -> TypeGuard[int]:

@@ -124,7 +124,8 @@ class RunDir:
 
     @classmethod
     def for_vm(cls, name: str, run_dir: str | os.PathLike[str] | None = None) -> RunDir:
-        return cls(Path(run_dir) if run_dir is not None else default_run_dir(name))
+        # Absolute: QEMU's arguments name paths in it, and a later core recognises its VM's QEMU by them.
+        return cls(Path(os.path.abspath(run_dir)) if run_dir is not None else default_run_dir(name))
 
     @property
     def pidfile(self) -> Path:

@@ -161,7 +161,7 @@ def test_info_output_same_as_qemu(rig: Rig, paused: bool) -> None:
 
 ERRORS_COMPARED = ["foo", "info foo", "sendkey", "sendkey ctrl-foo", "help stop", "help sendkey", "help help",
                    "help info status", "help nonexist", "stop x", "info status extra", "mouse_button", "balloon x",
-                   "device_del nosuch", "eject nosuch", "migrate_set_parameter foo 1",
+                   "eject nosuch", "migrate_set_parameter foo 1",
                    "migrate_set_parameter downtime-limit x", "mouse_move", "cont extra"]
 
 
@@ -174,9 +174,11 @@ def test_errors_and_help_same_as_qemu(rig: Rig) -> None:
             if ours != qemu:
                 mismatches.append(f"{line}:\n ours: {ours!r}\n qemu: {qemu!r}")
         assert not mismatches, "\n".join(mismatches)
-        # What the client's policy denies prints as a QEMU error.
+        # What the client's policy denies prints as a QEMU error, naming the argument where that is why.
         assert mon.cmd("migrate -d tcp:127.0.0.1:1") == \
-            "Error: command 'migrate' is denied by vmfront policy on socket 'client'\r\n"
+            "Error: command 'migrate' with uri \"tcp:127.0.0.1:1\" is denied by vmfront policy on socket 'client'\r\n"
+        assert mon.cmd("device_del nosuch") == \
+            "Error: command 'device_del' is denied by vmfront policy on socket 'client'\r\n"
     finally:
         mon.close()
 
@@ -337,7 +339,8 @@ def test_migrate_shows_progress_and_another_monitor_cancels_it() -> None:
     from a second monitor ends it and the guest keeps running here."""
     policy_dir = short_tmpdir()
     policy = policy_dir / "policy.toml"
-    policy.write_text('[sockets.client]\ndeny = ["human-monitor-command"]\n')
+    policy.write_text('[sockets.client]\ndefault = "allow"\ndeny = ["human-monitor-command"]\n'
+                      '[sockets.client.arguments.migrate]\n')  # no argument rule: any URI
     try:
         with running_core("mig", "--policy", str(policy)) as core:
             client = ClientProcess(core, "mig", "--monitor")

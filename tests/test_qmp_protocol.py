@@ -17,6 +17,7 @@ from core_daemon.qmp_protocol import (
     Negotiated,
     QmpServerConnection,
 )
+from core_daemon.qmp_values import INT_MIN, UINT_MAX, InvalidLiteral, arguments_problem
 
 GREETING = {"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "test"},
                     "capabilities": []}}
@@ -123,6 +124,28 @@ def test_reply_bytes_echo_the_peers_id() -> None:
     assert "id" not in json.loads(conn.reply_bytes(Command("q", None), {"return": {}}))
 
 
+def test_literals_qemu_rejects_keep_the_request_and_its_id() -> None:
+    """NaN, Infinity, 1e400 and integers beyond int64/uint64 are read as markers, not errors: the command (and its
+    id) survives, so the core can refuse it with an ordinary error instead of losing track of the request."""
+    conn = negotiated()
+    big = "9" * 5000
+    data = (b'{"execute": "x", "id": 7, "arguments": {"a": NaN, "b": [Infinity, -Infinity], "c": 1e400, "d": '
+            + big.encode() + b', "e": 18446744073709551616, "f": -9223372036854775809, "ok": 18446744073709551615}}')
+    [command] = conn.receive_data(data)
+    assert isinstance(command, Command) and command.id == 7
+    args = command.arguments
+    assert args is not None and args["ok"] == UINT_MAX
+    assert all(isinstance(v, InvalidLiteral) for v in (args["a"], *args["b"], args["c"], args["d"], args["e"],
+                                                      args["f"]))
+    assert arguments_problem(args) is not None
+    [answer] = conn.receive_data(b'{"execute": "x", "id": NaN}\n')
+    assert isinstance(answer, Answer)
+    assert json.loads(answer.data) == {"error": {"class": "GenericError", "desc": (
+        "QMP input member 'id' holds a number or constant that is not valid JSON")}}
+    [answer] = conn.receive_data(b"NaN ")
+    assert json.loads(answer.data)["error"]["desc"] == "JSON parse error, invalid keyword 'NaN'"
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=64), max_size=20))
 def test_fuzz_random_bytes_never_raise(chunks: list[bytes]) -> None:
@@ -133,7 +156,7 @@ def test_fuzz_random_bytes_never_raise(chunks: list[bytes]) -> None:
 
 
 _json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(),
+    st.none() | st.booleans() | st.integers(INT_MIN, UINT_MAX) | st.text(),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children, max_size=3),
     max_leaves=10,
 )
