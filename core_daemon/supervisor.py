@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -190,6 +191,7 @@ class Core:
 
     async def run(self) -> int:
         self._stop_requested = asyncio.Event()
+        raise_fd_limit()
         try:
             for path in (self.config.qmp_socket_path, *self.run_dir.socket_paths()):
                 check_socket_path(path)
@@ -724,6 +726,31 @@ class Core:
         for path in (self.run_dir.qemu_qmp_socket, self.run_dir.vnc_socket, self.run_dir.agent_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+#: The descriptor limit the core asks for when it may (as root): room for many peers, far below the kernel's cap.
+WANTED_FD_LIMIT = 65536
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft file-descriptor limit to the hard one, and as root (CAP_SYS_RESOURCE) both to
+    WANTED_FD_LIMIT: a flood of connections must meet the core's own limits, never EMFILE inside libzmq, which
+    aborts the process. systemd's default soft limit is 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max(hard, WANTED_FD_LIMIT) if hard != resource.RLIM_INFINITY else hard
+    for target in ((wanted, wanted), (hard, hard)):
+        if target[0] <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, target)
+        except (ValueError, OSError):
+            continue
+        log.debug("file-descriptor limit raised from %d to %d", soft, target[0])
+        break
+    now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if now < 4096:
+        log.warning("file-descriptor limit is %d: fewer control connections and QMP peers can be served (set "
+                    "LimitNOFILE= higher)", now)
 
 
 def _error(error_class: str, desc: str) -> dict[str, Any]:

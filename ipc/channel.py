@@ -19,7 +19,10 @@ import inspect
 import itertools
 import logging
 import os
+import resource
 import secrets
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
@@ -74,6 +77,16 @@ EXPIRY_INTERVALS = 2.5
 SEND_HWM = 1000
 #: Requests of one client waiting in the core; more are answered with a ``busy`` error at once.
 MAX_QUEUED_REQUESTS = 256
+#: Attached clients per core; a hello beyond is answered ``busy`` (those attached stay).
+MAX_CLIENTS = 64
+#: Control connections one process may hold open (a client needs one; a restart briefly two).
+MAX_CONNECTIONS_PER_PID = 8
+#: Connections that have not said hello this long after they were accepted are closed.
+HELLO_DEADLINE = 10.0
+#: ZeroMQ's own handshake (ZMTP greeting) deadline, for connections that never even speak ZMTP.
+HANDSHAKE_IVL_MS = 10_000
+#: File descriptors kept free for everything else the core does (QEMU's sockets, files, QMP peers).
+FD_RESERVE = 256
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
 #: ZeroMQ's own reconnection attempts, 100 ms doubling to this (a new core is found this soon after it binds).
@@ -271,7 +284,8 @@ class CoreStatus:
 
 @dataclass(eq=False)
 class ClientInfo:
-    """One attached client, as the core sees it. pid, uid and name are what the client said in its hello."""
+    """One attached client, as the core sees it. pid and uid are the connection's credentials (SO_PEERCRED, as
+    ZeroMQ reports them for ipc://; what the hello claimed only over tcp://); name is what the hello said."""
 
     identity: bytes
     pid: int
@@ -353,6 +367,7 @@ class CoreChannel:
         self._heartbeat = Heartbeat(self.instance).encode()
         self._has_clients = asyncio.Event()
         self._closed = False
+        self._connections = _Connections(max_connections(), self._log_limited)
 
     @property
     def clients(self) -> list[ClientInfo]:
@@ -368,7 +383,8 @@ class CoreChannel:
         sock = ctx.socket(zmq.ROUTER)
         try:
             for option, value in ((zmq.ROUTER_MANDATORY, 1), (zmq.ROUTER_HANDOVER, 1), (zmq.SNDHWM, self._send_hwm),
-                                  (zmq.MAXMSGSIZE, MAX_FRAME), (zmq.LINGER, 0)):
+                                  (zmq.MAXMSGSIZE, MAX_FRAME), (zmq.LINGER, 0),
+                                  (zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)):
                 sock.setsockopt(option, value)
             if self._curve is not None:
                 sock.curve_secretkey = self._curve.keys.secret
@@ -394,7 +410,7 @@ class CoreChannel:
             ctx.term()
             raise ChannelError(f"cannot listen on {self.endpoint}: {exc}") from exc
         self._ctx, self._sock = ctx, sock
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._tick_loop()),
                        loop.create_task(self._watch_disconnects(self._monitor))]
@@ -461,17 +477,19 @@ class CoreChannel:
         assert self._sock is not None
         while True:
             try:
-                parts = await self._sock.recv_multipart()
+                frames = await self._sock.recv_multipart(copy=False)
             except zmq.ZMQError as exc:
                 log.warning("control channel: receive failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
             try:
-                self._on_parts(parts)
+                self._on_parts([frame.bytes for frame in frames], _peer_credentials(frames[-1]))
             except Exception:  # a bug here must not end the channel for every client
                 log.exception("control channel: failed to handle a frame")
 
-    def _on_parts(self, parts: list[bytes]) -> None:
+    def _on_parts(self, parts: list[bytes], credentials: tuple[int, int] | None = None) -> None:
+        """One ZeroMQ message: the sender's identity, then frames. ``credentials`` (pid, uid) are the
+        connection's as the kernel saw them (ipc://), or None (tcp://)."""
         identity = parts[0]
         if len(parts) != 2:
             self._reject(identity, ProtocolError(
@@ -486,7 +504,7 @@ class CoreChannel:
         if session is not None:
             session.info.last_seen = time.monotonic()
         if isinstance(message, Hello):
-            self._on_hello(identity, message, session)
+            self._on_hello(identity, message, session, credentials)
         elif session is None:
             if not isinstance(message, Bye | ErrorFrame):
                 msg_id = message.id if isinstance(message, Request) else None
@@ -507,7 +525,8 @@ class CoreChannel:
                 ErrorCode.UNEXPECTED, f"{message.TYPE!r} frames go from the core to clients",
                 msg_type=message.TYPE))
 
-    def _on_hello(self, identity: bytes, hello: Hello, session: _Session | None) -> None:
+    def _on_hello(self, identity: bytes, hello: Hello, session: _Session | None,
+                  credentials: tuple[int, int] | None = None) -> None:
         version = choose_version(hello.versions)
         if version is None:
             self._reject(identity, ProtocolError(
@@ -537,11 +556,17 @@ class CoreChannel:
             # The same client asked again (its hello was retried before our welcome arrived): same session.
             self._send(session, data)
             return
+        if session is None and len(self._sessions) >= MAX_CLIENTS:
+            self._reject(identity, ProtocolError(
+                ErrorCode.BUSY, f"this core already serves {MAX_CLIENTS} clients", msg_id=hello.id,
+                msg_type=hello.TYPE))
+            return
         previous = None
         if session is not None:
             previous = session.task
             self._drop(session, "said hello again as a new instance")
-        info = ClientInfo(identity=identity, pid=hello.pid, uid=hello.uid, name=hello.client_name,
+        pid, uid = credentials if credentials is not None else (hello.pid, hello.uid)
+        info = ClientInfo(identity=identity, pid=pid, uid=uid, name=hello.client_name,
                           client_version=hello.client_version, instance=hello.instance,
                           capabilities=frozenset(granted))
         problem = _send_now(self._socket(), [identity, data])
@@ -652,16 +677,22 @@ class CoreChannel:
             log.log(level, fmt + (f" ({suppressed} similar lines suppressed)" if suppressed else ""), *args)
 
     async def _watch_disconnects(self, monitor: zmq.asyncio.Socket) -> None:
-        """A connection closed (e.g. a client was killed): ZeroMQ does not say whose, so probe every client with
-        a heartbeat; the one that is gone fails with EHOSTUNREACH and is dropped now, not at the next beat."""
+        """Connections accepted and closed. A new one over the limits is shut down at once; a closed one (e.g. a
+        client was killed) is someone's, but ZeroMQ does not say whose, so every client is probed with a
+        heartbeat: the one that is gone fails with EHOSTUNREACH and is dropped now, not at the next beat."""
         loop = asyncio.get_running_loop()
         while True:
             try:
-                parse_monitor_message(await monitor.recv_multipart())
+                event = parse_monitor_message(await monitor.recv_multipart())
             except (zmq.ZMQError, RuntimeError) as exc:  # the monitor only speeds things up: heartbeats suffice
                 log.warning("control channel: connection monitor failed: %s", exc)
                 return
-            loop.call_later(0.01, self._probe)  # after ZeroMQ has removed the peer's routing entry
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._connections.accepted(int(event["value"]))
+                self._has_clients.set()  # the tick loop watches the hello deadline
+            else:
+                self._connections.closed(int(event["value"]))
+                loop.call_later(0.01, self._probe)  # after ZeroMQ has removed the peer's routing entry
 
     def _probe(self) -> None:
         for session in list(self._sessions.values()):
@@ -671,7 +702,7 @@ class CoreChannel:
         """Heartbeats out every interval; clients silent for ``expiry`` are dropped, checked exactly on time."""
         next_beat = time.monotonic()
         while True:
-            if not self._sessions:  # nobody to watch: sleep until a client attaches (an idle core costs nothing)
+            if not self._sessions and not self._connections:  # nobody to watch: an idle core costs nothing
                 self._has_clients.clear()
                 await self._has_clients.wait()
                 next_beat = time.monotonic()
@@ -684,8 +715,98 @@ class CoreChannel:
                 silent = now - session.info.last_seen
                 if silent > self.expiry:
                     self._drop(session, f"no heartbeat for {silent:.1f} s", bye="no heartbeat from this client")
+            self._connections.close_silent({s.info.pid for s in self._sessions.values()})
             wake = min([next_beat, *(s.info.last_seen + self.expiry for s in self._sessions.values())])
             await asyncio.sleep(max(0.0, wake - time.monotonic()) + 0.005)
+
+
+def _peer_credentials(frame: zmq.Frame) -> tuple[int, int] | None:
+    """(pid, uid) of the connection a message came on: ZeroMQ's ``Peer-Address`` for ipc:// is
+    ``host:uid:gid:pid`` from SO_PEERCRED, which the peer cannot forge (tcp:// has none)."""
+    try:
+        address = str(frame.get("Peer-Address"))
+    except zmq.ZMQError:
+        return None
+    fields = address.rsplit(":", 3)
+    if len(fields) != 4 or not (fields[1].isdigit() and fields[3].isdigit()):
+        return None
+    return int(fields[3]), int(fields[1])
+
+
+def max_connections() -> int:
+    """Control connections the core takes before refusing more: within what its file-descriptor limit leaves
+    after FD_RESERVE, so that libzmq (which aborts the process when accept() fails with EMFILE) never gets there."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(4096, (soft - FD_RESERVE) // 2))
+
+
+@dataclass
+class _Connection:
+    fd: int
+    inode: int
+    pid: int
+    accepted: float
+
+
+class _Connections:
+    """The control socket's accepted connections, as ZeroMQ's monitor reports them (by file descriptor).
+
+    libzmq owns the descriptors; the core never closes one. It shuts a connection down (``shutdown(2)``), after
+    checking that the descriptor still is the same socket (inode), and libzmq then closes it as it would any
+    connection the peer dropped. Used to refuse connections over the limits (in total, per process) and to close
+    those that never said hello (``close_silent``)."""
+
+    def __init__(self, limit: int, log_limited: Callable[..., None]) -> None:
+        self.limit = limit
+        self._log = log_limited
+        self._by_fd: dict[int, _Connection] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_fd)
+
+    def accepted(self, fd: int) -> None:
+        try:
+            inode = os.fstat(fd).st_ino
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))[0]
+        except OSError:
+            return  # gone already
+        connection = _Connection(fd, inode, pid, time.monotonic())
+        if len(self._by_fd) >= self.limit:
+            self._log(b"limit", logging.WARNING, "control channel: refusing a connection from pid %d: %d open, "
+                      "the limit (from the file-descriptor limit)", pid, len(self._by_fd))
+            self._shut(connection)
+            return
+        if sum(c.pid == pid for c in self._by_fd.values()) >= MAX_CONNECTIONS_PER_PID:
+            self._log(b"pid%d" % pid, logging.WARNING, "control channel: refusing a connection from pid %d: it "
+                      "already holds %d", pid, MAX_CONNECTIONS_PER_PID)
+            self._shut(connection)
+            return
+        self._by_fd[fd] = connection
+
+    def closed(self, fd: int) -> None:
+        self._by_fd.pop(fd, None)
+
+    def close_silent(self, attached_pids: set[int]) -> None:
+        """Shut connections older than HELLO_DEADLINE from processes with no attached client."""
+        now = time.monotonic()
+        for connection in list(self._by_fd.values()):
+            if now - connection.accepted > HELLO_DEADLINE and connection.pid not in attached_pids:
+                self._log(b"silent", logging.INFO, "control channel: closing a connection from pid %d that did "
+                          "not say hello within %.0f s", connection.pid, HELLO_DEADLINE)
+                del self._by_fd[connection.fd]
+                self._shut(connection)
+
+    @staticmethod
+    def _shut(connection: _Connection) -> None:
+        try:
+            if os.fstat(connection.fd).st_ino != connection.inode:
+                return  # closed and the number reused meanwhile: not ours to touch
+            with socket.socket(fileno=os.dup(connection.fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class _AllowedKeys:

@@ -7,7 +7,9 @@ answers QMP."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,3 +193,135 @@ def qemus_of(run_dir: Path) -> list[int]:
     """Every live process whose arguments name this run directory's private QMP socket."""
     found = subprocess.run(["pgrep", "-f", f"path={run_dir}/private/qmp.sock"], capture_output=True, text=True)
     return sorted(int(pid) for pid in found.stdout.split())
+
+
+#: A child that floods the control socket: N plain connections held until stdin closes (its own fd limit raised).
+FLOODER = r"""
+import resource, socket, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+path, count = sys.argv[1], int(sys.argv[2])
+held, refused = [], 0
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        held.append(s)
+    except OSError:
+        refused += 1
+        s.close()
+print(len(held), refused, flush=True)
+sys.stdin.read()
+"""
+
+
+def start_flooder(path: Path, count: int) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", FLOODER, str(path), str(count)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def hwm_mib(pid: int) -> float:
+    """Peak resident memory of a process (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_huge_control_frames_are_refused_before_they_are_built(fleet: Fleet) -> None:
+    """Four 4 MiB frames of empty maps: refused while decoding (element budget), peak RSS stays under 100 MB, the
+    client that was attached stays attached (its heartbeats were answered on time) and its requests run."""
+    import msgpack
+    import zmq
+
+    core = fleet.core("fr", qemu_args=SMALL_VM)
+    qemu_pid = core.qemu_pid
+    detached: list[str] = []
+    endpoint = ipc_endpoint(core.run_dir / "control.sock")
+    legit = ClientChannel(endpoint, name="legit", on_detached=detached.append)
+    ctx = zmq.Context()
+    hostile = ctx.socket(zmq.DEALER)
+    try:
+        await legit.connect(timeout_s=10)
+        before = hwm_mib(core.pid)
+        hostile.connect(endpoint)
+        arguments = {"a": [[{}] * 60_000 for _ in range(69)]}  # 4.1 M objects in 4 MiB
+        frame = msgpack.packb({"v": 1, "t": "request", "id": 1, "op": "qmp",
+                               "args": {"command": "query-status", "arguments": arguments}})
+        assert 4_000_000 < len(frame) <= 4 << 20
+        for _ in range(4):
+            hostile.send(frame)
+            assert await legit.qmp("query-status") is not None
+        assert hostile.poll(10_000), "the hostile peer got no error frame"
+        error = msgpack.unpackb(hostile.recv())
+        assert error["t"] == "error" and error["code"] == "too-large", error
+        assert await legit.qmp("query-name") == {"name": "fr"}
+        assert hwm_mib(core.pid) < 100, (before, hwm_mib(core.pid))
+        assert not detached and "no heartbeat" not in core.stderr()
+    finally:
+        hostile.close(linger=0)
+        ctx.term()
+        await legit.close()
+    assert_still_supervised(core, qemu_pid)
+
+
+async def test_a_connection_flood_under_a_low_fd_limit_never_aborts_the_core(fleet: Fleet) -> None:
+    """1100 control connections against a core held to 1024 descriptors (and unable to raise its hard limit):
+    libzmq aborts the process when accept() fails with EMFILE, so the core must refuse connections before that.
+    The client it had keeps being served; the flood's connections are closed; a new client gets in after."""
+    core = fleet.core("fl", qemu_args=SMALL_VM,
+                      prefix=["prlimit", "--nofile=1024:1024", "--", "setpriv", "--bounding-set=-sys_resource",
+                              "--"])
+    qemu_pid = core.qemu_pid
+    assert Path(f"/proc/{core.pid}/limits").read_text().count("1024") >= 2
+    endpoint = ipc_endpoint(core.run_dir / "control.sock")
+    detached: list[str] = []
+    legit = ClientChannel(endpoint, name="legit", on_detached=detached.append)
+    try:
+        await legit.connect(timeout_s=10)
+        flooder = fleet.add(start_flooder(core.run_dir / "control.sock", 1100))
+        assert flooder.stdout is not None
+        held, refused = map(int, flooder.stdout.readline().split())
+        assert held + refused == 1100
+        wait_for(lambda: "refusing a connection" in core.stderr(), 10, "the core to refuse connections")
+        for _ in range(3):
+            assert await legit.qmp("query-status") is not None
+        assert core.proc.poll() is None, core.stderr()
+        # The flood's connections never spoke ZMTP: libzmq's handshake deadline closes them.
+        wait_for(lambda: len(os.listdir(f"/proc/{core.pid}/fd")) < 200, 30, "the flood's connections to close")
+        flooder.kill()
+        second = ClientChannel(endpoint, name="second")
+        try:
+            await second.connect(timeout_s=10)
+            assert await second.qmp("query-name") == {"name": "fl"}
+        finally:
+            await second.close()
+        assert not detached, detached
+    finally:
+        await legit.close()
+    assert_still_supervised(core, qemu_pid)
+
+
+async def test_silent_connections_are_closed_and_sessions_are_capped(fleet: Fleet) -> None:
+    """ZeroMQ peers that connect and never say hello are closed after the hello deadline; a process cannot hold
+    more than a few control connections."""
+    import zmq
+
+    core = fleet.core("sl", qemu_args=SMALL_VM)
+    endpoint = ipc_endpoint(core.run_dir / "control.sock")
+    fds_before = len(os.listdir(f"/proc/{core.pid}/fd"))
+    ctx = zmq.Context()
+    silent = [ctx.socket(zmq.DEALER) for _ in range(12)]
+    try:
+        for sock in silent:
+            sock.setsockopt(zmq.RECONNECT_IVL, 60_000)  # once closed, stay closed (easier to count)
+            sock.connect(endpoint)
+        wait_for(lambda: "already holds 8" in core.stderr(), 10, "the per-process connection limit")
+        wait_for(lambda: "did not say hello" in core.stderr(), 20, "silent connections to be closed")
+        wait_for(lambda: len(os.listdir(f"/proc/{core.pid}/fd")) <= fds_before, 20,
+                 "every silent connection to be closed")
+    finally:
+        for sock in silent:
+            sock.close(linger=0)
+        ctx.term()
+    assert_still_supervised(core, core.qemu_pid)
+
