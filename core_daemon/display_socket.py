@@ -25,22 +25,29 @@ from shm.notify import encode_hello
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_READERS = 64
+#: Readers one process may hold (a client maps the display once; a few more for helpers): one client cannot take
+#: every place.
+MAX_READERS_PER_PID = 4
+#: After accept() fails for lack of descriptors, wait this long before accepting again (as asyncio's servers do):
+#: the connection stays queued, and a level-triggered listener would otherwise spin the loop.
+_ACCEPT_PAUSE = 1.0
 
 
 @dataclass(eq=False)
 class _Reader:
     sock: socket.socket
     eventfd: int
+    pid: int | None
     peer: str  # "pid N uid N", for log lines
 
 
-def _peer(sock: socket.socket) -> str:
+def _peer(sock: socket.socket) -> tuple[int | None, str]:
     try:
         pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                              struct.calcsize("3i")))
     except OSError:
-        return "unknown peer"
-    return f"pid {pid} uid {uid}"
+        return None, "unknown peer"
+    return pid, f"pid {pid} uid {uid}"
 
 
 class DisplaySocket:
@@ -87,15 +94,27 @@ class DisplaySocket:
                 conn, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # e.g. EMFILE: leave the connection queued, say why
-                log.error("display socket: accept failed: %s", exc)
+            except OSError as exc:  # e.g. EMFILE: leave the connection queued, say why, pause accepting
+                log.error("display socket: accept failed: %s; pausing accepts for %.0f s", exc, _ACCEPT_PAUSE)
+                assert self._loop is not None
+                self._loop.remove_reader(self._listener.fileno())
+                self._loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
                 return
             self._attach(conn)
 
+    def _resume_accepting(self) -> None:
+        if self._listener is not None and self._loop is not None:
+            self._loop.add_reader(self._listener.fileno(), self._accept)
+
     def _attach(self, conn: socket.socket) -> None:
-        peer = _peer(conn)
+        pid, peer = _peer(conn)
         if len(self._readers) >= self.max_readers:
             log.warning("display reader %s refused: already %d readers", peer, len(self._readers))
+            conn.close()
+            return
+        if pid is not None and sum(r.pid == pid for r in self._readers.values()) >= MAX_READERS_PER_PID:
+            log.warning("display reader %s refused: that process already has %d readers", peer,
+                        MAX_READERS_PER_PID)
             conn.close()
             return
         try:
@@ -112,7 +131,7 @@ class DisplaySocket:
             os.close(eventfd)
             conn.close()
             return
-        reader = _Reader(conn, eventfd, peer)
+        reader = _Reader(conn, eventfd, pid, peer)
         self._readers[conn.fileno()] = reader
         assert self._loop is not None
         self._loop.add_reader(conn.fileno(), self._on_readable, reader)

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 Executor = Callable[[str, dict[str, Any] | None], Awaitable[dict[str, Any]]]
 
 _READ_CHUNK = 64 * 1024
+#: QMP peers served at once (all sockets together); see _admit for who makes room.
+MAX_PEERS = 64
+#: A peer that has not negotiated capabilities this long after its greeting is closed (a stuck or hostile peer
+#: must not hold one of the MAX_PEERS places).
+NEGOTIATION_DEADLINE = 10.0
 
 
 @dataclass
@@ -88,6 +93,7 @@ class QmpReexport:
         max_message: int = 1 << 20,
         max_backlog: int = 8 << 20,
         on_peers_changed: Callable[[], None] | None = None,
+        max_peers: int = MAX_PEERS,
     ) -> None:
         self._executor = executor
         self._greeting = greeting
@@ -96,6 +102,7 @@ class QmpReexport:
         #: Bytes queued for one peer beyond which it counts as not reading and is closed.
         self.max_backlog = max_backlog
         self._on_peers_changed = on_peers_changed
+        self.max_peers = max_peers
         self._servers: list[tuple[asyncio.Server, Path | None]] = []
         self._peers: dict[int, QmpPeer] = {}
         self._handlers: set[asyncio.Task[None]] = set()
@@ -177,10 +184,16 @@ class QmpReexport:
             QmpServerConnection(self._greeting, max_message=self.max_message),
             pid=pid, uid=uid, remote=f"{remote[0]}:{remote[1]}" if remote else None,
         )
+        if not self._admit(peer):
+            writer.write(encode(error_message(
+                "GenericError", f"the core already serves {self.max_peers} QMP peers; try again later")))
+            writer.close()
+            return
         self._peers[peer.peer_id] = peer
         log.info("QMP peer %d connected on %r (pid %s, uid %s%s)", peer.peer_id, socket_name, pid, uid,
                   f", from {peer.remote}" if peer.remote else "")
         self._peers_changed()
+        deadline = asyncio.get_running_loop().call_later(NEGOTIATION_DEADLINE, self._negotiation_overdue, peer)
         try:
             self._send(peer, peer.connection.greeting_bytes())
             while not peer.closing:
@@ -194,11 +207,41 @@ class QmpReexport:
         except (ConnectionError, OSError) as exc:
             log.info("QMP peer %d: connection error: %s", peer.peer_id, exc)
         finally:
-            del self._peers[peer.peer_id]
+            deadline.cancel()
+            self._peers.pop(peer.peer_id, None)  # (already gone if it was evicted)
             peer.closing = True
             writer.close()
             log.info("QMP peer %d disconnected", peer.peer_id)
             self._peers_changed()
+
+    def _admit(self, newcomer: QmpPeer) -> bool:
+        """Room for one more peer? At the limit, the oldest peer still negotiating makes room (as QEMU's VNC
+        drops the oldest client still in its handshake): a flood of idle connections cannot lock out a peer
+        that speaks QMP, and negotiated peers are never evicted. Otherwise the newcomer is refused."""
+        if len(self._peers) < self.max_peers:
+            return True
+        waiting = [p for p in self._peers.values() if p.connection.state is ConnectionState.CAPABILITIES]
+        if not waiting:
+            log.warning("QMP peer on %r (pid %s) refused: %d peers already", newcomer.socket_name, newcomer.pid,
+                        len(self._peers))
+            return False
+        oldest = min(waiting, key=lambda p: p.since)
+        log.warning("QMP peer %d evicted (still negotiating) to make room: %d peers", oldest.peer_id,
+                    len(self._peers))
+        self._hang_up(oldest)
+        del self._peers[oldest.peer_id]
+        return True
+
+    def _negotiation_overdue(self, peer: QmpPeer) -> None:
+        if peer.connection.state is ConnectionState.CAPABILITIES and not peer.closing:
+            log.info("QMP peer %d did not negotiate within %.0f s; closing it", peer.peer_id, NEGOTIATION_DEADLINE)
+            self._send(peer, encode(error_message("GenericError", "capabilities negotiation timed out")))
+            self._hang_up(peer)
+
+    @staticmethod
+    def _hang_up(peer: QmpPeer) -> None:
+        peer.closing = True
+        peer.writer.close()
 
     async def _handle(self, peer: QmpPeer, event: Answer | Command | Negotiated | MessageTooLarge) -> None:
         if isinstance(event, Answer):

@@ -325,3 +325,39 @@ async def test_silent_connections_are_closed_and_sessions_are_capped(fleet: Flee
         ctx.term()
     assert_still_supervised(core, core.qemu_pid)
 
+
+
+def test_qmp_peers_are_capped_and_idle_ones_make_room(fleet: Fleet) -> None:
+    """64 QMP connections that never negotiate cannot lock out a real peer: the oldest one still negotiating is
+    evicted for it; those that stay silent are closed at the negotiation deadline."""
+    import socket
+
+    core = fleet.core("qp", qemu_args=SMALL_VM)
+    idle = []
+    for _ in range(64):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(core.qmp_socket))
+        idle.append(fleet.add(sock))
+    wait_for(lambda: len(core.state()["peers"]) == 64, 10, "64 idle peers")
+    peer = fleet.add(RawQmpPeer(core.qmp_socket).negotiate())
+    assert peer.execute("query-name") == {"return": {"name": "qp"}}
+    assert "evicted (still negotiating) to make room" in core.stderr()
+    idle[0].settimeout(5)
+    assert b"" in (idle[0].recv(65536), idle[0].recv(65536))  # greeting, then EOF: the oldest was evicted
+    # The rest are closed at the negotiation deadline; the negotiated peer is not.
+    wait_for(lambda: len(core.state()["peers"]) == 1, 20, "idle peers to be closed at the deadline")
+    assert peer.execute("query-status")["return"]["status"] == "running"
+
+
+def test_display_readers_are_capped_per_process(fleet: Fleet) -> None:
+    import socket
+
+    core = fleet.core("dr")
+    accepted = 0
+    for _ in range(6):
+        sock = fleet.add(socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+        sock.settimeout(5)
+        sock.connect(str(core.run_dir / "display.sock"))
+        accepted += bool(sock.recv(4096))  # a hello, or EOF when refused
+    assert accepted == 4, core.stderr()
+    assert "that process already has 4 readers" in core.stderr()
