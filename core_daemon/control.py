@@ -25,6 +25,7 @@ from ipc.messages import (
     QmpEvent,
     QmpOp,
     RefreshOp,
+    ReleaseInputOp,
     RunStateChanged,
     Shutdown,
     WheelEvent,
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 
 #: The policy section that applies to requests from clients.
 CLIENT_SOCKET = "client"
+
+
+def _client_of(holder: object) -> object:
+    """Input holders are (client, source) pairs: the client part."""
+    return holder[0] if isinstance(holder, tuple) else holder
 
 
 class ControlService:
@@ -98,7 +104,7 @@ class ControlService:
         display = self._display()
         if display is not None and display.input is not None:
             try:
-                await display.input.release_all(client)
+                await display.input.release(lambda holder: _client_of(holder) is client, str(client))
             except InputError as exc:
                 log.warning("releasing input held by %s failed: %s", client, exc)
         self._on_clients_changed(self.channel.describe_clients())  # already without the gone client
@@ -120,6 +126,15 @@ class ControlService:
             return reply.get("return")
         if isinstance(op, InputOp):
             await self._input(client, op)
+            return None
+        if isinstance(op, ReleaseInputOp):
+            display = self._display()
+            if display is not None and display.input is not None:
+                holder = (client, op.source)
+                try:
+                    await display.input.release(lambda h: h == holder, f"{client}, {op.source or 'no source'}")
+                except InputError as exc:
+                    raise RequestError("GenericError", str(exc)) from exc
             return None
         if isinstance(op, RefreshOp):
             display = self._display()
@@ -157,18 +172,19 @@ class ControlService:
         if display is None or display.input is None:
             raise RequestError("DisplayUnavailable", "this core has no display, so no input either")
         guest = display.input
+        holder = (client, op.source)  # keys are held per viewer (source) of a client
         try:
-            batch = []  # the whole request in one input-send-event: one QEMU round trip, not one per event
+            batch = []  # the whole request in as few input-send-event commands as the key pacing allows
             for event in op.events:
                 if isinstance(event, KeyEvent):
                     if event.qcode is not None:
-                        batch += guest.key_events(event.qcode, event.down, client)
+                        batch += guest.key_events(event.qcode, event.down)
                     elif event.scancode is not None:
-                        batch += guest.scancode_events(event.scancode, event.down, client)
+                        batch += guest.scancode_events(event.scancode, event.down)
                 elif isinstance(event, PointerEvent):
-                    batch += guest.pointer_events(event.x, event.y, event.buttons, client)
+                    batch += guest.pointer_events(event.x, event.y, event.buttons, holder)
                 elif isinstance(event, WheelEvent):
                     batch += guest.wheel_events(event.steps)
-            await guest.send(batch)
+            await guest.send(batch, holder)
         except InputError as exc:
             raise RequestError("GenericError", str(exc)) from exc

@@ -12,9 +12,9 @@ Pointer events are not paced: a batch of them is one command.
 
 The QMP call goes through a callable, ``execute(command, arguments)`` that raises on an error reply (the
 core's ``QMPClient.execute``), so this module has no connection of its own and tests can record the calls.
-Keys and buttons held down are tracked per holder (the client that pressed them), so ``release_all(holder)``
-can let go of what a client that vanished was holding, instead of leaving a key stuck in the guest, and without
-releasing what another client still holds.
+Keys held down are tracked per holder (a client, or one viewer of a client) as QEMU accepts them, so
+``release(belongs)`` can let go of what a viewer or client that vanished was holding, instead of leaving a key
+stuck in the guest, and without releasing what another holder still holds.
 """
 
 from __future__ import annotations
@@ -108,10 +108,11 @@ class GuestInput:
         self._buttons: frozenset[str] = frozenset()  # the pointer's buttons now (one pointer for all clients)
         self._buttons_holder: object = None  # who set them
 
-    async def send(self, events: Sequence[Event]) -> None:
+    async def send(self, events: Sequence[Event], holder: object = None) -> None:
         """Send a batch built with the ``*_events`` methods: one ``input-send-event`` up to and including each
         key event; the next command starts no sooner than the key delay after that one started (the round trip
-        counts towards the delay). With a zero delay, the whole batch is one command."""
+        counts towards the delay). With a zero delay, the whole batch is one command. Keys count as held by
+        ``holder`` once QEMU has accepted them."""
         if not events:
             return
         loop = asyncio.get_running_loop()
@@ -127,6 +128,7 @@ class GuestInput:
                     await asyncio.sleep(wait)
                 started = loop.time()
                 await self._send_now(chunk)
+                self._track(chunk, holder)
                 chunk = []
                 if ends_chunk:
                     self._next_key_at = started + self._key_delay
@@ -141,24 +143,24 @@ class GuestInput:
 
     # --- keyboard ----------------------------------------------------------------------------------------
 
-    def key_events(self, qcode: str, down: bool, holder: object = None) -> list[Event]:
+    def key_events(self, qcode: str, down: bool) -> list[Event]:
         """Press or release one key by QEMU qcode ("a", "shift", "f2", "ret", ...)."""
-        event = key_event(check_qcode(qcode), down)
-        self._track_key(qcode, down, holder)
-        return [event]
+        return [key_event(check_qcode(qcode), down)]
 
-    def scancode_events(self, code: int, down: bool, holder: object = None) -> list[Event]:
+    def scancode_events(self, code: int, down: bool) -> list[Event]:
         """Press or release one key by XT scancode (as the RFB QEMU extended key event carries it)."""
-        number = scancode_number(code)
-        self._track_key(number, down, holder)
-        return [key_event(number, down)]
+        return [key_event(scancode_number(code), down)]
 
-    def _track_key(self, key: str | int, down: bool, holder: object) -> None:
-        if down:
-            self._keys_down.setdefault(key, set()).add(holder)
-        else:
-            # The guest has one keyboard: a release lets go of the key whoever pressed it.
-            self._keys_down.pop(key, None)
+    def _track(self, delivered: list[Event], holder: object) -> None:
+        for event in delivered:
+            if event["type"] != "key":
+                continue
+            key: str | int = event["data"]["key"]["data"]
+            if event["data"]["down"]:
+                self._keys_down.setdefault(key, set()).add(holder)
+            else:
+                # The guest has one keyboard: a release lets go of the key whoever pressed it.
+                self._keys_down.pop(key, None)
 
     async def key(self, qcode: str, down: bool) -> None:
         await self.send(self.key_events(qcode, down))
@@ -208,18 +210,23 @@ class GuestInput:
 
     # --- cleanup -----------------------------------------------------------------------------------------
 
-    async def release_all(self, holder: object = None) -> None:
-        """Release the keys and buttons ``holder`` pressed and did not release (e.g. its client died); a key
-        another holder also pressed stays down. With no holder: everything pressed through this API."""
-        keys = [k for k, holders in self._keys_down.items() if holder is None or holders == {holder}]
-        for key in self._keys_down:
-            self._keys_down[key].discard(holder)
+    async def release(self, belongs: Callable[[object], bool] | None = None, who: str = "anyone") -> None:
+        """Release the keys and buttons pressed by holders that ``belongs`` picks (e.g. a viewer or a client that
+        went away) and not released since; a key another holder also pressed stays down. With no ``belongs``:
+        everything pressed through this API."""
+        def picked(holder: object) -> bool:
+            return belongs is None or belongs(holder)
+
+        keys = [k for k, holders in self._keys_down.items() if all(picked(h) for h in holders)]
+        for holders in self._keys_down.values():
+            for holder in [h for h in holders if picked(h)]:
+                holders.discard(holder)
         for key in keys:
             del self._keys_down[key]
         events = [key_event(k, False) for k in keys]
-        if holder is None or self._buttons_holder is holder:
-            events += [button_event(b, False) for b in self._buttons]
+        if self._buttons and picked(self._buttons_holder):
+            events += [button_event(b, False) for b in sorted(self._buttons)]
             self._buttons = frozenset()
         if events:
-            log.info("releasing %d keys/buttons still held by %s", len(events), holder or "anyone")
+            log.info("releasing %d keys/buttons still held by %s", len(events), who)
         await self.send(events)

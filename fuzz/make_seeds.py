@@ -35,6 +35,7 @@ from ipc.messages import (  # noqa: E402
     QmpEvent,
     QmpOp,
     RefreshOp,
+    ReleaseInputOp,
     Reply,
     Request,
     RunStateChanged,
@@ -64,6 +65,11 @@ def qmp_seeds() -> dict[str, bytes]:
         "errors": caps + b'{"execute": 1}\n[1,2]\n"str"\n{"foo": 1}\n}\n{"execute":"x","exec-oob":"y"}\nnull tru\n',
         "bad-utf8": caps + b'{"execute": "\xff\xfe"}\n{"execute": "a\x01b"}\n',
         "nested": caps + b"[" * 40 + b"]" * 40 + b"\n" + b'{"execute": "x", "arguments": {"a": 1e999, "b": NaN}}\n',
+        # What QEMU's parser rejects but Python's takes: the core must refuse it, keeping the id.
+        "strict-json": caps + b'{"execute": "x", "id": 1, "arguments": {"s": "\\ud800", "n": "a\\u0000", '
+        b'"i": 18446744073709551616, "j": -9223372036854775809, "k": ' + b"9" * 64 + b', "f": -Infinity}}\n'
+        + b'{"execute": "x", "id": NaN}\n{"execute": "y", "arguments": {"deep": ' + b"[" * 140 + b"]" * 140
+        + b', "many": [' + b"{}," * 300 + b"{}]}}\n",
     }
 
 
@@ -132,6 +138,10 @@ def ipc_seeds() -> dict[str, bytes]:
         "request-qmp": Request(2, QmpOp("query-status", {"a": [1, 2.5, None, True, "x"]})),
         "request-input": Request(3, InputOp((KeyEvent(True, qcode="a"), KeyEvent(False, scancode=0x1E),
                                              PointerEvent(10, 20, 1), WheelEvent(-2)))),
+        "request-input-source": Request(6, InputOp((KeyEvent(True, qcode="shift"),), "vnc#1 127.0.0.1:50112")),
+        "request-input-release": Request(7, ReleaseInputOp("vnc#1 127.0.0.1:50112")),
+        # Adversarial element counts: many small containers (counted while decoding), values QEMU rejects.
+        "request-qmp-many": Request(8, QmpOp("query-status", {"a": [[{}] * 50] * 20, "b": "\x00"})),
         "request-refresh": Request(4, RefreshOp()),
         "request-agent": Request(5, AgentWriteOp(b'\xff{"execute":"guest-ping"}\n')),
         "reply-ok": Reply(2, {"status": "running", "running": True}),
@@ -146,7 +156,12 @@ def ipc_seeds() -> dict[str, bytes]:
         "error": ErrorFrame("malformed", "not msgpack", 7),
         "bye": Bye("client stopping"),
     }
-    return {name: message.encode() for name, message in msgs.items()}
+    seeds = {name: message.encode() for name, message in msgs.items()}
+    # An array header that claims a million items (refused from the header) and a frame nested past the limit.
+    seeds["array-header-huge"] = b"\x85\xa1v\x01\xa1t\xa7request\xa2id\x01\xa2op\xa3qmp\xa4args\xdd\x00\x0f\x42\x40"
+    seeds["nested-deep"] = (b"\x85\xa1v\x01\xa1t\xa7request\xa2id\x01\xa2op\xa3qmp\xa4args\x82\xa7command\xa1x"
+                            b"\xa9arguments\x81\xa1a" + b"\x91" * 60 + b"\xc0")
+    return seeds
 
 
 def agent_seeds() -> dict[str, bytes]:

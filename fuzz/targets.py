@@ -13,6 +13,7 @@ The targets are plain functions so they run under atheris, under hypothesis (``f
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import zlib
@@ -26,7 +27,8 @@ from clients.monitor.parser import ArgError
 from clients.rfb.errors import ProtocolError as RfbServerProtocolError
 from clients.rfb.server import RfbServerConnection
 from clients.rfb.server import State as RfbServerState
-from core_daemon.qmp_protocol import QmpServerConnection
+from core_daemon.qmp_protocol import Command, QmpServerConnection
+from core_daemon.qmp_values import arguments_problem
 from core_daemon.rfb_client import (
     BGRX8888,
     ENCODING_CURSOR,
@@ -76,12 +78,22 @@ def _qmp_events(pieces: Iterator[bytes] | list[bytes], max_message: int) -> list
     biggest = 0
     for piece in pieces:
         biggest = max(biggest, len(piece))
-        out.extend(repr(event) for event in conn.receive_data(piece))
+        for event in conn.receive_data(piece):
+            out.append(repr(event))
+            if isinstance(event, Command):
+                _check_strict(event.arguments)
         # Bounded by the limit plus one read (whitespace before a value is kept until the value completes);
         # a closed connection reads nothing more, so what it holds no longer grows.
         if not conn.closed:
             assert len(conn._framer.buffer) <= max_message + biggest, "QMP framer buffers past its limit"
     return out
+
+
+def _check_strict(arguments: dict[str, Any] | None) -> None:
+    """The core's check of what may reach QEMU (core_daemon/qmp_values.py) never raises, and whatever it lets
+    through serialises as strict JSON in UTF-8, which is what QEMU's parser takes."""
+    if arguments_problem(arguments) is None:
+        json.dumps(arguments, allow_nan=False).encode("utf-8")
 
 
 def fuzz_qmp(data: bytes) -> None:
@@ -166,6 +178,8 @@ def fuzz_ipc(data: bytes) -> None:
         return  # known: decode accepts a welcome whose "version" the frame's "v" does not match
     again = ipc_messages.decode(message.encode())
     assert repr(again) == repr(message), f"{message!r} re-encodes to {again!r}"
+    if isinstance(message, ipc_messages.Request) and isinstance(message.body, ipc_messages.QmpOp):
+        _check_strict(message.body.arguments)  # what a client asks the core to send QEMU
 
 
 # --- qemu-ga bytes relayed from the guest (clients/agent/protocol.py) ----------------------------------------------

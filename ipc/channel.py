@@ -59,6 +59,7 @@ from .messages import (
     ProtocolError,
     QmpOp,
     RefreshOp,
+    ReleaseInputOp,
     Reply,
     Request,
     Welcome,
@@ -77,6 +78,10 @@ EXPIRY_INTERVALS = 2.5
 SEND_HWM = 1000
 #: Requests of one client waiting in the core; more are answered with a ``busy`` error at once.
 MAX_QUEUED_REQUESTS = 256
+#: A client's requests run in lanes: in order within a lane, lanes side by side. Input is paced (keys 10 ms
+#: apart), so a viewer typing a long text must not hold up the monitor's QMP or a guest-agent call.
+LANES = {InputOp.OP: "input", ReleaseInputOp.OP: "input", AgentWriteOp.OP: "agent"}
+DEFAULT_LANE = "control"
 #: Attached clients per core; a hello beyond is answered ``busy`` (those attached stay).
 MAX_CLIENTS = 64
 #: Control connections one process may hold open (a client needs one; a restart briefly two).
@@ -313,9 +318,15 @@ ClientCallback = Callable[[ClientInfo], object]
 @dataclass(eq=False)
 class _Session:
     info: ClientInfo
-    queue: asyncio.Queue[Request | None] = field(default_factory=asyncio.Queue)
+    #: One queue per lane (see LANES): a lane's requests run in order, lanes side by side.
+    lanes: dict[str, asyncio.Queue[Request | None]] = field(
+        default_factory=lambda: {lane: asyncio.Queue() for lane in (*set(LANES.values()), DEFAULT_LANE)})
     task: asyncio.Task[None] | None = None
     gone: bool = False
+
+    @property
+    def queued(self) -> int:
+        return sum(queue.qsize() for queue in self.lanes.values())
 
 
 class CoreChannel:
@@ -583,12 +594,12 @@ class CoreChannel:
                  version, ",".join(granted) or "none")
 
     def _enqueue(self, session: _Session, request: Request) -> None:
-        if session.queue.qsize() >= MAX_QUEUED_REQUESTS:
+        if session.queued >= MAX_QUEUED_REQUESTS:
             self._reject(session.info.identity, ProtocolError(
                 ErrorCode.BUSY, f"more than {MAX_QUEUED_REQUESTS} requests of this client are waiting",
                 msg_id=request.id, msg_type=request.TYPE))
             return
-        session.queue.put_nowait(request)
+        session.lanes[LANES.get(request.op, DEFAULT_LANE)].put_nowait(request)
 
     # --- per-client task ---
 
@@ -599,11 +610,14 @@ class CoreChannel:
                 await asyncio.wait({previous})  # the old session's on_client_gone first
             attached = True
             await _call(self._on_attached, session.info, what="on_client_attached")
-            while (request := await session.queue.get()) is not None:
-                await self._execute(session, request)
+            await asyncio.gather(*(self._run_lane(session, queue) for queue in session.lanes.values()))
         finally:
             if attached:
                 await _call(self._on_gone, session.info, what="on_client_gone")
+
+    async def _run_lane(self, session: _Session, queue: asyncio.Queue[Request | None]) -> None:
+        while (request := await queue.get()) is not None:
+            await self._execute(session, request)
 
     async def _execute(self, session: _Session, request: Request) -> None:
         info, op = session.info, request.op
@@ -655,9 +669,10 @@ class CoreChannel:
         identity = session.info.identity
         if self._sessions.get(identity) is session:
             del self._sessions[identity]
-        while not session.queue.empty():
-            session.queue.get_nowait()
-        session.queue.put_nowait(None)
+        for queue in session.lanes.values():
+            while not queue.empty():
+                queue.get_nowait()
+            queue.put_nowait(None)
         if bye is not None:  # best effort: it tells a client that is still there to say hello again
             _send_now(self._socket(), [identity, Bye(bye).encode()])
         log.info("%s gone: %s", session.info, reason)
@@ -1024,8 +1039,13 @@ class ClientChannel:
         """Execute a QMP command through the core's policy; QEMU's ``return`` value, or RemoteError."""
         return await self.request(QmpOp(command, arguments), timeout_s=timeout_s)
 
-    async def send_input(self, events: Iterable[InputEvent], *, timeout_s: float | None = None) -> None:
-        await self.request(InputOp(tuple(events)), timeout_s=timeout_s)
+    async def send_input(self, events: Iterable[InputEvent], *, source: str = "",
+                         timeout_s: float | None = None) -> None:
+        await self.request(InputOp(tuple(events), source), timeout_s=timeout_s)
+
+    async def release_input(self, source: str, *, timeout_s: float | None = None) -> None:
+        """Release what ``source`` still holds, after the input it sent before."""
+        await self.request(ReleaseInputOp(source), timeout_s=timeout_s)
 
     async def refresh(self, *, timeout_s: float | None = None) -> None:
         await self.request(RefreshOp(), timeout_s=timeout_s)

@@ -42,6 +42,8 @@ MAX_ELEMENTS = 1 << 17
 MAX_VERSIONS = 16
 MAX_CAPABILITIES = 64
 MAX_INPUT_EVENTS = 4096
+#: An input source's name (one per VNC viewer, say).
+MAX_SOURCE = 64
 MAX_AGENT_CHUNK = 1 << 20
 MAX_ID = (1 << 63) - 1
 #: Pointer coordinates are framebuffer pixels (shm allows up to 16384) and wheel steps clicks.
@@ -142,10 +144,21 @@ class QmpOp:
 
 @dataclass(frozen=True)
 class InputOp:
-    """Keyboard and pointer events for the guest, applied in order."""
+    """Keyboard and pointer events for the guest, applied in order. ``source`` names who sent them within the
+    client (e.g. one VNC viewer), so that what that source still holds can be released when it goes."""
 
     OP: ClassVar[str] = "input"
     events: tuple[InputEvent, ...]
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ReleaseInputOp:
+    """Release every key and button ``source`` pressed and did not release (the viewer went away), after all the
+    input it sent before."""
+
+    OP: ClassVar[str] = "input_release"
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,12 +176,13 @@ class AgentWriteOp:
     data: bytes
 
 
-Op = QmpOp | InputOp | RefreshOp | AgentWriteOp
+Op = QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp
 
 #: The capability a client must have been granted to use an op.
 OP_CAPABILITY: dict[str, Capability] = {
     QmpOp.OP: Capability.QMP,
     InputOp.OP: Capability.INPUT,
+    ReleaseInputOp.OP: Capability.INPUT,
     RefreshOp.OP: Capability.DISPLAY,
     AgentWriteOp.OP: Capability.AGENT,
 }
@@ -438,7 +452,12 @@ def _op_args(body: Op) -> dict[str, Any]:
         return {"command": body.command} if body.arguments is None else {
             "command": body.command, "arguments": body.arguments}
     if isinstance(body, InputOp):
-        return {"events": [_input_event_map(e) for e in body.events]}
+        fields: dict[str, Any] = {"events": [_input_event_map(e) for e in body.events]}
+        if body.source:
+            fields["source"] = body.source
+        return fields
+    if isinstance(body, ReleaseInputOp):
+        return {"source": body.source}
     if isinstance(body, AgentWriteOp):
         return {"data": bytes(body.data)}
     return {}
@@ -735,12 +754,14 @@ def _parse_qmp_op(a: _Fields) -> Op:
 
 def _parse_input_op(a: _Fields) -> Op:
     return InputOp(events=tuple(
-        _parse_input_event(a, item, i) for i, item in enumerate(a.array("events", MAX_INPUT_EVENTS))))
+        _parse_input_event(a, item, i) for i, item in enumerate(a.array("events", MAX_INPUT_EVENTS))),
+        source=a.string("source", MAX_SOURCE, optional=True) or "")
 
 
 _OP_PARSERS: dict[str, Callable[[_Fields], Op]] = {
     QmpOp.OP: _parse_qmp_op,
     InputOp.OP: _parse_input_op,
+    ReleaseInputOp.OP: lambda a: ReleaseInputOp(source=a.string("source", MAX_SOURCE, optional=True) or ""),
     RefreshOp.OP: lambda a: RefreshOp(),
     AgentWriteOp.OP: lambda a: AgentWriteOp(data=a.binary("data", MAX_AGENT_CHUNK)),
 }
@@ -811,7 +832,7 @@ _PARSERS: dict[str, Callable[[_Fields], Message]] = {
 
 #: Wire names, for docs and tests.
 MESSAGE_TYPES: tuple[type[Message], ...] = (Hello, Welcome, Heartbeat, Request, Reply, Broadcast, ErrorFrame, Bye)
-OPS: tuple[type[Op], ...] = (QmpOp, InputOp, RefreshOp, AgentWriteOp)
+OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp)
 EVENT_KINDS: tuple[type[EventBody], ...] = (
     QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown)
 
@@ -820,6 +841,6 @@ __all__ = [
     "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "AgentData", "AgentWriteOp", "Broadcast", "Bye", "Capability",
     "DisplayChanged", "EncodeError", "ErrorCode", "ErrorFrame", "ErrorInfo", "EventBody", "Heartbeat", "Hello",
     "InputEvent", "InputOp", "KeyEvent", "Message", "Migrated", "Migrating", "Op", "PointerEvent", "ProtocolError",
-    "QmpEvent", "QmpOp", "RefreshOp", "Reply", "Request", "RunStateChanged", "Shutdown", "Welcome", "WheelEvent",
-    "choose_version", "decode",
+    "QmpEvent", "QmpOp", "RefreshOp", "ReleaseInputOp", "Reply", "Request", "RunStateChanged", "Shutdown",
+    "Welcome", "WheelEvent", "choose_version", "decode",
 ]

@@ -361,3 +361,68 @@ def test_display_readers_are_capped_per_process(fleet: Fleet) -> None:
         accepted += bool(sock.recv(4096))  # a hello, or EOF when refused
     assert accepted == 4, core.stderr()
     assert "that process already has 4 readers" in core.stderr()
+
+
+def keys_row(peer: RawQmpPeer, scratch: Path) -> str | None:
+    """What the demo guest shows as typed, or None before it has drawn its screen."""
+    from guestlib import ROW_KEYS, text_row
+
+    row = text_row(peer, ROW_KEYS, scratch)
+    return row.removeprefix("KEYS:").strip() if row.startswith("KEYS:") else None
+
+
+async def test_a_viewers_last_keys_all_arrive_and_none_stays_held(fleet: Fleet) -> None:
+    """20 keys sent right before the viewer hangs up all reach the guest, in order; a Shift it pressed and never
+    released is released after them (a later viewer's 'a' is not 'A')."""
+    from vnclib import MiniViewer, VncClientProcess, free_port
+
+    core = fleet.core("kb")
+    client = fleet.add(VncClientProcess(core.run_dir, "kb", free_port()))
+    peer = fleet.add(RawQmpPeer(core.qmp_socket).negotiate())
+    wait_for(lambda: keys_row(peer, fleet.root) == "", 15, "the demo guest to draw")
+    viewer = await MiniViewer.connect(client.port)
+    text = "abcdefghijklmnopqrst"
+    for char in text:
+        viewer.key(ord(char), True)
+        viewer.key(ord(char), False)
+    viewer.key(0xFFE1, True)  # Shift_L, never released
+    await viewer.writer.drain()
+    viewer.close()
+    wait_for(lambda: keys_row(peer, fleet.root) == text, 20, "every key to reach the guest")
+    second = await MiniViewer.connect(client.port)
+    try:
+        for keysym in (ord("x"), ord("y")):
+            second.key(keysym, True)
+            second.key(keysym, False)
+        await second.writer.drain()
+        wait_for(lambda: keys_row(peer, fleet.root) == text + "xy", 10, "the next viewer's keys, unshifted")
+    finally:
+        second.close()
+
+
+async def test_the_monitor_does_not_wait_behind_a_viewers_typing(fleet: Fleet) -> None:
+    """Keys are paced (10 ms per key event, as QEMU's VNC): 1500 keys take 30 s to deliver. The monitor's QMP
+    runs in its own lane meanwhile: it answers in well under the time the typing takes."""
+    import time
+
+    from test_monitor import Monitor
+    from vnclib import MiniViewer, VncClientProcess, free_port
+
+    core = fleet.core("ln")
+    client = fleet.add(VncClientProcess(core.run_dir, "ln", free_port(), "--monitor"))
+    sock = core.run_dir / "monitor.sock"
+    wait_for(sock.exists, 10, "the monitor socket")
+    monitor = fleet.add(Monitor(sock))
+    viewer = await MiniViewer.connect(client.port)
+    try:
+        for _ in range(1500):
+            viewer.key(ord("k"), True)
+            viewer.key(ord("k"), False)
+        await viewer.writer.drain()
+        wait_for(lambda: "input" in client.text(), 5, "the client to forward input")
+        start = time.monotonic()
+        assert monitor.cmd("info status") == "VM status: running\r\n"
+        took = time.monotonic() - start
+        assert took < 5.0, f"the monitor waited {took:.1f} s behind the viewer's keys"
+    finally:
+        viewer.close()

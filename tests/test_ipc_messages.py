@@ -41,6 +41,7 @@ from ipc.messages import (
     QmpEvent,
     QmpOp,
     RefreshOp,
+    ReleaseInputOp,
     Reply,
     Request,
     RunStateChanged,
@@ -347,7 +348,8 @@ SAMPLES: list[Message] = [
     ErrorFrame("malformed", "x", 1),
     Bye("x"),
 ]
-OP_SAMPLES: list[Op] = [QmpOp("x", {}), InputOp((KeyEvent(True, qcode="a"),)), RefreshOp(), AgentWriteOp(b"")]
+OP_SAMPLES: list[Op] = [QmpOp("x", {}), InputOp((KeyEvent(True, qcode="a"),), "vnc#1"), ReleaseInputOp("vnc#1"),
+                        RefreshOp(), AgentWriteOp(b"")]
 KIND_SAMPLES: list[EventBody] = [
     QmpEvent({"event": "X"}), RunStateChanged("running"), Migrating(), Migrated("e"), AgentData(b""),
     DisplayChanged(None, None, None), Shutdown("x")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -37,8 +38,8 @@ from clients.rfb.wire import (
     ENCODING_QEMU_EXTENDED_KEY_EVENT,
 )
 from ipc.channel import ChannelError
+from ipc.messages import MAX_SOURCE, InputEvent, KeyEvent, Migrated, PointerEvent, Welcome, WheelEvent
 from ipc.messages import EventBody as CoreEvent
-from ipc.messages import InputEvent, KeyEvent, Migrated, PointerEvent, Welcome, WheelEvent
 from ipc.rundir import listen_unix
 from shm import CursorShapeRecord, DamageRecord, LayoutError, Mode, ModeRecord, Overrun, Record
 
@@ -60,6 +61,8 @@ HOLD_MAX_S = 1.0
 #: Write-buffer high-water mark per viewer: above it nothing new is built for that viewer.
 WRITE_HIGH_WATER = 256 * 1024
 READ_CHUNK = 64 * 1024
+#: How long a viewer that left may take to have its queued input delivered (4096 key events at 10 ms: 41 s).
+INPUT_FLUSH_S = 60.0
 #: Input events queued per viewer while the core is busy with the previous batch; beyond, input is dropped.
 MAX_PENDING_INPUT = 4096
 MAX_VIEWERS = 64
@@ -229,11 +232,16 @@ def _binary_subprotocol(connection: Any, offered: Any) -> Any:
 # --- one viewer --------------------------------------------------------------------------------------------
 
 
+_viewer_numbers = itertools.count(1)
+
+
 class Viewer:
     def __init__(self, service: VncService, transport: Transport) -> None:
         self.service = service
         self.transport = transport
         self.peer = transport.peer
+        #: Names this viewer's input at the core, which tracks what it holds and releases that when it goes.
+        self.source = f"vnc#{next(_viewer_numbers)} {self.peer}"[:MAX_SOURCE]
         mode = service.mode
         self.conn = RfbServerConnection(width=mode.width if mode else 0, height=mode.height if mode else 0,
                                         name=service.vm_name, password=service.password)
@@ -250,8 +258,9 @@ class Viewer:
         self._wake = asyncio.Event()
         self._input: list[InputEvent] = []
         self._input_wake = asyncio.Event()
+        self._input_idle = asyncio.Event()  # nothing queued and nothing being sent
+        self._input_idle.set()
         self._buttons = 0
-        self._held: set[tuple[str, str | int]] = set()
         self.updates_sent = 0
         self.closed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -263,7 +272,8 @@ class Viewer:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._send_loop()), loop.create_task(self._input_loop())]
+        input_loop = loop.create_task(self._input_loop())
+        self._tasks = [loop.create_task(self._send_loop()), input_loop]
         self._outbox += self.conn.data_to_send()
         self._wake.set()
         reason = "viewer closed the connection"
@@ -287,10 +297,15 @@ class Viewer:
                         log.error("viewer %s: internal error", self.peer, exc_info=exc)
         finally:
             for task in (reader, closer, *self._tasks):
-                task.cancel()
+                if task is not input_loop:
+                    task.cancel()
             self.conn.close()
             self.transport.close()
-            await self._release_held()
+            # Every key the viewer sent reaches the guest, in order; then what it still holds is released.
+            if not input_loop.done():
+                await self._flush_input()
+            input_loop.cancel()
+            await self.service.release_input(self.source, self.peer)
             log.info("viewer %s gone (%s; %d updates sent)", self.peer, reason, self.updates_sent)
 
     def disconnect(self) -> None:
@@ -385,8 +400,6 @@ class Viewer:
                 log.debug("viewer %s: no key for keysym %#x", self.peer, event.keysym)
                 return
             key = KeyEvent(down=event.down, qcode=qcode)
-        held: tuple[str, str | int] = ("q", key.qcode) if key.qcode is not None else ("s", key.scancode or 0)
-        (self._held.add if event.down else self._held.discard)(held)
         batch.append(key)
 
     def _on_pointer(self, event: ev.Pointer, batch: list[InputEvent]) -> None:
@@ -411,6 +424,7 @@ class Viewer:
                         len(batch) - max(room, 0))
             batch = batch[: max(room, 0)]
         self._input += batch
+        self._input_idle.clear()
         self._input_wake.set()
 
     async def _input_loop(self) -> None:
@@ -420,15 +434,17 @@ class Viewer:
             batch, self._input = self._input, []
             if batch:
                 log.debug("viewer %s: input %s", self.peer, batch)
-                await self.service.send_input(batch, self.peer)
+                await self.service.send_input(batch, self.peer, self.source)
+            if not self._input:
+                self._input_idle.set()
 
-    async def _release_held(self) -> None:
-        if not self._held:
-            return
-        events: list[InputEvent] = [KeyEvent(down=False, qcode=str(v)) if k == "q" else
-                                    KeyEvent(down=False, scancode=int(v)) for k, v in self._held]
-        self._held.clear()
-        await self.service.send_input(events, self.peer)
+    async def _flush_input(self) -> None:
+        """Wait (bounded) until the input this viewer queued has been delivered."""
+        try:
+            await asyncio.wait_for(self._input_idle.wait(), INPUT_FLUSH_S)
+        except TimeoutError:
+            log.warning("viewer %s: %d input events not delivered within %.0f s of its leaving", self.peer,
+                        len(self._input), INPUT_FLUSH_S)
 
     # --- updates --------------------------------------------------------------------------------------
 
@@ -709,15 +725,25 @@ class VncService:
         for viewer in others:
             viewer.disconnect()
 
-    async def send_input(self, events: list[InputEvent], peer: str) -> None:
+    async def send_input(self, events: list[InputEvent], peer: str, source: str) -> None:
         channel = self.ctx.channel if self.ctx is not None else None
         if channel is None or not channel.attached:
             log.debug("viewer %s: core not attached; dropping %d input events", peer, len(events))
             return
         try:
-            await channel.send_input(events, timeout_s=5.0)
+            # The core paces keys (10 ms per key event, others' input first): give the reply time to come.
+            await channel.send_input(events, source=source, timeout_s=10.0 + 0.05 * len(events))
         except ChannelError as exc:
             log.debug("viewer %s: input not delivered: %s", peer, exc)
+
+    async def release_input(self, source: str, peer: str) -> None:
+        channel = self.ctx.channel if self.ctx is not None else None
+        if channel is None or not channel.attached:
+            return  # no core: nothing was delivered through this one (a new core releases on its own)
+        try:
+            await channel.release_input(source, timeout_s=10.0)
+        except ChannelError as exc:
+            log.warning("viewer %s: releasing its keys failed: %s", peer, exc)
 
     # --- connections ----------------------------------------------------------------------------------
 
