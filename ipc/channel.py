@@ -22,7 +22,7 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -282,10 +282,13 @@ class ClientInfo:
     capabilities: frozenset[str]
     since: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
+    #: Where the client serves people (its hello's ``endpoints``), e.g. {"vnc": "127.0.0.1:5900"}.
+    endpoints: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         """The entry for ``state.json`` ``clients``."""
-        return {"pid": self.pid, "uid": self.uid, "since": self.since, "name": self.name}
+        return {"pid": self.pid, "uid": self.uid, "since": self.since, "name": self.name,
+                "endpoints": dict(self.endpoints)}
 
     def __str__(self) -> str:
         return f"client {self.name!r} (pid {self.pid}, uid {self.uid})"
@@ -543,7 +546,7 @@ class CoreChannel:
             self._drop(session, "said hello again as a new instance")
         info = ClientInfo(identity=identity, pid=hello.pid, uid=hello.uid, name=hello.client_name,
                           client_version=hello.client_version, instance=hello.instance,
-                          capabilities=frozenset(granted))
+                          capabilities=frozenset(granted), endpoints=dict(hello.endpoints))
         problem = _send_now(self._socket(), [identity, data])
         if problem:
             log.info("%s: cannot send the welcome: %s", info, problem)
@@ -585,7 +588,8 @@ class CoreChannel:
         needed = OP_CAPABILITY.get(op)
         if needed is not None and needed not in info.capabilities:
             reply = Reply(request.id, error=ErrorInfo(
-                "CapabilityNotGranted", f"op {op!r} needs the capability {needed!r}, which was not granted"))
+                "CapabilityNotGranted", f"op '{op}' needs the capability '{needed.value}', which this core did not "
+                "grant (it does not offer it, or the client did not ask for it)"))
         else:
             try:
                 result = await self._handler(info, op, request.body)
@@ -782,8 +786,11 @@ class ClientChannel:
         on_detached: Callable[[str], object] | None = None,
         on_event: Callable[[EventBody], object] | None = None,
         versions: Iterable[int] = SUPPORTED_VERSIONS,
+        endpoints: Mapping[str, str] | None = None,
     ) -> None:
         _check_transport(endpoint, curve)
+        #: Where this client serves people, told to the core in every hello (``state.json`` shows them).
+        self.endpoints = tuple((endpoints or {}).items())
         self.endpoint = endpoint
         self.name = name
         self.client_version = client_version
@@ -1098,7 +1105,7 @@ class ClientChannel:
         self._hello_ids.append(hello_id)
         hello = Hello(id=hello_id, versions=self.versions, instance=self.instance, pid=os.getpid(),
                       uid=os.getuid(), client_name=self.name, client_version=self.client_version,
-                      capabilities=self.capabilities)
+                      capabilities=self.capabilities, endpoints=self.endpoints)
         problem = _send_now(self._socket(), [hello.encode()], full="no connection")
         if problem:
             log.debug("%s: hello not sent (core not reachable): %s", self._tag, problem)

@@ -173,6 +173,9 @@ class AgentService:
             else:
                 log.info("agent proxy (qemu-ga protocol) at %s", self.proxy_path)
 
+    def endpoints(self) -> dict[str, str]:
+        return {"agent": str(self.proxy_path)} if self._server is not None else {}
+
     async def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="agent-queue")
 
