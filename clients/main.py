@@ -17,7 +17,7 @@ from pathlib import Path
 
 from core_daemon.readiness import sd_notify, write_ready_fd
 from ipc.channel import ChannelError, ClientChannel, ipc_endpoint
-from ipc.messages import ALL_CAPABILITIES, Capability, DisplayChanged, EventBody, Migrated, Welcome
+from ipc.messages import ALL_CAPABILITIES, Capability, DisplayChanged, EventBody, Migrated, Shutdown, Welcome
 from ipc.rundir import RunDir, socket_access_problem
 from shm import Overrun, Record
 from shm.notify import DisplayClosed, DisplaySubscription
@@ -77,6 +77,7 @@ class Client:
         self._display_task: asyncio.Task[None] | None = None
         self._display_socket: str | None = None
         self.attach_count = 0
+        self._core_ending = False
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -178,11 +179,16 @@ class Client:
             service.attached(welcome)
 
     def _detached(self, reason: str) -> None:
-        log.warning("core gone (%s); keeping peers, re-attaching when it is back", reason)
+        # A core that announced its end (QEMU exited, a stop) is no surprise; one that vanished is.
+        level = logging.INFO if self._core_ending else logging.WARNING
+        self._core_ending = False
+        log.log(level, "core gone (%s); keeping peers, re-attaching when it is back", reason)
         for service in self.services:
             service.detached(reason)
 
     def _event(self, body: EventBody) -> None:
+        if isinstance(body, Shutdown):
+            self._core_ending = True
         if isinstance(body, DisplayChanged):
             self._follow_display(body.display_socket)
         elif isinstance(body, Migrated) and self.ctx.channel is not None:

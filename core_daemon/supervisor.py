@@ -495,6 +495,8 @@ class Core:
             if name == "SHUTDOWN":
                 data = payload.get("data")
                 self._shutdown_reason = str(data.get("reason", "shutdown") if isinstance(data, dict) else "shutdown")
+                if self.display is not None:
+                    self.display.note_qemu_ending()
             if name == "MIGRATION":
                 self._follow_migration(payload.get("data"))
             if name in _STATUS_EVENTS:

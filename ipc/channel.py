@@ -982,13 +982,13 @@ class ClientChannel:
             if not future.done():
                 future.set_exception(NotAttached(reason))
 
-    def _detach(self, reason: str) -> None:
+    def _detach(self, reason: str, level: int = logging.WARNING) -> None:
         """The core is gone or does not know us: fail pending requests now, say hello again at once."""
         if self._state is not ClientState.ATTACHED:
             return
         self._state = ClientState.ATTACHING
         self._why_detached = reason
-        log.warning("%s: detached from the core: %s; re-attaching", self._tag, reason)
+        log.log(level, "%s: detached from the core: %s; re-attaching", self._tag, reason)
         self._fail_pending(f"the core went away before answering: {reason}")
         self._notifications.put_nowait((self._on_detached, reason, "on_detached"))
         self._hello_soon()
@@ -1058,7 +1058,7 @@ class ClientChannel:
         elif isinstance(message, ErrorFrame):
             self._on_error_frame(message)
         elif isinstance(message, Bye):
-            self._detach(f"the core said bye ({message.reason or 'no reason'})")
+            self._detach(f"the core said bye ({message.reason or 'no reason'})", logging.INFO)  # an orderly end
         else:
             self._reject(ProtocolError(ErrorCode.UNEXPECTED, f"{message.TYPE!r} frames go from clients to the core",
                                        msg_type=message.TYPE))

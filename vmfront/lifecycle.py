@@ -18,9 +18,9 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from core_daemon.pidlock import is_locked
-from core_daemon.qemu_process import process_alive
 from core_daemon.state import RunState, read_state
 from ipc.rundir import RunDir, RunDirError, check_vm_name, default_run_root
+from shm.naming import pid_alive as process_alive  # a zombie is not alive
 
 #: How long the core may take to end once QEMU was told to quit (its own teardown included).
 CORE_EXIT_TIMEOUT = 30.0

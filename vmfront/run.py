@@ -22,9 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core_daemon.qemu_process import ProcessWatch, process_alive, spawn
+from core_daemon.qemu_process import ProcessWatch, spawn
 from core_daemon.state import RunState, read_state
 from ipc.rundir import RunDir
+from shm.naming import pid_alive as process_alive  # a zombie is not alive
 
 log = logging.getLogger("vmfront.run")
 

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, TextIO
 
 from .protocol import NO_REPLY_COMMANDS
@@ -174,6 +174,13 @@ def run_exec(client: ProxyClient, argv: list[str], *, timeout: float, stdin: byt
     return int(status.get("exitcode", 0))
 
 
+def into_directory(src: str, dst: str, *, host: bool = False) -> str:
+    """As cp does: a DST ending in ``/`` (or, on the host, naming a directory) gets SRC's file name."""
+    if dst.endswith("/") or (host and Path(dst).is_dir()):
+        return f"{dst.rstrip('/')}/{PurePosixPath(src).name}"
+    return dst
+
+
 def copy_to(client: ProxyClient, src: Path, dst: str) -> int:
     """Host file SRC → guest file DST; returns the byte count. Fails (never truncates silently) if interrupted."""
     total = src.stat().st_size
@@ -254,9 +261,9 @@ def main(socket_path: Path, command: str, args: list[str], *, wait: bool, timeou
                 raise AgentCliError("GenericError", f"usage: vmfront agent NAME {command} SRC DST")
             with ProxyClient(socket_path, wait=wait, timeout=timeout, stateful=True) as client:
                 if command == "copy-to":
-                    copy_to(client, Path(args[0]), args[1])
+                    copy_to(client, Path(args[0]), into_directory(args[0], args[1]))
                 else:
-                    copy_from(client, args[0], Path(args[1]))
+                    copy_from(client, args[0], Path(into_directory(args[0], args[1], host=True)))
             return 0
         name = SHORTHANDS.get(command, command)
         arguments = None

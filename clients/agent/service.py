@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ipc.channel import ChannelError, NotAttached, RemoteError
-from ipc.messages import MAX_AGENT_CHUNK, AgentData, EventBody, Migrated, Migrating, RunStateChanged, Welcome
+from ipc.messages import (
+    MAX_AGENT_CHUNK,
+    AgentData,
+    EventBody,
+    Migrated,
+    Migrating,
+    RunStateChanged,
+    Shutdown,
+    Welcome,
+)
 from ipc.rundir import RunDirError, listen_unix
 from shm import Overrun, Record
 
@@ -53,6 +62,8 @@ COMMAND_TIMEOUTS: dict[str, float] = {
     "guest-file-read": 30.0, "guest-file-write": 30.0, "guest-file-open": 30.0, "guest-file-close": 30.0,
     "guest-fstrim": 300.0,
 }
+#: How long close() lets replies in flight reach their scripts before closing the proxy connections.
+CLOSE_GRACE = 0.1
 #: How long a command that answers only on failure (guest-shutdown, guest-suspend-*) is given to fail.
 NO_REPLY_GRACE = 3.0
 #: Calls queued beyond this are refused as busy.
@@ -208,6 +219,10 @@ class AgentService:
             self._set_migrating(True)
         elif isinstance(body, RunStateChanged) and not self._moving:
             self._set_migrating(body.state == "migrating")
+        elif isinstance(body, Shutdown):
+            # The VM is ending: a guest-shutdown in flight did what it was asked (its caller gets success now,
+            # before `vmfront run` stops this client right behind the core).
+            self._fail_waiter(AgentUnavailable(f"the VM is ending ({body.reason})"))
 
     async def close(self) -> None:
         if self._server is not None:
@@ -215,6 +230,8 @@ class AgentService:
             if self.proxy_path is not None:
                 with contextlib.suppress(OSError):
                     self.proxy_path.unlink()
+        if self._sessions:  # a reply decided just before the stop (a guest-shutdown's success) still goes out
+            await asyncio.sleep(CLOSE_GRACE)
         for task in list(self._sessions):
             task.cancel()
         if self._worker is not None:
