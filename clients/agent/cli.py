@@ -35,6 +35,10 @@ class AgentCliError(Exception):
         self.desc = desc
 
 
+class ProxyClosed(AgentCliError):
+    """The agent proxy closed the connection without answering."""
+
+
 class ProxyClient:
     """One connection to the agent proxy; ``call`` sends a command and returns its ``return`` value."""
 
@@ -74,6 +78,8 @@ class ProxyClient:
         if command in NO_REPLY_COMMANDS:
             try:
                 reply = self._read_line(limit)
+            except ProxyClosed:
+                return None  # the VM ended, and the client serving the proxy with it (vmfront run)
             except AgentCliError as exc:
                 if exc.error_class == "AgentTimeout":
                     return None  # no answer is qemu-ga's success for these
@@ -99,7 +105,7 @@ class ProxyClient:
             except TimeoutError:
                 continue
             if not chunk:
-                raise AgentCliError("AgentUnavailable", "the agent proxy closed the connection")
+                raise ProxyClosed("AgentUnavailable", "the agent proxy closed the connection")
             self._buf += chunk
             if len(self._buf) > MAX_REPLY:
                 raise AgentCliError("AgentProtocolError", f"reply over {MAX_REPLY} bytes")
