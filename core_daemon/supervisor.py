@@ -320,6 +320,17 @@ class Core:
             write_ready_fd(cfg.ready_fd, f"READY qmp={endpoints['qmp']}")
         log.info("core for VM %r ready: QEMU pid %s (%s), QMP at %s", cfg.name, self.qemu.pid,
                  self.state.data["qemu_version"], endpoints["qmp"])
+        if attach_to is None:
+            self._relay_qemu_warnings()
+
+    def _relay_qemu_warnings(self) -> None:
+        """What QEMU printed while starting (a CPU feature the host lacks, a deprecated option) may be why a guest
+        hangs later: say it here, not only in qemu.log."""
+        said = log_tail(self.run_dir.qemu_log, 4000).splitlines()
+        for line in said[:20]:
+            log.warning("QEMU said: %s", line)
+        if len(said) > 20:
+            log.warning("QEMU said %d more lines: see %s", len(said) - 20, self.run_dir.qemu_log)
 
     async def _start_display(self) -> None:
         """The display is a service of the core, not its reason to live: if it fails, the guest runs on."""

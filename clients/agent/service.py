@@ -354,6 +354,10 @@ class AgentService:
         channel = self._ctx.channel if self._ctx is not None else None
         if channel is None:
             raise AgentUnavailable("not attached to a core")
+        welcome = channel.welcome
+        if welcome is not None and "agent" not in welcome.capabilities:
+            raise AgentUnavailable(f"VM {welcome.vm!r} has no guest-agent channel: start its core with --agent "
+                                   "(vmfront run --agent)")
         try:
             await channel.agent_write(data)
         except RemoteError as exc:
