@@ -186,6 +186,25 @@ def test_killing_the_core_under_run_starts_one_that_adopts_the_same_qemu() -> No
         assert not pid_alive(before["qemu_pid"])
 
 
+@root_only
+def test_a_client_that_cannot_open_control_sock_says_why() -> None:
+    with open_fleet() as fleet:
+        core = fleet.core("closed", run_dir=fleet.root / "closed")  # no --client-group: the sockets stay root's
+        log = fleet.root / "client.log"
+        with log.open("wb") as out:
+            client = fleet.add(subprocess.Popen(client_command("closed", core.run_dir, "--user", "vmfront"),
+                                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT))
+        control = core.run_dir / "control.sock"
+        wait_for(lambda: f"cannot open {control}: permission denied" in log.read_text(), 15,
+                 "the client to say why it cannot attach")
+        text = log.read_text()
+        assert "owner root (0), group root (0), mode 0660" in text and "--client-group" in text, text
+        assert "runs as user vmfront" in text and "waiting for the core" not in text
+        time.sleep(3)
+        assert log.read_text().count("permission denied") == 1, "said once, not per retry"
+        assert client.poll() is None
+
+
 def test_vnc_display_number_listens_on_loopback() -> None:
     display = next(n for n in range(3, 90) if _port_free(5900 + n))
     with open_fleet() as fleet:
