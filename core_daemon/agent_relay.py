@@ -42,8 +42,6 @@ class RelayUnavailable(Exception):
     """No connection to the guest channel's socket right now."""
 
 
-AgentBusy, AgentUnavailable = RelayBusy, RelayUnavailable
-
 
 class ByteRelay:
     """Keeps a guest channel's socket open and moves bytes; ``deliver(data)`` gets everything the guest sends and

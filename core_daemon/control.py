@@ -33,7 +33,7 @@ from ipc.messages import (
     WheelEvent,
 )
 
-from .agent_relay import AgentBusy, AgentRelay, AgentUnavailable, SerialRelay
+from .agent_relay import AgentRelay, ByteRelay, RelayBusy, RelayUnavailable, SerialRelay
 from .guest_display import GuestDisplay
 from .input import InputError
 from .policy import Policy
@@ -149,14 +149,7 @@ class ControlService:
         return self.channel.broadcast(ConsoleData(data)) > 0
 
     async def _console_write(self, data: bytes) -> None:
-        if self._console is None:
-            raise RequestError("ConsoleUnavailable", "this core has no serial console (start it with --serial)")
-        try:
-            await self._console.write(data)
-        except AgentUnavailable as exc:
-            raise RequestError("ConsoleUnavailable", str(exc)) from exc
-        except AgentBusy as exc:
-            raise RequestError("ConsoleBusy", str(exc)) from exc
+        await _relay_write(self._console, data, "Console", "this core has no serial console (start it with --serial)")
 
     def deliver_agent_data(self, data: bytes) -> bool:
         """Agent bytes go to the client that last wrote to the agent (one agent user at a time)."""
@@ -164,17 +157,10 @@ class ControlService:
         return owner is not None and self.channel.send_event(owner, AgentData(data))
 
     async def _agent_write(self, client: ClientInfo, data: bytes) -> None:
-        if self._agent is None:
-            raise RequestError("AgentUnavailable", "this core has no guest-agent channel (start it with --agent)")
-        if self._agent_owner is not client:
+        if self._agent is not None and self._agent_owner is not client:
             log.info("guest agent channel now used by %s", client)
             self._agent_owner = client
-        try:
-            await self._agent.write(data)
-        except AgentUnavailable as exc:
-            raise RequestError("AgentUnavailable", str(exc)) from exc
-        except AgentBusy as exc:
-            raise RequestError("AgentBusy", str(exc)) from exc
+        await _relay_write(self._agent, data, "Agent", "this core has no guest-agent channel (start it with --agent)")
 
     async def _input(self, client: ClientInfo, op: InputOp) -> None:
         display = self._display()
@@ -196,3 +182,15 @@ class ControlService:
             await guest.send(batch)
         except InputError as exc:
             raise RequestError("GenericError", str(exc)) from exc
+
+
+async def _relay_write(relay: ByteRelay | None, data: bytes, what: str, missing: str) -> None:
+    """Bytes for a guest channel; its failures as the client sees them (``AgentBusy``, ``ConsoleUnavailable``...)."""
+    if relay is None:
+        raise RequestError(f"{what}Unavailable", missing)
+    try:
+        await relay.write(data)
+    except RelayUnavailable as exc:
+        raise RequestError(f"{what}Unavailable", str(exc)) from exc
+    except RelayBusy as exc:
+        raise RequestError(f"{what}Busy", str(exc)) from exc

@@ -116,8 +116,10 @@ def test_run_as_root_runs_the_client_unprivileged_and_list_stop_kill_two_vms() -
             ("vm0", "shutdown", None, 0), ("vm1", "shutdown", None, 0)]
         again = vmfront("stop", "vm0", "--run-dir", str(runs[0].run_dir))
         assert again.returncode == 1 and "is not running" in again.stderr
-        for run in runs:  # clean stops say so at INFO: no warnings for what needs no action
-            warnings = [line for line in run.text().splitlines() if " WARNING " in line or " ERROR " in line]
+        for run in runs:  # clean stops say so at INFO: no warnings for what needs no action (what QEMU itself
+            # said at start depends on the host: nested KVM lacks CPU features QEMU asks for)
+            warnings = [line for line in run.text().splitlines()
+                        if (" WARNING " in line or " ERROR " in line) and "QEMU said:" not in line]
             assert not warnings, "\n".join(warnings)
             assert "core exiting, status 0" in run.text() and "client exiting, status 0" in run.text()
 

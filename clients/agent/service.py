@@ -149,6 +149,8 @@ class AgentService:
         self.migrations = 0  # incremented when a migration starts (stateful sessions compare it)
         self._worker: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
+        #: The VM's name while attached to a core that offers no agent channel (calls then fail at once).
+        self._no_agent: str | None = None
         self._sessions: set[asyncio.Task[None]] = set()
         self._garbage_logged = 0.0
         self.calls = 0
@@ -191,6 +193,7 @@ class AgentService:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="agent-queue")
 
     def attached(self, welcome: Welcome) -> None:
+        self._no_agent = None if "agent" in welcome.capabilities else welcome.vm
         self._attached = True
         self._moving = False
         self._conn.abandon()  # a (new) core: its relay may have reconnected; resync before the next command
@@ -354,9 +357,8 @@ class AgentService:
         channel = self._ctx.channel if self._ctx is not None else None
         if channel is None:
             raise AgentUnavailable("not attached to a core")
-        welcome = channel.welcome
-        if welcome is not None and "agent" not in welcome.capabilities:
-            raise AgentUnavailable(f"VM {welcome.vm!r} has no guest-agent channel: start its core with --agent "
+        if self._no_agent is not None:
+            raise AgentUnavailable(f"VM {self._no_agent!r} has no guest-agent channel: start its core with --agent "
                                    "(vmfront run --agent)")
         try:
             await channel.agent_write(data)
