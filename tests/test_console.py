@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pytest
 from corelib import kill_pid, wait_for
-from test_agent_linux_guest import BOOT_TIMEOUT, LinuxGuestImage, image, vmfront_agent, wait_agent_ready
+from test_agent_linux_guest import BOOT_TIMEOUT, LinuxGuestImage, build_image, vmfront_agent, wait_agent_ready
 from test_operator import VMFRONT, RunProcess, open_fleet
 from vnclib import ROOT, free_port
 
 from clients.console.service import READ_ONLY_NOTICE
 
 pytestmark = [pytest.mark.linux_guest, pytest.mark.timeout(400)]
-__all__ = ["image"]  # the fixture, shared with the agent tests
 
 
 class Tmux:
@@ -53,6 +52,11 @@ class Tmux:
 
     def close(self) -> None:
         kill_pid(self.server_pid)
+
+
+@pytest.fixture(scope="module")
+def image() -> LinuxGuestImage:
+    return build_image()
 
 
 @pytest.fixture
