@@ -23,7 +23,35 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# The system user and group clients run as: `vmfront run` as root starts its client as this user, and the core
+# opens control.sock, display.sock and the shm segment to this group (the systemd units use the group too).
+# The same as contrib/systemd/vmfront.sysusers.conf declares.
+CLIENT_USER=vmfront
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+if ! getent group "$CLIENT_USER" >/dev/null; then
+    echo "install.sh: creating system group $CLIENT_USER"
+    $SUDO groupadd --system "$CLIENT_USER"
+fi
+if ! getent passwd "$CLIENT_USER" >/dev/null; then
+    echo "install.sh: creating system user $CLIENT_USER (for vmfront clients)"
+    $SUDO useradd --system --gid "$CLIENT_USER" --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin --comment "vmfront clients" "$CLIENT_USER"
+fi
+
+# The venv's interpreter must be one the client's user can execute (a client started directly as that user, as
+# the systemd unit does, runs it; one that drops privileges still loads modules from it): not, say, a pyenv
+# build under a 0700 home. Debian's own python3 always is.
+runs_as_client() { $SUDO setpriv --reuid="$CLIENT_USER" --regid="$CLIENT_USER" --clear-groups "$@" >/dev/null 2>&1; }
 PYTHON=${PYTHON:-python3}
+if ! runs_as_client "$(command -v "$PYTHON")" -c 'import sys, venv'; then
+    echo "install.sh: $PYTHON ($(command -v "$PYTHON")) cannot be run by user $CLIENT_USER; using /usr/bin/python3"
+    PYTHON=/usr/bin/python3
+fi
+if [ -x .venv/bin/python ] && ! runs_as_client .venv/bin/python -c 'import sys'; then
+    echo "install.sh: .venv's interpreter cannot be run by user $CLIENT_USER; building .venv again"
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
@@ -34,4 +62,8 @@ fi
 .venv/bin/vmfront demo-image >/dev/null
 # The Linux test guest (Debian's kernel + a busybox initramfs with qemu-ga), downloaded and built once, cached.
 linux_guest="$(tests/linux_guest/build.sh)"
+if ! runs_as_client .venv/bin/python -c 'import vmfront.cli'; then
+    echo "install.sh: warning: user $CLIENT_USER cannot read $(pwd) (a directory on its way is closed?);" \
+         "clients run as that user need to: move vmfront, or open the path (chmod o+x)" >&2
+fi
 echo "install.sh: done. Demo guest image: $(.venv/bin/vmfront demo-image); Linux test guest: $linux_guest"

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core_daemon.readiness import sd_notify, write_ready_fd
 from ipc.channel import ChannelError, ClientChannel, ipc_endpoint
-from ipc.messages import DisplayChanged, EventBody, Migrated, Welcome
-from ipc.rundir import RunDir
+from ipc.messages import ALL_CAPABILITIES, Capability, DisplayChanged, EventBody, Migrated, Shutdown, Welcome
+from ipc.rundir import RunDir, socket_access_problem
 from shm import Overrun, Record
 from shm.notify import DisplayClosed, DisplaySubscription
 
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 CLIENT_NAME = "vmfront-client"
 #: Backoff between attach attempts while no core answers.
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
+CLIENT_GROUP_HINT = ("start the core with --client-group set to a group of this client's user (vmfront run does; "
+                     "the systemd units use the group vmfront)")
 
 
 class ClientError(Exception):
@@ -42,6 +46,8 @@ class ClientConfig:
     user: str | None = None
     group: str | None = None
     services: list[Service] = field(default_factory=list)
+    #: Write one line here once every listener is bound (and privileges are dropped), then close it.
+    ready_fd: int | None = None
 
     @property
     def endpoint(self) -> str:
@@ -71,6 +77,7 @@ class Client:
         self._display_task: asyncio.Task[None] | None = None
         self._display_socket: str | None = None
         self.attach_count = 0
+        self._core_ending = False
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -79,12 +86,14 @@ class Client:
         identity: Identity | None = None
         if self.config.user is not None:
             identity = resolve_user(self.config.user, self.config.group)
+        self._make_run_dir()
         for service in self.services:
             await service.bind(self.ctx)
         if identity is not None:
             drop_privileges(identity)
         for service in self.services:
             await service.start()
+        self._ready()
         try:
             await self._attach_first()
             if not self._stop.is_set():
@@ -93,18 +102,66 @@ class Client:
             await self._shutdown()
         return 0
 
+    def _make_run_dir(self) -> None:
+        """A client may start before its core: its sockets in the run directory need the directory (made as the
+        core would: 0755; the core accepts it if it belongs to the core's user)."""
+        root = self.config.run_dir.root
+        if not root.exists():
+            try:
+                root.mkdir(mode=0o755, parents=True)
+            except OSError as exc:
+                log.debug("cannot make the run directory %s: %s", root, exc)
+
+    def _ready(self) -> None:
+        """Every listener is bound: tell whoever started us (``vmfront run``, systemd)."""
+        sd_notify(f"READY=1\nSTATUS=serving VM {self.config.name}")
+        if self.config.ready_fd is not None:
+            write_ready_fd(self.config.ready_fd, f"READY {json.dumps(self.endpoints())}")
+
+    def endpoints(self) -> dict[str, str]:
+        """Where this client's services listen, as they describe themselves."""
+        found: dict[str, str] = {}
+        for service in self.services:
+            describe = getattr(service, "endpoints", None)
+            if describe is not None:
+                found.update(describe())
+        return found
+
+    def _capabilities(self) -> list[str]:
+        """Everything but the serial console, which only a console service asks for (so no other client takes
+        the boot log the core kept for it)."""
+        wanted = set(ALL_CAPABILITIES) - {Capability.CONSOLE}
+        for service in self.services:
+            wanted.update(getattr(service, "capabilities", ()))
+        return sorted(wanted)
+
     async def _attach_first(self) -> None:
-        """Attach, retrying with backoff while there is no core yet; later re-attaches are the channel's job."""
+        """Attach, retrying with backoff while there is no core yet; later re-attaches are the channel's job.
+
+        Waiting is quiet (one line), unless the core is there but its socket is closed to this client: that is
+        said, with what to change."""
         delay = RETRY_MIN
+        said = ""
+        control = self.config.run_dir.control_socket if self.config.core_endpoint is None else None
         while not self._stop.is_set():
+            problem = socket_access_problem(control) if control is not None else None
+            if problem is not None:
+                message = f"{problem}: {CLIENT_GROUP_HINT}"
+                if message != said:
+                    log.warning("%s", message)
+                    said = message
+            elif not said:
+                log.info("waiting for the core of VM %r at %s", self.config.name, self.config.endpoint)
+                said = "waiting"
             channel = ClientChannel(self.config.endpoint, name=f"{CLIENT_NAME}:{self.config.name}",
                                     on_reattached=self._attached, on_detached=self._detached,
-                                    on_event=self._event)
+                                    on_event=self._event, endpoints=self.endpoints(),
+                                    capabilities=self._capabilities())
             try:
                 welcome = await channel.connect(timeout_s=max(delay, 1.0))
             except ChannelError as exc:
-                log.info("no core for VM %r at %s yet (%s); retrying in %.1f s", self.config.name,
-                         self.config.endpoint, exc, delay)
+                log.debug("no core for VM %r at %s yet (%s); retrying in %.1f s", self.config.name,
+                          self.config.endpoint, exc, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
                 delay = min(delay * 2, RETRY_MAX)
@@ -122,11 +179,16 @@ class Client:
             service.attached(welcome)
 
     def _detached(self, reason: str) -> None:
-        log.warning("core gone (%s); keeping peers, re-attaching when it is back", reason)
+        # A core that announced its end (QEMU exited, a stop) is no surprise; one that vanished is.
+        level = logging.INFO if self._core_ending else logging.WARNING
+        self._core_ending = False
+        log.log(level, "core gone (%s); keeping peers, re-attaching when it is back", reason)
         for service in self.services:
             service.detached(reason)
 
     def _event(self, body: EventBody) -> None:
+        if isinstance(body, Shutdown):
+            self._core_ending = True
         if isinstance(body, DisplayChanged):
             self._follow_display(body.display_socket)
         elif isinstance(body, Migrated) and self.ctx.channel is not None:
@@ -152,7 +214,11 @@ class Client:
         try:
             sub = await DisplaySubscription.connect(path)
         except (OSError, DisplayClosed, ValueError) as exc:
-            log.warning("cannot subscribe to the display at %s: %s", path, exc)
+            problem = socket_access_problem(path) if isinstance(exc, PermissionError) else None
+            if problem is not None:
+                log.warning("no display: %s: %s", problem, CLIENT_GROUP_HINT)
+            else:
+                log.warning("cannot subscribe to the display at %s: %s", path, exc)
             return
         self.ctx.display = sub
         log.info("display: mapped %s read-only", sub.hello.shm)

@@ -1,4 +1,5 @@
-"""``vmfront screendump``: the current frame as PNG, read from the shared framebuffer.
+"""``vmfront screendump``: the current frame as an image file (PNG, or what the name asks for), read from the
+shared framebuffer.
 
 No QMP and no path handed to QEMU: the reader maps the segment read-only and writes the file itself with its
 own rights (QMP ``screendump`` would have QEMU, which runs with the core's rights, open the path).
@@ -36,8 +37,20 @@ def _consistent_frame(reader: ShmReader) -> tuple[Mode, bytes]:
     raise ScreendumpError(f"the display mode kept changing during {_ATTEMPTS} attempts")
 
 
-def write_screendump(shm_name: str, path: Path) -> tuple[int, int]:
-    """Write the segment's current frame to ``path`` as PNG (atomically: temp file, then rename).
+def image_format(path: Path) -> str:
+    """The Pillow format a file name asks for (``.png``, ``.jpg``, ``.ppm``, ``.bmp``...); PNG without a suffix."""
+    if not path.suffix:
+        return "PNG"
+    found = Image.registered_extensions().get(path.suffix.lower())
+    if found is None or found not in Image.SAVE:
+        raise ScreendumpError(f"cannot write {path}: unknown image format {path.suffix!r} (use .png, .jpg, .ppm, "
+                              ".bmp, ...)")
+    return found
+
+
+def write_screendump(shm_name: str, path: Path, fmt: str = "PNG") -> tuple[int, int]:
+    """Write the segment's current frame to ``path`` in Pillow format ``fmt`` (atomically: temp file, then
+    rename).
 
     Returns (width, height). Pixels may tear against a concurrent update, as any screenshot of a running
     guest may; stop the guest first for an exact frame.
@@ -50,7 +63,7 @@ def write_screendump(shm_name: str, path: Path) -> tuple[int, int]:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            image.save(out, format="PNG")
+            image.save(out, format=fmt)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600; give it the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
@@ -66,6 +79,7 @@ def screendump(display_socket: Path, path: Path, *, timeout_s: float = 5.0) -> t
     Every way this can fail (no core, no display, a segment gone, an unwritable file) is a ScreendumpError
     with a message for the operator.
     """
+    fmt = image_format(path)
     try:
         hello = read_hello(display_socket, timeout_s=timeout_s)
     except FileNotFoundError:
@@ -73,7 +87,7 @@ def screendump(display_socket: Path, path: Path, *, timeout_s: float = 5.0) -> t
     except (HelloError, DisplayClosed, OSError) as exc:
         raise ScreendumpError(f"cannot reach the display at {display_socket}: {exc}") from exc
     try:
-        return write_screendump(hello.shm, path)
+        return write_screendump(hello.shm, path, fmt)
     except posix_ipc.ExistentialError as exc:
         raise ScreendumpError(f"shared-memory segment {hello.shm} is gone (core restarting?): {exc}") from exc
     except LayoutError as exc:

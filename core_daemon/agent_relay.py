@@ -1,4 +1,5 @@
-"""The guest-agent channel, relayed byte for byte: the core never parses what the guest sends.
+"""The guest-agent channel (and the serial console), relayed byte for byte: the core never parses what the guest
+sends.
 
 The agent's bytes are guest-controlled, so understanding them is the unprivileged client's job. The core only
 keeps one connection to the agent's socket open for as long as it runs (qemu-ga must never see its peer go away
@@ -6,6 +7,10 @@ because a client died: a host-run qemu-ga 7.2 even exits when a peer closes with
 between it and the client that last wrote to it, and drops what arrives while no client is listening. Both
 directions are bounded: a flood from the guest is dropped in chunks, a client that writes faster than the
 agent reads gets a busy error.
+
+The serial console (``vmfront core --serial``) is the same relay, with one difference: what arrives while no
+client listens is kept, up to ``SERIAL_BACKLOG`` bytes (the latest), for the next client, so the boot log that
+QEMU prints before any client attached is not lost. Scrollback beyond that is the client's.
 """
 
 from __future__ import annotations
@@ -25,16 +30,24 @@ MAX_PENDING_WRITE = 1 << 20
 RECONNECT_MIN, RECONNECT_MAX = 0.1, 5.0
 
 
-class AgentBusy(Exception):
-    """The agent is not reading what it was sent; try again later."""
+#: Serial output kept for the next client while none listens.
+SERIAL_BACKLOG = 64 << 10
 
 
-class AgentUnavailable(Exception):
-    """No connection to the agent's socket right now."""
+class RelayBusy(Exception):
+    """The guest side is not reading what it was sent; try again later."""
 
 
-class AgentRelay:
-    """Keeps the agent socket open and moves bytes; ``deliver(data)`` gets everything the agent sends."""
+class RelayUnavailable(Exception):
+    """No connection to the guest channel's socket right now."""
+
+
+
+class ByteRelay:
+    """Keeps a guest channel's socket open and moves bytes; ``deliver(data)`` gets everything the guest sends and
+    says whether a client took it."""
+
+    label = "guest channel"
 
     def __init__(self, path: Path, deliver: Callable[[bytes], bool]) -> None:
         self.path = path
@@ -46,14 +59,14 @@ class AgentRelay:
         self._dropping = 0  # ... since the last byte a client took (logged when that stretch ends)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="agent-relay")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.label} relay")
 
     async def write(self, data: bytes) -> None:
         writer = self._writer
         if writer is None or writer.is_closing():
-            raise AgentUnavailable(f"the guest agent's channel {self.path} is not connected")
+            raise RelayUnavailable(f"the {self.label}'s channel {self.path} is not connected")
         if writer.transport.get_write_buffer_size() + len(data) > MAX_PENDING_WRITE:
-            raise AgentBusy("the guest agent is not reading its channel")
+            raise RelayBusy(f"the {self.label} is not reading its channel")
         writer.write(data)
 
     async def close(self) -> None:
@@ -67,11 +80,11 @@ class AgentRelay:
     def _relay(self, data: bytes) -> None:
         if self._deliver(data):
             if self._dropping:
-                log.info("guest agent: dropped %d bytes that arrived while no client listened", self._dropping)
+                log.info("%s: dropped %d bytes that arrived while no client listened", self.label, self._dropping)
                 self._dropping = 0
             return
         if not self._dropping:
-            log.info("guest agent: bytes arriving with no client listening; dropping them")
+            log.info("%s: bytes arriving with no client listening; dropping them", self.label)
         self._dropping += len(data)
         self.dropped += len(data)
 
@@ -86,17 +99,49 @@ class AgentRelay:
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
             delay = RECONNECT_MIN
-            log.info("guest agent channel connected (%s)", self.path)
+            log.info("%s channel connected (%s)", self.label, self.path)
             self._writer = writer
             self.connected.set()
             try:
                 while data := await reader.read(READ_CHUNK):
                     self._relay(data)
             except OSError as exc:
-                log.warning("guest agent channel error: %s", exc)
+                log.warning("%s channel error: %s", self.label, exc)
             finally:
                 self.connected.clear()
                 self._writer = None
                 writer.close()
-            log.warning("guest agent channel closed by the other side; reconnecting")
+            # QEMU closes it when it exits (every stop): a sign of trouble only if QEMU runs on, which the
+            # core sees for itself.
+            log.info("%s channel closed by QEMU; reconnecting", self.label)
             await asyncio.sleep(delay)
+
+
+class AgentRelay(ByteRelay):
+    """The qemu-ga channel: what arrives while no client listens is dropped (qemu-ga's framing resynchronises)."""
+
+    label = "guest agent"
+
+
+class SerialRelay(ByteRelay):
+    """The guest's serial port: what arrives while no client listens is kept (the latest SERIAL_BACKLOG bytes)
+    and handed to the next client by ``take_backlog``."""
+
+    label = "serial console"
+
+    def __init__(self, path: Path, deliver: Callable[[bytes], bool]) -> None:
+        super().__init__(path, deliver)
+        self._backlog = bytearray()
+
+    def _relay(self, data: bytes) -> None:
+        if self._deliver(data):
+            return
+        self._backlog += data
+        if len(self._backlog) > SERIAL_BACKLOG:
+            cut = len(self._backlog) - SERIAL_BACKLOG
+            del self._backlog[:cut]
+            self.dropped += cut
+
+    def take_backlog(self) -> bytes:
+        data, self._backlog = bytes(self._backlog), bytearray()
+        return data

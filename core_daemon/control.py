@@ -14,9 +14,12 @@ from typing import Any
 
 from ipc.channel import ClientInfo, CoreChannel, CoreStatus, RequestError, ipc_endpoint
 from ipc.messages import (
+    MAX_CONSOLE_CHUNK,
     AgentData,
     AgentWriteOp,
     Capability,
+    ConsoleData,
+    ConsoleWriteOp,
     EventBody,
     InputOp,
     KeyEvent,
@@ -31,7 +34,7 @@ from ipc.messages import (
     WheelEvent,
 )
 
-from .agent_relay import AgentBusy, AgentRelay, AgentUnavailable
+from .agent_relay import AgentRelay, ByteRelay, RelayBusy, RelayUnavailable, SerialRelay
 from .guest_display import GuestDisplay
 from .input import InputError
 from .policy import Policy
@@ -62,6 +65,7 @@ class ControlService:
         self._on_clients_changed = on_clients_changed
         self._agent: AgentRelay | None = None
         self._agent_owner: ClientInfo | None = None
+        self._console: SerialRelay | None = None
         self.channel = CoreChannel(ipc_endpoint(path), vm_name=vm_name, handler=self._handle, status=self._status,
                                    on_client_attached=self._clients_changed, on_client_gone=self._client_gone,
                                    socket_group=group)
@@ -89,6 +93,8 @@ class ControlService:
         offered = {Capability.QMP, Capability.QMP_EVENTS}
         if self._agent is not None:
             offered.add(Capability.AGENT)
+        if self._console is not None:
+            offered.add(Capability.CONSOLE)
         if display is None or display.shm is None:
             return CoreStatus(run_state=state, capabilities=frozenset(offered))
         offered |= {Capability.DISPLAY, Capability.INPUT}
@@ -97,6 +103,10 @@ class ControlService:
 
     def _clients_changed(self, client: ClientInfo) -> None:
         self._on_clients_changed(self.channel.describe_clients())
+        if self._console is not None and Capability.CONSOLE in client.capabilities:
+            backlog = self._console.take_backlog()  # what the guest printed while no client listened
+            for start in range(0, len(backlog), MAX_CONSOLE_CHUNK):
+                self.channel.send_event(client, ConsoleData(backlog[start:start + MAX_CONSOLE_CHUNK]))
 
     async def _client_gone(self, client: ClientInfo) -> None:
         if self._agent_owner is client:
@@ -144,10 +154,22 @@ class ControlService:
             return None
         if isinstance(op, AgentWriteOp):
             return await self._agent_write(client, op.data)
+        if isinstance(op, ConsoleWriteOp):
+            return await self._console_write(op.data)
         raise RequestError("CommandNotFound", f"unknown request {op_name!r}")
 
     def attach_agent(self, relay: AgentRelay) -> None:
         self._agent = relay
+
+    def attach_console(self, relay: SerialRelay) -> None:
+        self._console = relay
+
+    def deliver_console(self, data: bytes) -> bool:
+        """Serial output goes to every client granted ``console``; False if none took it."""
+        return self.channel.broadcast(ConsoleData(data)) > 0
+
+    async def _console_write(self, data: bytes) -> None:
+        await _relay_write(self._console, data, "Console", "this core has no serial console (start it with --serial)")
 
     def deliver_agent_data(self, data: bytes) -> bool:
         """Agent bytes go to the client that last wrote to the agent (one agent user at a time)."""
@@ -155,17 +177,10 @@ class ControlService:
         return owner is not None and self.channel.send_event(owner, AgentData(data))
 
     async def _agent_write(self, client: ClientInfo, data: bytes) -> None:
-        if self._agent is None:
-            raise RequestError("AgentUnavailable", "this core has no guest-agent channel (start it with --agent)")
-        if self._agent_owner is not client:
+        if self._agent is not None and self._agent_owner is not client:
             log.info("guest agent channel now used by %s", client)
             self._agent_owner = client
-        try:
-            await self._agent.write(data)
-        except AgentUnavailable as exc:
-            raise RequestError("AgentUnavailable", str(exc)) from exc
-        except AgentBusy as exc:
-            raise RequestError("AgentBusy", str(exc)) from exc
+        await _relay_write(self._agent, data, "Agent", "this core has no guest-agent channel (start it with --agent)")
 
     async def _input(self, client: ClientInfo, op: InputOp) -> None:
         display = self._display()
@@ -188,3 +203,15 @@ class ControlService:
             await guest.send(batch, holder)
         except InputError as exc:
             raise RequestError("GenericError", str(exc)) from exc
+
+
+async def _relay_write(relay: ByteRelay | None, data: bytes, what: str, missing: str) -> None:
+    """Bytes for a guest channel; its failures as the client sees them (``AgentBusy``, ``ConsoleUnavailable``...)."""
+    if relay is None:
+        raise RequestError(f"{what}Unavailable", missing)
+    try:
+        await relay.write(data)
+    except RelayUnavailable as exc:
+        raise RequestError(f"{what}Unavailable", str(exc)) from exc
+    except RelayBusy as exc:
+        raise RequestError(f"{what}Busy", str(exc)) from exc

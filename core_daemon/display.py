@@ -104,6 +104,8 @@ class DisplayCapture:
         self._full_damage = False
         self._run: tuple[RunState, str] | None = None
         self._next_hint = 0.0
+        #: QEMU announced its shutdown (SHUTDOWN event): losing its VNC connection is then no surprise.
+        self.qemu_ending = False
 
     # --- lifetime ----------------------------------------------------------------------------------------
 
@@ -150,7 +152,9 @@ class DisplayCapture:
                 try:
                     await self._session(reader, writer)
                 except (rfb.RfbError, OSError, EOFError, TimeoutError) as exc:
-                    self.log.warning("VNC connection to QEMU lost after %.1f s: %s", time.monotonic() - started, exc)
+                    # Expected when QEMU is shutting down (every stop); worth a warning only otherwise.
+                    self.log.log(logging.INFO if self.qemu_ending else logging.WARNING,
+                                 "VNC connection to QEMU lost after %.1f s: %s", time.monotonic() - started, exc)
                 except Exception:  # a bug here must not take the core down: log it and start over
                     self.log.exception("display capture failed; reconnecting")
                 finally:
@@ -304,6 +308,10 @@ class DisplayCapture:
             row = cursor.width * 4
             bgra = b"".join([bgra[i * row : i * row + w * 4] for i in range(h)])
         self.writer.set_cursor_shape(min(cursor.hot_x, w - 1), min(cursor.hot_y, h - 1), w, h, bgra)
+
+    def note_qemu_ending(self) -> None:
+        """QEMU announced its shutdown: losing its VNC connection next is expected."""
+        self.qemu_ending = True
 
     def set_run_state(self, qmp_status: str) -> None:
         """Record the guest's run state (QMP ``query-status`` name) and wake the readers; repeats are dropped."""

@@ -40,9 +40,9 @@ class GuestDisplay:
 
     async def start(self, connect_timeout: float) -> None:
         """Create the segment (after reclaiming a dead core's), serve ``display.sock``, connect the capture."""
-        reclaimed = reclaim_stale_segments(self.vm_name)
+        reclaimed = reclaim_stale_segments()  # of any VM: a dead core's VM may never start again
         if reclaimed:
-            log.info("reclaimed shared-memory segments of a dead core: %s", ", ".join(reclaimed))
+            log.info("reclaimed shared-memory segments of dead cores: %s", ", ".join(reclaimed))
         self.shm = ShmWriter(segment_name(self.vm_name), *self.max_size, group=self.group)
         self.notifier = DisplaySocket(self.display_socket_path, self.shm.name, group=self.group)
         self.notifier.start()
@@ -53,6 +53,10 @@ class GuestDisplay:
         self.input = GuestInput(self._execute, lambda: capture.screen_size, on_input=capture.input_hint,
                                 key_delay=self.key_delay)
         log.info("display: shm %s, readers on %s", self.shm.name, self.display_socket_path)
+
+    def note_qemu_ending(self) -> None:
+        if self.capture is not None:
+            self.capture.note_qemu_ending()
 
     def set_run_state(self, qemu_status: str) -> None:
         if self.capture is not None:

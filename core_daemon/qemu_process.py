@@ -64,7 +64,9 @@ def choose_accel(requested: str | None) -> str:
     usable, why = kvm_usable()
     if usable:
         return "kvm"
-    log.info("KVM not usable (%s); using TCG software emulation", why)
+    # A host without /dev/kvm runs TCG by design; one whose /dev/kvm does not work probably needs fixing.
+    level = logging.WARNING if os.path.exists("/dev/kvm") else logging.INFO
+    log.log(level, "KVM not usable (%s); using TCG software emulation (much slower)", why)
     return "tcg"
 
 
@@ -97,6 +99,7 @@ def build_qemu_command(
     accel: str | None,
     vnc_socket: Path | None = None,
     agent_socket: Path | None = None,
+    serial_socket: Path | None = None,
 ) -> QemuCommand:
     """Add what the core needs: ``-nodefaults``, the private QMP (and VNC) socket, no other display, an accelerator."""
     args: list[str] = [binary, "-nodefaults"]
@@ -120,6 +123,10 @@ def build_qemu_command(
             "-device", "virtio-serial,id=vmfront-vserial",
             "-device", "virtserialport,bus=vmfront-vserial.0,chardev=vmfront-qga,name=org.qemu.guest_agent.0",
         ]
+    if serial_socket is not None:
+        # The guest's first serial port (ttyS0, COM1), its host side on a socket only the core can reach.
+        args += ["-chardev", f"socket,id=vmfront-serial,path={qemu_opt_value(serial_socket)},server=on,wait=off",
+                 "-serial", "chardev:vmfront-serial"]
     public = _options_in(user_args, _PUBLIC_OPTIONS)
     if public:
         log.warning("QEMU arguments open their own endpoints outside the core: %s", " ".join(public))

@@ -28,7 +28,7 @@ from ipc.messages import Migrated, Migrating
 from ipc.rundir import RunDir, RunDirError, check_socket_path, remove_stale_socket
 
 from .activation import inherited_sockets
-from .agent_relay import AgentRelay
+from .agent_relay import AgentRelay, SerialRelay
 from .control import ControlService
 from .display import DEFAULT_MAX_HEIGHT, DEFAULT_MAX_WIDTH, DisplayError
 from .guest_display import GuestDisplay
@@ -133,6 +133,8 @@ class CoreConfig:
     agent_socket: Path | None = None
     #: Group that may open the shm segment and the client sockets (the clients' group), if not ours.
     client_group: int | None = None
+    #: Give the guest a serial port whose bytes are relayed to clients (not for --attach).
+    serial: bool = False
 
     @property
     def qmp_socket_path(self) -> Path:
@@ -168,6 +170,7 @@ class Core:
         self.display: GuestDisplay | None = None
         self.control: ControlService | None = None
         self.agent: AgentRelay | None = None
+        self.serial: SerialRelay | None = None
         self._stop_requested: asyncio.Event | None = None
         self._stop_reason = ""
         self._shutdown_reason: str | None = None
@@ -265,6 +268,7 @@ class Core:
             remove_stale_socket(private_qmp)
             remove_stale_socket(self.run_dir.vnc_socket)
             remove_stale_socket(self.run_dir.agent_socket)
+            remove_stale_socket(self.run_dir.serial_socket)
             remove_stale_socket(self.run_dir.migration_socket)
         remove_stale_socket(self.run_dir.display_socket)
         remove_stale_socket(self.run_dir.control_socket)
@@ -282,6 +286,10 @@ class Core:
         )
         self.state.write()
         attach_to = cfg.attach or self._adopt
+        if cfg.serial and cfg.attach is None:
+            # Connected as soon as QEMU makes the socket: the guest's first lines (the boot log) come early.
+            self.serial = SerialRelay(self.run_dir.serial_socket, self._deliver_console)
+            self.serial.start()
         if attach_to is not None:
             await self._attach(attach_to)
         else:
@@ -330,6 +338,9 @@ class Core:
             self.control.attach_agent(self.agent)
             self.agent.start()
             endpoints["agent"] = str(agent_path)
+        if self.serial is not None:
+            self.control.attach_console(self.serial)
+            endpoints["serial"] = str(self.run_dir.serial_socket)
         self.state.update(endpoints=endpoints, display=self.display.describe() if self.display else None)
         self._tasks.append(asyncio.get_running_loop().create_task(self._pump_events(), name="qmp-events"))
 
@@ -338,6 +349,17 @@ class Core:
             write_ready_fd(cfg.ready_fd, f"READY qmp={endpoints['qmp']}")
         log.info("core for VM %r ready: QEMU pid %s (%s), QMP at %s", cfg.name, self.qemu.pid,
                  self.state.data["qemu_version"], endpoints["qmp"])
+        if attach_to is None:
+            self._relay_qemu_warnings()
+
+    def _relay_qemu_warnings(self) -> None:
+        """What QEMU printed while starting (a CPU feature the host lacks, a deprecated option) may be why a guest
+        hangs later: say it here, not only in qemu.log."""
+        said = log_tail(self.run_dir.qemu_log, 4000).splitlines()
+        for line in said[:20]:
+            log.warning("QEMU said: %s", line)
+        if len(said) > 20:
+            log.warning("QEMU said %d more lines: see %s", len(said) - 20, self.run_dir.qemu_log)
 
     async def _start_display(self) -> None:
         """The display is a service of the core, not its reason to live: if it fails, the guest runs on."""
@@ -361,7 +383,8 @@ class Core:
         qemu_args = [*cfg.qemu_args, "-incoming", "defer"] if self.incoming_uri is not None else cfg.qemu_args
         command = build_qemu_command(cfg.qemu_binary, cfg.name, qemu_args, self.run_dir.qemu_qmp_socket,
                                      cfg.accel, self.run_dir.vnc_socket if cfg.display else None,
-                                     self.run_dir.agent_socket if cfg.agent and cfg.agent_socket is None else None)
+                                     self.run_dir.agent_socket if cfg.agent and cfg.agent_socket is None else None,
+                                     self.run_dir.serial_socket if cfg.serial else None)
         log.info("starting QEMU: %s", " ".join(command.argv))
         try:
             pid = spawn_qemu(command, self.run_dir.qemu_log)
@@ -440,7 +463,13 @@ class Core:
         what = describe_exit(self.qemu.returncode)
         return f"QEMU {what} before answering QMP" + (f":\n{stderr}" if stderr else " (it printed nothing)")
 
+    def _deliver_console(self, data: bytes) -> bool:
+        return self.control is not None and self.control.deliver_console(data)
+
     async def _teardown_failed_start(self) -> None:
+        if self.serial is not None:
+            await self.serial.close()
+            self.serial = None
         if self.control is not None:
             await self.control.close("the core failed to start")
             self.control = None
@@ -537,6 +566,8 @@ class Core:
             if name == "SHUTDOWN":
                 data = payload.get("data")
                 self._shutdown_reason = str(data.get("reason", "shutdown") if isinstance(data, dict) else "shutdown")
+                if self.display is not None:
+                    self.display.note_qemu_ending()
             if name == "MIGRATION":
                 self._follow_migration(payload.get("data"))
             if name in _STATUS_EVENTS:
@@ -711,6 +742,9 @@ class Core:
         if self.agent is not None:
             await self.agent.close()
             self.agent = None
+        if self.serial is not None:
+            await self.serial.close()
+            self.serial = None
         if self.control is not None:
             await self.control.close(self._stop_reason or "QEMU exited")
             self.control = None
@@ -723,7 +757,8 @@ class Core:
 
     def _remove_qemu_sockets(self) -> None:
         """QEMU does not always remove its sockets (never when killed): the core does, once QEMU is gone."""
-        for path in (self.run_dir.qemu_qmp_socket, self.run_dir.vnc_socket, self.run_dir.agent_socket):
+        for path in (self.run_dir.qemu_qmp_socket, self.run_dir.vnc_socket, self.run_dir.agent_socket,
+                     self.run_dir.serial_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

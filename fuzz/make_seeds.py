@@ -21,6 +21,8 @@ from ipc.messages import (  # noqa: E402
     AgentWriteOp,
     Broadcast,
     Bye,
+    ConsoleData,
+    ConsoleWriteOp,
     DisplayChanged,
     ErrorFrame,
     ErrorInfo,
@@ -133,6 +135,8 @@ def rfb_server_seeds() -> dict[str, bytes]:
 def ipc_seeds() -> dict[str, bytes]:
     msgs: dict[str, Message] = {
         "hello": Hello(1, (1,), "inst", 1234, 1000, "client", "0.1", ("qmp", "input")),
+        "hello-endpoints": Hello(1, (1,), "inst", 1234, 1000, "client", "0.1", ("console",),
+                                 (("vnc", "127.0.0.1:5900"), ("console", "/run/vmfront/vm/console.sock"))),
         "welcome": Welcome(1, 1, "vm", "inst", 99, "running", 1.0, "vmfront.vm.99.1", 3, "/run/d.sock", ("qmp",)),
         "heartbeat": Heartbeat("inst"),
         "request-qmp": Request(2, QmpOp("query-status", {"a": [1, 2.5, None, True, "x"]})),
@@ -144,6 +148,7 @@ def ipc_seeds() -> dict[str, bytes]:
         "request-qmp-many": Request(8, QmpOp("query-status", {"a": [[{}] * 50] * 20, "b": "\x00"})),
         "request-refresh": Request(4, RefreshOp()),
         "request-agent": Request(5, AgentWriteOp(b'\xff{"execute":"guest-ping"}\n')),
+        "request-console": Request(6, ConsoleWriteOp(b"uname -a\r")),
         "reply-ok": Reply(2, {"status": "running", "running": True}),
         "reply-error": Reply(2, error=ErrorInfo("GenericError", "denied by policy")),
         "event-qmp": Broadcast(QmpEvent({"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}})),
@@ -151,6 +156,7 @@ def ipc_seeds() -> dict[str, bytes]:
         "event-migrating": Broadcast(Migrating()),
         "event-migrated": Broadcast(Migrated("ipc:///run/x/ctl.sock")),
         "event-agent": Broadcast(AgentData(b'\xff{"return": 1}\n')),
+        "event-console": Broadcast(ConsoleData(b"[    0.000000] Linux version 6.1.0\r\n")),
         "event-display": Broadcast(DisplayChanged("vmfront.vm.1.2", 2, None)),
         "event-shutdown": Broadcast(Shutdown("qemu exited")),
         "error": ErrorFrame("malformed", "not msgpack", 7),

@@ -25,7 +25,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -301,10 +301,13 @@ class ClientInfo:
     capabilities: frozenset[str]
     since: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
+    #: Where the client serves people (its hello's ``endpoints``), e.g. {"vnc": "127.0.0.1:5900"}.
+    endpoints: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         """The entry for ``state.json`` ``clients``."""
-        return {"pid": self.pid, "uid": self.uid, "since": self.since, "name": self.name}
+        return {"pid": self.pid, "uid": self.uid, "since": self.since, "name": self.name,
+                "endpoints": dict(self.endpoints)}
 
     def __str__(self) -> str:
         return f"client {self.name!r} (pid {self.pid}, uid {self.uid})"
@@ -579,7 +582,7 @@ class CoreChannel:
         pid, uid = credentials if credentials is not None else (hello.pid, hello.uid)
         info = ClientInfo(identity=identity, pid=pid, uid=uid, name=hello.client_name,
                           client_version=hello.client_version, instance=hello.instance,
-                          capabilities=frozenset(granted))
+                          capabilities=frozenset(granted), endpoints=dict(hello.endpoints))
         problem = _send_now(self._socket(), [identity, data])
         if problem:
             log.info("%s: cannot send the welcome: %s", info, problem)
@@ -624,7 +627,8 @@ class CoreChannel:
         needed = OP_CAPABILITY.get(op)
         if needed is not None and needed not in info.capabilities:
             reply = Reply(request.id, error=ErrorInfo(
-                "CapabilityNotGranted", f"op {op!r} needs the capability {needed!r}, which was not granted"))
+                "CapabilityNotGranted", f"op '{op}' needs the capability '{needed.value}', which this core did not "
+                "grant (it does not offer it, or the client did not ask for it)"))
         else:
             try:
                 result = await self._handler(info, op, request.body)
@@ -918,8 +922,11 @@ class ClientChannel:
         on_detached: Callable[[str], object] | None = None,
         on_event: Callable[[EventBody], object] | None = None,
         versions: Iterable[int] = SUPPORTED_VERSIONS,
+        endpoints: Mapping[str, str] | None = None,
     ) -> None:
         _check_transport(endpoint, curve)
+        #: Where this client serves people, told to the core in every hello (``state.json`` shows them).
+        self.endpoints = tuple((endpoints or {}).items())
         self.endpoint = endpoint
         self.name = name
         self.client_version = client_version
@@ -1116,13 +1123,13 @@ class ClientChannel:
             if not future.done():
                 future.set_exception(NotAttached(reason))
 
-    def _detach(self, reason: str) -> None:
+    def _detach(self, reason: str, level: int = logging.WARNING) -> None:
         """The core is gone or does not know us: fail pending requests now, say hello again at once."""
         if self._state is not ClientState.ATTACHED:
             return
         self._state = ClientState.ATTACHING
         self._why_detached = reason
-        log.warning("%s: detached from the core: %s; re-attaching", self._tag, reason)
+        log.log(level, "%s: detached from the core: %s; re-attaching", self._tag, reason)
         self._fail_pending(f"the core went away before answering: {reason}")
         self._notifications.put_nowait((self._on_detached, reason, "on_detached"))
         self._hello_soon()
@@ -1192,7 +1199,7 @@ class ClientChannel:
         elif isinstance(message, ErrorFrame):
             self._on_error_frame(message)
         elif isinstance(message, Bye):
-            self._detach(f"the core said bye ({message.reason or 'no reason'})")
+            self._detach(f"the core said bye ({message.reason or 'no reason'})", logging.INFO)  # an orderly end
         else:
             self._reject(ProtocolError(ErrorCode.UNEXPECTED, f"{message.TYPE!r} frames go from clients to the core",
                                        msg_type=message.TYPE))
@@ -1239,7 +1246,7 @@ class ClientChannel:
         self._hello_ids.append(hello_id)
         hello = Hello(id=hello_id, versions=self.versions, instance=self.instance, pid=os.getpid(),
                       uid=os.getuid(), client_name=self.name, client_version=self.client_version,
-                      capabilities=self.capabilities)
+                      capabilities=self.capabilities, endpoints=self.endpoints)
         problem = _send_now(self._socket(), [hello.encode()], full="no connection")
         if problem:
             log.debug("%s: hello not sent (core not reachable): %s", self._tag, problem)

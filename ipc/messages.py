@@ -45,6 +45,8 @@ MAX_INPUT_EVENTS = 4096
 #: An input source's name (one per VNC viewer, say).
 MAX_SOURCE = 64
 MAX_AGENT_CHUNK = 1 << 20
+MAX_CONSOLE_CHUNK = 64 << 10
+MAX_ENDPOINTS = 16
 MAX_ID = (1 << 63) - 1
 #: Pointer coordinates are framebuffer pixels (shm allows up to 16384) and wheel steps clicks.
 MAX_COORDINATE = 0xFFFF
@@ -65,6 +67,7 @@ class Capability(StrEnum):
     INPUT = "input"  # the ``input`` op
     DISPLAY = "display"  # the ``refresh`` op and ``display`` broadcasts
     AGENT = "agent"  # the ``agent_write`` op and ``agent_data`` broadcasts
+    CONSOLE = "console"  # the ``console_write`` op and ``console_data`` broadcasts
 
 
 ALL_CAPABILITIES = frozenset(Capability)
@@ -176,7 +179,15 @@ class AgentWriteOp:
     data: bytes
 
 
-Op = QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp
+@dataclass(frozen=True)
+class ConsoleWriteOp:
+    """Bytes typed on the guest's serial console, relayed unparsed."""
+
+    OP: ClassVar[str] = "console_write"
+    data: bytes
+
+
+Op = QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp | ConsoleWriteOp
 
 #: The capability a client must have been granted to use an op.
 OP_CAPABILITY: dict[str, Capability] = {
@@ -185,6 +196,7 @@ OP_CAPABILITY: dict[str, Capability] = {
     ReleaseInputOp.OP: Capability.INPUT,
     RefreshOp.OP: Capability.DISPLAY,
     AgentWriteOp.OP: Capability.AGENT,
+    ConsoleWriteOp.OP: Capability.CONSOLE,
 }
 
 
@@ -249,13 +261,22 @@ class Shutdown:
     reason: str
 
 
-EventBody = QmpEvent | RunStateChanged | Migrating | Migrated | AgentData | DisplayChanged | Shutdown
+@dataclass(frozen=True)
+class ConsoleData:
+    """Bytes the guest wrote to its serial port, relayed unparsed, to every client granted ``console``."""
+
+    KIND: ClassVar[str] = "console_data"
+    data: bytes
+
+
+EventBody = QmpEvent | RunStateChanged | Migrating | Migrated | AgentData | DisplayChanged | Shutdown | ConsoleData
 
 #: Broadcasts of these kinds go only to clients granted the capability; the others go to every client.
 KIND_CAPABILITY: dict[str, Capability] = {
     QmpEvent.KIND: Capability.QMP_EVENTS,
     AgentData.KIND: Capability.AGENT,
     DisplayChanged.KIND: Capability.DISPLAY,
+    ConsoleData.KIND: Capability.CONSOLE,
 }
 
 
@@ -283,12 +304,18 @@ class Hello:
     client_name: str
     client_version: str = ""
     capabilities: tuple[str, ...] = ()
+    #: Where the client serves people, e.g. (("vnc", "127.0.0.1:5900"), ("monitor", "unix:/run/...")): the core
+    #: shows them in ``state.json``, so ``vmfront list`` and ``vmfront monitor`` find them.
+    endpoints: tuple[tuple[str, str], ...] = ()
 
     def encode(self) -> bytes:
-        return _pack(self.TYPE, {
+        fields = {
             "id": self.id, "versions": list(self.versions), "instance": self.instance, "pid": self.pid,
             "uid": self.uid, "client_name": self.client_name, "client_version": self.client_version,
-            "capabilities": list(self.capabilities)})
+            "capabilities": list(self.capabilities)}
+        if self.endpoints:
+            fields["endpoints"] = dict(self.endpoints)
+        return _pack(self.TYPE, fields)
 
 
 @dataclass(frozen=True)
@@ -458,7 +485,7 @@ def _op_args(body: Op) -> dict[str, Any]:
         return fields
     if isinstance(body, ReleaseInputOp):
         return {"source": body.source}
-    if isinstance(body, AgentWriteOp):
+    if isinstance(body, AgentWriteOp | ConsoleWriteOp):
         return {"data": bytes(body.data)}
     return {}
 
@@ -470,7 +497,7 @@ def _event_data(body: EventBody) -> dict[str, Any]:
         return {"state": body.state, "qemu_status": body.qemu_status}
     if isinstance(body, Migrated):
         return {"endpoint": body.endpoint}
-    if isinstance(body, AgentData):
+    if isinstance(body, AgentData | ConsoleData):
         return {"data": bytes(body.data)}
     if isinstance(body, DisplayChanged):
         return {"shm": body.shm, "shm_generation": body.shm_generation, "display_socket": body.display_socket}
@@ -678,7 +705,19 @@ def _parse_hello(f: _Fields) -> Hello:
         id=f.integer("id", 0, MAX_ID), versions=tuple(versions), instance=f.string("instance", nonempty=True),
         pid=f.integer("pid", 0, MAX_PID), uid=f.integer("uid", 0, MAX_UID), client_name=f.string("client_name"),
         client_version=f.string("client_version"),
-        capabilities=f.strings("capabilities", MAX_CAPABILITIES, optional=True))
+        capabilities=f.strings("capabilities", MAX_CAPABILITIES, optional=True),
+        endpoints=_parse_endpoints(f))
+
+
+def _parse_endpoints(f: _Fields) -> tuple[tuple[str, str], ...]:
+    endpoints = f.submap("endpoints", optional=True)
+    if len(endpoints.data) > MAX_ENDPOINTS:
+        f.fail(ErrorCode.INVALID, f"field 'endpoints' must have at most {MAX_ENDPOINTS} entries")
+    for key in endpoints.data:
+        if not isinstance(key, str) or not key or len(key) > MAX_NAME:
+            f.fail(ErrorCode.INVALID, f"field 'endpoints' keys must be non-empty strings of at most {MAX_NAME} "
+                                      "characters")
+    return tuple((key, endpoints.string(key, MAX_TEXT)) for key in endpoints.data)
 
 
 def _parse_welcome(f: _Fields) -> Welcome:
@@ -764,6 +803,7 @@ _OP_PARSERS: dict[str, Callable[[_Fields], Op]] = {
     ReleaseInputOp.OP: lambda a: ReleaseInputOp(source=a.string("source", MAX_SOURCE, optional=True) or ""),
     RefreshOp.OP: lambda a: RefreshOp(),
     AgentWriteOp.OP: lambda a: AgentWriteOp(data=a.binary("data", MAX_AGENT_CHUNK)),
+    ConsoleWriteOp.OP: lambda a: ConsoleWriteOp(data=a.binary("data", MAX_CONSOLE_CHUNK)),
 }
 
 
@@ -798,6 +838,7 @@ _KIND_PARSERS: dict[str, Callable[[_Fields], EventBody]] = {
     Migrating.KIND: lambda d: Migrating(),
     Migrated.KIND: lambda d: Migrated(endpoint=d.string("endpoint", MAX_TEXT, nonempty=True)),
     AgentData.KIND: lambda d: AgentData(data=d.binary("data", MAX_AGENT_CHUNK)),
+    ConsoleData.KIND: lambda d: ConsoleData(data=d.binary("data", MAX_CONSOLE_CHUNK)),
     DisplayChanged.KIND: lambda d: DisplayChanged(
         shm=d.string("shm", optional=True),
         shm_generation=d.integer("shm_generation", 0, MAX_GENERATION, optional=True),
@@ -832,13 +873,14 @@ _PARSERS: dict[str, Callable[[_Fields], Message]] = {
 
 #: Wire names, for docs and tests.
 MESSAGE_TYPES: tuple[type[Message], ...] = (Hello, Welcome, Heartbeat, Request, Reply, Broadcast, ErrorFrame, Bye)
-OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp)
+OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp, ConsoleWriteOp)
 EVENT_KINDS: tuple[type[EventBody], ...] = (
-    QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown)
+    QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown, ConsoleData)
 
 __all__ = [
     "ALL_CAPABILITIES", "EVENT_KINDS", "KIND_CAPABILITY", "MAX_FRAME", "MESSAGE_TYPES", "OPS", "OP_CAPABILITY",
     "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "AgentData", "AgentWriteOp", "Broadcast", "Bye", "Capability",
+    "ConsoleData", "ConsoleWriteOp",
     "DisplayChanged", "EncodeError", "ErrorCode", "ErrorFrame", "ErrorInfo", "EventBody", "Heartbeat", "Hello",
     "InputEvent", "InputOp", "KeyEvent", "Message", "Migrated", "Migrating", "Op", "PointerEvent", "ProtocolError",
     "QmpEvent", "QmpOp", "RefreshOp", "ReleaseInputOp", "Reply", "Request", "RunStateChanged", "Shutdown",

@@ -14,6 +14,7 @@ Layout (documented in docs/rundir.md)::
         qmp.sock         QEMU's QMP monitor, spoken to only by the core
         vnc.sock         QEMU's VNC server, read only by the core's display capture
         qga.sock         the guest agent's channel (with --agent), relayed only by the core
+        serial.sock      the guest's serial port (with --serial), relayed only by the core
 """
 
 from __future__ import annotations
@@ -46,15 +47,25 @@ def check_vm_name(name: str) -> str:
     return name
 
 
-def default_run_dir(name: str) -> Path:
-    """``$XDG_RUNTIME_DIR/vmfront/NAME``, else ``/run/vmfront/NAME`` as root, else a per-user tmp dir."""
-    check_vm_name(name)
+#: Where root's VMs live, whatever the shell's environment says (the systemd units use it too).
+SYSTEM_RUN_ROOT = Path("/run/vmfront")
+
+
+def default_run_root() -> Path:
+    """The directory holding every VM's run directory: ``/run/vmfront`` for root (always: an ssh login's
+    ``XDG_RUNTIME_DIR`` must not hide the VMs the system units started), else ``$XDG_RUNTIME_DIR/vmfront``,
+    else a per-user directory under the temporary directory."""
+    if os.geteuid() == 0:
+        return SYSTEM_RUN_ROOT
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
-        return Path(xdg) / "vmfront" / name
-    if os.geteuid() == 0:
-        return Path("/run/vmfront") / name
-    return Path(tempfile.gettempdir()) / f"vmfront-{os.geteuid()}" / name
+        return Path(xdg) / "vmfront"
+    return Path(tempfile.gettempdir()) / f"vmfront-{os.geteuid()}"
+
+
+def default_run_dir(name: str) -> Path:
+    """``RUN_ROOT/NAME`` (see :func:`default_run_root`)."""
+    return default_run_root() / check_vm_name(name)
 
 
 def check_socket_path(path: Path) -> Path:
@@ -65,6 +76,41 @@ def check_socket_path(path: Path) -> Path:
             f"{path}; choose a shorter --run-dir"
         )
     return path
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} ({uid})"
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    import grp
+
+    try:
+        return f"{grp.getgrgid(gid).gr_name} ({gid})"
+    except KeyError:
+        return str(gid)
+
+
+def socket_access_problem(path: Path) -> str | None:
+    """Why this process cannot connect to the unix socket at ``path``, for the operator; None if it can, or if
+    nothing is there yet. (Connecting needs write permission on the socket and search on each directory.)"""
+    me = (f"this process runs as user {_user_name(os.getuid())}, groups "
+          f"{', '.join(_group_name(g) for g in sorted({os.getgid(), *os.getgroups()}))}")
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError:
+        return f"cannot reach {path}: a directory on its way is closed to this process ({me})"
+    if os.access(path, os.W_OK):
+        return None
+    return (f"cannot open {path}: permission denied (owner {_user_name(info.st_uid)}, group "
+            f"{_group_name(info.st_gid)}, mode {stat.S_IMODE(info.st_mode):04o}; {me})")
 
 
 def remove_stale_socket(path: Path) -> None:
@@ -176,9 +222,14 @@ class RunDir:
         """The control channel (ZeroMQ ROUTER) that clients attach to."""
         return self.root / "control.sock"
 
+    @property
+    def serial_socket(self) -> Path:
+        """QEMU's chardev for the guest's serial port (with --serial), relayed only by the core."""
+        return self.private / "serial.sock"
+
     def socket_paths(self) -> list[Path]:
-        return [self.qmp_socket, self.qemu_qmp_socket, self.vnc_socket, self.agent_socket, self.migration_socket,
-                self.display_socket, self.control_socket]
+        return [self.qmp_socket, self.qemu_qmp_socket, self.vnc_socket, self.agent_socket, self.serial_socket,
+                self.migration_socket, self.display_socket, self.control_socket]
 
     def create(self) -> None:
         """Make the directory tree with the documented modes (umask must not widen ``private/``).

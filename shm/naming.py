@@ -73,22 +73,50 @@ def pid_alive(pid: int) -> bool:
         return True  # no /proc: trust kill(0)
 
 
+def process_start_time(pid: int) -> float | None:
+    """When a process started (seconds since the epoch, to a clock tick), from /proc; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            ticks = int(stat.read().rpartition(b")")[2].split()[19])
+        with open("/proc/stat", "rb") as system:
+            boot = next(int(line.split()[1]) for line in system if line.startswith(b"btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def owner_alive(pid: int, created: float) -> bool:
+    """Whether the core that created a segment at ``created`` (its inode's ctime, which only moves forward)
+    still runs: its pid is alive, and that process is not a newer one that got the pid again."""
+    if not pid_alive(pid):
+        return False
+    started = process_start_time(pid)
+    return started is None or started <= created + 1.0  # btime is whole seconds
+
+
 def reclaim_stale_segments(
-    vm_name: str, is_alive: Callable[[int], bool] = pid_alive, *, shm_dir: str = SHM_DIR
+    vm_name: str | None = None, is_alive: Callable[[int, float], bool] = owner_alive, *, shm_dir: str = SHM_DIR
 ) -> list[str]:
-    """Unlink this VM's segments whose creating core is dead; returns the names unlinked.
+    """Unlink the vmfront segments (of every VM, or of ``vm_name``) whose creating core is dead, judged by pid and
+    start time; returns the names unlinked.
 
     Readers that still map such a segment keep their mapping; only the name (and, once they unmap, the
-    memory) goes. Pid reuse can make a dead core look alive: its segment is then reclaimed by a later call.
+    memory) goes. Segments of other users that this process may not unlink are left alone.
     """
     reclaimed = []
     for entry in sorted(os.listdir(shm_dir)):
         parsed = parse_segment_name(entry)
-        if parsed is None or parsed.vm_name != vm_name or is_alive(parsed.pid):
+        if parsed is None or (vm_name is not None and parsed.vm_name != vm_name):
+            continue
+        try:
+            created = os.stat(os.path.join(shm_dir, entry)).st_ctime
+        except OSError:
+            continue
+        if is_alive(parsed.pid, created):
             continue
         try:
             posix_ipc.unlink_shared_memory("/" + entry)
-        except posix_ipc.ExistentialError:
-            continue  # another core reclaimed it first
+        except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+            continue  # another core reclaimed it first, or it is another user's
         reclaimed.append("/" + entry)
     return reclaimed

@@ -147,6 +147,14 @@ def core_command(name: str, run_dir: Path, *extra: str, qemu_args: list[str] | N
     return argv
 
 
+def client_command(name: str, run_dir: Path, *extra: str, verbose: bool = True) -> list[str]:
+    """``vmfront client`` for a run dir. Tests run it as whoever runs them: as root that takes ``--as-root`` (the
+    unprivileged default, and what a root-run client needs to be reachable, are tested in test_operator.py)."""
+    as_root = ["--as-root"] if os.geteuid() == 0 and "--user" not in extra else []
+    return [sys.executable, "-m", "vmfront", *(["-v"] if verbose else []), "client", "--name", name,
+            "--run-dir", str(run_dir), *as_root, *extra]
+
+
 def spawn_core(name: str, run_dir: Path, *extra: str, qemu_args: list[str] | None = None,
                env: dict[str, str] | None = None, wait_ready: bool = True,
                timeout: float = READY_TIMEOUT, verbose: bool = True, prefix: Sequence[str] = ()) -> CoreProcess:
@@ -211,6 +219,10 @@ class Fleet:
         with contextlib.suppress(OSError, KeyError, ValueError):
             self._qemu_pids.append(core.qemu_pid)
         return core
+
+    def track_qemu(self, pid: int) -> None:
+        """A QEMU started by something else (``vmfront run``): ended with the fleet, in case that did not."""
+        self._qemu_pids.append(pid)
 
     def add(self, process: EndedT) -> EndedT:
         self._processes.append(process)

@@ -56,6 +56,10 @@ class LinuxGuestImage:
 
 @pytest.fixture(scope="module")
 def image() -> LinuxGuestImage:
+    return build_image()
+
+
+def build_image() -> LinuxGuestImage:
     """The cached build (install.sh made it); built here if missing, which needs Debian's package mirror."""
     built = subprocess.run([str(ROOT / "tests" / "linux_guest" / "build.sh")], capture_output=True, text=True,
                            timeout=600)

@@ -18,6 +18,7 @@ from corelib import (
     Fleet,
     LoggedProcess,
     RawQmpPeer,
+    client_command,
     kill_pid,
     running_core,
     short_tmpdir,
@@ -34,8 +35,7 @@ class ClientProcess(LoggedProcess):
         run_dir = core_or_dir.run_dir if isinstance(core_or_dir, CoreProcess) else core_or_dir
         self.log = log or run_dir.parent / f"client-{time.monotonic_ns()}.log"
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "vmfront", "-v", "client", "--name", name,
-                                          "--run-dir", str(run_dir), *extra], stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(client_command(name, run_dir, *extra), stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=out)
 
 
@@ -191,7 +191,7 @@ def test_client_waits_for_a_core_that_is_not_there_yet() -> None:
     client = ClientProcess(run, "late")
     core = None
     try:
-        wait_for(lambda: "no core for VM 'late'" in client.text(), 15, "the client to say it is waiting")
+        wait_for(lambda: "waiting for the core of VM 'late'" in client.text(), 15, "the client to say it is waiting")
         core = spawn_core("late", run)
         wait_for(lambda: client.pid in client_pids(core), 15, "the client to attach once the core is up")
     finally:

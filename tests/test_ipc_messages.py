@@ -22,6 +22,8 @@ from ipc.messages import (
     AgentWriteOp,
     Broadcast,
     Bye,
+    ConsoleData,
+    ConsoleWriteOp,
     DisplayChanged,
     EncodeError,
     ErrorCode,
@@ -81,6 +83,7 @@ ops = st.one_of(
     st.builds(InputOp, events=st.lists(key_events | pointer_events | wheel_events, max_size=8).map(tuple)),
     st.just(RefreshOp()),
     st.builds(AgentWriteOp, data=st.binary(max_size=64)),
+    st.builds(ConsoleWriteOp, data=st.binary(max_size=64)),
 )
 qmp_events = st.builds(
     lambda name, data: {"event": name, "data": data, "timestamp": {"seconds": 1, "microseconds": 2}},
@@ -95,11 +98,13 @@ event_bodies = st.one_of(
     st.builds(DisplayChanged, shm=st.none() | names, shm_generation=st.none() | st.integers(0, 2**32 - 1),
               display_socket=st.none() | names),
     st.builds(Shutdown, reason=names),
+    st.builds(ConsoleData, data=st.binary(max_size=64)),
 )
 all_messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, id=ids, versions=st.lists(st.integers(1, 0xFFFF), min_size=1, max_size=16).map(tuple),
               instance=nonempty, pid=st.integers(0, 2**31 - 1), uid=st.integers(0, 2**32 - 1), client_name=names,
-              client_version=names, capabilities=capabilities),
+              client_version=names, capabilities=capabilities,
+              endpoints=st.dictionaries(nonempty, names, max_size=4).map(lambda d: tuple(d.items()))),
     st.builds(Welcome, id=ids, version=st.just(1), vm=nonempty, instance=nonempty,
               core_pid=st.integers(0, 2**31 - 1), run_state=st.text(min_size=1, max_size=32),
               heartbeat_interval=st.floats(0.01, 60.0), shm=st.none() | names,
@@ -339,7 +344,7 @@ def encoded_keys(frame: bytes, *path: str) -> set[str]:
 
 
 SAMPLES: list[Message] = [
-    Hello(1, (1,), "i", 1, 0, "c", "", ("qmp",)),
+    Hello(1, (1,), "i", 1, 0, "c", "", ("qmp",), (("vnc", "127.0.0.1:5900"),)),
     Welcome(1, 1, "vm", "i", 1, "running", 1.0),
     Heartbeat("i"),
     Request(1, QmpOp("x", {})),
@@ -349,10 +354,10 @@ SAMPLES: list[Message] = [
     Bye("x"),
 ]
 OP_SAMPLES: list[Op] = [QmpOp("x", {}), InputOp((KeyEvent(True, qcode="a"),), "vnc#1"), ReleaseInputOp("vnc#1"),
-                        RefreshOp(), AgentWriteOp(b"")]
+                        RefreshOp(), AgentWriteOp(b""), ConsoleWriteOp(b"")]
 KIND_SAMPLES: list[EventBody] = [
     QmpEvent({"event": "X"}), RunStateChanged("running"), Migrating(), Migrated("e"), AgentData(b""),
-    DisplayChanged(None, None, None), Shutdown("x")]
+    DisplayChanged(None, None, None), Shutdown("x"), ConsoleData(b"")]
 
 
 def test_docs_list_every_message_type_and_field() -> None:

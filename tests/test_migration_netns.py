@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import Fleet, LoggedProcess, RawQmpPeer, wait_for
+from corelib import Fleet, LoggedProcess, RawQmpPeer, client_command, wait_for
 from guestlib import is_demo_text_screen, text_row
 from PIL import Image, ImageChops
 from test_client import client_pids
@@ -103,8 +103,7 @@ class NsClient(LoggedProcess):
     def __init__(self, ns: str, run_dir: Path, name: str, port: int) -> None:
         self.log = run_dir.parent / f"client-{name}-{time.monotonic_ns()}.log"
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(in_ns(ns, sys.executable, "-m", "vmfront", "-v", "client", "--name", name,
-                                               "--run-dir", str(run_dir), "--vnc", f"127.0.0.1:{port}"),
+            self.proc = subprocess.Popen(in_ns(ns, *client_command(name, run_dir, "--vnc", f"127.0.0.1:{port}")),
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT)
 
 

@@ -126,6 +126,10 @@ def test_help_and_completion() -> None:
     assert help_text("stop") == "stop|s  -- stop emulation\n"
     assert help_text("info status") == "info status  -- show the current VM status (running|paused)\n"
     assert help_text("nonexist") == "unknown command: 'nonexist'\n"
+    # As QEMU: `help info` lists every info subcommand after the command's own line.
+    lines = help_text("info").splitlines()
+    assert lines[0].startswith("info [subcommand]") and len(lines) > 10
+    assert "info status  -- show the current VM status (running|paused)" in lines
     assert completions("info sta") == ["status"]
     assert completions("sys") == ["system_powerdown", "system_reset", "system_wakeup"]
     assert "ctrl-alt-f1" in completions("sendkey ctrl-alt-f")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from corelib import short_tmpdir
 
-from ipc.rundir import listen_unix
+from ipc.rundir import default_run_dir, listen_unix, socket_access_problem
 
 
 @pytest.fixture
@@ -54,3 +54,24 @@ def test_refuses_to_replace_what_is_not_a_socket(directory: Path) -> None:
         listen_unix(path, mode=0o600)
     assert path.read_text() == "keep me"
     assert sorted(os.listdir(directory)) == ["notes.txt"]
+
+
+def test_root_uses_run_vmfront_whatever_xdg_runtime_dir_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ssh login sets XDG_RUNTIME_DIR for root too: the VMs the systemd units started must stay visible."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/0")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_run_dir("web") == Path("/run/vmfront/web")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert default_run_dir("web") == Path("/run/user/0/vmfront/web")
+
+
+def test_no_access_problem_for_a_missing_or_open_socket(directory: Path) -> None:
+    """(A socket closed to the client is reported as test_operator.py's unprivileged client sees it.)"""
+    path = directory / "control.sock"
+    assert socket_access_problem(path) is None  # nothing there yet: no problem, just no core
+    assert socket_access_problem(directory / "no-dir" / "control.sock") is None
+    sock = listen_unix(path, mode=0o660)
+    try:
+        assert socket_access_problem(path) is None
+    finally:
+        sock.close()

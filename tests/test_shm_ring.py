@@ -46,6 +46,7 @@ from shm import (
     segment_name,
 )
 from shm.layout import CURSOR_HEADER, CURSOR_HEADER_OFFSET, CURSOR_LOCK_OFFSET, INVALID_SEQ, STATE_LOCK_OFFSET, U64
+from shm.naming import owner_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD_TIMEOUT = 10.0
@@ -874,6 +875,16 @@ CRASHING_WRITER = """
 """
 
 
+def test_a_reused_pid_does_not_keep_a_dead_cores_segment(children: ChildFactory) -> None:
+    """A segment older than the process that now has its creator's pid belongs to a dead core."""
+    child = children(CRASHING_WRITER, _test_vm())
+    child.line()
+    assert owner_alive(child.proc.pid, time.time())  # the creator itself
+    assert not owner_alive(child.proc.pid, time.time() - 3600)  # created an hour before this process started
+    child.kill()
+    assert not owner_alive(child.proc.pid, time.time())
+
+
 def test_stale_segment_of_a_sigkilled_writer_is_reclaimed(children: ChildFactory) -> None:
     vm = _test_vm()
     child = children(CRASHING_WRITER, vm)
@@ -892,7 +903,8 @@ def test_stale_segment_of_a_sigkilled_writer_is_reclaimed(children: ChildFactory
             assert os.path.exists("/dev/shm" + live) and os.path.exists("/dev/shm" + other_vm)
             assert reader.state().mode.width == 64  # its mapping outlives the name
             reader.close()
-            assert reclaim_stale_segments(vm, is_alive=lambda pid: False) == [live]
+            assert reclaim_stale_segments(vm, is_alive=lambda pid, created: False) == [live]
+            assert other_vm in reclaim_stale_segments()  # any VM's, once its core is dead
     finally:
         for name in created:
             _unlink(name)

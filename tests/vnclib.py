@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from corelib import LoggedProcess, wait_for
+from corelib import LoggedProcess, client_command, wait_for
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -50,8 +50,7 @@ class VncClientProcess(LoggedProcess):
         self.log = run_dir.parent / f"vnc-client-{time.monotonic_ns()}.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vmfront", *(["-v"] if verbose else []), "client", "--name", name,
-                 "--run-dir", str(run_dir), "--vnc", f"127.0.0.1:{port}", *extra],
+                client_command(name, run_dir, "--vnc", f"127.0.0.1:{port}", *extra, verbose=verbose),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT, env={**os.environ, **(env or {})})
         try:
             wait_port(port)

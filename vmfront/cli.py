@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -18,19 +19,42 @@ from typing import Any
 
 from ipc.rundir import RunDir, RunDirError, check_vm_name
 
+# What `vmfront --help` says, for operators (the module docstring above is for developers).
+DESCRIPTION = """\
+Run QEMU virtual machines with their VNC server, text monitor, serial console and guest-agent handling in an
+unprivileged client process, apart from the privileged per-VM core that supervises QEMU.
+
+Start a VM with `vmfront run --name NAME [-- QEMU_ARGS]`, see them all with `vmfront list`, stop one with
+`vmfront stop NAME`. docs/operator.md walks through an operator's day."""
+
 log = logging.getLogger("vmfront")
+
+#: The system user (and group) clients run as when started by root; install.sh creates it, and
+#: contrib/systemd/vmfront.sysusers.conf declares it.
+CLIENT_USER = "vmfront"
+#: Exit status of a daemon subcommand that failed with an unexpected error (sysexits' EX_SOFTWARE): unlike a
+#: start-up error (1), starting it again may help, so service managers restart on it.
+EXIT_INTERNAL_ERROR = 70
 
 
 class CliError(Exception):
     """A subcommand cannot do its job; the message is printed as ``vmfront CMD: error: ...``."""
 
 
+class _OneLineQmpFormatter(logging.Formatter):
+    """The qemu.qmp library logs its traffic as indented, multi-line JSON: one line per record keeps logs
+    greppable (JSON has no raw newlines inside strings, so joining the lines changes no value)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if record.name.startswith("qemu.qmp"):
+            record.message = re.sub(r"\s*\n\s*", " ", record.message).strip()
+        return super().formatMessage(record)
+
+
 def _setup_logging(verbosity: int) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbosity else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineQmpFormatter("%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbosity else logging.INFO, handlers=[handler])
     if verbosity < 2:
         logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 
@@ -47,18 +71,118 @@ def _add_vm(parser: argparse.ArgumentParser, *, positional: bool) -> None:
         parser.add_argument("name", help="VM name")
     else:
         parser.add_argument("--name", required=True, help="VM name (unique per host)")
-    parser.add_argument("--run-dir", type=Path, help="run directory (default: $XDG_RUNTIME_DIR/vmfront/NAME, "
-                        "else /run/vmfront/NAME as root, else a per-user tmp dir)")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default: /run/vmfront/NAME as root, else "
+                        "$XDG_RUNTIME_DIR/vmfront/NAME, else a per-user tmp dir)")
+
+
+def _subparser(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand that also takes -v after its name (``vmfront core -v`` as well as ``vmfront -v core``)."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, **kwargs)
+    parser.add_argument("-v", "--verbose", dest="sub_verbose", action="count", default=0,
+                        help="more logging (-vv: QMP traffic)")
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmfront", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vmfront", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: QMP traffic)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    core = sub.add_parser("core", help="start the per-VM core daemon (supervises QEMU, re-exports QMP)",
-                          description="Start QEMU (or attach to one) and serve it. QEMU_ARGS follow `--`; "
-                          "with none, the built-in demo guest boots.")
+    run = _subparser(sub, "run", help="start a VM: its core and its client together",
+                     description="Starts `vmfront client` (first: a listener that cannot be bound fails at once), "
+                     "then `vmfront core`, as child processes, and supervises them: a client that dies is started "
+                     "again, a core that dies while QEMU runs is started again and adopts QEMU. Ctrl-C (or "
+                     "`vmfront stop NAME`) stops both. QEMU_ARGS follow `--` (none: the demo guest).")
+    _add_vm(run, positional=False)
+    run.add_argument("--client-user", metavar="USER",
+                     help=f"as root: run the client as this user (default: {CLIENT_USER}, created by install.sh); "
+                     "the core opens its client sockets to the user's group")
+    run.add_argument("--client-as-root", action="store_true",
+                     help="as root: run the client as root (not recommended: it parses what viewers and the guest "
+                     "send)")
+    run.add_argument("--vnc", default="127.0.0.1:5900", metavar="HOST:PORT|:DISPLAY|unix:PATH",
+                     help="where the client serves VNC (default 127.0.0.1:5900; :N is display N, 127.0.0.1:5900+N)")
+    run.add_argument("--websocket", metavar="HOST:PORT", help="also serve VNC over WebSocket (noVNC)")
+    run.add_argument("--agent", action="store_true", help="give the guest a qemu-ga channel (see core --agent)")
+    run.add_argument("--serial", action="store_true",
+                     help="give the guest a serial port, reachable with `vmfront console NAME`")
+    run.add_argument("--accel", help="accelerator (default: kvm if usable, else tcg)")
+    run.add_argument("--on-core-death", choices=("restart", "stop"), default="restart",
+                     help="if the core dies while QEMU runs: start a core that adopts QEMU (default), or stop "
+                     "the VM")
+    run.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
+
+    lst = _subparser(sub, "list", help="list the VMs: state, QEMU pid, clients, VNC",
+                     description="Every VM with a run directory under the run root (default: /run/vmfront as "
+                     "root, else $XDG_RUNTIME_DIR/vmfront).")
+    lst.add_argument("--run-root", type=Path, metavar="DIR", help="directory holding the VMs' run directories")
+    lst.add_argument("--all", action="store_true", help="also VMs whose core is not running")
+    lst.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+
+    stop = _subparser(sub, "stop", help="shut a VM down: ACPI power button, then quit after a deadline",
+                      description="Like `virsh shutdown` with a fallback: presses the guest's power button "
+                      "(system_powerdown), waits up to --timeout seconds for the guest to power off, then quits "
+                      "QEMU. Exit status: 0 the guest powered off, 3 it did not and QEMU was quit, 1 error.")
+    _add_vm(stop, positional=True)
+    stop.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                      help="how long the guest may take to power off (default 60; 0: quit at once)")
+    kill = _subparser(sub, "kill", help="stop a VM now (like virsh destroy): QEMU quits, the guest is not asked",
+                      description="Quits QEMU at once through the core (the guest gets no chance to shut down); "
+                      "if QEMU does not go, it is killed. Exit status: 0 stopped, 1 error.")
+    _add_vm(kill, positional=True)
+
+    status = _subparser(sub, "status", help="show a VM's state")
+    _add_vm(status, positional=True)
+    status.add_argument("--json", action="store_true", help="print state.json as JSON for scripts")
+
+    monitor = _subparser(sub, "monitor", help="the VM's text monitor, interactively (history, completion)",
+                         description="Connects to the client's monitor socket (the one the running client "
+                         "reports in state.json, else RUN_DIR/monitor.sock).")
+    _add_vm(monitor, positional=True)
+    monitor.add_argument("--socket", type=Path, help="monitor socket (default: the client's)")
+
+    console = _subparser(sub, "console", help="the VM's serial console, interactively (Ctrl-] leaves)",
+                         description="Attaches the terminal to the guest's serial port (core --serial) through the "
+                         "client's console socket: first what the client kept (scrollback), then live. Several "
+                         "sessions may watch at once; the first one that types holds the keyboard until it leaves.")
+    _add_vm(console, positional=True)
+    console.add_argument("--socket", type=Path, help="console socket (default: the client's)")
+    console.add_argument("--read-only", action="store_true", help="watch only: never type into the console")
+
+    dump = _subparser(sub, "screendump", help="write the guest's current screen to an image file",
+                      description="Reads the shared framebuffer read-only: no QMP call, no path handed to QEMU. "
+                      "The format follows FILE's suffix (.png, .jpg, .ppm, .bmp, ...; none: PNG).")
+    _add_vm(dump, positional=True)
+    dump.add_argument("file", type=Path, help="image file to write")
+
+    agent = _subparser(sub, "agent", help="talk to the guest agent (qemu-ga) through the client's agent proxy",
+                       description="COMMAND is a qemu-ga command (e.g. guest-get-time) with optional JSON "
+                       "arguments, or: ping, info, osinfo, time, exec -- CMD ARGS..., copy-to SRC DST, "
+                       "copy-from SRC DST (a DST ending in / or naming a directory gets SRC's file name). "
+                       "Prints JSON; on failure exits 1 and prints the error class.")
+    _add_vm(agent, positional=True)
+    agent.add_argument("--socket", type=Path, help="the client's agent proxy (default: the client's)")
+    agent.add_argument("--timeout", type=float, metavar="SECONDS",
+                       help="deadline per call (exec: for the whole command, default 60)")
+    agent.add_argument("--wait", dest="wait", action="store_true", default=True,
+                       help="while the guest migrates, wait up to the deadline (default)")
+    agent.add_argument("--no-wait", dest="wait", action="store_false",
+                       help="while the guest migrates, fail at once with AgentBusy")
+    agent.add_argument("agent_command", metavar="COMMAND")
+    agent.add_argument("agent_args", nargs=argparse.REMAINDER, metavar="ARGS")
+
+    mig = _subparser(sub, "migrate", help="live-migrate a guest to another core (clients follow it)")
+    _add_vm(mig, positional=True)
+    mig.add_argument("--to", required=True, metavar="DEST_NAME|URI",
+                     help="a VM whose core waits with --incoming, or a QEMU migration URI")
+    mig.add_argument("--dest-run-dir", type=Path, help="run directory of DEST_NAME, if not the default")
+    mig.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    mig.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+
+    core = _subparser(sub, "core", help="start the per-VM core daemon alone (supervises QEMU, re-exports QMP)",
+                      description="Start QEMU (or attach to one) and serve it. QEMU_ARGS follow `--`; "
+                      "with none, the built-in demo guest boots.")
     _add_vm(core, positional=False)
     core.add_argument("--qmp-socket", type=Path, help="management QMP socket (default: RUN_DIR/qmp.sock)")
     core.add_argument("--qmp-tcp", type=_host_port, metavar="HOST:PORT", help="also serve QMP on TCP")
@@ -86,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "clients")
     core.add_argument("--agent-socket", type=Path, metavar="PATH",
                       help="relay this existing qemu-ga socket instead (e.g. a host-run qemu-ga -m unix-listen)")
+    core.add_argument("--serial", action="store_true",
+                      help="give the guest a serial port (ttyS0), relayed to clients (vmfront console)")
     core.add_argument("--client-group", metavar="GROUP",
                       help="group of the client processes: may open control.sock, display.sock and the shm "
                       "segment (default: only the core's own group)")
@@ -96,71 +222,35 @@ def build_parser() -> argparse.ArgumentParser:
                       help="do not capture the guest display into shared memory (no private VNC for QEMU)")
     core.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
 
-    client = sub.add_parser("client", help="start the unprivileged client (VNC, monitor, guest agent)",
-                            description="Attach to the VM's core (waiting for it if needed) and serve.")
+    client = _subparser(sub, "client", help="start the unprivileged client alone (VNC, monitor, console, agent)",
+                        description="Serve VNC, the monitor, the console and the agent proxy, and attach to the "
+                        "VM's core (waiting for it if needed). Started as root, it binds its listeners and then "
+                        f"runs as --user (default {CLIENT_USER}).")
     _add_vm(client, positional=False)
     client.add_argument("--core", metavar="ENDPOINT", help="control channel endpoint (default: "
                         "ipc://RUN_DIR/control.sock)")
-    client.add_argument("--user", help="when started as root: bind listeners, then become this user for good")
+    client.add_argument("--user", help=f"when started as root: bind listeners, then become this user for good "
+                        f"(default: {CLIENT_USER})")
     client.add_argument("--group", help="with --user: this group instead of the user's primary group")
-    client.add_argument("--vnc", nargs="?", const="127.0.0.1:5900", metavar="HOST:PORT|unix:PATH",
-                        help="serve VNC viewers here (bare --vnc: 127.0.0.1:5900)")
+    client.add_argument("--as-root", action="store_true",
+                        help="when started as root: stay root (not recommended; logs a warning)")
+    client.add_argument("--vnc", nargs="?", const="127.0.0.1:5900", metavar="HOST:PORT|:DISPLAY|unix:PATH",
+                        help="serve VNC viewers here (bare --vnc: 127.0.0.1:5900; :N is display N, port 5900+N on "
+                        "127.0.0.1)")
     client.add_argument("--vnc-password-file", type=Path, metavar="FILE",
                         help="VNC authentication with the first line of FILE (else $VMFRONT_VNC_PASSWORD if set)")
-    client.add_argument("--websocket", metavar="HOST:PORT|unix:PATH", help="also serve VNC over WebSocket (noVNC)")
+    client.add_argument("--websocket", metavar="HOST:PORT|unix:PATH",
+                        help="also serve VNC over WebSocket (noVNC); an empty HOST is 127.0.0.1")
     client.add_argument("--monitor", nargs="?", const="unix:", metavar="unix:PATH|HOST:PORT",
                         help="serve the text monitor here (bare --monitor: unix:RUN_DIR/monitor.sock, mode 0600)")
+    client.add_argument("--console", nargs="?", const="", metavar="PATH",
+                        help="serve the guest's serial console (core --serial) here (bare --console: "
+                        "RUN_DIR/console.sock, mode 0600)")
     client.add_argument("--agent-proxy", metavar="PATH|none",
                         help="guest-agent proxy socket speaking qemu-ga's protocol (default: RUN_DIR/agent.sock, "
                         "mode 0600; 'none': do not serve one)")
-
-    run = sub.add_parser("run", help="start core and client together, for interactive use",
-                         description="Starts `vmfront core` and `vmfront client` as child processes; restarts "
-                         "the client if it dies; Ctrl-C stops both. QEMU_ARGS follow `--` (none: the demo guest).")
-    _add_vm(run, positional=False)
-    run.add_argument("--client-user", metavar="USER", help="run the client as this user (when root)")
-    run.add_argument("--vnc", default="127.0.0.1:5900", metavar="HOST:PORT|unix:PATH",
-                     help="where the client serves VNC (default 127.0.0.1:5900)")
-    run.add_argument("--websocket", metavar="HOST:PORT", help="also serve VNC over WebSocket (noVNC)")
-    run.add_argument("--agent", action="store_true", help="give the guest a qemu-ga channel (see core --agent)")
-    run.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
-
-    mig = sub.add_parser("migrate", help="live-migrate a guest to another core (clients follow it)")
-    _add_vm(mig, positional=True)
-    mig.add_argument("--to", required=True, metavar="DEST_NAME|URI",
-                     help="a VM whose core waits with --incoming, or a QEMU migration URI")
-    mig.add_argument("--dest-run-dir", type=Path, help="run directory of DEST_NAME, if not the default")
-    mig.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
-    mig.add_argument("-q", "--quiet", action="store_true", help="no progress line")
-
-    monitor = sub.add_parser("monitor", help="interactive text monitor of a running client (history, completion)",
-                             description="Connects to the client's monitor socket (vmfront client --monitor).")
-    _add_vm(monitor, positional=True)
-    monitor.add_argument("--socket", type=Path, help="monitor socket (default: RUN_DIR/monitor.sock)")
-
-    status = sub.add_parser("status", help="show a VM's state")
-    _add_vm(status, positional=True)
-    status.add_argument("--json", action="store_true", help="print state.json as JSON for scripts")
-
-    dump = sub.add_parser("screendump", help="write the guest's current screen as PNG, from shared memory",
-                          description="Reads the shared framebuffer read-only: no QMP call, no path handed to QEMU.")
-    _add_vm(dump, positional=True)
-    dump.add_argument("file", type=Path, help="PNG file to write")
-
-    agent = sub.add_parser("agent", help="talk to the guest agent (qemu-ga) through the client's agent proxy",
-                           description="COMMAND is a qemu-ga command (e.g. guest-get-time) with optional JSON "
-                           "arguments, or: ping, info, osinfo, time, exec -- CMD ARGS..., copy-to SRC DST, "
-                           "copy-from SRC DST. Prints JSON; on failure exits 1 and prints the error class.")
-    _add_vm(agent, positional=True)
-    agent.add_argument("--socket", type=Path, help="the client's agent proxy (default: RUN_DIR/agent.sock)")
-    agent.add_argument("--timeout", type=float, metavar="SECONDS",
-                       help="deadline per call (exec: for the whole command, default 60)")
-    agent.add_argument("--wait", dest="wait", action="store_true", default=True,
-                       help="while the guest migrates, wait up to the deadline (default)")
-    agent.add_argument("--no-wait", dest="wait", action="store_false",
-                       help="while the guest migrates, fail at once with AgentBusy")
-    agent.add_argument("agent_command", metavar="COMMAND")
-    agent.add_argument("agent_args", nargs=argparse.REMAINDER, metavar="ARGS")
+    client.add_argument("--ready-fd", type=int, metavar="N",
+                        help="once every listener is bound, write one line to fd N, then close it")
 
     sub.add_parser("demo-image", help="build (if needed) and print the path of the demo guest image")
     return parser
@@ -217,24 +307,81 @@ def cmd_core(args: argparse.Namespace) -> int:
             max_backlog=args.qmp_max_backlog, display=not args.no_display, key_delay=args.key_delay_ms / 1000,
             client_group=_group_id(args.client_group) if args.client_group else None,
             agent=args.agent or args.agent_socket is not None, agent_socket=args.agent_socket,
-            incoming=args.incoming,
+            incoming=args.incoming, serial=args.serial,
         )
         code = run_async(Core(config).run())
     except (CoreError, PolicyError, RunDirError, CliError) as exc:
         print(f"vmfront core: error: {exc}", file=sys.stderr)
-        return 1
+        code = 1
+    log.info("core exiting, status %d", code)
     return code
+
+
+def _client_socket(run_dir: RunDir, kind: str, default: Path) -> Path:
+    """The unix socket a running client reports for ``kind`` (its hello's endpoints, in state.json), else
+    ``default``: a systemd client keeps its sockets in a directory of its own."""
+    from core_daemon.pidlock import is_locked
+    from core_daemon.state import read_state
+
+    state = read_state(run_dir.state_file) or {}
+    if is_locked(run_dir.pidfile):
+        for client in state.get("clients") or []:
+            where = (client.get("endpoints") or {}).get(kind) if isinstance(client, dict) else None
+            if isinstance(where, str) and (where.startswith(("unix:", "/"))):
+                return Path(where.removeprefix("unix:"))
+    return default
+
+
+def _vm_run_dir(args: argparse.Namespace) -> RunDir:
+    return RunDir.for_vm(check_vm_name(args.name), args.run_dir)
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     from clients.monitor.interactive import run_interactive
 
     try:
-        run_dir = RunDir.for_vm(check_vm_name(args.name), args.run_dir)
+        run_dir = _vm_run_dir(args)
     except RunDirError as exc:
         print(f"vmfront monitor: error: {exc}", file=sys.stderr)
         return 1
-    return run_interactive(args.socket or run_dir.root / "monitor.sock")
+    return run_interactive(args.socket or _client_socket(run_dir, "monitor", run_dir.root / "monitor.sock"))
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from clients.console.interactive import ConsoleError, run_console
+
+    try:
+        run_dir = _vm_run_dir(args)
+        path = args.socket or _client_socket(run_dir, "console", run_dir.root / "console.sock")
+        return run_console(path, args.name, read_only=args.read_only)
+    except (RunDirError, ConsoleError) as exc:
+        print(f"vmfront console: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _client_user(user: str | None, as_root: bool, *, flag: str) -> str | None:
+    """The user a client started by root becomes: ``user``, else the system user; None keeps root (only with
+    ``--as-root``/``--client-as-root``, and with a warning) or when not started by root."""
+    from clients.privileges import PrivilegeError, resolve_user
+
+    if os.geteuid() != 0:
+        return user
+    if as_root:
+        if user is not None:
+            raise PrivilegeError(f"{flag} and a user to run as contradict each other")
+        log.warning("running the client as root (%s): every VNC, monitor and agent parser runs with root's rights",
+                    flag)
+        return None
+    name = user or CLIENT_USER
+    try:
+        resolve_user(name)
+    except PrivilegeError:
+        if user is not None:
+            raise
+        raise PrivilegeError(f"started as root, the client runs as the system user {CLIENT_USER!r}, which does "
+                             "not exist: create it (install.sh does), name another with --user/--client-user, or "
+                             f"keep root with {flag} (not recommended)") from None
+    return name
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -245,7 +392,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     try:
         config = ClientConfig(name=check_vm_name(args.name), run_dir=RunDir.for_vm(args.name, args.run_dir),
-                              core_endpoint=args.core, user=args.user, group=args.group)
+                              core_endpoint=args.core, group=args.group, ready_fd=args.ready_fd,
+                              user=_client_user(args.user, args.as_root, flag="--as-root"))
         vnc = service_from_args(args.vnc, args.vnc_password_file, args.websocket)
         if vnc is not None:
             config.services.append(vnc)
@@ -254,20 +402,27 @@ def cmd_client(args: argparse.Namespace) -> int:
 
             config.services.append(MonitorService(parse_monitor_address(args.monitor,
                                                                         config.run_dir.root / "monitor.sock")))
+        if args.console is not None:
+            from clients.console.service import ConsoleService
+
+            config.services.append(ConsoleService(Path(args.console) if args.console
+                                                  else config.run_dir.root / "console.sock"))
         if args.agent_proxy != "none":
             from clients.agent.service import AgentService
 
             config.services.append(AgentService(Path(args.agent_proxy) if args.agent_proxy
                                                 else config.run_dir.root / "agent.sock",
                                                 proxy_required=bool(args.agent_proxy)))
-        return run_async(Client(config).run())
+        code = run_async(Client(config).run())
     except (RunDirError, PrivilegeError, VncError, ValueError, ChannelError) as exc:
         print(f"vmfront client: error: {exc}", file=sys.stderr)
-        return 1
+        code = 1
+    log.info("client exiting, status %d", code)
+    return code
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from clients.privileges import PrivilegeError
+    from clients.privileges import PrivilegeError, resolve_user
 
     from .run import RunConfig, run_both
 
@@ -275,17 +430,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if qemu_args[:1] == ["--"]:
         qemu_args = qemu_args[1:]
     try:
+        user = _client_user(args.client_user, args.client_as_root, flag="--client-as-root")
         config = RunConfig(name=check_vm_name(args.name), run_dir=args.run_dir, qemu_args=qemu_args,
-                           client_user=args.client_user, verbose=args.verbose, vnc=args.vnc,
-                           websocket=args.websocket, agent=args.agent)
-    except RunDirError as exc:
+                           client_user=user, client_group=resolve_user(user).gid if user else None,
+                           verbose=args.verbose, vnc=args.vnc, websocket=args.websocket, agent=args.agent,
+                           serial=args.serial, accel=args.accel, on_core_death=args.on_core_death)
+    except (RunDirError, PrivilegeError) as exc:
         print(f"vmfront run: error: {exc}", file=sys.stderr)
         return 1
-    try:
-        return run_async(run_both(config))
-    except PrivilegeError as exc:
-        print(f"vmfront run: error: {exc}", file=sys.stderr)
-        return 1
+    code = run_async(run_both(config))
+    log.info("run exiting, status %d", code)
+    return code
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -329,6 +484,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"VM {args.name}: no state recorded in {run_dir.root}")
         return 1 if not alive else 0
     state["core_running"] = alive
+    if not alive:
+        state["clients"] = []  # what a dead core last wrote about its clients is not current
     if args.json:
         print(json.dumps(state, indent=2, sort_keys=True))
         return 0
@@ -350,10 +507,49 @@ def cmd_status(args: argparse.Namespace) -> int:
     clients = state.get("clients") or []
     if clients:
         print(f"  clients:   {len(clients)}")
+    for client in clients:
+        served = ", ".join(f"{k} {v}" for k, v in (client.get("endpoints") or {}).items())
+        print(f"    pid {client.get('pid')} uid {client.get('uid')}{': ' + served if served else ''}")
     last = state.get("last_exit")
     if last:
         print(f"  last exit: {last.get('reason')} (QEMU status {last.get('code')})")
     return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .lifecycle import list_vms
+
+    rows = list_vms(args.run_root, include_stopped=args.all)
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return 0
+    header = ("NAME", "STATE", "QEMU PID", "CLIENTS", "VNC")
+    table = [header, *((r["name"], r["state"], str(r["qemu_pid"] or "-"), str(r["clients"]), r["vnc"] or "-")
+                       for r in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from .lifecycle import LifecycleError, stop_vm
+
+    try:
+        return stop_vm(_vm_run_dir(args), args.name, timeout=args.timeout)
+    except (LifecycleError, RunDirError) as exc:
+        print(f"vmfront stop: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    from .lifecycle import LifecycleError, kill_vm
+
+    try:
+        return kill_vm(_vm_run_dir(args), args.name)
+    except (LifecycleError, RunDirError) as exc:
+        print(f"vmfront kill: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_demo_image(args: argparse.Namespace) -> int:
@@ -384,22 +580,40 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from clients.agent.cli import main as agent_main
 
     try:
-        path = args.socket or RunDir.for_vm(check_vm_name(args.name), args.run_dir).root / "agent.sock"
+        run_dir = _vm_run_dir(args)
     except RunDirError as exc:
         print(f"vmfront agent: error: {exc}", file=sys.stderr)
         return 1
+    path = args.socket or _client_socket(run_dir, "agent", run_dir.root / "agent.sock")
     return agent_main(path, args.agent_command, list(args.agent_args), wait=args.wait, timeout=args.timeout)
 
 
 _COMMANDS = {"agent": cmd_agent, "core": cmd_core, "client": cmd_client, "run": cmd_run, "status": cmd_status,
              "screendump": cmd_screendump, "migrate": cmd_migrate, "demo-image": cmd_demo_image,
-             "monitor": cmd_monitor}
+             "monitor": cmd_monitor, "console": cmd_console, "list": cmd_list, "stop": cmd_stop, "kill": cmd_kill}
+#: Long-running subcommands: an unexpected exception is logged and ends them with EXIT_INTERNAL_ERROR.
+_DAEMONS = frozenset({"core", "client", "run"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose += getattr(args, "sub_verbose", 0)
     _setup_logging(args.verbose)
-    return _COMMANDS[args.command](args)
+    try:
+        return _COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # Our reader went away (`vmfront status --json | head -1`): what it read was enough. Python would
+        # complain again when flushing stdout at exit, so point stdout at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+    except Exception:
+        if args.command not in _DAEMONS:
+            raise
+        log.critical("vmfront %s: unexpected error; exiting with status %d", args.command, EXIT_INTERNAL_ERROR,
+                     exc_info=True)
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, TextIO
 
 from .protocol import NO_REPLY_COMMANDS
@@ -33,6 +33,10 @@ class AgentCliError(Exception):
         super().__init__(f"{error_class}: {desc}")
         self.error_class = error_class
         self.desc = desc
+
+
+class ProxyClosed(AgentCliError):
+    """The agent proxy closed the connection without answering."""
 
 
 class ProxyClient:
@@ -74,6 +78,8 @@ class ProxyClient:
         if command in NO_REPLY_COMMANDS:
             try:
                 reply = self._read_line(limit)
+            except ProxyClosed:
+                return None  # the VM ended, and the client serving the proxy with it (vmfront run)
             except AgentCliError as exc:
                 if exc.error_class == "AgentTimeout":
                     return None  # no answer is qemu-ga's success for these
@@ -99,7 +105,7 @@ class ProxyClient:
             except TimeoutError:
                 continue
             if not chunk:
-                raise AgentCliError("AgentUnavailable", "the agent proxy closed the connection")
+                raise ProxyClosed("AgentUnavailable", "the agent proxy closed the connection")
             self._buf += chunk
             if len(self._buf) > MAX_REPLY:
                 raise AgentCliError("AgentProtocolError", f"reply over {MAX_REPLY} bytes")
@@ -172,6 +178,13 @@ def run_exec(client: ProxyClient, argv: list[str], *, timeout: float, stdin: byt
     if "signal" in status:
         return 128 + int(status["signal"])
     return int(status.get("exitcode", 0))
+
+
+def into_directory(src: str, dst: str, *, host: bool = False) -> str:
+    """As cp does: a DST ending in ``/`` (or, on the host, naming a directory) gets SRC's file name."""
+    if dst.endswith("/") or (host and Path(dst).is_dir()):
+        return f"{dst.rstrip('/')}/{PurePosixPath(src).name}"
+    return dst
 
 
 def copy_to(client: ProxyClient, src: Path, dst: str) -> int:
@@ -254,9 +267,9 @@ def main(socket_path: Path, command: str, args: list[str], *, wait: bool, timeou
                 raise AgentCliError("GenericError", f"usage: vmfront agent NAME {command} SRC DST")
             with ProxyClient(socket_path, wait=wait, timeout=timeout, stateful=True) as client:
                 if command == "copy-to":
-                    copy_to(client, Path(args[0]), args[1])
+                    copy_to(client, Path(args[0]), into_directory(args[0], args[1]))
                 else:
-                    copy_from(client, args[0], Path(args[1]))
+                    copy_from(client, args[0], Path(into_directory(args[0], args[1], host=True)))
             return 0
         name = SHORTHANDS.get(command, command)
         arguments = None

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ipc.channel import ChannelError, NotAttached, RemoteError
-from ipc.messages import MAX_AGENT_CHUNK, AgentData, EventBody, Migrated, Migrating, RunStateChanged, Welcome
+from ipc.messages import (
+    MAX_AGENT_CHUNK,
+    AgentData,
+    EventBody,
+    Migrated,
+    Migrating,
+    RunStateChanged,
+    Shutdown,
+    Welcome,
+)
 from ipc.rundir import RunDirError, listen_unix
 from shm import Overrun, Record
 
@@ -53,6 +62,8 @@ COMMAND_TIMEOUTS: dict[str, float] = {
     "guest-file-read": 30.0, "guest-file-write": 30.0, "guest-file-open": 30.0, "guest-file-close": 30.0,
     "guest-fstrim": 300.0,
 }
+#: How long close() lets replies in flight reach their scripts before closing the proxy connections.
+CLOSE_GRACE = 0.1
 #: How long a command that answers only on failure (guest-shutdown, guest-suspend-*) is given to fail.
 NO_REPLY_GRACE = 3.0
 #: Calls queued beyond this are refused as busy.
@@ -138,6 +149,8 @@ class AgentService:
         self.migrations = 0  # incremented when a migration starts (stateful sessions compare it)
         self._worker: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
+        #: The VM's name while attached to a core that offers no agent channel (calls then fail at once).
+        self._no_agent: str | None = None
         self._sessions: set[asyncio.Task[None]] = set()
         self._garbage_logged = 0.0
         self.calls = 0
@@ -173,10 +186,14 @@ class AgentService:
             else:
                 log.info("agent proxy (qemu-ga protocol) at %s", self.proxy_path)
 
+    def endpoints(self) -> dict[str, str]:
+        return {"agent": str(self.proxy_path)} if self._server is not None else {}
+
     async def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="agent-queue")
 
     def attached(self, welcome: Welcome) -> None:
+        self._no_agent = None if "agent" in welcome.capabilities else welcome.vm
         self._attached = True
         self._moving = False
         self._conn.abandon()  # a (new) core: its relay may have reconnected; resync before the next command
@@ -205,6 +222,10 @@ class AgentService:
             self._set_migrating(True)
         elif isinstance(body, RunStateChanged) and not self._moving:
             self._set_migrating(body.state == "migrating")
+        elif isinstance(body, Shutdown):
+            # The VM is ending: a guest-shutdown in flight did what it was asked (its caller gets success now,
+            # before `vmfront run` stops this client right behind the core).
+            self._fail_waiter(AgentUnavailable(f"the VM is ending ({body.reason})"))
 
     async def close(self) -> None:
         if self._server is not None:
@@ -212,6 +233,8 @@ class AgentService:
             if self.proxy_path is not None:
                 with contextlib.suppress(OSError):
                     self.proxy_path.unlink()
+        if self._sessions:  # a reply decided just before the stop (a guest-shutdown's success) still goes out
+            await asyncio.sleep(CLOSE_GRACE)
         for task in list(self._sessions):
             task.cancel()
         if self._worker is not None:
@@ -334,6 +357,9 @@ class AgentService:
         channel = self._ctx.channel if self._ctx is not None else None
         if channel is None:
             raise AgentUnavailable("not attached to a core")
+        if self._no_agent is not None:
+            raise AgentUnavailable(f"VM {self._no_agent!r} has no guest-agent channel: start its core with --agent "
+                                   "(vmfront run --agent)")
         try:
             await channel.agent_write(data)
         except RemoteError as exc:

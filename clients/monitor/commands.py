@@ -164,6 +164,9 @@ def help_text(topic: str | None) -> str:
         if sub is None:
             return f"unknown command: '{topic}'\n"
         return sub.help_line("info ")
+    if cmd.name == "info":  # as QEMU: every subcommand, after the command's own line
+        return cmd.help_line() + "".join(c.help_line("info ") for c in sorted(INFO_COMMANDS.values(),
+                                                                                key=lambda c: c.name))
     return cmd.help_line()
 
 

@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,24 +101,12 @@ class _ClientBackend:
 
 def _write_image(shm_name: str, path: Path, image_format: str) -> None:
     import posix_ipc
-    from PIL import Image
 
     from clients.screendump import ScreendumpError, write_screendump
     from shm import LayoutError
 
     try:
-        if image_format == "png":
-            write_screendump(shm_name, path)
-            return
-        fd, tmp_name = tempfile.mkstemp(prefix=".screendump.", suffix=".png", dir=path.parent)
-        os.close(fd)
-        try:
-            write_screendump(shm_name, Path(tmp_name))
-            with Image.open(tmp_name) as image:
-                image.convert("RGB").save(path, format="PPM")
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
+        write_screendump(shm_name, path, "PNG" if image_format == "png" else "PPM")
     except (ScreendumpError, LayoutError, posix_ipc.ExistentialError) as exc:
         raise MonitorError(str(exc)) from exc
     except OSError as exc:
@@ -147,15 +133,21 @@ class MonitorService:
 
     async def bind(self, ctx: ClientContext) -> None:
         self._ctx = ctx
-        if self.address.path is not None:
-            # A socket left by a killed client is replaced.
-            self._server = await asyncio.start_unix_server(self._serve, sock=listen_unix(self.address.path,
-                                                                                         mode=self.mode),
-                                                           limit=MAX_LINE, start_serving=False)
-        else:
-            self._server = await asyncio.start_server(self._serve, self.address.host, self.address.port,
-                                                      limit=MAX_LINE, start_serving=False)
+        try:
+            if self.address.path is not None:
+                # A socket left by a killed client is replaced.
+                self._server = await asyncio.start_unix_server(
+                    self._serve, sock=listen_unix(self.address.path, mode=self.mode), limit=MAX_LINE,
+                    start_serving=False)
+            else:
+                self._server = await asyncio.start_server(self._serve, self.address.host, self.address.port,
+                                                          limit=MAX_LINE, start_serving=False)
+        except OSError as exc:
+            raise MonitorAddressError(f"cannot listen on {self.address}: {exc.strerror or exc}") from exc
         log.info("monitor listening on %s", self.where())
+
+    def endpoints(self) -> dict[str, str]:
+        return {"monitor": self.where()}
 
     def where(self) -> str:
         if self.address.path is not None or self._server is None:

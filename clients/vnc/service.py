@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import os
@@ -88,17 +89,37 @@ class ListenAddress:
         return f"unix:{self.path}" if self.path is not None else f"{self.host}:{self.port}"
 
 
-def parse_listen(text: str) -> ListenAddress:
-    """``HOST:PORT`` (``[v6]:PORT`` too) or ``unix:PATH``."""
+#: ``--vnc :N`` is QEMU's display numbering: port 5900 + N.
+VNC_DISPLAY_BASE = 5900
+
+
+def parse_listen(text: str, *, display_numbers: bool = False) -> ListenAddress:
+    """``HOST:PORT`` (``[v6]:PORT`` too) or ``unix:PATH``. Without a host the address is loopback, never every
+    interface; with ``display_numbers`` (``--vnc``) ``:N`` is QEMU's display N, port 5900 + N."""
     if text.startswith("unix:"):
         if not text[5:]:
             raise VncError(f"no path in {text!r}")
         return ListenAddress(path=Path(text[5:]))
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise VncError(f"expected HOST:PORT or unix:PATH, got {text!r}")
+        raise VncError(f"expected HOST:PORT, :DISPLAY or unix:PATH, got {text!r}")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return ListenAddress(host=host or "0.0.0.0", port=int(port))
+    number = int(port)
+    if not host and display_numbers:
+        if number >= VNC_DISPLAY_BASE:
+            raise VncError(f"{text!r} is display {number} (port {VNC_DISPLAY_BASE}+{number}), as in QEMU; "
+                           f"for port {number} write 127.0.0.1:{number}")
+        number += VNC_DISPLAY_BASE
+    return ListenAddress(host=host or "127.0.0.1", port=number)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def read_password(path: Path | None, env: dict[str, str] | None = None) -> str | None:
@@ -552,7 +573,7 @@ class VncService:
     def __init__(self, listen: str = DEFAULT_LISTEN, *, password: str | None = None,
                  websocket: str | None = None, max_viewers: int = MAX_VIEWERS,
                  display_wait_s: float = DISPLAY_WAIT_S) -> None:
-        self.listen = parse_listen(listen)
+        self.listen = parse_listen(listen, display_numbers=True)
         self.websocket = parse_listen(websocket) if websocket else None
         self.password = password
         self.max_viewers = max_viewers
@@ -593,12 +614,21 @@ class VncService:
                             "family": "unix" if viewer.peer.startswith(("unix:", "ws:unix")) else "ipv4"})
         return [{"id": "default", "server": servers, "clients": clients, "auth": auth}]
 
+    def endpoints(self) -> dict[str, str]:
+        """Where viewers connect (for ``state.json`` and ``vmfront list``), once bound."""
+        return {name: describe(sock) for name, sock in zip(("vnc", "websocket"), self._socks, strict=False)}
+
     async def bind(self, ctx: ClientContext) -> None:
         self.ctx = ctx
         self.vm_name = ctx.config.name
-        self._socks.append(bind_socket(self.listen))
-        if self.websocket is not None:
-            self._socks.append(bind_socket(self.websocket))
+        for address, what in ((self.listen, "VNC"), (self.websocket, "VNC over WebSocket")):
+            if address is None:
+                continue
+            if address.host is not None and not is_loopback(address.host):
+                log.warning("%s listens on %s, not only on loopback: whoever reaches it sees and controls the guest "
+                            "(no encryption; %s)", what, address,
+                            "VNC authentication on" if self.password else "no password")
+            self._socks.append(bind_socket(address))
 
     async def start(self) -> None:
         sock = self._socks[0]
