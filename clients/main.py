@@ -18,7 +18,7 @@ from pathlib import Path
 from core_daemon.readiness import sd_notify, write_ready_fd
 from ipc.channel import ChannelError, ClientChannel, ipc_endpoint
 from ipc.messages import ALL_CAPABILITIES, Capability, DisplayChanged, EventBody, Migrated, Shutdown, Welcome
-from ipc.rundir import RunDir, socket_access_problem
+from ipc.rundir import RunDir, follow_migrations, socket_access_problem
 from shm import Overrun, Record
 from shm.notify import DisplayClosed, DisplaySubscription
 
@@ -153,7 +153,13 @@ class Client:
             elif not said:
                 log.info("waiting for the core of VM %r at %s", self.config.name, self.config.endpoint)
                 said = "waiting"
-            channel = ClientChannel(self.config.endpoint, name=f"{CLIENT_NAME}:{self.config.name}",
+            # A guest that migrated before this client started is found where state.json says it went.
+            endpoint = (follow_migrations(self.config.endpoint, self.config.run_dir.state_file)
+                        if self.config.core_endpoint is None else self.config.endpoint)
+            if endpoint != self.config.endpoint and said != endpoint:
+                log.info("VM %r migrated to the core at %s: attaching there", self.config.name, endpoint)
+                said = endpoint
+            channel = ClientChannel(endpoint, name=f"{CLIENT_NAME}:{self.config.name}",
                                     on_reattached=self._attached, on_detached=self._detached,
                                     on_event=self._event, endpoints=self.endpoints(),
                                     capabilities=self._capabilities())

@@ -23,6 +23,7 @@ from ipc.messages import (
     EventBody,
     InputOp,
     KeyEvent,
+    Migrated,
     Op,
     PointerEvent,
     QmpEvent,
@@ -56,8 +57,11 @@ class ControlService:
 
     def __init__(self, vm_name: str, path: Path, execute: Executor, policy: Policy, *,
                  display: Callable[[], GuestDisplay | None], run_state: Callable[[], tuple[str, str | None]],
-                 on_clients_changed: Callable[[list[dict[str, Any]]], None], group: int | None = None) -> None:
+                 on_clients_changed: Callable[[list[dict[str, Any]]], None], group: int | None = None,
+                 migrated_to: Callable[[], str | None] = lambda: None) -> None:
         self.path = path
+        #: Where the guest went, once it left (clients that attach later are sent there at once).
+        self._migrated_to = migrated_to
         self._execute = execute
         self._policy = policy
         self._display = display
@@ -103,6 +107,9 @@ class ControlService:
 
     def _clients_changed(self, client: ClientInfo) -> None:
         self._on_clients_changed(self.channel.describe_clients())
+        target = self._migrated_to()
+        if target is not None:  # a client (re)attaching to a source whose guest left: send it after the guest
+            self.channel.send_event(client, Migrated(target))
         if self._console is not None and Capability.CONSOLE in client.capabilities:
             backlog = self._console.take_backlog()  # what the guest printed while no client listened
             for start in range(0, len(backlog), MAX_CONSOLE_CHUNK):
@@ -183,6 +190,9 @@ class ControlService:
         await _relay_write(self._agent, data, "Agent", "this core has no guest-agent channel (start it with --agent)")
 
     async def _input(self, client: ClientInfo, op: InputOp) -> None:
+        target = self._migrated_to()
+        if target is not None:  # never to a source whose guest left (postcopy: it runs on the destination)
+            raise RequestError("GuestMigrated", f"the guest now runs under the core at {target}")
         display = self._display()
         if display is None or display.input is None:
             raise RequestError("DisplayUnavailable", "this core has no display, so no input either")

@@ -24,6 +24,8 @@ class RunState(StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     MIGRATING = "migrating"
+    #: The guest migrated away: QEMU lingers in postmigrate here (or has quit); ``migrated_to`` says where.
+    MIGRATED = "migrated"
     INCOMING = "incoming"
     SHUTDOWN = "shutdown"
     CRASHED = "crashed"

@@ -18,6 +18,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,15 @@ from .control import ControlService
 from .display import DEFAULT_MAX_HEIGHT, DEFAULT_MAX_WIDTH, DisplayError
 from .guest_display import GuestDisplay
 from .input import KEY_DELAY_S
+from .migration import (
+    GUEST_IS_HERE_COMMAND,
+    TARGET_COMMAND,
+    Effects,
+    Migration,
+    destination_failure,
+    unix_socket_listening,
+)
+from .migration import IN_PROGRESS as MIGRATION_IN_PROGRESS
 from .pidlock import AlreadyRunning, PidLock
 from .policy import DEFAULT_POLICY, Policy
 from .qemu_process import (
@@ -62,7 +72,10 @@ EXIT_QEMU_FAILED = 3  # QEMU exited on its own with a non-zero status
 EXIT_QEMU_KILLED = 4  # QEMU was killed by a signal, or vanished without a shutdown
 
 #: vmfront's own QMP command (QMP's downstream-extension naming) naming the destination core's control endpoint.
-MIGRATE_TARGET_COMMAND = "__org.vmfront_migrate-target"
+MIGRATE_TARGET_COMMAND = TARGET_COMMAND
+#: The VM's QEMU runs but could not be adopted (it did not answer QMP): not a configuration error, so a service
+#: manager should start the core again (the next one adopts it); see docs/operator.md.
+EXIT_QEMU_UNSUPERVISED = 5
 
 #: Events after which the core asks QEMU for its status again.
 _STATUS_EVENTS = frozenset({
@@ -101,7 +114,9 @@ class QemuMonitor(QMPClient):
 
 
 class CoreError(Exception):
-    """The core cannot start; the message is for the operator."""
+    """The core cannot start; the message is for the operator. ``exit_status`` is what the core exits with."""
+
+    exit_status = EXIT_START_FAILED
 
 
 @dataclass
@@ -133,6 +148,8 @@ class CoreConfig:
     agent_socket: Path | None = None
     #: Group that may open the shm segment and the client sockets (the clients' group), if not ours.
     client_group: int | None = None
+    #: After the guest migrated away, keep QEMU (postmigrate) and QMP this long after the last QMP peer left.
+    migrated_linger: float = 60.0
     #: Give the guest a serial port whose bytes are relayed to clients (not for --attach).
     serial: bool = False
 
@@ -176,9 +193,14 @@ class Core:
         self._shutdown_reason: str | None = None
         self._status_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
-        self._migrating = False
-        self._outgoing_migration = False
-        self._migration_target: str | None = None
+        self.migration = Migration(run_root=config.run_dir.root.parent)
+        #: Ends the core some time after the guest left, once no QMP peer is connected (the source lingers).
+        self._linger: asyncio.TimerHandle | None = None
+        #: What state.json said when this core started (an adopted QEMU's migration or incoming migration).
+        self._previous: dict[str, Any] = {}
+        self._left_unsupervised = False
+        self._hangup_filter = _ExpectedHangup()
+        self.qmp.logger.addFilter(self._hangup_filter)  # the logger qemu.qmp's connection tasks log to
         #: QEMU's private QMP socket, and which process answers there, when adopting the QEMU of a core that died.
         self._adopt: Path | None = None
         self._adopt_identity: QemuIdentity | None = None
@@ -219,8 +241,10 @@ class Core:
             self._reclaim()
             try:
                 await self._start()
-            except BaseException:
+            except BaseException as exc:
                 await self._teardown_failed_start()
+                if isinstance(exc, CoreError) and self._left_unsupervised:
+                    exc.exit_status = EXIT_QEMU_UNSUPERVISED
                 raise
             return await self._supervise()
         finally:
@@ -241,7 +265,7 @@ class Core:
         by what it is, not by what state.json says (which may be stale, wrong or gone): a live process whose
         arguments name this run directory's private monitor socket. Never start a second QEMU beside it.
         """
-        previous = read_state(self.run_dir.state_file) or {}
+        previous = self._previous = read_state(self.run_dir.state_file) or {}
         if self.lock.stale_pid is not None:
             log.info("reclaiming run directory of a core that died (pid %d)", self.lock.stale_pid)
         private_qmp = self.run_dir.qemu_qmp_socket
@@ -303,6 +327,8 @@ class Core:
             log.warning("cannot enable migration events: %s", reply["error"].get("desc"))
         version = await self.qmp.execute("query-version")
         self.state.update(qemu_version=_version_string(version))
+        if self._adopt is not None:
+            await self._resume_adopted_migration()
 
         greeting = _reexported_greeting(self.qmp.greeting._asdict() if self.qmp.greeting else {})
         self.server = QmpReexport(
@@ -329,6 +355,7 @@ class Core:
         self.control = ControlService(
             cfg.name, self.run_dir.control_socket, self._execute, cfg.policy, display=lambda: self.display,
             run_state=lambda: (str(self.state.data.get("state")), self.state.data.get("qemu_status")),
+            migrated_to=lambda: self.migration.announced if self.migration.left else None,
             on_clients_changed=lambda clients: self.state.update(clients=clients), group=cfg.client_group)
         await self.control.start()
         endpoints["control"] = str(self.run_dir.control_socket)
@@ -487,6 +514,7 @@ class Core:
             self.state.update(state=RunState.UNSUPERVISED, qemu_pid=live.pid, qemu_start_time=live.start_time,
                               last_exit={"code": None, "reason": f"could not adopt QEMU pid {live.pid} (it still "
                                          "runs; the next core for this VM adopts it)", "at": time.time()})
+            self._left_unsupervised = True
             return
         self.state.update(state=RunState.CRASHED,
                           last_exit={"code": code, "reason": "failed to start", "at": time.time()})
@@ -502,12 +530,32 @@ class Core:
         links to QEMU."""
         if not isinstance(name, str) or not COMMAND_NAME.fullmatch(name):
             return _error("CommandNotFound", f"The command {str(name)[:64]!r} has not been found")
-        if name == MIGRATE_TARGET_COMMAND:
-            return self._set_migration_target(arguments or {})
         problem = arguments_problem(arguments) or reserved_problem(name, arguments)
         if problem:
             log.info("refused %r before QEMU: %s", name, problem)
             return _error("GenericError", f"'{name}' not sent to QEMU: {problem}")
+        if name == MIGRATE_TARGET_COMMAND:
+            return self.migration.set_target(arguments or {})
+        if name == GUEST_IS_HERE_COMMAND:
+            self._apply_migration(self.migration.guest_is_here())
+            self._cancel_linger()
+            await self._refresh_status()
+            return {"return": {}}
+        refused = self.migration.check_command(name, arguments)
+        if refused is not None:
+            log.info("refused %r: %s", name, refused["error"]["desc"])
+            return refused
+        if name == "migrate":
+            # Recorded before QEMU is asked: a core that dies in between must know where the guest may have gone.
+            self._apply_migration(self.migration.before_migrate(arguments))
+        reply = await self._execute_on_qemu(name, arguments)
+        if name == "migrate":
+            # Only a migration QEMU accepted moves clients: a refused one changes nothing, and savevm/snapshot
+            # jobs (which emit MIGRATION events too) never count as the guest leaving.
+            self._apply_migration(self.migration.after_migrate("return" in reply))
+        return reply
+
+    async def _execute_on_qemu(self, name: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
         try:
             value = await self.qmp.execute(name, arguments)
         except ExecuteError as exc:
@@ -516,43 +564,102 @@ class Core:
         except (ExecInterruptedError, QMPError, ConnectionError) as exc:
             log.warning("command %s interrupted: %s", name, exc)
             return _error("GenericError", f"QEMU's monitor connection was lost before it replied to '{name}'")
-        if name == "migrate":
-            # Only a migration QEMU accepted moves clients: a refused one changes nothing, and savevm/snapshot
-            # jobs (which emit MIGRATION events too) never count as the guest leaving.
-            self._outgoing_migration = True
         return {"return": value}
 
-    def _set_migration_target(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """vmfront's own QMP command: where clients should re-attach once the outgoing migration completes."""
-        control = arguments.get("control")
-        if set(arguments) - {"control"} or not (control is None or isinstance(control, str)):
-            return {"error": {"class": "GenericError",
-                              "desc": f"{MIGRATE_TARGET_COMMAND} takes one string argument, 'control'"}}
-        self._migration_target = control
-        log.info("outgoing migration target: %s", control or "(none)")
-        return {"return": {}}
-
-    def _follow_migration(self, data: Any) -> None:
-        """MIGRATION events: tell clients 'migrating', then where to go, then end this core once the guest left."""
-        status = data.get("status") if isinstance(data, dict) else None
-        if self.state.data.get("state") == RunState.INCOMING or not self._outgoing_migration:
-            return  # the guest arriving here, or a snapshot job: nobody leaves
-        if status in ("setup", "active", "pre-switchover", "device") and not self._migrating:
-            self._migrating = True
+    def _apply_migration(self, effects: Effects) -> None:
+        """Do what the migration state machine says: record, tell clients, stop running the guest here."""
+        if effects.persist:
+            self.state.update(**effects.state_fields)
+        if effects.migrating:
             if self.control is not None:
                 self.control.broadcast(Migrating())
-            self.state.update(state=RunState.MIGRATING)
-        elif status == "completed" and self._migrating:
-            self._migrating = self._outgoing_migration = False
-            target = self._migration_target
-            log.info("outgoing migration completed%s", f"; clients move to {target}" if target else "")
+            if self.state.data.get("state") != RunState.MIGRATING:
+                self.state.update(state=RunState.MIGRATING)
+        if effects.left:
+            target = effects.migrated_to
             if self.control is not None and target:
                 self.control.broadcast(Migrated(target))
-            self.state.update(migrated_to=target)
-            self.request_stop(f"migrated to {target or 'another QEMU'}")
-        elif status in ("failed", "cancelled"):
-            self._migrating = self._outgoing_migration = False
-            log.warning("outgoing migration %s; the guest stays here", status)
+            self.state.update(state=RunState.MIGRATED)
+            self._update_linger()
+        if effects.ended_here:
+            log.warning("outgoing migration %s; the guest stays here", effects.ended_here)
+            self._background(self._record_failed_migration(effects.ended_here, effects.failed_destination))
+        if effects.left or effects.ended_here:
+            self._schedule_refresh()
+
+    async def _record_failed_migration(self, status: str, destination: str | None) -> None:
+        """Keep why in state.json: QEMU's words here, and the destination QEMU's (the real reason is often only
+        there, e.g. a device one side lacks)."""
+        await asyncio.sleep(0.5)  # the destination QEMU writes its reason as it exits
+        try:
+            info = await self.qmp.execute("query-migrate")
+        except (QMPError, ConnectionError):
+            info = {}
+        error = info.get("error-desc") if isinstance(info, dict) else None
+        theirs = destination_failure(destination)
+        self.state.update(last_migration={"status": status, "error": error, "destination_error": theirs,
+                                          "at": time.time()})
+        if theirs:
+            log.warning("the destination said: %s", theirs)
+
+    async def _resume_adopted_migration(self) -> None:
+        """An adopted QEMU may be migrating, done migrating (its guest runs elsewhere now), or waiting for an
+        incoming migration: carry on from what QEMU says, with what state.json recorded."""
+        try:
+            info = await self.qmp.execute("query-migrate")
+            status = await self.qmp.execute("query-status")
+        except (QMPError, ConnectionError) as exc:
+            log.warning("cannot ask the adopted QEMU about migration: %s", exc)
+            return
+        qemu_status = status.get("status") if isinstance(status, dict) else None
+        previous = self._previous
+        if qemu_status == "inmigrate" and isinstance(previous.get("incoming"), str):
+            await self._resume_incoming(previous["incoming"])
+            return
+        effects = self.migration.adopt(previous.get("outgoing"), previous.get("migrated_to"), info, qemu_status)
+        if effects.left or self.migration.in_progress:
+            log.warning("the adopted QEMU's guest %s (migration %s to %s)",
+                        "has left" if self.migration.left else "is migrating", self.migration.status,
+                        self.migration.destination or (self.migration.outgoing.uri if self.migration.outgoing
+                                                       else "?"))
+        self._apply_migration(effects)
+
+    async def _resume_incoming(self, uri: str) -> None:
+        """A destination core restarted while its QEMU waits: keep waiting on the recorded URI, and if nothing
+        listens there (the core died before it sent migrate-incoming), listen now."""
+        self.incoming_uri = uri
+        self.state.update(incoming=uri, state=RunState.INCOMING)
+        path = Path(uri.removeprefix("unix:")) if uri.startswith("unix:") else None
+        if path is not None and unix_socket_listening(path):
+            log.info("the adopted QEMU still waits for the guest on %s", uri)
+            return
+        reply = await self._execute_on_qemu("migrate-incoming", {"uri": uri})
+        if "error" in reply:
+            log.warning("the adopted QEMU waits for an incoming migration but does not listen on %s, and "
+                        "migrate-incoming failed: %s", uri, reply["error"].get("desc"))
+        else:
+            log.warning("the adopted QEMU waited for an incoming migration with nothing listening: now listening "
+                        "on %s", uri)
+
+    def _update_linger(self) -> None:
+        """After the guest left, the source stays (QEMU in postmigrate answers QMP, as QEMU does) while a QMP peer
+        is connected, and ends ``migrated_linger`` seconds after the last one left (or with none at all)."""
+        if not self.migration.left:
+            return
+        peers = self.server.peers if self.server is not None else []
+        if peers:
+            self._cancel_linger()
+        elif self._linger is None:
+            delay = self.config.migrated_linger
+            log.info("the guest left; this core stops in %.0f s unless a QMP peer connects", delay)
+            self._linger = asyncio.get_running_loop().call_later(
+                delay, self.request_stop, f"migrated to {self.migration.destination or 'another QEMU'}, "
+                f"nobody connected for {delay:.0f} s")
+
+    def _cancel_linger(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
 
     async def _pump_events(self) -> None:
         """Forward every QEMU event to the peers, and follow the ones that change the run state."""
@@ -566,14 +673,37 @@ class Core:
             if name == "SHUTDOWN":
                 data = payload.get("data")
                 self._shutdown_reason = str(data.get("reason", "shutdown") if isinstance(data, dict) else "shutdown")
+                self._hangup_filter.expected = True  # QEMU is about to hang up: qemu.qmp need not call it an error
                 if self.display is not None:
                     self.display.note_qemu_ending()
             if name == "MIGRATION":
-                self._follow_migration(payload.get("data"))
+                data = payload.get("data")
+                status = data.get("status") if isinstance(data, dict) else None
+                self._apply_migration(self.migration.on_status(status))
+                if status == "completed" and self.migration.outgoing is None:
+                    self._background(self._check_unrecorded_migration())
             if name in _STATUS_EVENTS:
-                refresh = asyncio.get_running_loop().create_task(self._refresh_status())
-                self._refreshes.add(refresh)
-                refresh.add_done_callback(self._refreshes.discard)
+                self._schedule_refresh()
+
+    def _schedule_refresh(self) -> None:
+        self._background(self._refresh_status())
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def _check_unrecorded_migration(self) -> None:
+        """A migration finished that the core did not see start (HMP's migrate): did the guest leave?"""
+        try:
+            status = await self.qmp.execute("query-status")
+        except (QMPError, ConnectionError):
+            return
+        qemu_status = status.get("status") if isinstance(status, dict) else None
+        effects = self.migration.completed_without_record(qemu_status)
+        if effects.left:
+            log.warning("the guest migrated away without the core being asked (HMP migrate?); destination unknown")
+        self._apply_migration(effects)
 
     async def _refresh_status(self) -> None:
         async with self._status_lock:
@@ -583,7 +713,12 @@ class Core:
                 log.debug("query-status failed: %s", exc)
                 return
             qemu_status = str(status.get("status", "unknown")) if isinstance(status, dict) else "unknown"
-            new_state = RunState.MIGRATING if self._migrating else run_state_from_qemu_status(qemu_status)
+            if self.migration.left:
+                new_state = RunState.MIGRATED
+            elif self.migration.outgoing is not None and self.migration.status in MIGRATION_IN_PROGRESS:
+                new_state = RunState.MIGRATING
+            else:
+                new_state = run_state_from_qemu_status(qemu_status)
             if self.display is not None:
                 self.display.set_run_state(qemu_status)
             if new_state != self.state.data.get("state") or qemu_status != self.state.data.get("qemu_status"):
@@ -598,6 +733,7 @@ class Core:
     def _peers_changed(self) -> None:
         if self.server is not None:
             self.state.update(peers=[peer.describe() for peer in self.server.peers])
+        self._update_linger()
 
     async def _supervise(self) -> int:
         """Wait until a stop is requested or QEMU goes away, then tear down. Returns the exit status.
@@ -678,7 +814,7 @@ class Core:
                               last_exit={"code": None, "reason": f"core detached ({self._stop_reason})",
                                          "at": time.time()}, peers=[])
             return EXIT_OK
-        migrated_away = self.state.data.get("migrated_to") is not None or self._stop_reason.startswith("migrated")
+        migrated_away = self.migration.left
         if self.config.graceful_timeout and not self.qemu.exited and not migrated_away:
             log.info("asking the guest to power down (waiting up to %.0f s)", self.config.graceful_timeout)
             await self._ask_qemu("system_powerdown", self.config.graceful_timeout)
@@ -693,10 +829,15 @@ class Core:
         if not self.qemu.exited:
             await self._kill_qemu()
         await self._close_endpoints()
-        self.state.update(state=RunState.SHUTDOWN, peers=[], clients=[], qemu_status=None, endpoints={}, display=None,
+        self.state.update(state=self._final_state(RunState.SHUTDOWN), peers=[], clients=[], qemu_status=None,
+                          endpoints={}, display=None,
                           last_exit={"code": self.qemu.returncode, "reason": f"stopped by core ({self._stop_reason})",
                                      "at": time.time()})
         return EXIT_OK
+
+    def _final_state(self, otherwise: RunState) -> RunState:
+        """A source whose guest left ends as ``migrated`` (its state.json keeps ``migrated_to`` for clients)."""
+        return RunState.MIGRATED if self.migration.left else otherwise
 
     async def _ask_qemu(self, command: str, within: float) -> None:
         """Send a command during teardown; a QEMU that is gone, hung or stopped must not stall the stop."""
@@ -728,8 +869,8 @@ class Core:
             if tail:
                 log.error("QEMU's last output:\n%s", tail)
         await self._close_endpoints()
-        self.state.update(state=state, peers=[], clients=[], qemu_status=None, endpoints={}, display=None,
-                          last_exit={"code": code, "reason": reason, "at": time.time()})
+        self.state.update(state=self._final_state(state), peers=[], clients=[], qemu_status=None, endpoints={},
+                          display=None, last_exit={"code": code, "reason": reason, "at": time.time()})
         if clean:
             return EXIT_OK
         return EXIT_QEMU_FAILED if code is not None and code > 0 else EXIT_QEMU_KILLED
@@ -761,6 +902,21 @@ class Core:
                      self.run_dir.serial_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+class _ExpectedHangup(logging.Filter):
+    """After QEMU said SHUTDOWN it closes its monitor: qemu.qmp's errors about that (broken pipe, reset, EOF)
+    are expected, not errors for an operator to act on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expected = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.expected or record.levelno < logging.WARNING:
+            return True
+        text = record.getMessage()
+        return not any(word in text for word in ("BrokenPipe", "ConnectionReset", "EOFError", "Broken pipe"))
 
 
 #: The descriptor limit the core asks for when it may (as root): room for many peers, far below the kernel's cap.

@@ -20,6 +20,7 @@ Layout (documented in docs/rundir.md)::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -27,6 +28,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -247,3 +249,31 @@ class RunDir:
             if info.st_mode & 0o022:
                 raise RunDirError(f"{path} is writable by group or others; refusing to use it")
         os.chmod(self.private, 0o700)
+
+
+#: How far ``migrated_to`` is followed across cores (A → B → C ...).
+MAX_HOPS = 16
+
+
+def follow_migrations(endpoint: str, state_file: Path) -> str:
+    """Where a client should attach: ``endpoint``, or where the guest went from there (``migrated_to`` in each
+    core's state.json, hop by hop), so a client started after a migration finds the guest."""
+    seen = {endpoint}
+    current, state_path = endpoint, state_file
+    for _ in range(MAX_HOPS):
+        state = _read_state(state_path)
+        target = state.get("migrated_to") if state else None
+        if not isinstance(target, str) or not target.startswith("ipc://") or target in seen:
+            return current
+        seen.add(target)
+        current = target
+        state_path = Path(target.removeprefix("ipc://")).parent / "state.json"
+    return current
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

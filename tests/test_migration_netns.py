@@ -151,7 +151,7 @@ def test_migration_between_namespaces_and_viewers_reconnect() -> None:
                                  capture_output=True, text=True, timeout=40, cwd=ROOT)
         assert migrate.returncode == 0, migrate.stderr
         assert src.wait(timeout=30) == 0, src.stderr()[-3000:]
-        assert src.state()["state"] == "shutdown"
+        assert src.state()["state"] == "migrated"
         wait_for(lambda: dst.state()["state"] == "running", 15, "the destination to run the guest")
         assert dst.proc.poll() is None
 

@@ -17,7 +17,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from ipc.rundir import RunDir, RunDirError, check_vm_name
+from ipc.rundir import RunDir, RunDirError, check_vm_name, follow_migrations
 
 # What `vmfront --help` says, for operators (the module docstring above is for developers).
 DESCRIPTION = """\
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--dest-run-dir", type=Path, help="run directory of DEST_NAME, if not the default")
     mig.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
     mig.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    mig.add_argument("--no-check", action="store_true",
+                     help="do not compare the two QEMUs' machine and device arguments first")
 
     core = _subparser(sub, "core", help="start the per-VM core daemon alone (supervises QEMU, re-exports QMP)",
                       description="Start QEMU (or attach to one) and serve it. QEMU_ARGS follow `--`; "
@@ -205,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_argument("--incoming", metavar="URI",
                       help="start QEMU waiting for an incoming migration on URI (auto: a unix socket in the run "
                       "dir); state.json says 'incoming' until the guest arrives")
+    core.add_argument("--migrated-linger", type=float, default=60.0, metavar="SECONDS",
+                      help="after the guest migrated away, keep the paused source (QMP answering, as QEMU does) "
+                      "until this long after the last QMP peer left (default 60; `quit` ends it at once)")
     core.add_argument("--agent", action="store_true",
                       help="give the guest a qemu-ga channel (virtio-serial port org.qemu.guest_agent.0), relayed to "
                       "clients")
@@ -307,22 +312,25 @@ def cmd_core(args: argparse.Namespace) -> int:
             max_backlog=args.qmp_max_backlog, display=not args.no_display, key_delay=args.key_delay_ms / 1000,
             client_group=_group_id(args.client_group) if args.client_group else None,
             agent=args.agent or args.agent_socket is not None, agent_socket=args.agent_socket,
-            incoming=args.incoming, serial=args.serial,
+            incoming=args.incoming, serial=args.serial, migrated_linger=args.migrated_linger,
         )
         code = run_async(Core(config).run())
     except (CoreError, PolicyError, RunDirError, CliError) as exc:
         print(f"vmfront core: error: {exc}", file=sys.stderr)
-        code = 1
+        code = exc.exit_status if isinstance(exc, CoreError) else 1
     log.info("core exiting, status %d", code)
     return code
 
 
 def _client_socket(run_dir: RunDir, kind: str, default: Path) -> Path:
     """The unix socket a running client reports for ``kind`` (its hello's endpoints, in state.json), else
-    ``default``: a systemd client keeps its sockets in a directory of its own."""
+    ``default``: a systemd client keeps its sockets in a directory of its own. A VM that migrated keeps its name:
+    its clients are looked up where it went (``migrated_to``, hop by hop)."""
     from core_daemon.pidlock import is_locked
     from core_daemon.state import read_state
 
+    control = follow_migrations(f"ipc://{run_dir.control_socket}", run_dir.state_file)
+    run_dir = RunDir(Path(control.removeprefix("ipc://")).parent)
     state = read_state(run_dir.state_file) or {}
     if is_locked(run_dir.pidfile):
         for client in state.get("clients") or []:
@@ -444,17 +452,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .migrate import MigrateError, migrate, resolve_destination
+    from .migrate import MigrateError, check_same_machine, destination_after, migrate, resolve_destination
 
     try:
         source = RunDir.for_vm(check_vm_name(args.name), args.run_dir)
-        uri, control = resolve_destination(args.to, args.dest_run_dir)
-        info = asyncio.run(migrate(source.qmp_socket, uri, control, within=args.timeout, quiet=args.quiet))
+        dest = resolve_destination(args.to, args.dest_run_dir)
+        if not args.no_check:
+            check_same_machine(source, dest)
+        info = asyncio.run(migrate(source, dest, within=args.timeout, quiet=args.quiet))
     except (MigrateError, RunDirError) as exc:
         print(f"vmfront migrate: error: {exc}", file=sys.stderr)
         return 1
-    timing = f" in {info['total-time']} ms (downtime {info.get('downtime', '?')} ms)" if "total-time" in info else ""
-    print(f"migrated {args.name} to {args.to}{timing}")
+    parts = [f"{info['total-time']} ms"] if "total-time" in info else []
+    if "downtime" in info:
+        parts.append(f"downtime {info['downtime']} ms")
+    print(f"migrated {args.name} to {args.to}" + (f" in {', '.join(parts)}" if parts else ""))
+    problem = destination_after(dest)
+    if problem:
+        print(f"vmfront migrate: warning: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -510,6 +526,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     for client in clients:
         served = ", ".join(f"{k} {v}" for k, v in (client.get("endpoints") or {}).items())
         print(f"    pid {client.get('pid')} uid {client.get('uid')}{': ' + served if served else ''}")
+    went = state.get("migrated_to")
+    if isinstance(went, str):
+        where = follow_migrations(went, Path(went.removeprefix("ipc://")).parent / "state.json")
+        print(f"  migrated:  to {went}" + (f" (now at {where})" if where != went else "")
+              + f"; 'vmfront monitor/agent {args.name}' reach it there")
+    outgoing = state.get("outgoing")
+    if isinstance(outgoing, dict) and not isinstance(went, str):
+        print(f"  migrating: to {outgoing.get('control') or outgoing.get('uri')}")
+    failed = state.get("last_migration")
+    if isinstance(failed, dict):
+        print(f"  last migration: {failed.get('status')}: {failed.get('error') or 'no reason given'}"
+              + (f"; the destination said: {failed['destination_error']}" if failed.get("destination_error")
+                 else ""))
     last = state.get("last_exit")
     if last:
         print(f"  last exit: {last.get('reason')} (QEMU status {last.get('code')})")

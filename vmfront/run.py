@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core_daemon.qemu_process import ProcessWatch, spawn
-from core_daemon.state import RunState, read_state
-from ipc.rundir import RunDir
+from core_daemon.qemu_process import ProcessWatch, find_vm_qemu, spawn
+from core_daemon.state import read_state
+from ipc.rundir import RunDir, follow_migrations
 from shm.naming import pid_alive as process_alive  # a zombie is not alive
 
 log = logging.getLogger("vmfront.run")
@@ -138,13 +138,22 @@ async def _stop(*children: ProcessWatch) -> None:
 
 
 def _orphaned_qemu(run_dir: RunDir) -> int | None:
-    """The QEMU a dead core left running (what a new core adopts), from its state.json; None if there is none."""
-    state = read_state(run_dir.state_file) or {}
-    pid = state.get("qemu_pid")
-    if isinstance(pid, int) and process_alive(pid) and state.get("state") not in (RunState.SHUTDOWN,
-                                                                                  RunState.CRASHED):
-        return pid
-    return None
+    """The QEMU a dead core left running (what a new core adopts): found as a core finds it, by its arguments."""
+    found = find_vm_qemu(run_dir.qemu_qmp_socket)
+    return found.pid if found is not None else None
+
+
+def _migrated_core(run_dir: RunDir) -> ProcessWatch | None:
+    """After the VM migrated away (state.json's ``migrated_to``, hop by hop), the core that now runs it."""
+    here = f"ipc://{run_dir.control_socket}"
+    there = follow_migrations(here, run_dir.state_file)
+    if there == here:
+        return None
+    state = read_state(Path(there.removeprefix("ipc://")).parent / "state.json") or {}
+    pid = state.get("core_pid")
+    if not isinstance(pid, int) or not process_alive(pid):
+        return None
+    return ProcessWatch(pid, child=False)
 
 
 def _describe(code: int | None) -> str:
@@ -274,6 +283,8 @@ class Runner:
     def _core_status(self) -> int:
         assert self.core is not None
         code = self.core.returncode
+        if code is None and not self.core.child:
+            return 0  # the core the guest migrated to: not ours, its status is unknown
         return code if code is not None and code >= 0 else 1
 
     async def _core_exited(self) -> int | None:
@@ -282,6 +293,13 @@ class Runner:
         assert self.core is not None and self.client is not None
         code = self.core.returncode
         qemu = _orphaned_qemu(self.run_dir)
+        moved = _migrated_core(self.run_dir) if qemu is None else None
+        if moved is not None:
+            # The guest migrated: the client followed it; run now watches the core that runs it (Ctrl-C stops it).
+            _say(f"VM {self.config.name!r} migrated; the client follows it, and run now watches the core pid "
+                 f"{moved.pid} that runs it")
+            self.core = moved
+            return None
         if qemu is None:
             log.info("the core (pid %d) ended (%s); stopping the client", self.core.pid, _describe(code))
             await _stop(self.client)
