@@ -316,6 +316,7 @@ class AgentServerConnection:
 
     def __init__(self, *, max_token_size: int, max_token_count: int) -> None:
         self._streamer = JsonStreamer(max_token_size=max_token_size, max_token_count=max_token_count)
+        self._last_error: tuple[str, Answer] = ("", Answer(b""))
 
     @property
     def buffered(self) -> int:
@@ -327,7 +328,9 @@ class AgentServerConnection:
         events: list[ServerEvent] = []
         for item in self._streamer.feed(data):
             if isinstance(item, ParseError):
-                events.append(Answer(self.error_bytes(None, "GenericError", item.desc)))
+                if item.desc != self._last_error[0]:  # (a 0xFF flood is one error many times over)
+                    self._last_error = (item.desc, Answer(self.error_bytes(None, "GenericError", item.desc)))
+                events.append(self._last_error[1])
             else:
                 events.append(self._dispatch(item.value))
         return events

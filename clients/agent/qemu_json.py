@@ -65,13 +65,16 @@ _NONCHARACTER_HINTS = (b"\xef\xb7", b"\xbf\xbe", b"\xbf\xbf")
 # when the lexer needs that byte to know the token ended (a byte that might continue it: the state machine).
 # "0e5" is no double here: after "0" QEMU's lexer takes no "e".
 _SIMPLE_TOKEN = re.compile(rb'''[ \t\r\n]*+(?:
-    ([{}\[\]:,])
+    (\{) | (\}) | (\[) | (\]) | (:) | (,)
   | ("[^"\\\x00-\x1f\xfe\xff]*")
   | (-?(?:0|[1-9][0-9]*))(?=[^0-9.eE+\-])
   | (-?(?:0\.[0-9]+(?:[eE][-+]?[0-9]+)?|[1-9][0-9]*(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)))(?=[^0-9.eE+\-])
   | ([a-z]+)(?=[^a-z])
 )''', re.VERBOSE)
-_SIMPLE_KIND = (0, 0, _STRING, _INTEGER, _FLOAT, _KEYWORD)  # by group number
+# Token kind by group number.
+_GROUP_KIND = (-1, _LCURLY, _RCURLY, _LSQUARE, _RSQUARE, _COLON, _COMMA, _STRING, _INTEGER, _FLOAT, _KEYWORD)
+_DEPTH = {_LCURLY: (1, 0), _RCURLY: (-1, 0), _LSQUARE: (0, 1), _RSQUARE: (0, -1)}
+_STRUCTURAL_TEXT = {_LCURLY: b"{", _RCURLY: b"}", _LSQUARE: b"[", _RSQUARE: b"]", _COLON: b":", _COMMA: b","}
 # Bytes that are a lexical error at the start of a token and end error recovery at once: each is one error.
 _RESYNC_RUN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]+")
 _ONE_BYTE = [bytes([i]) for i in range(256)]
@@ -351,17 +354,18 @@ class JsonStreamer:
         braces, brackets, size = self._braces, self._brackets, self._token_size
         while (found := match(buf, pos)) is not None:
             group: int = found.lastindex  # type: ignore[assignment]  # set when it matched
-            if group == 1:
-                byte = buf[found.end() - 1]
-                kind = _STRUCTURAL[byte]
-                text = _ONE_BYTE[byte]
-                new_braces = braces + (kind == _LCURLY) - (kind == _RCURLY)
-                new_brackets = brackets + (kind == _LSQUARE) - (kind == _RSQUARE)
+            kind = _GROUP_KIND[group]
+            if kind <= _COMMA:
+                text = _STRUCTURAL_TEXT[kind]
+                if kind <= _RSQUARE:
+                    more_braces, more_brackets = _DEPTH[kind]
+                    new_braces, new_brackets = braces + more_braces, brackets + more_brackets
+                else:
+                    new_braces, new_brackets = braces, brackets
             else:
                 text = found.group(group)
                 if len(text) > limit:  # the lexer's own bound applies: the state machine
                     break
-                kind = _SIMPLE_KIND[group]
                 new_braces, new_brackets = braces, brackets
             if (new_braces > 0 or new_brackets > 0) and new_braces >= 0 and new_brackets >= 0 \
                     and size + len(text) + 1 <= limit and len(types) < max_count \
