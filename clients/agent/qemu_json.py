@@ -36,8 +36,6 @@ QEMU_MAX_NESTING = 1 << 10
 
 # Token types (json-parser-int.h).
 _LCURLY, _RCURLY, _LSQUARE, _RSQUARE, _COLON, _COMMA, _INTEGER, _FLOAT, _KEYWORD, _STRING = range(10)
-_STRUCTURAL = {ord("{"): _LCURLY, ord("}"): _RCURLY, ord("["): _LSQUARE, ord("]"): _RSQUARE, ord(":"): _COLON,
-               ord(","): _COMMA}
 
 # Lexer states between feeds: outside a token, skipping after an error, or inside a string/number/keyword.
 _IN_START, _IN_RECOVERY, _IN_STRING, _IN_NUMBER, _IN_KEYWORD = range(5)
@@ -141,16 +139,11 @@ class JsonStreamer:
         while pos < end:
             state = self._state
             if state == _IN_START:
-                pos = self._simple_tokens(buf, pos, events)
+                pos = self._simple_tokens(buf, pos, events)  # (structural characters always go that way)
                 pos = _WHITESPACE.match(buf, pos).end()  # type: ignore[union-attr]  # always matches
                 if pos >= end:
                     break
                 byte = buf[pos]
-                kind = _STRUCTURAL.get(byte)
-                if kind is not None:
-                    self._token(kind, _ONE_BYTE[byte], events)
-                    pos += 1
-                    continue
                 if byte in (0x22, 0x27) or 0x30 <= byte <= 0x39 or byte == 0x2D or 0x61 <= byte <= 0x7A:
                     del buf[:pos]  # the token starts at buf[0] from now on (a cheap delete from the front)
                     pos, end = 1, len(buf)
