@@ -15,7 +15,6 @@ alike:
 from __future__ import annotations
 
 import argparse
-import shutil
 import socket
 import statistics
 import sys
@@ -23,9 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from corelib import running_core, short_tmpdir, wait_for
-from test_agent_client import Qga
-from test_client import ClientProcess
+from test_agent_framing import proxy_and_reference
 
 PING = b'{"execute":"guest-ping"}'
 PING_REPLY = b'{"return": {}}\n'
@@ -69,24 +66,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batch", type=int, default=50, help="pings per round and side")
     args = parser.parse_args()
-    root = short_tmpdir()
-    agent, reference = Qga(root / "agent"), Qga(root / "reference")
-    for qga in (agent, reference):
-        qga.root.mkdir()
-        qga.start()
-    try:
-        with running_core("agb", "--agent-socket", str(agent.sock), qemu_args=["-machine", "pc", "-m", "16"]) as core:
-            client = ClientProcess(core, "agb")
-            try:
-                proxy_path = core.run_dir / "agent.sock"
-                wait_for(proxy_path.exists, 15, "the agent proxy")
-                run(proxy_path, reference.sock, args.rounds, args.batch)
-            finally:
-                client.stop()
-    finally:
-        for qga in (agent, reference):
-            qga.kill()
-        shutil.rmtree(root, ignore_errors=True)
+    with proxy_and_reference("agb") as pair:
+        run(pair.proxy, pair.reference, args.rounds, args.batch)
 
 
 def run(proxy_path: Path, direct_path: Path, rounds: int, batch: int) -> None:

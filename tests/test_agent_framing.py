@@ -11,6 +11,7 @@ a newline) and a marker ``guest-sync``; everything up to the marker's reply is c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -40,16 +41,17 @@ class Pair(NamedTuple):
     reference: Path  # another real qemu-ga, on its own socket
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[Pair]:
+@contextlib.contextmanager
+def proxy_and_reference(name: str) -> Iterator[Pair]:
+    """The proxy of a real client and core with the host's qemu-ga behind them, and a second real qemu-ga."""
     root = short_tmpdir()
     agent, reference = Qga(root / "agent"), Qga(root / "reference")
     for qga in (agent, reference):
         qga.root.mkdir()
         qga.start()
     try:
-        with running_core("agf", "--agent-socket", str(agent.sock), qemu_args=["-machine", "pc", "-m", "16"]) as core:
-            client = ClientProcess(core, "agf")
+        with running_core(name, "--agent-socket", str(agent.sock), qemu_args=["-machine", "pc", "-m", "16"]) as core:
+            client = ClientProcess(core, name)
             try:
                 proxy = core.run_dir / "agent.sock"
                 wait_for(proxy.exists, 15, "the client's agent proxy")
@@ -59,11 +61,18 @@ def pair() -> Iterator[Pair]:
                 assert client.proc.poll() is None, "the client died"
             finally:
                 client.stop()
+        for qga in (agent, reference):
+            assert qga.proc is not None and qga.proc.poll() is None, "a qemu-ga exited"
     finally:
         for qga in (agent, reference):
-            assert qga.proc is None or qga.proc.poll() is None, "a qemu-ga exited"
             qga.kill()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    with proxy_and_reference("agf") as both:
+        yield both
 
 
 def exchange(path: Path, writes: list[bytes], *, pause: float = 0.0, timeout: float = 60.0) -> bytes:
