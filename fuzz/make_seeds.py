@@ -180,6 +180,12 @@ def agent_seeds() -> dict[str, bytes]:
         "ids": b'\xff{"return": 42}\n{"return": {}, "id": 12345}\n{"return": 1}',
         "garbage": b'\xff{"return": 42}\nnot json\n\xff{"return": 42}\n{"return": 1}\n{"unexpected": 1}\n',
         "mid-line-ff": b'\xff{"return": 42}\n{"retu\xffrn": 1}\n\xff\xff{"return": 42}\r\n{"return": []}\n',
+        # Requests, as a script sends them to the agent proxy (the same target reads them both ways).
+        "requests": b'\xff{"execute":"guest-sync-delimited","arguments":{"id":42}}{"execute":"guest-ping","id":"a"}'
+        b"\n{'execute':'guest-info','id':[1,2.5e3,null]} {\"execute\": \"guest-exec\", \"arguments\": "
+        b'{"path": "/bin/true", "arg": ["\\u00e9\\n"]}}',
+        "requests-malformed": b'{"execute":"guest-ping",}\n}]\x01hello {"execute" "x"}{"id":1}{"execute":1}'
+        b'{"execute":"guest-sync"}[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]"\\ud800"01 1e "a\xff"{"execute":\xff',
     }
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from clients.agent.protocol import AgentConnection, ConnState
+from clients.agent.protocol import AgentConnection, AgentServerConnection, Answer, ConnState
 from clients.monitor import commands as monitor_commands
 from clients.monitor.parser import ArgError
 from clients.rfb.errors import ProtocolError as RfbServerProtocolError
@@ -187,8 +187,29 @@ def fuzz_ipc(data: bytes) -> None:
 _SYNC_ID = 42  # the seeds answer guest-sync-delimited with this id
 
 
+def _proxy_replies(pieces: Iterator[bytes] | list[bytes], max_token_size: int, max_token_count: int) -> list[bytes]:
+    conn = AgentServerConnection(max_token_size=max_token_size, max_token_count=max_token_count)
+    out: list[bytes] = []
+    for piece in pieces:
+        for event in conn.receive_data(piece):
+            if isinstance(event, Answer):
+                reply = json.loads(event.data.lstrip(b"\xff"))  # what qemu-ga answers itself: one JSON line
+                assert event.data.endswith(b"\n") and ("error" in reply or "return" in reply), event.data
+                out.append(event.data)
+            else:  # a request the proxy runs: its reply echoes the id, whatever value it is
+                out.append(conn.return_bytes(event, {"command": event.command, "arguments": event.arguments}))
+        # Bounded by the limits: the value's tokens and the one token being read.
+        assert conn.buffered <= 2 * max_token_size + 1, "agent proxy reader buffers past its limit"
+    return out
+
+
 def fuzz_agent(data: bytes) -> None:
-    """AgentConnection.receive_data never raises; the owner's next step is always a valid call."""
+    """Both sides of the qemu-ga protocol never raise.
+
+    The host side (AgentConnection, the agent's replies): the owner's next step is always a valid call. The
+    agent side (AgentServerConnection, a script's requests on the proxy, QEMU's JSON reader): what it answers
+    does not depend on how the bytes were split, its answers are JSON lines, and its memory is bounded.
+    """
     conn = AgentConnection(max_line=256 if _flag(data, 2) else 1 << 16)
     conn.sync(_SYNC_ID)
     for piece in chunks(data):
@@ -200,6 +221,10 @@ def fuzz_agent(data: bytes) -> None:
         elif conn.state is ConnState.UNSYNCED:
             conn.sync(_SYNC_ID)
         assert len(conn._buf) <= conn.max_line, "agent line buffer past its limit"
+    size, count = (64, 16) if _flag(data, 5) else (1 << 16, 4096)
+    whole = _proxy_replies([data], size, count)
+    split = _proxy_replies(chunks(data), size, count)
+    assert whole == split, f"agent proxy answers depend on how the bytes were split:\n{whole}\n{split}"
 
 
 # --- monitor input (clients/monitor/parser.py through commands.execute) -------------------------------------------

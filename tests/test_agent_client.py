@@ -60,20 +60,26 @@ def setup() -> Iterator[tuple[CoreProcess, ClientProcess, Qga]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+#: What qemu-ga answers a 0xFF byte with (a lexical error; a script discards everything up to the sentinel).
+FF_ERROR = b'{"error": {"class": "GenericError", "desc": "JSON parse error, stray \'\\uFFFD\'"}}'
+
+
 def qga_script(proxy: Path, *commands: str, sync_id: int, timeout: float = 30) -> list[bytes]:
-    """What an unchanged qga script does on a qga socket: its own guest-sync-delimited, then plain JSON lines;
-    returns the reply lines (the first one is the sync's, 0xFF-prefixed)."""
+    """What an unchanged qga script does on a qga socket: its own 0xFF and guest-sync-delimited, then plain JSON
+    lines; returns the reply lines after qemu-ga's error for the 0xFF (the first one is the sync's, 0xFF-prefixed)."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(timeout)
         s.connect(str(proxy))
         s.sendall(b'\xff{"execute": "guest-sync-delimited", "arguments": {"id": %d}}\n' % sync_id
                   + b"".join(b'{"execute": "%s"}\n' % c.encode() for c in commands))
         buf = b""
-        while buf.count(b"\n") < len(commands) + 1:
+        while buf.count(b"\n") < len(commands) + 2:
             chunk = s.recv(65536)
             assert chunk, f"the proxy closed after {buf!r}"
             buf += chunk
-    return buf.split(b"\n")[:len(commands) + 1]
+    lines = buf.split(b"\n")
+    assert lines[0] == FF_ERROR, lines[0]
+    return lines[1:len(commands) + 2]
 
 
 def vmfront_agent(core: CoreProcess, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -11,6 +11,11 @@ connection *unsynchronised*, and the next command must resynchronise first.
 
 Nothing here does IO or raises on what the agent sends: bad input becomes ``Garbage``/``Oversize`` events.
 ``AgentProtocolError`` is raised only when the API is misused (a command while not synchronised).
+
+:class:`AgentServerConnection` is the other side, qemu-ga's, for the agent proxy: it reads a script's requests
+the way qemu-ga reads them (QEMU's JSON streamer, :mod:`.qemu_json`), answers what qemu-ga answers without running
+a command (malformed input, malformed requests, ``guest-sync``) byte for byte as qemu-ga does, and hands the rest
+over as :class:`Request` events.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
+
+from .qemu_json import JsonStreamer, ParseError, qdict_ordered, to_json
 
 SENTINEL = 0xFF
 #: Default bound on one reply line (qemu-ga's biggest replies are guest-file-read: 48 MiB of data max, which
@@ -110,7 +117,7 @@ class AgentConnection:
         self._seen_sentinel = False
         self._reset_line()
         request = {"execute": "guest-sync-delimited", "arguments": {"id": self.sync_id}}
-        return bytes([SENTINEL]) + json.dumps(request).encode() + b"\n"
+        return bytes([SENTINEL]) + to_json(request) + b"\n"
 
     def command(self, name: str, arguments: dict[str, Any] | None = None) -> bytes:
         """The bytes of one command; the connection must be synchronised and idle."""
@@ -123,7 +130,7 @@ class AgentConnection:
             request["arguments"] = arguments
         self.state = ConnState.AWAITING
         self.command_name = name
-        return json.dumps(request).encode() + b"\n"
+        return to_json(request) + b"\n"
 
     def abandon(self) -> None:
         """The in-flight exchange timed out or was given up: the next command must resynchronise."""
@@ -270,3 +277,109 @@ class AgentConnection:
 
 def _describe(line: bytes) -> str:
     return repr(line[:60]) + (f"... ({len(line)} bytes)" if len(line) > 60 else "")
+
+
+# -- qemu-ga's side, for the agent proxy --------------------------------------------------------------------------
+
+#: Commands qemu-ga answers from their arguments alone; the proxy answers them itself (a script synchronises
+#: with the proxy, which keeps itself in sync with the agent).
+SYNC_COMMANDS = frozenset({"guest-sync", "guest-sync-delimited"})
+
+
+@dataclass(frozen=True)
+class Request:
+    """A well-formed request to execute; answer it with :meth:`AgentServerConnection.return_bytes` or
+    :meth:`~AgentServerConnection.error_bytes` (they echo its ``id``)."""
+
+    command: str
+    arguments: dict[str, Any] | None  # None: the request had none
+    id: Any = None
+    has_id: bool = False
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What qemu-ga sends for this input without running anything: send ``data`` as it is."""
+
+    data: bytes
+
+
+ServerEvent = Request | Answer
+
+
+class AgentServerConnection:
+    """qemu-ga's side of one connection: a script's bytes in, :class:`Request` and :class:`Answer` out, in order.
+
+    Framing, errors and replies are qemu-ga's (qga/main.c process_event, qapi/qmp-dispatch.c); limits are the
+    ``JsonStreamer``'s, refused with qemu-ga's error texts and, like qemu-ga, without closing the connection.
+    """
+
+    def __init__(self, *, max_token_size: int, max_token_count: int) -> None:
+        self._streamer = JsonStreamer(max_token_size=max_token_size, max_token_count=max_token_count)
+        self._last_error: tuple[str, Answer] = ("", Answer(b""))
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a request not yet complete."""
+        return self._streamer.buffered
+
+    def receive_data(self, data: bytes) -> list[ServerEvent]:
+        """Feed a script's bytes; returns what they complete. Never raises for any input."""
+        events: list[ServerEvent] = []
+        for item in self._streamer.feed(data):
+            if isinstance(item, ParseError):
+                if item.desc != self._last_error[0]:  # (a 0xFF flood is one error many times over)
+                    self._last_error = (item.desc, Answer(self.error_bytes(None, "GenericError", item.desc)))
+                events.append(self._last_error[1])
+            else:
+                events.append(self._dispatch(item.value))
+        return events
+
+    def return_bytes(self, request: Request | None, value: Any, *, delimited: bool = False) -> bytes:
+        """``{"return": value}`` (with the request's id), as qemu-ga prints it; ``delimited``: 0xFF first."""
+        return self._response({"return": value}, request, delimited)
+
+    def error_bytes(self, request: Request | None, error_class: str, desc: str) -> bytes:
+        return self._response({"error": qdict_ordered({"class": error_class, "desc": desc})}, request, False)
+
+    @staticmethod
+    def _response(body: dict[str, Any], request: Request | None, delimited: bool) -> bytes:
+        if request is not None and request.has_id:
+            body = qdict_ordered({**body, "id": request.id})
+        return (bytes([SENTINEL]) if delimited else b"") + to_json(body) + b"\n"
+
+    def _dispatch(self, message: Any) -> ServerEvent:
+        """qmp_dispatch(): the request's shape, then the commands answered here."""
+        if not isinstance(message, dict):
+            return Answer(self.error_bytes(None, "GenericError", "QMP input must be a JSON object"))
+        request = Request("", None, message.get("id"), "id" in message)
+        for key, value in message.items():  # in QDict order: the member named is qemu-ga's
+            if key == "execute":
+                if not isinstance(value, str):
+                    return Answer(self.error_bytes(request, "GenericError",
+                                                   "QMP input member 'execute' must be a string"))
+            elif key == "arguments":
+                if not isinstance(value, dict):
+                    return Answer(self.error_bytes(request, "GenericError",
+                                                   "QMP input member 'arguments' must be an object"))
+            elif key != "id":  # "exec-oob" included: qemu-ga does not offer out-of-band execution
+                return Answer(self.error_bytes(request, "GenericError", f"QMP input member '{key}' is unexpected"))
+        if "execute" not in message:
+            return Answer(self.error_bytes(request, "GenericError", "QMP input lacks member 'execute'"))
+        request = Request(message["execute"], message.get("arguments"), request.id, request.has_id)
+        if request.command in SYNC_COMMANDS:
+            return Answer(self._sync(request))
+        return request
+
+    def _sync(self, request: Request) -> bytes:
+        """guest-sync / guest-sync-delimited: ``{'id': 'int'}`` checked as QEMU's input visitor does."""
+        arguments = request.arguments or {}
+        if "id" not in arguments:
+            return self.error_bytes(request, "GenericError", "Parameter 'id' is missing")
+        sync_id = arguments["id"]
+        if type(sync_id) is not int or not -(1 << 63) <= sync_id < 1 << 63:
+            return self.error_bytes(request, "GenericError", "Invalid parameter type for 'id', expected: integer")
+        for key in arguments:
+            if key != "id":
+                return self.error_bytes(request, "GenericError", f"Parameter '{key}' is unexpected")
+        return self.return_bytes(request, sync_id, delimited=request.command == "guest-sync-delimited")

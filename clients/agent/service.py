@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import logging
 import socket
 import time
@@ -40,12 +39,15 @@ from .protocol import (
     DEFAULT_MAX_LINE,
     NO_REPLY_COMMANDS,
     AgentConnection,
+    AgentServerConnection,
+    Answer,
     ConnState,
     ErrorReply,
     Event,
     Garbage,
     Oversize,
     Reply,
+    Request,
     SyncDone,
 )
 
@@ -68,8 +70,13 @@ CLOSE_GRACE = 0.1
 NO_REPLY_GRACE = 3.0
 #: Calls queued beyond this are refused as busy.
 MAX_QUEUE = 256
-#: Proxy: largest request line a script may send (guest-file-write carries base64 data).
-PROXY_MAX_LINE = 8 << 20
+#: Proxy: the JSON reader's limits for one request, refused with qemu-ga's errors ("JSON token size limit
+#: exceeded", "... count ..."). QEMU's are 64 MiB and 2 Mi tokens; these are an eighth, to bound a connection's
+#: memory (and a request over the control channel's 1 MiB cannot be relayed anyway).
+PROXY_MAX_REQUEST = 8 << 20
+PROXY_MAX_TOKENS = 256 << 10
+#: Proxy: bytes read from a script at a time (and the stream reader's buffer bound).
+PROXY_READ = 64 << 10
 #: The proxy's own command for per-connection options (not a qemu-ga command).
 SESSION_COMMAND = "vmfront-session"
 
@@ -427,98 +434,71 @@ class AgentService:
 
 
 class _ProxySession:
-    """One script on the proxy socket: qemu-ga's wire protocol, each command through the service's queue."""
+    """One script on the proxy socket: qemu-ga's wire protocol, each command through the service's queue.
+
+    Requests are read as qemu-ga reads them (``AgentServerConnection``) and answered in order, one at a time
+    (the next bytes are read once the previous requests are answered: a script cannot queue without bound).
+    """
 
     def __init__(self, service: AgentService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.service = service
         self.reader = reader
         self.writer = writer
+        self.conn = AgentServerConnection(max_token_size=PROXY_MAX_REQUEST, max_token_count=PROXY_MAX_TOKENS)
         self.wait_if_busy = True
         self.timeout: float | None = None
         self.migrations: int | None = None  # set: stateful session, fails once a migration started since
 
     async def run(self) -> None:
-        buf = bytearray()
-        discarding = False
-        while chunk := await self.reader.read(65536):
-            if b"\xff" in chunk:  # the script resets our parser (what qemu-ga does with 0xFF)
-                chunk = chunk[chunk.rindex(b"\xff") + 1:]
-                buf.clear()
-                discarding = False
-            while True:
-                nl = chunk.find(b"\n")
-                part = chunk if nl < 0 else chunk[:nl]
-                if discarding:
-                    pass
-                elif len(buf) + len(part) > PROXY_MAX_LINE:
-                    buf.clear()
-                    discarding = True
-                    await self._send({"error": {"class": "GenericError",
-                                                "desc": f"request over {PROXY_MAX_LINE} bytes"}})
-                else:
-                    buf += part
-                if nl < 0:
-                    break
-                chunk = chunk[nl + 1:]
-                if not discarding and buf.strip():
-                    await self._request(bytes(buf))
-                buf.clear()
-                discarding = False
+        while chunk := await self.reader.read(PROXY_READ):
+            answers: list[bytes] = []  # what qemu-ga answers by itself goes out in one write
+            for event in self.conn.receive_data(chunk):
+                if isinstance(event, Answer):
+                    answers.append(event.data)
+                    continue
+                if answers:
+                    await self._send(b"".join(answers))
+                    answers.clear()
+                reply = await self._request(event)
+                if reply:
+                    await self._send(reply)
+            if answers:
+                await self._send(b"".join(answers))
 
-    async def _send(self, message: dict[str, Any], prefix: bytes = b"") -> None:
-        self.writer.write(prefix + json.dumps(message).encode() + b"\n")
+    async def _send(self, data: bytes) -> None:
+        self.writer.write(data)
         await self.writer.drain()
 
-    async def _request(self, line: bytes) -> None:
-        try:
-            request = json.loads(line)
-        except (ValueError, RecursionError) as exc:
-            await self._send({"error": {"class": "GenericError", "desc": f"JSON parse error: {exc}"}})
-            return
-        if not isinstance(request, dict) or not isinstance(request.get("execute"), str):
-            await self._send({"error": {"class": "GenericError",
-                                        "desc": "expected an object with an 'execute' string"}})
-            return
-        command: str = request["execute"]
-        arguments = request.get("arguments")
-        extra = {"id": request["id"]} if "id" in request else {}
-        if arguments is not None and not isinstance(arguments, dict):
-            await self._send({"error": {"class": "GenericError", "desc": "'arguments' must be an object"}, **extra})
-            return
-        if command in ("guest-sync", "guest-sync-delimited"):
-            # The script synchronises with us, not with the agent (which we keep in sync ourselves).
-            value = (arguments or {}).get("id")
-            await self._send({"return": value, **extra}, b"\xff" if command == "guest-sync-delimited" else b"")
-            return
-        if command == SESSION_COMMAND:
-            await self._session_options(arguments or {}, extra)
-            return
+    async def _request(self, request: Request) -> bytes:
+        """Run one request; returns the reply's bytes (none for a command that answers only on failure)."""
+        if request.command == SESSION_COMMAND:
+            return self._session_options(request)
         try:
             if self.migrations is not None and self.service.migrations != self.migrations:
                 raise AgentBusy("the guest migrated (or is migrating) during this operation; it was interrupted: "
                                 "retry it")
-            result = await self.service.call(command, arguments, timeout_s=self.timeout,
+            result = await self.service.call(request.command, request.arguments, timeout_s=self.timeout,
                                              wait_if_busy=self.wait_if_busy)
         except AgentError as exc:
-            await self._send({"error": {"class": exc.error_class, "desc": exc.desc}, **extra})
-            return
-        if command in NO_REPLY_COMMANDS:
-            return  # like qemu-ga: nothing on success
-        await self._send({"return": result, **extra})
+            return self.conn.error_bytes(request, exc.error_class, exc.desc)
+        if request.command in NO_REPLY_COMMANDS:
+            return b""  # like qemu-ga: nothing on success
+        return self.conn.return_bytes(request, result)
 
-    async def _session_options(self, arguments: dict[str, Any], extra: dict[str, Any]) -> None:
+    def _session_options(self, request: Request) -> bytes:
         """``vmfront-session``: ``wait`` (bool), ``timeout`` (seconds), ``stateful`` (bool). Returns the state."""
+        arguments = request.arguments or {}
         if "wait" in arguments:
             self.wait_if_busy = bool(arguments["wait"])
-        if isinstance(arguments.get("timeout"), int | float) and arguments["timeout"] > 0:
-            self.timeout = float(arguments["timeout"])
+        timeout = arguments.get("timeout")
+        if isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 < timeout < float("inf"):
+            self.timeout = float(timeout)
         if arguments.get("stateful"):
             self.migrations = self.service.migrations
             if self.service.migrating and not self.wait_if_busy:
-                await self._send({"error": {"class": "AgentBusy", "desc": "the guest is migrating; retry when "
-                                            "the migration is over"}, **extra})
-                return
-        await self._send({"return": {"state": self.service.state.value}, **extra})
+                return self.conn.error_bytes(request, "AgentBusy", "the guest is migrating; retry when the "
+                                             "migration is over")
+        return self.conn.return_bytes(request, {"state": self.service.state.value})
 
 
 async def _bind_proxy(path: Path, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
@@ -537,7 +517,7 @@ async def _bind_proxy(path: Path, handler: Callable[[asyncio.StreamReader, async
             raise OSError(f"another process already serves {path}")
         finally:
             probe.close()
-    return await asyncio.start_unix_server(handler, sock=listen_unix(path, mode=0o600), limit=PROXY_MAX_LINE)
+    return await asyncio.start_unix_server(handler, sock=listen_unix(path, mode=0o600), limit=PROXY_READ)
 
 
 def _loop_time(deadline: float) -> float:
