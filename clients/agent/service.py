@@ -204,7 +204,8 @@ class AgentService:
         self._attached = True
         self._moving = False
         self._conn.abandon()  # a (new) core: its relay may have reconnected; resync before the next command
-        self._set_migrating(welcome.run_state == "migrating")
+        # "migrated": a source whose guest left (it lingers); the client is sent on to the destination.
+        self._set_migrating(welcome.run_state in ("migrating", "migrated"))
         self._changed.set()
 
     def detached(self, reason: str) -> None:
@@ -228,7 +229,7 @@ class AgentService:
             self._moving = True
             self._set_migrating(True)
         elif isinstance(body, RunStateChanged) and not self._moving:
-            self._set_migrating(body.state == "migrating")
+            self._set_migrating(body.state in ("migrating", "migrated"))
         elif isinstance(body, Shutdown):
             # The VM is ending: a guest-shutdown in flight did what it was asked (its caller gets success now,
             # before `vmfront run` stops this client right behind the core).
