@@ -32,6 +32,8 @@ from .agent_relay import AgentRelay, SerialRelay
 from .control import ControlService
 from .display import DEFAULT_MAX_HEIGHT, DEFAULT_MAX_WIDTH, DisplayError
 from .guest_display import GuestDisplay
+from .guest_reads import COMMANDS as GUEST_READ_COMMANDS
+from .guest_reads import GuestReads
 from .input import KEY_DELAY_S
 from .pidlock import AlreadyRunning, PidLock
 from .policy import DEFAULT_POLICY, Policy
@@ -189,6 +191,8 @@ class Core:
         #: Listening sockets handed in by a service manager, by name.
         self._inherited = inherited_sockets()
         self._refreshes: set[asyncio.Task[None]] = set()
+        #: vmfront's own QMP commands that read the guest through files only the core sees (core_daemon/guest_reads.py).
+        self._guest_reads = GuestReads(self._execute, self.run_dir.private)
 
     # -- start-up -------------------------------------------------------------------------------------------
 
@@ -504,6 +508,8 @@ class Core:
             return _error("CommandNotFound", f"The command {str(name)[:64]!r} has not been found")
         if name == MIGRATE_TARGET_COMMAND:
             return self._set_migration_target(arguments or {})
+        if name in GUEST_READ_COMMANDS:
+            return await self._guest_reads.execute(name, arguments)
         problem = arguments_problem(arguments) or reserved_problem(name, arguments)
         if problem:
             log.info("refused %r before QEMU: %s", name, problem)

@@ -21,7 +21,8 @@ def test_args_words_quotes_flags_and_rest() -> None:
     specs = parse_spec("detach:-d,blk:-b,uri:s")
     assert parse_args(specs, " -d tcp:host:4444", "migrate") == {"detach": True, "blk": False, "uri": "tcp:host:4444"}
     assert parse_args(parse_spec("name:s"), ' "a b\\"c"', "x") == {"name": 'a b"c'}
-    assert parse_args(parse_spec("device:S"), " e1000,id=n1 ", "device_add") == {"device": "e1000,id=n1"}
+    # As QEMU: the rest of the line, trailing spaces included.
+    assert parse_args(parse_spec("device:S"), " e1000,id=n1 ", "device_add") == {"device": "e1000,id=n1 "}
     assert parse_args(parse_spec("filename:F,format:-fs,device:s?"), " /t/x -f png", "screendump") == {
         "filename": "/t/x", "format": "png"}
     with pytest.raises(ArgError, match=r"^stop: extraneous characters at the end of line$"):
@@ -46,9 +47,14 @@ def test_sendkey_syntax() -> None:
     assert parse_keys("ctrl-alt-f1") == [{"type": "qcode", "data": "ctrl"}, {"type": "qcode", "data": "alt"},
                                          {"type": "qcode", "data": "f1"}]
     assert parse_keys("0x1d-a") == [{"type": "number", "data": 0x1D}, {"type": "qcode", "data": "a"}]
-    assert parse_keys("ctrl--") == [{"type": "qcode", "data": "ctrl"}, {"type": "qcode", "data": "minus"}]
+    assert parse_keys("ctrl-alt-<") == [{"type": "qcode", "data": "ctrl"}, {"type": "qcode", "data": "alt"},
+                                        {"type": "qcode", "data": "less"}]
     with pytest.raises(ArgError, match=r"^invalid parameter: foo$"):
         parse_keys("ctrl-foo")
+    # As QEMU's hmp_sendkey: every "-" separates, so "ctrl-" and "ctrl--" name an empty key; "0x" needs digits.
+    for keys, bad in (("ctrl-", ""), ("ctrl--", ""), ("-", ""), ("0x", "0x"), ("0x1g", "0x1g"), ("0X1d", "0X1d")):
+        with pytest.raises(ArgError, match=rf"^invalid parameter: {bad}$"):
+            parse_keys(keys)
 
 
 def test_formats_match_qemu_captures() -> None:
@@ -76,7 +82,7 @@ def test_formats_match_qemu_captures() -> None:
         "  Bus  0, device   2, function 0:\n    VGA controller: PCI device 1234:1111\n"
         "      PCI subsystem 1af4:1100\n      BAR6: 32 bit memory at 0xffffffffffffffff [0x0000fffe].\n"
         "      id \"\"\n")
-    assert fmt.info_snapshots([]) == "There is no snapshot available.\n"
+    assert fmt.info_snapshots([("ide0-hd0", [])]) == "There is no snapshot available.\n"
     assert fmt.info_mice([]) == "No mouse devices connected\n"
 
 
