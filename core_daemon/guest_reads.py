@@ -135,10 +135,11 @@ class GuestReads:
         physical = arguments.get("physical", False)
         if not isinstance(physical, bool):
             raise ReadError("'physical' must be a boolean")
+        val = address - (1 << 64) if address >= 1 << 63 else address  # QAPI's 'int': high addresses go negative
         if physical:
-            data = await self._into_file("pmemsave", {"val": address, "size": size, "filename": "{path}"}, size)
+            data = await self._into_file("pmemsave", {"val": val, "size": size, "filename": "{path}"}, size)
         else:
-            data = await self._into_file("memsave", {"val": address, "size": size, "filename": "{path}",
+            data = await self._into_file("memsave", {"val": val, "size": size, "filename": "{path}",
                                                      "cpu-index": cpu_index}, size)
         if len(data) != size:
             raise ReadError(f"QEMU wrote {len(data)} of {size} bytes")

@@ -398,7 +398,8 @@ async def _mouse_move(session: Session, args: dict[str, Any]) -> None:
     await _input(session, events)
 
 
-_BUTTONS = (("left", 1), ("middle", 2), ("right", 4))
+#: QEMU's MOUSE_EVENT_* bits, in its InputButton order (despite the help text, 2 is the right button).
+_BUTTONS = (("left", 1), ("middle", 4), ("right", 2))
 
 
 @command("mouse_button", "button_state:i", "state", "change mouse button state (1=L, 2=M, 4=R)",
@@ -499,8 +500,8 @@ def _typed(value: str, kind: str) -> Any:
 
 def _device_help_line(prop: dict[str, Any]) -> str:
     line = f"  {prop['name']}=<{prop.get('type', '')}>"
-    if "description" in prop:
-        line = f"{line:<24} - {prop['description']}"
+    if "description" in prop or "default-value" in prop:
+        line = f"{line:<24} - {prop.get('description', '')}"
     if "default-value" in prop:
         default = prop["default-value"]
         text = ("true" if default else "false") if isinstance(default, bool) else str(default)
@@ -586,7 +587,7 @@ async def _change(session: Session, args: dict[str, Any]) -> None:
     if args["device"] == "vnc":
         raise MonitorError("'change vnc' is not available here: QEMU's VNC server is the core's private display "
                            "capture; the viewers' password is the client's (vmfront client --vnc-password-file)")
-    arguments: dict[str, Any] = {"id": args["device"], "filename": args["target"], "force": args["force"]}
+    arguments: dict[str, Any] = {"device": args["device"], "filename": args["target"], "force": args["force"]}
     if "arg" in args:
         arguments["format"] = args["arg"]
     if "read-only-mode" in args:
@@ -754,7 +755,7 @@ async def _x(session: Session, args: dict[str, Any]) -> None:
     await _memory_dump(session, args, physical=False)
 
 
-@command("xp", "fmt:/,addr:l", "/fmt addr", "physical memory dump starting at 'addr'\n", needs=(MEMORY_READ,))
+@command("xp", "fmt:/,addr:l", "/fmt addr", "physical memory dump starting at 'addr'", needs=(MEMORY_READ,))
 @_handler
 async def _xp(session: Session, args: dict[str, Any]) -> None:
     await _memory_dump(session, args, physical=True)

@@ -103,18 +103,17 @@ def _block_info(info: Json | None, inserted: Json | None) -> str:
 
 
 def info_block(blocks: list[Json], nodes: list[Json] | None = None, device: str | None = None) -> str:
-    """``info block [-n] [device]`` from query-block (and query-named-block-nodes for ``-n``)."""
+    """``info block [-n] [device]`` from query-block (and query-named-block-nodes for ``-n``). As QEMU, a blank
+    line goes before every entry but the first of the whole list, even when ``device`` picks one."""
     parts: list[str] = []
     if nodes is None:
-        for info in blocks:
-            if device is not None and info.get("device") != device:
-                continue
-            parts.append(_block_info(info, info.get("inserted")))
-    for node in nodes or []:
-        if device is not None and node.get("node-name") != device:
-            continue
-        parts.append(_block_info(None, node))
-    return "\n".join(parts)
+        for index, info in enumerate(blocks):
+            if device is None or info.get("device") == device:
+                parts.append(("\n" if index else "") + _block_info(info, info.get("inserted")))
+    for index, node in enumerate(nodes or []):
+        if device is None or node.get("node-name") == device:
+            parts.append(("\n" if index else "") + _block_info(None, node))
+    return "".join(parts)
 
 
 _BLOCKSTATS = ("rd_bytes", "wr_bytes", "rd_operations", "wr_operations", "flush_operations", "wr_total_time_ns",
@@ -351,8 +350,8 @@ def info_memdev(memdevs: list[Json]) -> str:
                 f"  prealloc: {_truefalse(m['prealloc'])}\n", f"  share: {_truefalse(m['share'])}\n"]
         if "reserve" in m:
             out.append(f"  reserve: {_truefalse(m['reserve'])}\n")
-        out += [f"  policy: {m['policy']}\n", f"  host nodes: {_ranges(m.get('host-nodes', []))}\n", "\n"]
-    return "".join(out)
+        out += [f"  policy: {m['policy']}\n", f"  host nodes: {_ranges(m.get('host-nodes', []))}\n"]
+    return "".join(out) + "\n"
 
 
 def info_iothreads(threads: list[Json]) -> str:

@@ -3,7 +3,8 @@
 QEMU 7.2 has no QMP query for either; what QOM shows of the machine (the core's ``__org.vmfront_qom-tree`` walk
 of ``/machine``: every object with its properties and their values) is close enough to print QEMU's text for
 most of it. What QOM does not say is listed in docs/monitor.md: the order of properties and GPIO lists inside a
-device (printed here in QOM's order), unmapped sysbus MMIO regions, and a netdev's type and options.
+device (printed here in QOM's order), which memory regions a sysbus device registered (its ``mmio`` lines), and a
+netdev's type and options.
 """
 
 from __future__ import annotations
@@ -163,24 +164,13 @@ class _Qtree:
                 value = _format_value(dev, name)
                 if value is not None:
                     self.line(indent, f"{name} = {value or '<null>'}")
-        if bus.type == "System":
-            self.sysbus_lines(dev, indent)
-        elif bus.type in ("PCI", "PCIE"):
+        if bus.type in ("PCI", "PCIE"):
             self.pci_lines(dev, bus, indent)
         elif bus.type == "usb-bus":
             self.usb_line(dev, indent)
         for child in sorted((c for c in _children(self.src.objects, dev) if c.is_bus),
                             key=lambda c: _natural(c.name), reverse=True):
             self.bus(child, indent)
-
-    def sysbus_lines(self, dev: QomObject, indent: int) -> None:
-        """sysbus_dev_print: the device's memory regions mapped into system memory."""
-        system = next((o.path for o in self.src.objects.values()
-                       if o.type == "memory-region" and o.name.startswith("system[")), None)
-        for region in _children(self.src.objects, dev):
-            if region.type == "memory-region" and system and region.values.get("container") == system:
-                addr, size = region.values.get("addr", 0), region.values.get("size", 0)
-                self.line(indent, f"mmio {addr:016x}/{size:016x}")
 
     def pci_number(self, bus: QomObject) -> int:
         parent = self.src.objects.get(bus.path.rsplit("/", 1)[0])
