@@ -102,6 +102,8 @@ class Command:
     specs: tuple[ArgSpec, ...] = field(default=(), compare=False)
     #: The QMP commands it runs (any one of them is enough to be useful); empty: it needs none.
     needs: tuple[str, ...] = ()
+    #: False for a command that only says why it cannot work here: ``help`` and ``info`` do not list it.
+    listed: bool = True
 
     @property
     def label(self) -> str:
@@ -111,7 +113,7 @@ class Command:
         return f"{prefix}{self.label} {self.params} -- {self.help}\n"
 
     def usable(self, allowed: frozenset[str] | None) -> bool:
-        return allowed is None or not self.needs or any(name in allowed for name in self.needs)
+        return self.listed and (allowed is None or not self.needs or any(name in allowed for name in self.needs))
 
 
 COMMANDS: dict[str, Command] = {}
@@ -119,9 +121,11 @@ INFO_COMMANDS: dict[str, Command] = {}
 
 
 def _register(table: dict[str, Command], name: str, args_type: str, params: str, help_text: str,
-              aliases: tuple[str, ...] = (), needs: tuple[str, ...] = ()) -> Callable[[Handler], Handler]:
+              aliases: tuple[str, ...] = (), needs: tuple[str, ...] = (), listed: bool = True,
+              ) -> Callable[[Handler], Handler]:
     def decorate(handler: Handler) -> Handler:
-        table[name] = Command(name, args_type, params, help_text, handler, aliases, parse_spec(args_type), needs)
+        table[name] = Command(name, args_type, params, help_text, handler, aliases, parse_spec(args_type), needs,
+                              listed)
         return handler
     return decorate
 
@@ -131,9 +135,9 @@ def command(name: str, args_type: str, params: str, help_text: str, aliases: tup
     return _register(COMMANDS, name, args_type, params, help_text, aliases, needs)
 
 
-def info(name: str, help_text: str, args_type: str = "", params: str = "",
-         needs: tuple[str, ...] = ()) -> Callable[[Handler], Handler]:
-    return _register(INFO_COMMANDS, name, args_type, params, help_text, needs=needs)
+def info(name: str, help_text: str, args_type: str = "", params: str = "", needs: tuple[str, ...] = (),
+         listed: bool = True) -> Callable[[Handler], Handler]:
+    return _register(INFO_COMMANDS, name, args_type, params, help_text, needs=needs, listed=listed)
 
 
 def lookup(table: dict[str, Command], name: str) -> Command | None:
@@ -1057,7 +1061,7 @@ async def _info_qtree(session: Session, args: dict[str, Any]) -> None:
 
 @info("mtree", "show memory tree (-f: dump flat view for address spaces;-d: dump dispatch tree, valid with -f "
       "only);-o: dump region owners/parents;-D: dump disabled regions", "flatview:-f,dispatch_tree:-d,owner:-o,"
-      "disabled:-D", "[-f][-d][-o][-D]")
+      "disabled:-D", "[-f][-d][-o][-D]", listed=False)
 @_handler
 async def _info_mtree(session: Session, args: dict[str, Any]) -> None:
     raise MonitorError("'info mtree' is not available: QEMU 7.2 has no QMP query for the memory tree, and the "
