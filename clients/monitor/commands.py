@@ -84,9 +84,6 @@ class Session:
     formats: Format = field(default_factory=Format)
     closing: bool = False
 
-    def error(self, message: str) -> None:
-        self.write(f"Error: {message}\n")
-
 
 Handler = Callable[[Session, dict[str, Any]], Awaitable[None]]
 
