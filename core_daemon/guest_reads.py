@@ -17,9 +17,10 @@ The commands (documented in docs/monitor.md and docs/policy.md):
     from guest memory (pmemsave).
 ``__org.vmfront_cpu-state`` ``{}`` -> ``{"long-mode": bool, "cpus": [{"cpu-index", "rax".."r15", "rip",
     "rflags", "cs".."gs", "ldt", "tr", "gdt", "idt" ({"selector", "limit", "flags", "base"}), "cr0".."cr4"}]}``
-``__org.vmfront_qom-tree`` ``{"path": str}`` -> ``{"objects": [{"path", "type", "properties": [{"name", "type",
-    "value"?}]}], "truncated": bool}``: the object at ``path`` and everything under it through ``child<>``
-    properties, depth first, with the value of every property QEMU could read (and that is not too large).
+``__org.vmfront_qom-tree`` ``{"path": str, "skip-values": [TYPE-PATTERN]}`` -> ``{"objects": [{"path", "type",
+    "properties": [{"name", "type", "value"?}]}], "truncated": bool}``: the object at ``path`` and everything
+    under it through ``child<>`` properties, level by level, with the value of every property QEMU could read (and
+    that is not too large), except for objects of the types ``skip-values`` names (their properties are listed).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -53,6 +55,8 @@ MAX_OBJECTS = 4096
 MAX_PROPERTIES = 32768
 MAX_VALUE = 4096
 MAX_VALUES_TOTAL = 2 << 20
+#: qom-get requests the walk has in flight at once.
+QOM_BATCH = 32
 
 _U64 = (1 << 64) - 1
 
@@ -125,6 +129,14 @@ class GuestReads:
             raise ReadError(f"QEMU wrote more than {limit} bytes")
         return data
 
+    async def _batched(self, requests: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """QEMU's replies to ``requests``, at most QOM_BATCH of them in flight at once."""
+        replies: list[dict[str, Any]] = []
+        for start in range(0, len(requests), QOM_BATCH):
+            replies += await asyncio.gather(*(self._execute(name, arguments)
+                                              for name, arguments in requests[start:start + QOM_BATCH]))
+        return replies
+
     async def _memory_read(self, arguments: dict[str, Any]) -> dict[str, Any]:
         unknown = set(arguments) - {"address", "size", "physical", "cpu-index"}
         if unknown:
@@ -157,53 +169,65 @@ class GuestReads:
         return {"long-mode": long_mode, "cpus": cpus}
 
     async def _qom_tree(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(arguments) - {"path"}
+        unknown = set(arguments) - {"path", "skip-values"}
         root = arguments.get("path")
+        skip = arguments.get("skip-values", [])
         if unknown or not isinstance(root, str) or not root.startswith("/"):
-            raise ReadError(f"{QOM_TREE_COMMAND} takes one argument, 'path' (an absolute QOM path)")
+            raise ReadError(f"{QOM_TREE_COMMAND} takes 'path' (an absolute QOM path) and 'skip-values'")
+        if not isinstance(skip, list) or len(skip) > 64 or not all(isinstance(p, str) for p in skip):
+            raise ReadError("'skip-values' must be a list of at most 64 type name patterns")
         objects: list[dict[str, Any]] = []
         budget = {"properties": MAX_PROPERTIES, "values": MAX_VALUES_TOTAL}
-        pending = [root.rstrip("/") or "/"]
+        level = [root.rstrip("/") or "/"]
         truncated = False
-        while pending:
-            if len(objects) >= MAX_OBJECTS:
+        # Level by level, each level's requests in batches: QEMU answers them in order without a round trip in
+        # between, and other peers' commands still get their turn.
+        while level:
+            if len(objects) + len(level) > MAX_OBJECTS:
                 truncated = True
-                break
-            path = pending.pop()
-            listing = await self._qemu("qom-list", {"path": path})
-            if not isinstance(listing, list):
-                raise ReadError("qom-list did not return a list")
-            properties: list[dict[str, Any]] = []
-            children: list[str] = []
-            entry: dict[str, Any] = {"path": path, "type": "", "properties": properties}
-            for item in listing:
-                if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                    continue
-                if budget["properties"] <= 0:
-                    truncated = True
-                    break
-                budget["properties"] -= 1
-                prop: dict[str, Any] = {"name": item["name"], "type": str(item.get("type", ""))}
-                properties.append(prop)
-                child_path = f"{path.rstrip('/')}/{item['name']}"
-                if prop["type"].startswith("child<"):
-                    children.append(child_path)
-                    continue
-                await self._property_value(path, prop, budget)
-                if prop["name"] == "type" and isinstance(prop.get("value"), str):
-                    entry["type"] = prop["value"]
-            objects.append(entry)
-            pending.extend(reversed(children))  # depth first, in QOM's order
+                level = level[:MAX_OBJECTS - len(objects)]
+            listings = await self._batched([("qom-list", {"path": path}) for path in level])
+            types = await self._batched([("qom-get", {"path": path, "property": "type"}) for path in level])
+            next_level: list[str] = []
+            readable: list[tuple[str, dict[str, Any]]] = []
+            for path, listing, kind in zip(level, listings, types, strict=True):
+                if not isinstance(listing.get("return"), list):
+                    raise ReadError(f"qom-list of {path}: {listing.get('error', {}).get('desc', 'not a list')}")
+                entry: dict[str, Any] = {"path": path, "type": kind.get("return", ""), "properties": []}
+                wanted = not any(fnmatch.fnmatchcase(str(entry["type"]), pattern) for pattern in skip)
+                for item in listing["return"]:
+                    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                        continue
+                    if budget["properties"] <= 0:
+                        truncated = True
+                        break
+                    budget["properties"] -= 1
+                    prop: dict[str, Any] = {"name": item["name"], "type": str(item.get("type", ""))}
+                    entry["properties"].append(prop)
+                    if prop["type"].startswith("child<"):
+                        next_level.append(f"{path.rstrip('/')}/{item['name']}")
+                    elif prop["name"] == "type":
+                        prop["value"] = entry["type"]
+                    elif wanted:
+                        readable.append((path, prop))
+                objects.append(entry)
+            replies = await self._batched([("qom-get", {"path": path, "property": prop["name"]})
+                                           for path, prop in readable])
+            for (_, prop), reply in zip(readable, replies, strict=True):
+                _keep_value(prop, reply, budget)
+            level = [] if truncated else next_level
         return {"objects": objects, "truncated": truncated}
 
-    async def _property_value(self, path: str, prop: dict[str, Any], budget: dict[str, int]) -> None:
-        reply = await self._execute("qom-get", {"path": path, "property": prop["name"]})
-        if "return" not in reply:
-            return  # not readable (write-only, or an error in its getter): left without a value
-        size = len(json.dumps(reply["return"]))
-        if size <= MAX_VALUE and size <= budget["values"]:
-            budget["values"] -= size
-            prop["value"] = reply["return"]
+
+
+def _keep_value(prop: dict[str, Any], reply: dict[str, Any], budget: dict[str, int]) -> None:
+    """A qom-get reply as the property's value, if it has one (not write-only, no getter error) and it fits."""
+    if "return" not in reply:
+        return
+    size = len(json.dumps(reply["return"]))
+    if size <= MAX_VALUE and size <= budget["values"]:
+        budget["values"] -= size
+        prop["value"] = reply["return"]
 
 
 # --- the dump's ELF notes ---------------------------------------------------------------------------------------

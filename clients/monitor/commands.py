@@ -1026,8 +1026,13 @@ async def _info_registers(session: Session, args: dict[str, Any]) -> None:
     session.write("".join(fmt.info_registers(cpu, long_mode) for cpu in chosen))
 
 
+#: Objects whose property values info qtree and info network never print (CPUs have hundreds of feature flags).
+_QOM_SKIP = ["*-cpu", "memory-region", "irq", "container"]
+
+
 async def _qom_objects(session: Session) -> dict[str, qom.QomObject]:
-    return qom.objects_from_walk(await session.backend.qmp(QOM_TREE, {"path": "/machine"}))
+    return qom.objects_from_walk(await session.backend.qmp(QOM_TREE, {"path": "/machine",
+                                                                      "skip-values": _QOM_SKIP}))
 
 
 @info("network", "show the network state", needs=(QOM_TREE,))
