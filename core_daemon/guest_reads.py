@@ -30,15 +30,12 @@ import base64
 import contextlib
 import fnmatch
 import json
-import logging
 import os
 import secrets
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 MEMORY_READ_COMMAND = "__org.vmfront_memory-read"
 CPU_STATE_COMMAND = "__org.vmfront_cpu-state"
@@ -48,7 +45,7 @@ COMMANDS = (MEMORY_READ_COMMAND, CPU_STATE_COMMAND, QOM_TREE_COMMAND)
 #: Largest memory read, in bytes (the monitor reads longer dumps in pieces).
 MAX_READ = 64 << 10
 #: Largest dump file read back for the CPU state: ELF headers, one byte of memory, and a few hundred bytes of
-#: notes per CPU (QEMU 7.2 allows 1024 CPUs on x86 at most: about 600 KiB).
+#: notes per CPU (QEMU 7.2 allows 1024 CPUs on x86 at most: about 800 KiB).
 MAX_DUMP = 1 << 20
 #: QOM walk bounds: objects, properties (all objects together), and the JSON text of one value and of all values.
 MAX_OBJECTS = 4096

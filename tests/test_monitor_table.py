@@ -15,7 +15,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -203,7 +203,6 @@ class Row:
     #: Run on QEMU's HMP before and after both sides (a state both compare against).
     setup: tuple[str, ...] = ()
     teardown: tuple[str, ...] = ()
-    tags: tuple[str, ...] = field(default=())
 
 
 def _info_rows() -> list[Row]:
