@@ -31,10 +31,10 @@ from guestlib import TEXT_BOXES, TEXT_SIZE, VGA_SIZE, crop
 from PIL import Image
 
 from clients.screendump import ScreendumpError, screendump, write_screendump
-from core_daemon import rfb_client as rfb
 from core_daemon.display import DisplayCapture, DisplayError, cursor_to_bgra
 from core_daemon.display_socket import DisplaySocket
 from core_daemon.input import ABS_MAX, GuestInput, InputError, scale_axis
+from rfb import client as rfb
 from shm import (
     CursorShapeRecord,
     DamageRecord,

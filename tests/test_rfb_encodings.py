@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clients.rfb import pixels
-from clients.rfb.encodings import (
+from rfb import pixels
+from rfb.encodings import (
     FramebufferUpdate,
     HextileEncoder,
     NegotiatedEncoders,
@@ -41,9 +41,9 @@ from clients.rfb.encodings import (
     qemu_extended_key_event_rect,
     qemu_pointer_motion_change_rect,
 )
-from clients.rfb.encodings.base import Encoder, pack_indices
-from clients.rfb.server import RfbServerConnection
-from clients.rfb.wire import (
+from rfb.encodings.base import Encoder, pack_indices
+from rfb.server import RfbServerConnection
+from rfb.wire import (
     BGRX8888,
     ENCODING_COPYRECT,
     ENCODING_CURSOR,

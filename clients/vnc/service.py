@@ -1,5 +1,5 @@
 """The VNC server of the client process: asyncio transports (TCP, unix, WebSocket) driving the sans-IO
-``RfbServerConnection`` of clients/rfb, pixels from the shared framebuffer, input through the core.
+``RfbServerConnection`` of rfb, pixels from the shared framebuffer, input through the core.
 
 Per viewer there are three tasks: the reader (bytes → events → state), the sender (at most one update in
 flight: it is built only when the viewer asked for one, and only once the transport has drained what was
@@ -18,17 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from clients.rfb import ProtocolError, RfbServerConnection, Screen, State
-from clients.rfb import events as ev
-from clients.rfb.encodings import (
+from ipc.channel import ChannelError
+from ipc.messages import EventBody as CoreEvent
+from ipc.messages import InputEvent, KeyEvent, Migrated, PointerEvent, Welcome, WheelEvent
+from ipc.rundir import listen_unix
+from rfb import ProtocolError, RfbServerConnection, Screen, State
+from rfb import events as ev
+from rfb.encodings import (
     NegotiatedEncoders,
     cursor_rect,
     desktop_size_rect,
     extended_desktop_size_rect,
     qemu_extended_key_event_rect,
 )
-from clients.rfb.pixels import convert
-from clients.rfb.wire import (
+from rfb.pixels import convert
+from rfb.wire import (
     EDS_REASON_CLIENT,
     EDS_STATUS_PROHIBITED,
     ENCODING_CURSOR,
@@ -36,10 +40,6 @@ from clients.rfb.wire import (
     ENCODING_EXTENDED_DESKTOP_SIZE,
     ENCODING_QEMU_EXTENDED_KEY_EVENT,
 )
-from ipc.channel import ChannelError
-from ipc.messages import EventBody as CoreEvent
-from ipc.messages import InputEvent, KeyEvent, Migrated, PointerEvent, Welcome, WheelEvent
-from ipc.rundir import listen_unix
 from shm import CursorShapeRecord, DamageRecord, LayoutError, Mode, ModeRecord, Overrun, Record
 
 from .keymap import qcode_for, scancode_for

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import zlib
 
-from clients.rfb.encodings.base import Encoder, check_size
-from clients.rfb.wire import ENCODING_ZLIB, U32, Buffer, PixelFormat
+from rfb.encodings.base import Encoder, check_size
+from rfb.wire import ENCODING_ZLIB, U32, Buffer, PixelFormat
 
 DEFAULT_LEVEL = 2  # zlib's fast (deflate_fast) levels are 1-3; a VNC viewer's compress-level hint overrides
 

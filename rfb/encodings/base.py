@@ -1,6 +1,6 @@
 """What every encoder shares: the Encoder interface, tiling, and small helpers on packed pixel buffers.
 
-Pixels given to an encoder are a rectangle already converted to the viewer's pixel format (clients.rfb.pixels),
+Pixels given to an encoder are a rectangle already converted to the viewer's pixel format (rfb.pixels),
 rows packed with no padding: ``width * height * bytes_per_pixel`` bytes.
 """
 
@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import ClassVar
 
-from clients.rfb.wire import Buffer, PixelFormat, rect_header
+from rfb.wire import Buffer, PixelFormat, rect_header
 
 NATIVE_ORDER = sys.byteorder
 

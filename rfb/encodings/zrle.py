@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from clients.rfb.encodings.base import (
+from rfb.encodings.base import (
     Encoder,
     check_size,
     distinct_colours,
@@ -22,8 +22,8 @@ from clients.rfb.encodings.base import (
     run_count,
     tile_bytes,
 )
-from clients.rfb.encodings.zlibraw import DEFAULT_LEVEL, ZlibStream
-from clients.rfb.wire import ENCODING_ZRLE, U32, Buffer, PixelFormat
+from rfb.encodings.zlibraw import DEFAULT_LEVEL, ZlibStream
+from rfb.wire import ENCODING_ZRLE, U32, Buffer, PixelFormat
 
 TILE = 64
 SOLID = 1

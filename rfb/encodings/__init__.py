@@ -1,14 +1,14 @@
 """Rectangle encoders (Raw, CopyRect, Hextile, Zlib, ZRLE, Tight), pseudo-rectangles and update assembly.
 
-Everything takes pixels already converted to the viewer's format (clients.rfb.pixels) and returns bytes; the
+Everything takes pixels already converted to the viewer's format (rfb.pixels) and returns bytes; the
 stateful encoders (Zlib, ZRLE, Tight: zlib streams) must be kept one set per connection, e.g. in a
 :class:`NegotiatedEncoders`.
 """
 
-from clients.rfb.encodings.base import Encoder, compact_length
-from clients.rfb.encodings.hextile import HextileEncoder
-from clients.rfb.encodings.negotiated import ENCODER_TYPES, NegotiatedEncoders
-from clients.rfb.encodings.pseudo import (
+from rfb.encodings.base import Encoder, compact_length
+from rfb.encodings.hextile import HextileEncoder
+from rfb.encodings.negotiated import ENCODER_TYPES, NegotiatedEncoders
+from rfb.encodings.pseudo import (
     cursor_rect,
     desktop_size_rect,
     extended_desktop_size_rect,
@@ -16,16 +16,16 @@ from clients.rfb.encodings.pseudo import (
     qemu_extended_key_event_rect,
     qemu_pointer_motion_change_rect,
 )
-from clients.rfb.encodings.raw import RawEncoder, copyrect_rect
-from clients.rfb.encodings.tight import TightEncoder
-from clients.rfb.encodings.update import (
+from rfb.encodings.raw import RawEncoder, copyrect_rect
+from rfb.encodings.tight import TightEncoder
+from rfb.encodings.update import (
     UNKNOWN_COUNT,
     FramebufferUpdate,
     framebuffer_update_message,
     update_header,
 )
-from clients.rfb.encodings.zlibraw import ZlibEncoder, ZlibStream
-from clients.rfb.encodings.zrle import ZrleEncoder
+from rfb.encodings.zlibraw import ZlibEncoder, ZlibStream
+from rfb.encodings.zrle import ZrleEncoder
 
 __all__ = [
     "ENCODER_TYPES", "UNKNOWN_COUNT", "Encoder", "FramebufferUpdate", "HextileEncoder", "NegotiatedEncoders",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from clients.rfb.encodings.base import Encoder, check_size
-from clients.rfb.wire import ENCODING_COPYRECT, ENCODING_RAW, Buffer, PixelFormat, rect_header
+from rfb.encodings.base import Encoder, check_size
+from rfb.wire import ENCODING_COPYRECT, ENCODING_RAW, Buffer, PixelFormat, rect_header
 
 _COPYRECT = struct.Struct(">HH")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from clients.rfb.encodings.base import (
+from rfb.encodings.base import (
     Encoder,
     check_size,
     distinct_colours,
@@ -20,7 +20,7 @@ from clients.rfb.encodings.base import (
     pixel_values,
     tile_bytes,
 )
-from clients.rfb.wire import ENCODING_HEXTILE, Buffer, PixelFormat
+from rfb.wire import ENCODING_HEXTILE, Buffer, PixelFormat
 
 TILE = 16
 RAW = 1

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 # PIXEL_FORMAT is defined once, with the rest of RFB's wire format (both roles speak it).
-from clients.rfb.wire import PixelFormat
+from rfb.wire import PixelFormat
 
 # --- encodings (RFC 6143 section 7.7, and the community registry) -------------------------------------------
 ENCODING_RAW = 0

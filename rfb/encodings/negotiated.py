@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from clients.rfb.encodings.base import Encoder
-from clients.rfb.encodings.hextile import HextileEncoder
-from clients.rfb.encodings.raw import RawEncoder
-from clients.rfb.encodings.tight import TightEncoder
-from clients.rfb.encodings.zlibraw import DEFAULT_LEVEL, ZlibEncoder
-from clients.rfb.encodings.zrle import ZrleEncoder
-from clients.rfb.wire import (
+from rfb.encodings.base import Encoder
+from rfb.encodings.hextile import HextileEncoder
+from rfb.encodings.raw import RawEncoder
+from rfb.encodings.tight import TightEncoder
+from rfb.encodings.zlibraw import DEFAULT_LEVEL, ZlibEncoder
+from rfb.encodings.zrle import ZrleEncoder
+from rfb.wire import (
     ENCODING_COMPRESS_LEVEL_0,
     ENCODING_COMPRESS_LEVEL_9,
     ENCODING_HEXTILE,
@@ -79,5 +79,5 @@ class NegotiatedEncoders:
 
     def rects(self, x: int, y: int, width: int, height: int, pixels: Buffer, fmt: PixelFormat,
               encoding: int | None = None) -> list[bytes]:
-        """Complete rectangles for pixels already in ``fmt`` (see clients.rfb.pixels.convert)."""
+        """Complete rectangles for pixels already in ``fmt`` (see rfb.pixels.convert)."""
         return self.encoder(encoding).rects(x, y, width, height, pixels, fmt)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clients.rfb.events import Event
+from rfb.events import Event
 
 
 class RfbError(Exception):

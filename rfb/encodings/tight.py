@@ -13,7 +13,7 @@ import io
 
 from PIL import Image
 
-from clients.rfb.encodings.base import (
+from rfb.encodings.base import (
     Encoder,
     check_size,
     compact_length,
@@ -25,9 +25,9 @@ from clients.rfb.encodings.base import (
     pixel_values,
     tile_bytes,
 )
-from clients.rfb.encodings.zlibraw import DEFAULT_LEVEL, ZlibStream
-from clients.rfb.pixels import rgb_bytes, tpixel_is_rgb
-from clients.rfb.wire import ENCODING_TIGHT, Buffer, PixelFormat, rect_header
+from rfb.encodings.zlibraw import DEFAULT_LEVEL, ZlibStream
+from rfb.pixels import rgb_bytes, tpixel_is_rgb
+from rfb.wire import ENCODING_TIGHT, Buffer, PixelFormat, rect_header
 
 MAX_WIDTH = 2048
 MAX_PIXELS = 65536
