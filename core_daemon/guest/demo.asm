@@ -45,7 +45,9 @@
 ;                         "dispi" registers, QEMU's -device VGA) <-> text mode:
 ;                         the whole screen is a high-colour animation (moving
 ;                         gradients and an XOR texture, redrawn every timer
-;                         tick, like video); keys are counted, not drawn
+;                         tick, like video) below a 64-pixel strip at the top
+;                         that is repainted in a new solid colour on every
+;                         printable key (keys are not echoed as text there)
 ;        F4               (text mode) toggle scrolling: every timer tick rows
 ;                         9-24 scroll up one line and a numbered line of text
 ;                         is printed at the bottom, like a terminal running seq
@@ -110,6 +112,7 @@ SCAN_F4         equ 0x3E
 MODE_HD         equ 0xFF        ; not a BIOS mode: the Bochs VBE 1920x1080x32 LFB
 HD_WIDTH        equ 1920
 HD_HEIGHT       equ 1080
+HD_STRIP        equ 64          ; rows of the key strip above the animation
 ROW_SCROLL      equ 9           ; first row of the scrolling area (text mode)
 ROW_LAST        equ 24
 DISPI_INDEX     equ 0x01CE      ; Bochs VBE "dispi" registers: index, data
@@ -264,6 +267,11 @@ handle_key:
         xor     byte [scrolling], 1
         ret
 .ascii:
+        cmp     byte [mode], MODE_HD    ; 1920x1080: a key repaints the strip
+        jne     .text_key
+        inc     byte [hd_keys]
+        jmp     fill_strip              ; tail call
+.text_key:
         cmp     al, 0x08                ; Backspace
         je      .backspace
         cmp     al, 0x0D                ; Enter
@@ -338,6 +346,7 @@ toggle_hd:
         mov     bx, DISPI_ENABLE
         mov     ax, DISPI_ENABLED | DISPI_LFB
         call    dispi_write
+        call    fill_strip
         jmp     draw_hd                 ; tail call
 .done:
         ret
@@ -705,7 +714,8 @@ draw_hd:
         pushad
         movzx   esi, word [counter]     ; t
         mov     edi, [lfb]
-        xor     edx, edx                ; y
+        add     edi, HD_STRIP * HD_WIDTH * 4
+        mov     edx, HD_STRIP           ; y
 .row:
         lea     ebp, [edx + esi * 2]    ; green byte for this row
         and     ebp, 0xFF
@@ -730,6 +740,22 @@ draw_hd:
         inc     edx
         cmp     edx, HD_HEIGHT
         jb      .row
+        popad
+        ret
+
+; fill_strip: the top HD_STRIP rows in colour [hd_keys] * 0x2B4F71.
+fill_strip:
+        pushad
+        movzx   eax, byte [hd_keys]
+        imul    eax, eax, 0x2B4F71
+        and     eax, 0x00FFFFFF
+        mov     edi, [lfb]
+        mov     ecx, HD_STRIP * HD_WIDTH
+.pixel:
+        mov     [fs:edi], eax
+        add     edi, 4
+        dec     ecx
+        jnz     .pixel
         popad
         ret
 
@@ -797,6 +823,7 @@ line_digits:    times NUM_DIGITS db '0'
 str_line:       db "line ", 0
 str_filler:     db ": the quick brown fox jumps over the lazy dog 0123456789", 0
 lfb:            dd 0            ; linear framebuffer address (0: none found)
+hd_keys:        db 0            ; printable keys typed in the 1920x1080 mode
 gdt:            dq 0                            ; null descriptor
                 dq 0x00CF92000000FFFF           ; 0x08: data, base 0, 4 GiB
 gdt_desc:       dw gdt_desc - gdt - 1
