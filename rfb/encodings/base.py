@@ -1,7 +1,10 @@
-"""What every encoder shares: the Encoder interface, tiling, and small helpers on packed pixel buffers.
+"""What every encoder shares: the Encoder interface, tiling, and small helpers on pixel buffers.
 
-Pixels given to an encoder are a rectangle already converted to the viewer's pixel format (rfb.pixels),
-rows packed with no padding: ``width * height * bytes_per_pixel`` bytes.
+Pixels given to an encoder are a rectangle already converted to the viewer's pixel format (rfb.pixels): either
+packed rows with no padding (``width * height * bytes_per_pixel`` bytes), or a ``(height, width)`` numpy array
+of 1, 2 or 4-byte unsigned integers holding each pixel's bytes in machine order (a view of a strided
+framebuffer works: nothing is copied until an encoder needs contiguous bytes). Tile analysis (solid tiles,
+palettes, runs) is vectorised with numpy, so its cost per pixel is C's, not Python's.
 """
 
 from __future__ import annotations
@@ -9,11 +12,17 @@ from __future__ import annotations
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
 
 from rfb.wire import Buffer, PixelFormat, rect_header
 
 NATIVE_ORDER = sys.byteorder
+PixelArray = npt.NDArray[Any]
+Pixels = Buffer | PixelArray
+_DTYPES: dict[int, np.dtype[Any]] = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
 
 
 class Encoder(ABC):
@@ -23,22 +32,81 @@ class Encoder(ABC):
     encoding: ClassVar[int]
 
     @abstractmethod
-    def encode(self, pixels: Buffer, width: int, height: int, fmt: PixelFormat) -> bytes:
+    def encode(self, pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> bytes:
         """The payload of one rectangle (what follows its 12-byte header)."""
 
-    def rects(self, x: int, y: int, width: int, height: int, pixels: Buffer, fmt: PixelFormat) -> list[bytes]:
+    def rects(self, x: int, y: int, width: int, height: int, pixels: Pixels, fmt: PixelFormat) -> list[bytes]:
         """Complete rectangles (header and payload) covering the rectangle; encoders with size limits split."""
         return [rect_header(x, y, width, height, self.encoding) + self.encode(pixels, width, height, fmt)]
 
 
-def check_size(pixels: Buffer, width: int, height: int, fmt: PixelFormat) -> bytes:
-    """The pixels as bytes, after checking they are exactly one width x height rectangle in ``fmt``."""
+def _check_dimensions(width: int, height: int) -> None:
     if not (0 <= width <= 0xFFFF and 0 <= height <= 0xFFFF):
         raise ValueError(f"rectangle {width}x{height} does not fit RFB's 16-bit sizes")
+
+
+def check_size(pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> bytes:
+    """The pixels as packed bytes, after checking they are exactly one width x height rectangle in ``fmt``."""
+    if isinstance(pixels, np.ndarray):
+        return pixel_array(pixels, width, height, fmt).tobytes()
+    _check_dimensions(width, height)
     expected = width * height * fmt.bytes_per_pixel
     if len(pixels) != expected:
         raise ValueError(f"{width}x{height} at {fmt.bits_per_pixel} bpp needs {expected} bytes, got {len(pixels)}")
     return pixels if isinstance(pixels, bytes) else bytes(pixels)
+
+
+def pixel_array(pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> PixelArray:
+    """The pixels as a ``(height, width)`` array of machine integers (values only serve as identities)."""
+    dtype = _DTYPES[fmt.bytes_per_pixel]
+    if isinstance(pixels, np.ndarray):
+        _check_dimensions(width, height)
+        if pixels.shape != (height, width) or pixels.dtype != dtype:
+            raise ValueError(f"{width}x{height} at {fmt.bits_per_pixel} bpp needs a {dtype} array of that shape, "
+                             f"got {pixels.dtype} {pixels.shape}")
+        return pixels
+    data = check_size(pixels, width, height, fmt)
+    array: PixelArray = np.frombuffer(data, dtype=dtype).reshape(height, width)
+    return array
+
+
+def array_bytes(pixels: PixelArray, start: int = 0, end: int | None = None) -> bytes:
+    """Bytes ``start:end`` of every pixel of ``pixels``, row by row (all of them by default: the packed pixels)."""
+    bpp = pixels.dtype.itemsize
+    if start == 0 and (end is None or end == bpp):
+        return pixels.tobytes()
+    as_bytes = np.ascontiguousarray(pixels).view(np.uint8).reshape(*pixels.shape, bpp)
+    return as_bytes[..., start:end].tobytes()
+
+
+def solid_colour(pixels: PixelArray) -> int | None:
+    """The one pixel value of a non-empty array whose pixels are all equal, else None."""
+    first = pixels.flat[0]
+    if (pixels == first).all():
+        return int(first)
+    return None
+
+
+def palette_of(pixels: PixelArray, limit: int) -> tuple[PixelArray, PixelArray] | None:
+    """(sorted distinct values, each pixel's index into them as uint8) or None when there are more than
+    ``limit`` (<= 256) colours. The first rows are looked at first, so noise is rejected cheaply."""
+    flat = pixels.reshape(-1)
+    head = flat[: 2 * pixels.shape[-1]] if pixels.ndim == 2 else flat[:128]
+    if len(head) > limit and len(np.unique(head)) > limit:
+        return None
+    values, inverse = np.unique(flat, return_inverse=True)
+    if len(values) > limit:
+        return None
+    return values, inverse.astype(np.uint8)
+
+
+def runs_of(indices: PixelArray) -> tuple[PixelArray, PixelArray]:
+    """(value of each run, length of each run) of a 1-D array."""
+    if len(indices) == 0:
+        return indices[:0], np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], indices[1:] != indices[:-1])))
+    lengths = np.diff(np.append(starts, len(indices)))
+    return indices[starts], lengths
 
 
 def tiles(width: int, height: int, size: int) -> Iterator[tuple[int, int, int, int]]:
@@ -131,6 +199,23 @@ def compact_length(value: int) -> bytes:
 
 
 _HEX_DIGITS = b"0123456789abcdef"
+
+
+def pack_index_array(indices: PixelArray, width: int, height: int, bits: int) -> bytes:
+    """:func:`pack_indices` for a uint8 array of ``height * width`` indices, with numpy."""
+    if width == 0 or height == 0:
+        return b""
+    rows = indices.reshape(height, width).astype(np.uint8)
+    if bits == 1:
+        return np.packbits(rows, axis=1).tobytes()
+    per_byte = 8 // bits
+    padded_width = (width + per_byte - 1) // per_byte * per_byte
+    if padded_width != width:
+        rows = np.pad(rows, ((0, 0), (0, padded_width - width)))
+    groups = rows.reshape(height, padded_width // per_byte, per_byte)
+    shifts = np.arange(8 - bits, -1, -bits, dtype=np.uint8)
+    packed: PixelArray = np.bitwise_or.reduce(groups << shifts, axis=2)
+    return packed.astype(np.uint8).tobytes()
 
 
 def pack_indices(indices: bytes, width: int, height: int, bits: int) -> bytes:

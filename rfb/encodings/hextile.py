@@ -1,26 +1,30 @@
 """Hextile (5): 16x16 tiles, each solid, raw, or a background with subrectangles.
 
 Solid tiles cost one byte (the background carries over from the previous tile); a whole band of solid tiles
-is detected with a single comparison. Tiles with up to 16 colours become a background plus subrectangles
-(one foreground colour, or coloured subrectangles), built from horizontal runs merged downwards, when that
-is smaller than raw; anything else is raw.
+is detected with a single comparison. Each band of 16 rows is classified with numpy: solid tiles by one
+comparison, and tiles whose first two rows already hold more than 16 colours are raw, without a Python loop;
+runs of raw tiles are copied out of the band in one gather. The remaining tiles (up to 16 colours) become a
+background plus subrectangles (one foreground colour, or coloured subrectangles), built from horizontal runs
+merged downwards, when that is smaller than raw; anything else is raw.
 """
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from rfb.encodings.base import (
     Encoder,
-    check_size,
+    PixelArray,
+    Pixels,
     distinct_colours,
-    is_solid,
     palette_indices,
+    pixel_array,
     pixel_bytes,
     pixel_values,
-    tile_bytes,
 )
-from rfb.wire import ENCODING_HEXTILE, Buffer, PixelFormat
+from rfb.wire import ENCODING_HEXTILE, PixelFormat
 
 TILE = 16
 RAW = 1
@@ -66,56 +70,66 @@ def subrects(indices: bytes, width: int, height: int) -> list[tuple[int, int, in
 class HextileEncoder(Encoder):
     encoding = ENCODING_HEXTILE
 
-    def encode(self, pixels: Buffer, width: int, height: int, fmt: PixelFormat) -> bytes:
+    def encode(self, pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> bytes:
+        px = pixel_array(pixels, width, height, fmt)
         bpp = fmt.bytes_per_pixel
-        data = check_size(pixels, width, height, fmt)
-        row = width * bpp
         tiles_per_band = (width + TILE - 1) // TILE
-        out = bytearray()
+        out: list[bytes] = []
         bg: bytes | None = None  # carried-over background (None: must be specified)
         fg: bytes | None = None  # carried-over foreground (None: must be specified)
         for ty in range(0, height, TILE):
-            th = min(TILE, height - ty)
-            band = data[ty * row : (ty + th) * row]
-            if is_solid(band, bpp):
-                colour = band[:bpp]
+            band = px[ty : ty + TILE]
+            first = band[0, 0]
+            if (band == first).all():
+                colour = pixel_bytes(int(first), bpp)
                 if colour == bg:
-                    out += bytes(tiles_per_band)
+                    out.append(bytes(tiles_per_band))
                 else:
-                    out += bytes((BACKGROUND_SPECIFIED,)) + colour + bytes(tiles_per_band - 1)
+                    out.append(bytes((BACKGROUND_SPECIFIED,)) + colour + bytes(tiles_per_band - 1))
                     bg = colour
                 continue
-            for tx in range(0, width, TILE):
-                tw = min(TILE, width - tx)
-                tile = tile_bytes(band, row, tx, 0, tw, th, bpp)
-                if is_solid(tile, bpp):
-                    colour = tile[:bpp]
-                    if colour == bg:
-                        out.append(0)
-                    else:
-                        out.append(BACKGROUND_SPECIFIED)
-                        out += colour
-                        bg = colour
-                    continue
-                encoded = self._subrect_tile(tile, tw, th, bpp, bg, fg)
-                if encoded is None:
-                    out.append(RAW)
-                    out += tile
+            solid, raw = _classify(band)
+            tx = 0
+            while tx < tiles_per_band:
+                if raw[tx]:  # a run of raw tiles, gathered at once
+                    end = tx + 1
+                    while end < tiles_per_band and raw[end]:
+                        end += 1
+                    out.append(_raw_tiles(band, tx, end))
                     bg = fg = None  # nothing carries over a raw tile
+                    tx = end
+                    continue
+                tile = band[:, tx * TILE : (tx + 1) * TILE]
+                if solid[tx]:
+                    colour = pixel_bytes(int(tile[0, 0]), bpp)
+                    if colour == bg:
+                        out.append(b"\x00")
+                    else:
+                        out.append(bytes((BACKGROUND_SPECIFIED,)) + colour)
+                        bg = colour
                 else:
-                    body, bg, fg = encoded
-                    out += body
-        return bytes(out)
+                    encoded = self._subrect_tile(tile, bpp, bg, fg)
+                    if encoded is None:
+                        out.append(bytes((RAW,)) + tile.tobytes())
+                        bg = fg = None
+                    else:
+                        body, bg, fg = encoded
+                        out.append(body)
+                tx += 1
+        return b"".join(out)
 
     @staticmethod
-    def _subrect_tile(tile: bytes, tw: int, th: int, bpp: int, bg: bytes | None,
+    def _subrect_tile(tile_array: PixelArray, bpp: int, bg: bytes | None,
                       fg: bytes | None) -> tuple[bytes, bytes, bytes | None] | None:
-        """(tile bytes, new background, new foreground) as background + subrects, or None when raw is better."""
+        """(tile bytes, new background, new foreground) as background + subrects, or None when raw is better.
+        Tiles are small (256 pixels): sets and bytes.translate beat numpy's per-call cost here."""
+        th, tw = tile_array.shape
+        tile = tile_array.tobytes()
         values = pixel_values(tile, bpp)
         colours = distinct_colours(values, tw, th, MAX_COLOURS)
         if colours is None:
             return None
-        palette = list(colours)
+        palette = sorted(colours)
         indices = palette_indices(tile, values, bpp, palette)
         # The most common colour becomes the background (index 0), so it needs no subrectangles.
         top = max(range(len(palette)), key=indices.count)
@@ -149,3 +163,40 @@ class HextileEncoder(Encoder):
         if len(encoded) >= 1 + len(tile):
             return None
         return encoded, bg_bytes, new_fg
+
+
+def _tile_view(band: PixelArray, count: int) -> PixelArray:
+    """The first ``count`` full-width tiles of a band as a (count, rows, 16) view."""
+    return band[:, : count * TILE].reshape(band.shape[0], count, TILE).transpose(1, 0, 2)
+
+
+def _classify(band: PixelArray) -> tuple[list[bool], list[bool]]:
+    """(solid, surely raw) per tile of a band: all pixels equal; more than 16 colours in the first two rows."""
+    width = band.shape[1]
+    full = width // TILE
+    solid: list[bool] = []
+    raw: list[bool] = []
+    if full:
+        tiles = _tile_view(band, full)
+        solid = (tiles == tiles[:, :1, :1]).all(axis=(1, 2)).tolist()
+        head = np.sort(tiles[:, :2, :].reshape(full, -1), axis=1)
+        distinct = 1 + np.count_nonzero(head[:, 1:] != head[:, :-1], axis=1)
+        raw = (distinct > MAX_COLOURS).tolist()
+    if width % TILE:
+        edge = band[:, full * TILE :]
+        solid.append(bool((edge == edge[0, 0]).all()))
+        raw.append(False)  # the general path decides
+    return solid, raw
+
+
+def _raw_tiles(band: PixelArray, start: int, end: int) -> bytes:
+    """Tiles ``start:end`` of a band (all full-width) as raw Hextile tiles: a RAW byte and the pixels, each."""
+    tiles = _tile_view(band[:, start * TILE :], end - start)
+    count, rows = tiles.shape[0], tiles.shape[1]
+    size = rows * TILE * band.dtype.itemsize
+    out = np.empty((count, 1 + size), dtype=np.uint8)
+    out[:, 0] = RAW
+    out[:, 1:].reshape(count, rows, TILE * band.dtype.itemsize)[...] = (
+        np.ascontiguousarray(band[:, start * TILE : end * TILE]).view(np.uint8)
+        .reshape(rows, count, TILE * band.dtype.itemsize).transpose(1, 0, 2))
+    return out.tobytes()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from rfb.encodings.base import Encoder, check_size
-from rfb.wire import ENCODING_COPYRECT, ENCODING_RAW, Buffer, PixelFormat, rect_header
+from rfb.encodings.base import Encoder, Pixels, check_size
+from rfb.wire import ENCODING_COPYRECT, ENCODING_RAW, PixelFormat, rect_header
 
 _COPYRECT = struct.Struct(">HH")
 
@@ -15,7 +15,7 @@ class RawEncoder(Encoder):
 
     encoding = ENCODING_RAW
 
-    def encode(self, pixels: Buffer, width: int, height: int, fmt: PixelFormat) -> bytes:
+    def encode(self, pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> bytes:
         return check_size(pixels, width, height, fmt)
 
 

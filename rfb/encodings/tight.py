@@ -3,31 +3,31 @@ gave a quality level, zlib-compressed TPIXELs otherwise.
 
 Rectangles are split to at most 2048 pixels wide (a protocol rule) and at most 65536 pixels (so compact
 lengths always fit and one chunk stays cheap). Streams: 0 full colour, 1 two-colour (1 bit per pixel), 2
-indexed (8 bits per pixel). A new compression level resets the streams, which Tight can tell the viewer
-in the next rectangle's control byte. The gradient filter is not produced.
+indexed (8 bits per pixel); a new compression level takes effect at once (see ZlibStream: no compressor
+state is kept, so nothing needs resetting). Palettes come from numpy (``np.unique``: ascending pixel values),
+after the first two rows alone were checked for more than 256 colours. The gradient filter is not produced.
 """
 
 from __future__ import annotations
 
 import io
 
+import numpy as np
 from PIL import Image
 
 from rfb.encodings.base import (
     Encoder,
-    check_size,
+    PixelArray,
+    Pixels,
     compact_length,
-    distinct_colours,
-    is_solid,
-    pack_indices,
-    palette_indices,
-    pixel_bytes,
-    pixel_values,
-    tile_bytes,
+    pack_index_array,
+    palette_of,
+    pixel_array,
+    solid_colour,
 )
 from rfb.encodings.zlibraw import DEFAULT_LEVEL, ZlibStream
 from rfb.pixels import rgb_bytes, tpixel_is_rgb
-from rfb.wire import ENCODING_TIGHT, Buffer, PixelFormat, rect_header
+from rfb.wire import ENCODING_TIGHT, PixelFormat, rect_header
 
 MAX_WIDTH = 2048
 MAX_PIXELS = 65536
@@ -53,21 +53,15 @@ class TightEncoder(Encoder):
     def __init__(self, level: int = DEFAULT_LEVEL, quality: int | None = None) -> None:
         self.streams = [ZlibStream(level) for _ in range(4)]
         self.quality = quality
-        self._reset_mask = 0
 
     @property
     def level(self) -> int:
         return self.streams[0].level
 
     def set_level(self, level: int) -> None:
-        """Change the zlib level; started streams are reset (and the viewer told so) on the next rectangle."""
-        if level == self.level:
-            return
-        for i, stream in enumerate(self.streams):
+        """Change the zlib level (from the next rectangle on)."""
+        for stream in self.streams:
             stream.set_level(level)
-            if stream.started:
-                stream.reset()
-                self._reset_mask |= 1 << i
 
     def set_quality(self, quality: int | None) -> None:
         """The viewer's JPEG quality level 0..9, or None for lossless only."""
@@ -75,54 +69,51 @@ class TightEncoder(Encoder):
             raise ValueError(f"quality level {quality} out of range 0-9")
         self.quality = quality
 
-    def rects(self, x: int, y: int, width: int, height: int, pixels: Buffer, fmt: PixelFormat) -> list[bytes]:
-        data = check_size(pixels, width, height, fmt)
-        bpp = fmt.bytes_per_pixel
-        row = width * bpp
+    def rects(self, x: int, y: int, width: int, height: int, pixels: Pixels, fmt: PixelFormat) -> list[bytes]:
+        px = pixel_array(pixels, width, height, fmt)
         out = []
         chunk_width = min(width, MAX_WIDTH) or 1
         chunk_height = max(1, MAX_PIXELS // chunk_width)
         for cy in range(0, height, chunk_height):
-            ch = min(chunk_height, height - cy)
             for cx in range(0, width, chunk_width):
-                cw = min(chunk_width, width - cx)
-                chunk = tile_bytes(data, row, cx, cy, cw, ch, bpp)
-                out.append(rect_header(x + cx, y + cy, cw, ch, self.encoding) + self.encode(chunk, cw, ch, fmt))
+                chunk = px[cy : cy + chunk_height, cx : cx + chunk_width]
+                ch, cw = chunk.shape
+                out.append(rect_header(x + cx, y + cy, cw, ch, self.encoding) + self._encode_array(chunk, fmt))
         return out
 
-    def encode(self, pixels: Buffer, width: int, height: int, fmt: PixelFormat) -> bytes:
-        data = check_size(pixels, width, height, fmt)
+    def encode(self, pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> bytes:
+        px = pixel_array(pixels, width, height, fmt)
         if width > MAX_WIDTH:
             raise ValueError(f"Tight rectangles are at most {MAX_WIDTH} pixels wide; use rects() to split")
-        bpp = fmt.bytes_per_pixel
-        reset, self._reset_mask = self._reset_mask, 0
-        if not data:
-            return bytes((reset,))  # a 0-pixel rectangle: empty copy-filter data
+        if width * height * fmt.bytes_per_pixel > 0x3FFFFF:
+            raise ValueError("Tight rectangle too large for a compact length; use rects() to split")
+        return self._encode_array(px, fmt)
+
+    def _encode_array(self, px: PixelArray, fmt: PixelFormat) -> bytes:
+        height, width = px.shape
+        if px.size == 0:
+            return b"\x00"  # a 0-pixel rectangle: empty copy-filter data
         rgb = tpixel_is_rgb(fmt)
 
-        def tpixels(raw: bytes) -> bytes:
-            return rgb_bytes(raw, fmt) if rgb else raw
+        def tpixels(values: PixelArray) -> bytes:
+            return _rgb(values, fmt) if rgb else values.tobytes()
 
-        if is_solid(data, bpp):
-            return bytes((FILL | reset,)) + tpixels(data[:bpp])
-        values = pixel_values(data, bpp)
-        colours = distinct_colours(values, width, height, MAX_PALETTE)
-        if colours is not None:
-            palette = list(colours)
-            indices = palette_indices(data, values, bpp, palette)
-            if len(palette) == 2:
-                stream, body = STREAM_MONO, pack_indices(indices, width, height, 1)
+        colour = solid_colour(px)
+        if colour is not None:
+            return bytes((FILL,)) + tpixels(np.array([colour], dtype=px.dtype))
+        found = palette_of(px, MAX_PALETTE)
+        if found is not None:
+            values, indices = found
+            if len(values) == 2:
+                stream, body = STREAM_MONO, pack_index_array(indices, width, height, 1)
             else:
-                stream, body = STREAM_INDEXED, indices
-            header = bytes(((stream << 4) | READ_FILTER | reset, FILTER_PALETTE, len(palette) - 1))
-            return header + tpixels(b"".join([pixel_bytes(v, bpp) for v in palette])) + self._compress(stream, body)
+                stream, body = STREAM_INDEXED, indices.tobytes()
+            header = bytes(((stream << 4) | READ_FILTER, FILTER_PALETTE, len(values) - 1))
+            return header + tpixels(values) + self._compress(stream, body)
         if self.quality is not None and rgb and width * height >= MIN_JPEG_PIXELS:
-            jpeg = self._jpeg(rgb_bytes(data, fmt), width, height, self.quality)
-            return bytes((JPEG | reset,)) + compact_length(len(jpeg)) + jpeg
-        body = tpixels(data)
-        if len(body) > 0x3FFFFF:
-            raise ValueError("Tight rectangle too large for a compact length; use rects() to split")
-        return bytes(((STREAM_FULL << 4) | reset,)) + self._compress(STREAM_FULL, body)
+            jpeg = self._jpeg(_rgb(px, fmt), width, height, self.quality)
+            return bytes((JPEG,)) + compact_length(len(jpeg)) + jpeg
+        return bytes((STREAM_FULL << 4,)) + self._compress(STREAM_FULL, tpixels(px))
 
     def _compress(self, stream: int, data: bytes) -> bytes:
         if len(data) < MIN_TO_COMPRESS:
@@ -136,3 +127,14 @@ class TightEncoder(Encoder):
         out = io.BytesIO()
         image.save(out, "JPEG", quality=JPEG_QUALITY[quality], subsampling=JPEG_SUBSAMPLING[quality])
         return out.getvalue()
+
+
+def _rgb(px: PixelArray, fmt: PixelFormat) -> bytes:
+    """TPIXELs (R, G, B bytes) of pixels in a format where tpixel_is_rgb holds; one gather when the channels
+    are whole bytes."""
+    shifts = (fmt.red_shift, fmt.green_shift, fmt.blue_shift)
+    if any(s % 8 for s in shifts):
+        return rgb_bytes(px.tobytes(), fmt)
+    positions = [3 - s // 8 if fmt.big_endian else s // 8 for s in shifts]
+    as_bytes = np.ascontiguousarray(px).view(np.uint8).reshape(*px.shape, 4)
+    return np.ascontiguousarray(as_bytes[..., positions]).tobytes()

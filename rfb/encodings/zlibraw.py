@@ -4,27 +4,37 @@ from __future__ import annotations
 
 import zlib
 
-from rfb.encodings.base import Encoder, check_size
+from rfb.encodings.base import Encoder, Pixels, check_size
 from rfb.wire import ENCODING_ZLIB, U32, Buffer, PixelFormat
 
 DEFAULT_LEVEL = 2  # zlib's fast (deflate_fast) levels are 1-3; a VNC viewer's compress-level hint overrides
 
 
+#: Above this size, a sample decides whether LZ77 matching is worth its CPU (see ZlibStream.compress).
+SAMPLE_SIZE = 32 * 1024
+#: A sample that deflate cannot shrink below this share of its size marks the data as incompressible by LZ77.
+INCOMPRESSIBLE = 0.85
+
+#: The two bytes that open a zlib stream (deflate, 32 KiB window, no dictionary; (0x78 << 8 | 0x01) % 31 == 0).
+ZLIB_HEADER = b"\x78\x01"
+
+
 class ZlibStream:
     """A zlib stream shared by every rectangle of one encoding on one connection.
 
-    The viewer inflates with one matching stream, so the level can only be chosen before the first byte;
-    :meth:`set_level` afterwards is remembered but only takes effect through :meth:`reset` (for encodings
-    that can tell the viewer to reset, i.e. Tight).
+    The viewer inflates one stream for the whole connection, but this side keeps no compressor between calls:
+    each :meth:`compress` is a fresh raw deflate that ends in a sync flush, so it starts on a byte boundary,
+    never refers back to earlier data (the viewer's window holds it, nothing points into it) and the viewer's
+    inflate continues through it as through any other deflate block. Only the 2-byte zlib header before the
+    first piece is state: :attr:`started`. So any encoder process can produce the next piece of any viewer's
+    stream, a level change takes effect at once, and a lost piece costs nothing to resynchronise. The price is
+    that a rectangle cannot refer to the previous update's bytes (which, for frames far larger than the 32 KiB
+    window, it rarely could anyway).
     """
 
-    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
-        self.level = level
-        self._compressor: zlib._Compress | None = None
-
-    @property
-    def started(self) -> bool:
-        return self._compressor is not None
+    def __init__(self, level: int = DEFAULT_LEVEL, *, started: bool = False) -> None:
+        self.set_level(level)
+        self.started = started
 
     def set_level(self, level: int) -> None:
         if not 0 <= level <= 9:
@@ -32,13 +42,29 @@ class ZlibStream:
         self.level = level
 
     def reset(self) -> None:
-        self._compressor = None
+        """The viewer resets its stream (Tight can tell it to): the next piece starts with the header again."""
+        self.started = False
 
     def compress(self, data: Buffer) -> bytes:
-        """``data`` compressed and sync-flushed, so the viewer can inflate all of it now."""
-        if self._compressor is None:
-            self._compressor = zlib.compressobj(self.level)
-        return self._compressor.compress(data) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
+        """``data`` compressed and sync-flushed, so the viewer can inflate all of it now.
+
+        High-colour pixels (video, photos) defeat LZ77: deflate's match search then costs most of an encoder's
+        time and gains a few percent. So a large input is sampled first (32 KiB from its middle, at level 1):
+        if that shrinks less than 15 %, the whole is Huffman-coded only, which on such data is smaller than
+        any level's LZ77 output and about twice as fast.
+        """
+        strategy = zlib.Z_DEFAULT_STRATEGY
+        if self.level and len(data) >= 4 * SAMPLE_SIZE:
+            middle = len(data) // 2
+            sample = data[middle : middle + SAMPLE_SIZE]
+            if len(zlib.compress(sample, 1)) > INCOMPRESSIBLE * SAMPLE_SIZE:
+                strategy = zlib.Z_HUFFMAN_ONLY
+        compressor = zlib.compressobj(self.level, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, strategy)
+        out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        if not self.started:
+            self.started = True
+            return ZLIB_HEADER + out
+        return out
 
 
 class ZlibEncoder(Encoder):
@@ -47,6 +73,6 @@ class ZlibEncoder(Encoder):
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         self.stream = ZlibStream(level)
 
-    def encode(self, pixels: Buffer, width: int, height: int, fmt: PixelFormat) -> bytes:
+    def encode(self, pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> bytes:
         compressed = self.stream.compress(check_size(pixels, width, height, fmt))
         return U32.pack(len(compressed)) + compressed
