@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from enum import Enum
 
 from rfb import auth
-from rfb.encodings.update import framebuffer_update_message
+from rfb.encodings.update import framebuffer_update_message, update_header
 from rfb.errors import LocalProtocolError, ProtocolError
 from rfb.events import (
     AuthFailed,
@@ -502,6 +502,11 @@ class RfbServerConnection:
         if last_rect and not self.supports(ENCODING_LAST_RECT):
             raise LocalProtocolError("the viewer did not ask for the LastRect pseudo-encoding")
         return self._message(framebuffer_update_message(rects, last_rect_terminated=last_rect))
+
+    def framebuffer_update_header(self, count: int) -> bytes:
+        """The start of a FramebufferUpdate of ``count`` complete rectangles that the owner sends after it as
+        they are (so a large rectangle is not copied into one message)."""
+        return self._message(update_header(count))
 
     def bell(self) -> bytes:
         return self._message(U8.pack(MSG_BELL))

@@ -204,6 +204,15 @@ class ShmReader:
         stride = mode.stride
         return b"".join([fb[offset : offset + row] for offset in range(start, start + height * stride, stride)])
 
+    @property
+    def framebuffer(self) -> memoryview:
+        """The framebuffer area of the read-only mapping, without copying (pixels at ``y * stride + x * bpp``).
+
+        For readers that cannot afford a copy (the VNC encoders). Release every view made from it before
+        :meth:`close`; what it shows may tear against concurrent writes, as :meth:`copy_rect` says.
+        """
+        return self._fb
+
     def copy_frame(self, mode: Mode | None = None) -> bytes:
         """The whole frame as packed rows (width*bpp bytes each)."""
         mode = self.mode() if mode is None else mode

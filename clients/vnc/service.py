@@ -4,7 +4,10 @@
 Per viewer there are three tasks: the reader (bytes → events → state), the sender (at most one update in
 flight: it is built only when the viewer asked for one, and only once the transport has drained what was
 written before, so a slow viewer skips frames instead of buffering them) and the input sender (batches of
-input events to the core, one request at a time). See docs/vnc.md.
+input events to the core, one request at a time). Updates are encoded by worker processes
+(encoder_pool.py), never on this loop; only Raw in the framebuffer's own format is copied here. Viewers that
+take CopyRect are served from the service's frame copy, where scrolls are found (framecopy.py). See
+docs/vnc.md.
 """
 
 from __future__ import annotations
@@ -26,24 +29,31 @@ from rfb import ProtocolError, RfbServerConnection, Screen, State
 from rfb import events as ev
 from rfb.encodings import (
     NegotiatedEncoders,
+    copyrect_rect,
     cursor_rect,
     desktop_size_rect,
+    encode_frame_rects,
     extended_desktop_size_rect,
     qemu_extended_key_event_rect,
 )
-from rfb.pixels import convert
+from rfb.pixels import is_native
 from rfb.wire import (
     EDS_REASON_CLIENT,
     EDS_STATUS_PROHIBITED,
+    ENCODING_COPYRECT,
     ENCODING_CURSOR,
     ENCODING_DESKTOP_SIZE,
     ENCODING_EXTENDED_DESKTOP_SIZE,
     ENCODING_QEMU_EXTENDED_KEY_EVENT,
+    ENCODING_RAW,
+    rect_header,
 )
-from shm import CursorShapeRecord, DamageRecord, LayoutError, Mode, ModeRecord, Overrun, Record
+from shm import CursorShapeRecord, DamageRecord, LayoutError, Mode, ModeRecord, Overrun, Record, ShmReader
 
+from .encoder_pool import EncodeRequest, EncoderPool, EncoderUnavailable
+from .framecopy import Frame, FrameCopy, Move, frame_array
 from .keymap import qcode_for, scancode_for
-from .region import DirtyRegion, Rect, intersect
+from .region import DirtyRegion, Rect, contains, intersect
 
 if TYPE_CHECKING:
     from clients.main import ClientContext
@@ -66,6 +76,11 @@ MAX_VIEWERS = 64
 #: Protocol replies (not updates) queued for a viewer that does not read them; beyond, it is disconnected.
 MAX_OUTBOX = 1 << 20
 SINGLE_SCREEN_ID = 0
+#: After an update could not be encoded (its worker died), try again this much later.
+ENCODE_RETRY_S = 0.05
+#: Updates of at most this many pixels are encoded on the loop (well under a millisecond: a typed character,
+#: a cursor blink), where a worker's round trip would cost more than the encoding.
+IN_LOOP_PIXELS = 64 * 64
 
 
 class VncError(Exception):
@@ -151,6 +166,9 @@ class Transport(Protocol):
     async def send(self, data: bytes) -> None:
         """Write, then wait while the write buffer is above its high-water mark."""
 
+    async def send_parts(self, parts: list[bytes | bytearray]) -> None:
+        """:meth:`send` for a message in pieces (a large rectangle is not copied into one buffer)."""
+
     def write_nowait(self, data: bytes) -> None:
         """Best effort, no waiting (a last message before closing)."""
 
@@ -174,6 +192,10 @@ class StreamTransport:
 
     async def send(self, data: bytes) -> None:
         self._writer.write(data)
+        await self._writer.drain()
+
+    async def send_parts(self, parts: list[bytes | bytearray]) -> None:
+        self._writer.writelines(parts)
         await self._writer.drain()
 
     def write_nowait(self, data: bytes) -> None:
@@ -210,6 +232,9 @@ class WebSocketTransport:
             await self._ws.send(data)
         except ConnectionClosed as exc:
             raise ConnectionResetError(str(exc)) from exc
+
+    async def send_parts(self, parts: list[bytes | bytearray]) -> None:
+        await self.send(b"".join(parts))  # one WebSocket message per update
 
     def write_nowait(self, data: bytes) -> None:
         pass  # a WebSocket frame cannot be written without awaiting; the close reason goes in the log
@@ -253,6 +278,9 @@ class Viewer:
         self._buttons = 0
         self._held: set[tuple[str, str | int]] = set()
         self.updates_sent = 0
+        self.copy_source = False  # served from the service's frame copy (the viewer takes CopyRect)
+        self.pending_copy: Move | None = None  # a scroll to send as CopyRect before the dirty region
+        self.in_flight: list[Rect] = []  # rectangles of the update being encoded
         self.closed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -327,6 +355,11 @@ class Viewer:
             self._on_key(event, batch)
         elif isinstance(event, ev.EncodingsSet):
             self.encoders.set_encodings(event.encodings)
+            copy_source = self.service.use_copy(self.conn.supports(ENCODING_COPYRECT))
+            if copy_source != self.copy_source:
+                self.copy_source = copy_source
+                self.full = True  # the other source may differ from what the viewer has: repaint from it
+                self.pending_copy = None
             if self.conn.supports(ENCODING_CURSOR):
                 self.cursor_changed = True
             if self.conn.supports(ENCODING_QEMU_EXTENDED_KEY_EVENT) and not self.ext_key_acked:
@@ -432,18 +465,46 @@ class Viewer:
 
     # --- updates --------------------------------------------------------------------------------------
 
-    def display_changed(self, damage: list[Rect], full: bool, cursor: bool) -> None:
+    def display_changed(self, damage: list[Rect], full: bool, cursor: bool, moves: list[Move] | None = None) -> None:
         if full:
             self.full = True
+            self.pending_copy = None
         else:
+            move = moves[0] if moves and self.copy_source and not self.full and self.pending_copy is None else None
+            if move is not None:
+                self._take_move(move)
             for rect in damage:
-                self.dirty.add(*rect)
+                if move is not None and contains(rect, move.dest):
+                    self._add_outside(rect, move)
+                else:
+                    self.dirty.add(*rect)
         if cursor and self.conn.supports(ENCODING_CURSOR):
             self.cursor_changed = True
         if self.conn.state is State.NORMAL:
             self._wake.set()
         elif self.service.mode is not None and self.conn.state is not State.CLOSED:
             self.conn.width, self.conn.height = self.service.mode.width, self.service.mode.height
+
+    def _take_move(self, move: Move) -> None:
+        """Send ``move`` as CopyRect. Where the viewer's copy of the source is stale (dirty, or in an update
+        still being encoded, whose pixels may already be the new ones), the destination is repainted too."""
+        stale = [*self.dirty.rects, *self.in_flight]
+        for rect in stale:
+            part = intersect(rect, move.source)
+            if part is not None:
+                self.dirty.add(part[0], part[1] - move.dy, part[2], part[3])
+        self.pending_copy = move
+
+    def _add_outside(self, rect: Rect, move: Move) -> None:
+        """The rows of a damaged rectangle that the move does not explain (above and below its destination)."""
+        x, y, w, h = rect
+        top, bottom = move.y, move.y + move.height
+        if top > y:
+            self.dirty.add(x, y, w, top - y)
+        if y + h > bottom:
+            self.dirty.add(x, bottom, w, y + h - bottom)
+        if move.x > x or move.x + move.width < x + w:  # columns beside the move (not produced, but be safe)
+            self.dirty.add(*rect)
 
     async def _send_loop(self) -> None:
         while True:
@@ -453,13 +514,14 @@ class Viewer:
                 data = bytes(self._outbox)
                 self._outbox.clear()
                 await self.transport.send(data)
-            update = self._build_update()
+            update = await self._build_update()
             if update is not None:
                 self.updates_sent += 1
-                await self.transport.send(update)
+                await self.transport.send_parts(update)
+                log.debug("viewer %s: update %d sent (%d bytes)", self.peer, self.updates_sent, sum(map(len, update)))
 
-    def _build_update(self) -> bytes | None:
-        """The next FramebufferUpdate, or None if the viewer did not ask or there is nothing to say."""
+    async def _build_update(self) -> list[bytes | bytearray] | None:
+        """The next FramebufferUpdate in pieces, or None if the viewer did not ask or there is nothing to say."""
         if self.requested is None or self.conn.state is not State.NORMAL or self.size is None:
             return None
         if self.service.holding:  # the segment is not the guest's picture (yet): answer once it is
@@ -469,7 +531,8 @@ class Viewer:
         if mode is None or display is None or mode.width == 0:
             return None
         if (mode.width, mode.height) != self.size:
-            return self._resize(mode)
+            resize = self._resize(mode)
+            return None if resize is None else [resize]
         rects: list[bytes] = []
         if self.ext_key_ack:
             rects.append(qemu_extended_key_event_rect())
@@ -489,21 +552,79 @@ class Viewer:
                                          self.conn.pixel_format))
         if self.full:
             self.full = False
+            self.pending_copy = None
             self.dirty.clear()
             self.dirty.add(0, 0, mode.width, mode.height)
+        parts: list[bytes | bytearray] = list(rects)
+        count = len(rects)
+        move, self.pending_copy = self.pending_copy, None
+        if move is not None:
+            if contains(self.requested, move.dest) and contains(self.requested, move.source):
+                parts.append(copyrect_rect(*move.dest, move.x, move.y + move.dy))
+                count += 1
+            else:
+                self.dirty.add(*move.dest)
+        damaged = self.dirty.take(self.requested)
+        if damaged:
+            encoded = await self._encode(damaged, mode, display.reader)
+            if encoded is None:
+                return None
+            parts.extend(encoded[0])
+            count += encoded[1]
+        if not count:
+            return None
+        self.requested = None
+        return [self.conn.framebuffer_update_header(count), *parts]
+
+    async def _encode(self, damaged: list[Rect], mode: Mode,
+                      reader: ShmReader) -> tuple[list[bytes | bytearray], int] | None:
+        """(pieces, rectangle count) for the damaged rectangles: Raw in the framebuffer's own format is copied
+        here (a memcpy), everything else is encoded by a worker process while this loop goes on."""
         fmt = self.conn.pixel_format
+        settings = self.encoders.settings()
+        copy = self.service.frame_copy if self.copy_source else None
+        if copy is not None and copy.mode != mode:
+            copy = None  # the copy does not hold this mode (yet): serve from the segment
         try:
-            for x, y, w, h in self.dirty.take(self.requested):
-                pixels = convert(display.reader.copy_rect(x, y, w, h, mode), fmt)
-                rects.extend(self.encoders.rects(x, y, w, h, pixels, fmt))
+            if settings.encoding == ENCODING_RAW and is_native(fmt):
+                frame: Frame = copy.array(mode) if copy is not None else frame_array(reader.framebuffer, mode)
+                parts: list[bytes | bytearray] = []
+                for x, y, w, h in damaged:
+                    parts += [rect_header(x, y, w, h, ENCODING_RAW), frame[y : y + h, x : x + w].tobytes()]
+                del frame
+                return parts, len(damaged)
+            if sum(w * h for _, _, w, h in damaged) <= IN_LOOP_PIXELS:
+                frame = copy.array(mode) if copy is not None else frame_array(reader.framebuffer, mode)
+                encoded, after = encode_frame_rects(settings, fmt, frame, damaged)
+                del frame
+                self.encoders.advance(after)
+                return list(encoded), len(encoded)
+            pool = self.service.pool
+            if pool is None:
+                raise EncoderUnavailable("the VNC service has no encoder workers")
+            request = EncodeRequest("copy" if copy is not None else "segment", reader.name, mode.width,
+                                    mode.height, mode.stride, fmt, settings, tuple(damaged))
+            before = (fmt, mode, self.size)
+            self.in_flight = list(damaged)
+            try:
+                result = await pool.encode(request)
+            finally:
+                self.in_flight = []
         except (LayoutError, ValueError) as exc:  # the segment changed under us: a mode record follows
             log.debug("viewer %s: frame copy failed (%s); waiting for the next mode", self.peer, exc)
             self.full = True
             return None
-        if not rects:
+        except EncoderUnavailable as exc:
+            log.info("viewer %s: update not encoded (%s); repainting", self.peer, exc)
+            self.full = True
+            asyncio.get_running_loop().call_later(ENCODE_RETRY_S, self._wake.set)
             return None
-        self.requested = None
-        return self.conn.framebuffer_update(rects)
+        if before != (self.conn.pixel_format, self.service.mode, self.size) or self.conn.state is not State.NORMAL:
+            self.full = True  # the viewer or the display changed while this was encoded: repaint from scratch
+            self._wake.set()
+            return None
+        self.encoders.advance(result.settings)
+        return [result.data], result.count
 
     def _resize(self, mode: Mode) -> bytes | None:
         w, h = mode.width, mode.height
@@ -535,7 +656,7 @@ class VncService:
 
     def __init__(self, listen: str = DEFAULT_LISTEN, *, password: str | None = None,
                  websocket: str | None = None, max_viewers: int = MAX_VIEWERS,
-                 display_wait_s: float = DISPLAY_WAIT_S) -> None:
+                 display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None) -> None:
         self.listen = parse_listen(listen)
         self.websocket = parse_listen(websocket) if websocket else None
         self.password = password
@@ -553,6 +674,9 @@ class VncService:
         self.holding = False
         self._hold_timer: asyncio.TimerHandle | None = None
         self._following_migration = False
+        self.encoder_workers = encoder_workers
+        self.pool: EncoderPool | None = None
+        self.frame_copy: FrameCopy | None = None
 
     # --- Service protocol -----------------------------------------------------------------------------
 
@@ -585,6 +709,9 @@ class VncService:
             self._socks.append(bind_socket(self.websocket))
 
     async def start(self) -> None:
+        self.frame_copy = FrameCopy()
+        self.pool = EncoderPool(self.encoder_workers, copy_fd=self.frame_copy.fd)
+        self.pool.start()
         sock = self._socks[0]
         if sock.family == socket.AF_UNIX:
             server = await asyncio.start_unix_server(self._on_stream, sock=sock)
@@ -674,12 +801,54 @@ class VncService:
             damage = [r for r in (intersect(d, clip) for d in damage) if r is not None]
         if not (damage or full or cursor):
             return
+        moves = self._refresh_copy(damage, full)
         for viewer in list(self.viewers):
-            viewer.display_changed(damage, full, cursor)
+            viewer.display_changed(damage, full, cursor, moves)
+
+    # --- the frame copy (viewers that take CopyRect) --------------------------------------------------
+
+    def use_copy(self, takes_copyrect: bool) -> bool:
+        """Whether a viewer is to be served from the frame copy; loads the copy if it was not kept."""
+        if not takes_copyrect or self.frame_copy is None:
+            return False
+        if self.frame_copy.mode is None:
+            self._refresh_copy([], True, needed=True)
+        return True
+
+    def _refresh_copy(self, damage: list[Rect], full: bool, *, needed: bool = False) -> list[Move]:
+        """Bring the frame copy up to the segment (while a viewer is served from it) and return the scrolls
+        found in the damage. Runs here, in the loop, between updates: see framecopy.py for why."""
+        copy = self.frame_copy
+        display = self.ctx.display if self.ctx is not None else None
+        if copy is None:
+            return []
+        if not needed and not any(v.copy_source for v in self.viewers):
+            if copy.mode is not None:
+                copy.forget()
+            return []
+        mode = self.mode
+        if display is None or mode is None or not copy.fits(mode):
+            copy.mode = None
+            return []
+        try:
+            source = frame_array(display.reader.framebuffer, mode)
+            if full or copy.mode != mode:
+                copy.load(source, mode)
+                return []
+            region = DirtyRegion()
+            for rect in damage:
+                region.add(*rect)
+            return copy.apply(source, region.rects)
+        except (LayoutError, ValueError) as exc:
+            log.debug("VNC: frame copy not refreshed (%s)", exc)
+            copy.mode = None
+            return []
 
     async def close(self) -> None:
         if self._hold_timer is not None:
             self._hold_timer.cancel()
+        if self.pool is not None:
+            await self.pool.close()
         for server in self._servers:
             server.close()
         for viewer in list(self.viewers):
@@ -691,6 +860,8 @@ class VncService:
                 if sock.family == socket.AF_UNIX:
                     os.unlink(sock.getsockname())
             sock.close()
+        if self.frame_copy is not None:
+            self.frame_copy.close()
 
     # --- helpers for viewers --------------------------------------------------------------------------
 

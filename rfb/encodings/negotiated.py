@@ -1,15 +1,25 @@
-"""One viewer's encoders: picks the encoding from its SetEncodings, keeps zlib streams across updates."""
+"""One viewer's encoders: picks the encoding from its SetEncodings, keeps zlib streams across updates.
+
+Encoders keep no compressor state between rectangles (see ZlibStream), so what one viewer's encoding needs is
+small and plain: :class:`EncoderSettings` (encoding, level, quality, which zlib streams have started). Any
+process can rebuild the encoder from it (:func:`make_encoder`), encode rectangles of a framebuffer
+(:func:`encode_frame_rects`) and hand back the settings to continue with.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
-from rfb.encodings.base import Encoder
+import numpy as np
+
+from rfb.encodings.base import Encoder, PixelArray
 from rfb.encodings.hextile import HextileEncoder
 from rfb.encodings.raw import RawEncoder
 from rfb.encodings.tight import TightEncoder
-from rfb.encodings.zlibraw import DEFAULT_LEVEL, ZlibEncoder
+from rfb.encodings.zlibraw import DEFAULT_LEVEL, ZlibEncoder, ZlibStream
 from rfb.encodings.zrle import ZrleEncoder
+from rfb.pixels import convert, is_native
 from rfb.wire import (
     ENCODING_COMPRESS_LEVEL_0,
     ENCODING_COMPRESS_LEVEL_9,
@@ -81,3 +91,79 @@ class NegotiatedEncoders:
               encoding: int | None = None) -> list[bytes]:
         """Complete rectangles for pixels already in ``fmt`` (see rfb.pixels.convert)."""
         return self.encoder(encoding).rects(x, y, width, height, pixels, fmt)
+
+    def settings(self, encoding: int | None = None) -> EncoderSettings:
+        """What a process needs to continue this viewer's ``encoding`` (default: the preferred one)."""
+        encoder = self.encoder(encoding)
+        quality = encoder.quality if isinstance(encoder, TightEncoder) else None
+        return EncoderSettings(encoder.encoding, self._level, quality, streams_started(encoder))
+
+    def advance(self, settings: EncoderSettings) -> None:
+        """Adopt the stream state after an update encoded elsewhere with ``settings`` was sent."""
+        set_streams_started(self.encoder(settings.encoding), settings.started)
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderSettings:
+    """One viewer's encoder, as plain values: encoding number, zlib level, Tight JPEG quality, and for each zlib
+    stream of that encoding (1 for Zlib and ZRLE, 4 for Tight) whether its header was sent."""
+
+    encoding: int
+    level: int = DEFAULT_LEVEL
+    quality: int | None = None
+    started: tuple[bool, ...] = ()
+
+
+def _streams(encoder: Encoder) -> list[ZlibStream]:
+    if isinstance(encoder, TightEncoder):
+        return encoder.streams
+    if isinstance(encoder, ZlibEncoder | ZrleEncoder):
+        return [encoder.stream]
+    return []
+
+
+def streams_started(encoder: Encoder) -> tuple[bool, ...]:
+    return tuple(stream.started for stream in _streams(encoder))
+
+
+def set_streams_started(encoder: Encoder, started: Sequence[bool]) -> None:
+    for stream, was_started in zip(_streams(encoder), started, strict=False):
+        stream.started = was_started
+
+
+def make_encoder(settings: EncoderSettings) -> Encoder:
+    """A fresh encoder that continues where ``settings`` says the viewer's streams are."""
+    if settings.encoding not in ENCODER_TYPES:
+        raise ValueError(f"encoding {settings.encoding} is not one this package produces")
+    encoder: Encoder
+    if settings.encoding == ENCODING_TIGHT:
+        encoder = TightEncoder(settings.level, settings.quality)
+    elif settings.encoding == ENCODING_ZLIB:
+        encoder = ZlibEncoder(settings.level)
+    elif settings.encoding == ENCODING_ZRLE:
+        encoder = ZrleEncoder(settings.level)
+    else:
+        encoder = ENCODER_TYPES[settings.encoding]()
+    set_streams_started(encoder, settings.started)
+    return encoder
+
+
+Rect = tuple[int, int, int, int]
+
+
+def encode_frame_rects(settings: EncoderSettings, fmt: PixelFormat, frame: PixelArray,
+                       rects: Sequence[Rect]) -> tuple[list[bytes], EncoderSettings]:
+    """Complete rectangles for ``rects`` of ``frame`` (a (height, width) uint32 array of BGRX pixels, e.g. a view
+    of shared memory), in the viewer's format ``fmt``, and the settings to continue with."""
+    encoder = make_encoder(settings)
+    native = is_native(fmt)
+    out: list[bytes] = []
+    for x, y, w, h in rects:
+        view = frame[y : y + h, x : x + w]
+        if view.shape != (h, w):
+            raise ValueError(f"rectangle {w}x{h}+{x}+{y} outside the {frame.shape[1]}x{frame.shape[0]} frame")
+        if native:
+            out.extend(encoder.rects(x, y, w, h, view, fmt))
+        else:
+            out.extend(encoder.rects(x, y, w, h, convert(np.ascontiguousarray(view).tobytes(), fmt), fmt))
+    return out, replace(settings, started=streams_started(encoder))
