@@ -44,18 +44,22 @@
 ;        F3               toggle a 1920x1080x32 linear framebuffer (Bochs VBE
 ;                         "dispi" registers, QEMU's -device VGA) <-> text mode:
 ;                         the whole screen is a high-colour animation (moving
-;                         gradients and an XOR texture, redrawn every timer
-;                         tick, like video) below a 64-pixel strip at the top
+;                         gradients and an XOR texture, a quarter of the rows
+;                         redrawn every timer tick, so the whole picture is new
+;                         every 4 ticks and keys are read between quarters,
+;                         like video) below a 64-pixel strip at the top
 ;                         that is repainted in a new solid colour on every
 ;                         printable key (keys are not echoed as text there)
 ;        F4               (text mode) toggle scrolling: every timer tick rows
 ;                         9-24 scroll up one line and a numbered line of text
 ;                         is printed at the bottom, like a terminal running seq
 ;
-; The 1920x1080 frame lies above 1 MiB, so the guest runs in "unreal mode":
-; FS is loaded once from a flat 4 GiB descriptor in protected mode and keeps
-; that limit back in real mode, so [fs:edi] reaches the linear framebuffer,
-; whose address is PCI BAR 0 of the VGA device (1234:1111).
+; The 1920x1080 frame lies above 1 MiB (its address is PCI BAR 0 of the VGA
+; device, 1234:1111), so the routines that draw it run in 32-bit protected
+; mode with flat segments: pm_call switches there with interrupts off, calls
+; the routine, and comes back to real mode.  ("Unreal mode" would be shorter,
+; but a 4 GiB FS limit does not survive SeaBIOS's own mode switches, nor KVM
+; without unrestricted-guest support, which emulates real mode.)
 ;
 ; Video output does not go through the BIOS teletype: put_char writes text
 ; mode cells straight to B800:0000, and in mode 13h renders the BIOS 8x8 ROM
@@ -113,6 +117,7 @@ MODE_HD         equ 0xFF        ; not a BIOS mode: the Bochs VBE 1920x1080x32 LF
 HD_WIDTH        equ 1920
 HD_HEIGHT       equ 1080
 HD_STRIP        equ 64          ; rows of the key strip above the animation
+HD_BAND         equ (HD_HEIGHT - HD_STRIP) / 4  ; rows redrawn per timer tick
 ROW_SCROLL      equ 9           ; first row of the scrolling area (text mode)
 ROW_LAST        equ 24
 DISPI_INDEX     equ 0x01CE      ; Bochs VBE "dispi" registers: index, data
@@ -194,7 +199,6 @@ main:
         mov     [font_ptr + 2], es
         pop     es
 
-        call    enter_unreal
         call    find_lfb
         mov     ax, [BDA_TICKS]         ; count ticks from now on
         mov     [last_tick], ax
@@ -347,7 +351,10 @@ toggle_hd:
         mov     ax, DISPI_ENABLED | DISPI_LFB
         call    dispi_write
         call    fill_strip
-        jmp     draw_hd                 ; tail call
+        mov     cx, 4                   ; the whole picture at once
+.band:
+        call    draw_hd
+        loop    .band
 .done:
         ret
 
@@ -640,24 +647,48 @@ put_char:
 ; The 1920x1080x32 animation and the scrolling text
 ; ---------------------------------------------------------------------------
 
-; enter_unreal: give FS a 4 GiB limit (flat descriptor, then back to real mode).
-enter_unreal:
+; pm_call: call the 32-bit routine at BX in flat protected mode (interrupts
+; off meanwhile), then return to real mode with CS = DS = ES = SS = 0.
+pm_call:
+        pushad
         cli
+        movzx   ebx, bx
+        mov     [pm_target], ebx
+        movzx   esp, sp                 ; the same stack, addressed with ESP
         lgdt    [gdt_desc]
         mov     eax, cr0
         or      al, 1
         mov     cr0, eax
-        jmp     .pm                     ; serialise after entering protected mode
-.pm:
-        mov     bx, 0x08                ; the flat data descriptor
-        mov     fs, bx
+        jmp     dword SEL_CODE32:.pm32
+        bits    32
+.pm32:
+        mov     ax, SEL_DATA32
+        mov     ds, ax
+        mov     es, ax
+        mov     ss, ax
+        call    [pm_target]
+        jmp     SEL_CODE16:.pm16
+        bits    16
+.pm16:
+        mov     ax, SEL_DATA16          ; 64 KiB limits again before real mode
+        mov     ds, ax
+        mov     es, ax
+        mov     ss, ax
+        mov     fs, ax
+        mov     gs, ax
+        mov     eax, cr0
         and     al, 0xFE
         mov     cr0, eax
-        jmp     .rm
+        jmp     0x0000:.rm
 .rm:
-        xor     bx, bx                  ; base 0 again; the 4 GiB limit stays
-        mov     fs, bx
+        xor     ax, ax
+        mov     ds, ax
+        mov     es, ax
+        mov     ss, ax
+        mov     fs, ax
+        mov     gs, ax
         sti
+        popad
         ret
 
 ; find_lfb: [lfb] = PCI BAR 0 of the first 1234:1111 device on bus 0, or 0.
@@ -707,15 +738,36 @@ dispi_off:
 .done:
         ret
 
-; draw_hd: one animation frame at t = [counter]: for pixel (x, y),
-; blue = x + t, green = y + 2t, red = ((x xor y) >> 2) + t (each mod 256), so
-; every 64x64 tile holds thousands of colours and every frame changes them all.
 draw_hd:
-        pushad
+        push    bx
+        mov     bx, draw_band32
+        call    pm_call
+        pop     bx
+        ret
+
+fill_strip:
+        push    bx
+        mov     bx, fill_strip32
+        call    pm_call
+        pop     bx
+        ret
+
+        bits    32
+; draw_band32: the next quarter of the animation's rows ([hd_band] 0-3) at
+; t = [counter]: for pixel (x, y), blue = x + t, green = y + 2t,
+; red = ((x xor y) >> 2) + t (each mod 256), so every 64x64 tile holds
+; thousands of colours and every frame changes them all.
+draw_band32:
         movzx   esi, word [counter]     ; t
-        mov     edi, [lfb]
-        add     edi, HD_STRIP * HD_WIDTH * 4
-        mov     edx, HD_STRIP           ; y
+        movzx   eax, byte [hd_band]
+        inc     byte [hd_band]
+        and     byte [hd_band], 3
+        imul    edx, eax, HD_BAND
+        add     edx, HD_STRIP           ; y = first row of the band
+        lea     ebx, [edx + HD_BAND]
+        mov     [hd_end], ebx
+        imul    edi, edx, HD_WIDTH * 4
+        add     edi, [lfb]
 .row:
         lea     ebp, [edx + esi * 2]    ; green byte for this row
         and     ebp, 0xFF
@@ -732,32 +784,25 @@ draw_hd:
         add     ax, si                  ; blue in bits 0-7
         and     eax, 0x00FF00FF
         or      eax, ebp
-        mov     [fs:edi], eax
-        add     edi, 4
+        stosd
         inc     ebx
         dec     ecx
         jnz     .pixel
         inc     edx
-        cmp     edx, HD_HEIGHT
+        cmp     edx, [hd_end]
         jb      .row
-        popad
         ret
 
-; fill_strip: the top HD_STRIP rows in colour [hd_keys] * 0x2B4F71.
-fill_strip:
-        pushad
+; fill_strip32: the top HD_STRIP rows in colour [hd_keys] * 0x2B4F71.
+fill_strip32:
         movzx   eax, byte [hd_keys]
         imul    eax, eax, 0x2B4F71
         and     eax, 0x00FFFFFF
         mov     edi, [lfb]
         mov     ecx, HD_STRIP * HD_WIDTH
-.pixel:
-        mov     [fs:edi], eax
-        add     edi, 4
-        dec     ecx
-        jnz     .pixel
-        popad
+        rep     stosd
         ret
+        bits    16
 
 ; scroll_line: rows ROW_SCROLL..24 up one line (BIOS scroll), then print
 ; "line NNNNN: ..." on row 24 with the next line number.
@@ -824,8 +869,18 @@ str_line:       db "line ", 0
 str_filler:     db ": the quick brown fox jumps over the lazy dog 0123456789", 0
 lfb:            dd 0            ; linear framebuffer address (0: none found)
 hd_keys:        db 0            ; printable keys typed in the 1920x1080 mode
+hd_band:        db 0            ; the quarter of the animation drawn next
+hd_end:         dd 0            ; row after the band being drawn
+pm_target:      dd 0            ; the 32-bit routine pm_call runs
+SEL_CODE32      equ 0x08
+SEL_DATA32      equ 0x10
+SEL_CODE16      equ 0x18
+SEL_DATA16      equ 0x20
 gdt:            dq 0                            ; null descriptor
-                dq 0x00CF92000000FFFF           ; 0x08: data, base 0, 4 GiB
+                dq 0x00CF9A000000FFFF           ; 0x08: code, 32-bit, base 0, 4 GiB
+                dq 0x00CF92000000FFFF           ; 0x10: data, 32-bit, base 0, 4 GiB
+                dq 0x00009A000000FFFF           ; 0x18: code, 16-bit, base 0, 64 KiB
+                dq 0x000092000000FFFF           ; 0x20: data, 16-bit, base 0, 64 KiB
 gdt_desc:       dw gdt_desc - gdt - 1
                 dd gdt
 
