@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from corelib import RawQmpPeer, kill_pid, short_tmpdir, spawn_core  # noqa: E402
 from guestlib import text_row  # noqa: E402
-from vnclib import HEXTILE, RAW, TIGHT, ZLIB, ZRLE, MiniViewer, VncClientProcess, free_port, wait_for  # noqa: E402
+from vnclib import COPYRECT, HEXTILE, RAW, TIGHT, ZLIB, ZRLE, MiniViewer, VncClientProcess, free_port, wait_for  # noqa: E402
 
 from core_daemon.demo_guest import demo_image_path, demo_qemu_args  # noqa: E402
 
@@ -156,7 +156,8 @@ async def pull_frames(port: int, encoding: int, stop: asyncio.Event) -> int:
 async def scroll_bytes(ports: dict[str, int], qmp: RawQmpPeer, seconds: float) -> dict[str, tuple[int, int]]:
     """(bytes, updates) each server sends a ZRLE viewer (incremental requests, one outstanding) while the demo
     guest scrolls text for ``seconds``; both viewers watch the same scrolling at the same time."""
-    viewers = {name: await MiniViewer.connect(port, ZRLE) for name, port in ports.items()}
+    # Both announce CopyRect, as every real viewer does (QEMU's server does not use it).
+    viewers = {name: await MiniViewer.connect(port, ZRLE, extra=(COPYRECT,)) for name, port in ports.items()}
     stop = asyncio.Event()
 
     async def follow(viewer: MiniViewer) -> tuple[int, int]:

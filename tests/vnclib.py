@@ -116,6 +116,7 @@ class MiniViewer:
         self.bytes_read = 0
         self.probe: tuple[int, int] | None = None
         self.probed: bytes | None = None
+        self.recording: bytearray | None = None  # when set, every byte read is appended (for a real decoder)
 
     @classmethod
     async def connect(cls, port: int, encoding: int = RAW, *, rcvbuf: int | None = None,
@@ -153,7 +154,10 @@ class MiniViewer:
 
     async def _take(self, n: int) -> bytes:
         self.bytes_read += n
-        return await self.reader.readexactly(n)
+        data = await self.reader.readexactly(n)
+        if self.recording is not None:
+            self.recording += data
+        return data
 
     async def read_update(self) -> list[tuple[int, int, int, int]]:
         while True:

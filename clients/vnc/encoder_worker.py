@@ -23,13 +23,14 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
 import posix_ipc
 
 from rfb.encodings import EncoderSettings, encode_frame_rects
-from rfb.wire import PixelFormat
+from rfb.wire import Buffer, PixelFormat
 from shm import LayoutError, Mode, ShmReader
 
 from .framecopy import frame_array
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 LENGTH = struct.Struct(">I")
 MAX_REQUEST = 1 << 20
 PR_SET_PDEATHSIG = 1
-NICENESS = 0
+NICENESS = 19
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -62,11 +63,26 @@ def recv_exact(sock: socket.socket, size: int) -> bytes | None:
     return bytes(buf)
 
 
-def send_message(sock: socket.socket, meta: dict[str, Any], payload: bytes = b"") -> None:
-    body = msgpack.packb({**meta, "size": len(payload)})
+#: Buffers per sendmsg call (below IOV_MAX).
+MAX_IOV = 512
+
+
+def send_message(sock: socket.socket, meta: dict[str, Any], payload: Sequence[Buffer] = ()) -> None:
+    """The reply header, then the payload's buffers gathered by sendmsg (no joining copy)."""
+    views = [memoryview(b).cast("B") for b in payload]
+    views = [v for v in views if len(v)]
+    body = msgpack.packb({**meta, "size": sum(len(v) for v in views)})
     sock.sendall(LENGTH.pack(len(body)) + body)
-    if payload:
-        sock.sendall(payload)
+    first = 0
+    while first < len(views):
+        sent = sock.sendmsg(views[first : first + MAX_IOV])
+        while sent and first < len(views):
+            if sent >= len(views[first]):
+                sent -= len(views[first])
+                first += 1
+            else:
+                views[first] = views[first][sent:]
+                sent = 0
 
 
 class Sources:
@@ -93,14 +109,14 @@ class Sources:
         return frame_array(self.segment(request["segment"]).framebuffer, mode)
 
 
-def handle(sources: Sources, request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+def handle(sources: Sources, request: dict[str, Any]) -> tuple[dict[str, Any], list[Buffer]]:
     settings = EncoderSettings(request["encoding"], request["level"], request["quality"],
                                tuple(request["started"]))
     fmt = PixelFormat.unpack(request["format"])
     frame = sources.frame(request)
-    rects, after = encode_frame_rects(settings, fmt, frame, [tuple(r) for r in request["rects"]])
+    pieces, count, after = encode_frame_rects(settings, fmt, frame, [tuple(r) for r in request["rects"]])
     del frame  # no view of a mapping may outlive the request (a segment may be closed by the next one)
-    return {"id": request["id"], "count": len(rects), "started": list(after.started)}, b"".join(rects)
+    return {"id": request["id"], "count": count, "started": list(after.started)}, pieces
 
 
 def serve(sock: socket.socket, sources: Sources) -> None:

@@ -278,6 +278,7 @@ class Viewer:
         self._buttons = 0
         self._held: set[tuple[str, str | int]] = set()
         self.updates_sent = 0
+        self.copyrects_sent = 0
         self.copy_source = False  # served from the service's frame copy (the viewer takes CopyRect)
         self.pending_copy: Move | None = None  # a scroll to send as CopyRect before the dirty region
         self.in_flight: list[Rect] = []  # rectangles of the update being encoded
@@ -319,7 +320,8 @@ class Viewer:
             self.conn.close()
             self.transport.close()
             await self._release_held()
-            log.info("viewer %s gone (%s; %d updates sent)", self.peer, reason, self.updates_sent)
+            log.info("viewer %s gone (%s; %d updates sent, %d scrolls by CopyRect)", self.peer, reason,
+                     self.updates_sent, self.copyrects_sent)
 
     def disconnect(self) -> None:
         self.closed.set()
@@ -562,6 +564,7 @@ class Viewer:
             if contains(self.requested, move.dest) and contains(self.requested, move.source):
                 parts.append(copyrect_rect(*move.dest, move.x, move.y + move.dy))
                 count += 1
+                self.copyrects_sent += 1
             else:
                 self.dirty.add(*move.dest)
         damaged = self.dirty.take(self.requested)
@@ -595,10 +598,10 @@ class Viewer:
                 return parts, len(damaged)
             if sum(w * h for _, _, w, h in damaged) <= IN_LOOP_PIXELS:
                 frame = copy.array(mode) if copy is not None else frame_array(reader.framebuffer, mode)
-                encoded, after = encode_frame_rects(settings, fmt, frame, damaged)
+                pieces, count, after = encode_frame_rects(settings, fmt, frame, damaged)
                 del frame
                 self.encoders.advance(after)
-                return list(encoded), len(encoded)
+                return [bytes(p) for p in pieces], count
             pool = self.service.pool
             if pool is None:
                 raise EncoderUnavailable("the VNC service has no encoder workers")

@@ -39,6 +39,13 @@ class Encoder(ABC):
         """Complete rectangles (header and payload) covering the rectangle; encoders with size limits split."""
         return [rect_header(x, y, width, height, self.encoding) + self.encode(pixels, width, height, fmt)]
 
+    def pieces(self, x: int, y: int, width: int, height: int, pixels: Pixels,
+               fmt: PixelFormat) -> tuple[list[Buffer], int]:
+        """What :meth:`rects` says, as buffers to send one after the other (a large payload is not copied to
+        join it to its header), and how many rectangles they make."""
+        rects = self.rects(x, y, width, height, pixels, fmt)
+        return list(rects), len(rects)
+
 
 def _check_dimensions(width: int, height: int) -> None:
     if not (0 <= width <= 0xFFFF and 0 <= height <= 0xFFFF):

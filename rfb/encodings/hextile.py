@@ -24,7 +24,7 @@ from rfb.encodings.base import (
     pixel_bytes,
     pixel_values,
 )
-from rfb.wire import ENCODING_HEXTILE, PixelFormat
+from rfb.wire import ENCODING_HEXTILE, Buffer, PixelFormat, rect_header
 
 TILE = 16
 RAW = 1
@@ -71,10 +71,17 @@ class HextileEncoder(Encoder):
     encoding = ENCODING_HEXTILE
 
     def encode(self, pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> bytes:
+        return b"".join(self._encode_pieces(pixels, width, height, fmt))
+
+    def pieces(self, x: int, y: int, width: int, height: int, pixels: Pixels,
+               fmt: PixelFormat) -> tuple[list[Buffer], int]:
+        return [rect_header(x, y, width, height, self.encoding), *self._encode_pieces(pixels, width, height, fmt)], 1
+
+    def _encode_pieces(self, pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> list[Buffer]:
         px = pixel_array(pixels, width, height, fmt)
         bpp = fmt.bytes_per_pixel
         tiles_per_band = (width + TILE - 1) // TILE
-        out: list[bytes] = []
+        out: list[Buffer] = []
         bg: bytes | None = None  # carried-over background (None: must be specified)
         fg: bytes | None = None  # carried-over foreground (None: must be specified)
         for ty in range(0, height, TILE):
@@ -116,7 +123,7 @@ class HextileEncoder(Encoder):
                         body, bg, fg = encoded
                         out.append(body)
                 tx += 1
-        return b"".join(out)
+        return out
 
     @staticmethod
     def _subrect_tile(tile_array: PixelArray, bpp: int, bg: bytes | None,
@@ -171,17 +178,25 @@ def _tile_view(band: PixelArray, count: int) -> PixelArray:
 
 
 def _classify(band: PixelArray) -> tuple[list[bool], list[bool]]:
-    """(solid, surely raw) per tile of a band: all pixels equal; more than 16 colours in the first two rows."""
+    """(solid, surely raw) per tile of a band: all pixels equal; more than 16 colours in the first two rows.
+    Only tiles that are not surely raw are compared for solidity (high-colour bands cost one small sort)."""
     width = band.shape[1]
     full = width // TILE
     solid: list[bool] = []
     raw: list[bool] = []
     if full:
         tiles = _tile_view(band, full)
-        solid = (tiles == tiles[:, :1, :1]).all(axis=(1, 2)).tolist()
         head = np.sort(tiles[:, :2, :].reshape(full, -1), axis=1)
         distinct = 1 + np.count_nonzero(head[:, 1:] != head[:, :-1], axis=1)
-        raw = (distinct > MAX_COLOURS).tolist()
+        surely_raw = distinct > MAX_COLOURS
+        raw = surely_raw.tolist()
+        solid = [False] * full
+        candidates = np.flatnonzero(~surely_raw)
+        if len(candidates):
+            some = tiles[candidates]
+            for index, is_solid in zip(candidates.tolist(), (some == some[:, :1, :1]).all(axis=(1, 2)).tolist(),
+                                       strict=True):
+                solid[index] = is_solid
     if width % TILE:
         edge = band[:, full * TILE :]
         solid.append(bool((edge == edge[0, 0]).all()))
@@ -189,7 +204,7 @@ def _classify(band: PixelArray) -> tuple[list[bool], list[bool]]:
     return solid, raw
 
 
-def _raw_tiles(band: PixelArray, start: int, end: int) -> bytes:
+def _raw_tiles(band: PixelArray, start: int, end: int) -> memoryview:
     """Tiles ``start:end`` of a band (all full-width) as raw Hextile tiles: a RAW byte and the pixels, each."""
     tiles = _tile_view(band[:, start * TILE :], end - start)
     count, rows = tiles.shape[0], tiles.shape[1]
@@ -199,4 +214,5 @@ def _raw_tiles(band: PixelArray, start: int, end: int) -> bytes:
     out[:, 1:].reshape(count, rows, TILE * band.dtype.itemsize)[...] = (
         np.ascontiguousarray(band[:, start * TILE : end * TILE]).view(np.uint8)
         .reshape(rows, count, TILE * band.dtype.itemsize).transpose(1, 0, 2))
-    return out.tobytes()
+    view: memoryview = out.data.cast("B")
+    return view

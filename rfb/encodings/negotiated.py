@@ -152,18 +152,20 @@ Rect = tuple[int, int, int, int]
 
 
 def encode_frame_rects(settings: EncoderSettings, fmt: PixelFormat, frame: PixelArray,
-                       rects: Sequence[Rect]) -> tuple[list[bytes], EncoderSettings]:
+                       rects: Sequence[Rect]) -> tuple[list[Buffer], int, EncoderSettings]:
     """Complete rectangles for ``rects`` of ``frame`` (a (height, width) uint32 array of BGRX pixels, e.g. a view
-    of shared memory), in the viewer's format ``fmt``, and the settings to continue with."""
+    of shared memory), in the viewer's format ``fmt``: the buffers to send in order, how many rectangles they
+    make, and the settings to continue with."""
     encoder = make_encoder(settings)
     native = is_native(fmt)
-    out: list[bytes] = []
+    out: list[Buffer] = []
+    count = 0
     for x, y, w, h in rects:
         view = frame[y : y + h, x : x + w]
         if view.shape != (h, w):
             raise ValueError(f"rectangle {w}x{h}+{x}+{y} outside the {frame.shape[1]}x{frame.shape[0]} frame")
-        if native:
-            out.extend(encoder.rects(x, y, w, h, view, fmt))
-        else:
-            out.extend(encoder.rects(x, y, w, h, convert(np.ascontiguousarray(view).tobytes(), fmt), fmt))
-    return out, replace(settings, started=streams_started(encoder))
+        pixels = view if native else convert(np.ascontiguousarray(view).tobytes(), fmt)
+        pieces, n = encoder.pieces(x, y, w, h, pixels, fmt)
+        out += pieces
+        count += n
+    return out, count, replace(settings, started=streams_started(encoder))

@@ -5,15 +5,15 @@ from __future__ import annotations
 import zlib
 
 from rfb.encodings.base import Encoder, Pixels, check_size
-from rfb.wire import ENCODING_ZLIB, U32, Buffer, PixelFormat
+from rfb.wire import ENCODING_ZLIB, U32, Buffer, PixelFormat, rect_header
 
 DEFAULT_LEVEL = 2  # zlib's fast (deflate_fast) levels are 1-3; a VNC viewer's compress-level hint overrides
 
 
 #: Above this size, a sample decides whether LZ77 matching is worth its CPU (see ZlibStream.compress).
-SAMPLE_SIZE = 32 * 1024
-#: A sample that deflate cannot shrink below this share of its size marks the data as incompressible by LZ77.
-INCOMPRESSIBLE = 0.85
+SAMPLE_SIZE = 16 * 1024
+#: LZ77 must make the sample this much smaller than Huffman coding alone does to be worth its CPU.
+LZ77_GAIN = 0.95
 
 #: The two bytes that open a zlib stream (deflate, 32 KiB window, no dictionary; (0x78 << 8 | 0x01) % 31 == 0).
 ZLIB_HEADER = b"\x78\x01"
@@ -49,15 +49,16 @@ class ZlibStream:
         """``data`` compressed and sync-flushed, so the viewer can inflate all of it now.
 
         High-colour pixels (video, photos) defeat LZ77: deflate's match search then costs most of an encoder's
-        time and gains a few percent. So a large input is sampled first (32 KiB from its middle, at level 1):
-        if that shrinks less than 15 %, the whole is Huffman-coded only, which on such data is smaller than
-        any level's LZ77 output and about twice as fast.
+        time and finds nothing that Huffman coding alone would not save. So a large input is sampled first
+        (16 KiB from its middle): if LZ77 at level 1 makes it no more than 5 % smaller than Huffman coding
+        alone, the whole is Huffman-coded only, which on such data is as small and about twice as fast.
         """
         strategy = zlib.Z_DEFAULT_STRATEGY
-        if self.level and len(data) >= 4 * SAMPLE_SIZE:
+        if self.level and len(data) >= 8 * SAMPLE_SIZE:
             middle = len(data) // 2
             sample = data[middle : middle + SAMPLE_SIZE]
-            if len(zlib.compress(sample, 1)) > INCOMPRESSIBLE * SAMPLE_SIZE:
+            huffman = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, zlib.Z_HUFFMAN_ONLY)
+            if len(zlib.compress(sample, 1)) > LZ77_GAIN * len(huffman.compress(sample) + huffman.flush()):
                 strategy = zlib.Z_HUFFMAN_ONLY
         compressor = zlib.compressobj(self.level, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, strategy)
         out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
@@ -76,3 +77,8 @@ class ZlibEncoder(Encoder):
     def encode(self, pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> bytes:
         compressed = self.stream.compress(check_size(pixels, width, height, fmt))
         return U32.pack(len(compressed)) + compressed
+
+    def pieces(self, x: int, y: int, width: int, height: int, pixels: Pixels,
+               fmt: PixelFormat) -> tuple[list[Buffer], int]:
+        compressed = self.stream.compress(check_size(pixels, width, height, fmt))
+        return [rect_header(x, y, width, height, self.encoding) + U32.pack(len(compressed)), compressed], 1

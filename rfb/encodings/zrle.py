@@ -23,7 +23,7 @@ from rfb.encodings.base import (
     solid_colour,
 )
 from rfb.encodings.zlibraw import DEFAULT_LEVEL, ZlibStream
-from rfb.wire import ENCODING_ZRLE, U32, PixelFormat
+from rfb.wire import ENCODING_ZRLE, U32, Buffer, PixelFormat, rect_header
 
 TILE = 64
 SOLID = 1
@@ -73,6 +73,11 @@ class ZrleEncoder(Encoder):
     def encode(self, pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> bytes:
         compressed = self.stream.compress(self.tiles(pixels, width, height, fmt))
         return U32.pack(len(compressed)) + compressed
+
+    def pieces(self, x: int, y: int, width: int, height: int, pixels: Pixels,
+               fmt: PixelFormat) -> tuple[list[Buffer], int]:
+        compressed = self.stream.compress(self.tiles(pixels, width, height, fmt))
+        return [rect_header(x, y, width, height, self.encoding) + U32.pack(len(compressed)), compressed], 1
 
     def tiles(self, pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> bytes:
         """The uncompressed tile stream (exposed for tests and measurements)."""
