@@ -6,6 +6,7 @@ compromised without disturbing them. The memory-ordering argument is in `shm.wri
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
@@ -221,11 +222,15 @@ class ShmReader:
     # --- lifetime ----------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Unmap, or leave the unmapping to the last view still in use: slices of :attr:`framebuffer` handed to
+        a socket may outlive the reader by the time it takes to send them."""
         if self._map.closed:
             return
         for view in (self._fb, self._cursor, self._ring, self._mv):
-            view.release()
-        self._map.close()
+            with contextlib.suppress(BufferError):
+                view.release()
+        with contextlib.suppress(BufferError):
+            self._map.close()
 
     def __enter__(self) -> ShmReader:
         return self

@@ -16,6 +16,7 @@ so they cost nothing extra.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from dataclasses import dataclass
@@ -118,6 +119,11 @@ class FrameCopy:
             raise
         self.mode: Mode | None = None  # the mode the copy holds a whole frame of; None: not maintained
 
+    @property
+    def buffer(self) -> memoryview:
+        """The copy's memory, for slices handed to a socket (Raw); see :meth:`close`."""
+        return memoryview(self._map)
+
     def fits(self, mode: Mode) -> bool:
         return mode.bytes_per_pixel == 4 and mode.stride % 4 == 0 and mode.stride * mode.height <= self.size
 
@@ -129,20 +135,26 @@ class FrameCopy:
         np.copyto(self.array(mode), source)
         self.mode = mode
 
-    def apply(self, source: Frame, damage: list[Rect]) -> list[Move]:
-        """Copy the damaged rectangles from ``source`` (the new frame), returning the vertical moves found in
-        them (compared with what the copy held before)."""
+    def apply(self, source: Frame, damage: list[Rect]) -> tuple[list[Move], list[Rect]]:
+        """Copy the damaged rectangles from ``source`` (the new frame). Returns the vertical moves found in them
+        and what really changed otherwise: the rows of each rectangle that differ from what the copy held and
+        that no move explains (a damage record often covers rows that did not change)."""
         assert self.mode is not None
         copy = self.array(self.mode)
-        moves = []
+        moves: list[Move] = []
+        changed: list[Rect] = []
         for x, y, w, h in damage:
             old, new = copy[y : y + h, x : x + w], source[y : y + h, x : x + w]
+            rows = (old != new).any(axis=1)
             found = find_move(old, new)
             if found is not None:
-                first, rows, dy = found
-                moves.append(Move(x, y + first, w, rows, dy))
+                first, count, dy = found
+                moves.append(Move(x, y + first, w, count, dy))
+                rows[first : first + count] = False
+            edges = np.flatnonzero(np.diff(np.concatenate(([0], rows.view(np.int8), [0]))))
+            changed += [(x, y + int(a), w, int(b - a)) for a, b in zip(edges[0::2], edges[1::2], strict=True)]
             np.copyto(old, new)
-        return moves
+        return moves, changed
 
     def forget(self) -> None:
         """No viewer needs the copy any more: give its pages back (the mapping stays valid, reading zeros)."""
@@ -151,6 +163,8 @@ class FrameCopy:
         os.ftruncate(self.fd, self.size)
 
     def close(self) -> None:
+        """Unmap, or leave that to the last slice still being sent."""
         self.mode = None
-        self._map.close()
+        with contextlib.suppress(BufferError):
+            self._map.close()
         os.close(self.fd)

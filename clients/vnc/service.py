@@ -166,7 +166,7 @@ class Transport(Protocol):
     async def send(self, data: bytes) -> None:
         """Write, then wait while the write buffer is above its high-water mark."""
 
-    async def send_parts(self, parts: list[bytes | bytearray]) -> None:
+    async def send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
         """:meth:`send` for a message in pieces (a large rectangle is not copied into one buffer)."""
 
     def write_nowait(self, data: bytes) -> None:
@@ -194,7 +194,7 @@ class StreamTransport:
         self._writer.write(data)
         await self._writer.drain()
 
-    async def send_parts(self, parts: list[bytes | bytearray]) -> None:
+    async def send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
         self._writer.writelines(parts)
         await self._writer.drain()
 
@@ -233,7 +233,7 @@ class WebSocketTransport:
         except ConnectionClosed as exc:
             raise ConnectionResetError(str(exc)) from exc
 
-    async def send_parts(self, parts: list[bytes | bytearray]) -> None:
+    async def send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
         await self.send(b"".join(parts))  # one WebSocket message per update
 
     def write_nowait(self, data: bytes) -> None:
@@ -252,6 +252,22 @@ def _binary_subprotocol(connection: Any, offered: Any) -> Any:
 
 
 # --- one viewer --------------------------------------------------------------------------------------------
+
+
+def raw_pieces(framebuffer: memoryview, mode: Mode, rects: list[Rect]) -> list[bytes | bytearray | memoryview]:
+    """Raw rectangles in the framebuffer's own format as slices of the mapping itself: the socket copies the
+    pixels once, and nothing else does (they may tear; a later damage record repaints them)."""
+    if mode.bytes_per_pixel != 4 or mode.stride * mode.height > len(framebuffer):
+        raise LayoutError(f"mode {mode} does not fit the framebuffer")
+    pieces: list[bytes | bytearray | memoryview] = []
+    for x, y, w, h in rects:
+        pieces.append(rect_header(x, y, w, h, ENCODING_RAW))
+        start, row = y * mode.stride + x * 4, w * 4
+        if row == mode.stride:
+            pieces.append(framebuffer[start : start + row * h])
+        else:
+            pieces += [framebuffer[o : o + row] for o in range(start, start + h * mode.stride, mode.stride)]
+    return pieces
 
 
 class Viewer:
@@ -467,19 +483,26 @@ class Viewer:
 
     # --- updates --------------------------------------------------------------------------------------
 
-    def display_changed(self, damage: list[Rect], full: bool, cursor: bool, moves: list[Move] | None = None) -> None:
+    def display_changed(self, damage: list[Rect], full: bool, cursor: bool,
+                        copy_changes: tuple[list[Move], list[Rect]] | None = None) -> None:
+        """New damage. ``copy_changes`` (the frame copy's moves and really changed rows) replace ``damage`` for a
+        viewer served from the copy: the first move is sent as CopyRect if nothing else is pending."""
         if full:
             self.full = True
             self.pending_copy = None
+        elif self.copy_source and copy_changes is not None:
+            moves, changed = copy_changes
+            taken = moves[0] if moves and not self.full and self.pending_copy is None else None
+            if taken is not None:
+                self._take_move(taken)
+            for move in moves:
+                if move is not taken:
+                    self.dirty.add(*move.dest)
+            for rect in changed:
+                self.dirty.add(*rect)
         else:
-            move = moves[0] if moves and self.copy_source and not self.full and self.pending_copy is None else None
-            if move is not None:
-                self._take_move(move)
             for rect in damage:
-                if move is not None and contains(rect, move.dest):
-                    self._add_outside(rect, move)
-                else:
-                    self.dirty.add(*rect)
+                self.dirty.add(*rect)
         if cursor and self.conn.supports(ENCODING_CURSOR):
             self.cursor_changed = True
         if self.conn.state is State.NORMAL:
@@ -497,17 +520,6 @@ class Viewer:
                 self.dirty.add(part[0], part[1] - move.dy, part[2], part[3])
         self.pending_copy = move
 
-    def _add_outside(self, rect: Rect, move: Move) -> None:
-        """The rows of a damaged rectangle that the move does not explain (above and below its destination)."""
-        x, y, w, h = rect
-        top, bottom = move.y, move.y + move.height
-        if top > y:
-            self.dirty.add(x, y, w, top - y)
-        if y + h > bottom:
-            self.dirty.add(x, bottom, w, y + h - bottom)
-        if move.x > x or move.x + move.width < x + w:  # columns beside the move (not produced, but be safe)
-            self.dirty.add(*rect)
-
     async def _send_loop(self) -> None:
         while True:
             await self._wake.wait()
@@ -522,7 +534,7 @@ class Viewer:
                 await self.transport.send_parts(update)
                 log.debug("viewer %s: update %d sent (%d bytes)", self.peer, self.updates_sent, sum(map(len, update)))
 
-    async def _build_update(self) -> list[bytes | bytearray] | None:
+    async def _build_update(self) -> list[bytes | bytearray | memoryview] | None:
         """The next FramebufferUpdate in pieces, or None if the viewer did not ask or there is nothing to say."""
         if self.requested is None or self.conn.state is not State.NORMAL or self.size is None:
             return None
@@ -557,7 +569,7 @@ class Viewer:
             self.pending_copy = None
             self.dirty.clear()
             self.dirty.add(0, 0, mode.width, mode.height)
-        parts: list[bytes | bytearray] = list(rects)
+        parts: list[bytes | bytearray | memoryview] = list(rects)
         count = len(rects)
         move, self.pending_copy = self.pending_copy, None
         if move is not None:
@@ -580,7 +592,7 @@ class Viewer:
         return [self.conn.framebuffer_update_header(count), *parts]
 
     async def _encode(self, damaged: list[Rect], mode: Mode,
-                      reader: ShmReader) -> tuple[list[bytes | bytearray], int] | None:
+                      reader: ShmReader) -> tuple[list[bytes | bytearray | memoryview], int] | None:
         """(pieces, rectangle count) for the damaged rectangles: Raw in the framebuffer's own format is copied
         here (a memcpy), everything else is encoded by a worker process while this loop goes on."""
         fmt = self.conn.pixel_format
@@ -590,14 +602,9 @@ class Viewer:
             copy = None  # the copy does not hold this mode (yet): serve from the segment
         try:
             if settings.encoding == ENCODING_RAW and is_native(fmt):
-                frame: Frame = copy.array(mode) if copy is not None else frame_array(reader.framebuffer, mode)
-                parts: list[bytes | bytearray] = []
-                for x, y, w, h in damaged:
-                    parts += [rect_header(x, y, w, h, ENCODING_RAW), frame[y : y + h, x : x + w].tobytes()]
-                del frame
-                return parts, len(damaged)
+                return raw_pieces(copy.buffer if copy is not None else reader.framebuffer, mode, damaged), len(damaged)
             if sum(w * h for _, _, w, h in damaged) <= IN_LOOP_PIXELS:
-                frame = copy.array(mode) if copy is not None else frame_array(reader.framebuffer, mode)
+                frame: Frame = copy.array(mode) if copy is not None else frame_array(reader.framebuffer, mode)
                 pieces, count, after = encode_frame_rects(settings, fmt, frame, damaged)
                 del frame
                 self.encoders.advance(after)
@@ -804,9 +811,9 @@ class VncService:
             damage = [r for r in (intersect(d, clip) for d in damage) if r is not None]
         if not (damage or full or cursor):
             return
-        moves = self._refresh_copy(damage, full)
+        copy_changes = self._refresh_copy(damage, full)
         for viewer in list(self.viewers):
-            viewer.display_changed(damage, full, cursor, moves)
+            viewer.display_changed(damage, full, cursor, copy_changes)
 
     # --- the frame copy (viewers that take CopyRect) --------------------------------------------------
 
@@ -818,26 +825,28 @@ class VncService:
             self._refresh_copy([], True, needed=True)
         return True
 
-    def _refresh_copy(self, damage: list[Rect], full: bool, *, needed: bool = False) -> list[Move]:
-        """Bring the frame copy up to the segment (while a viewer is served from it) and return the scrolls
-        found in the damage. Runs here, in the loop, between updates: see framecopy.py for why."""
+    def _refresh_copy(self, damage: list[Rect], full: bool, *,
+                      needed: bool = False) -> tuple[list[Move], list[Rect]] | None:
+        """Bring the frame copy up to the segment (while a viewer is served from it); returns the scrolls found
+        in the damage and the rows that really changed, or None when the copy was (re)loaded whole or is not
+        kept. Runs here, in the loop, between updates: see framecopy.py for why."""
         copy = self.frame_copy
         display = self.ctx.display if self.ctx is not None else None
         if copy is None:
-            return []
+            return None
         if not needed and not any(v.copy_source for v in self.viewers):
             if copy.mode is not None:
                 copy.forget()
-            return []
+            return None
         mode = self.mode
         if display is None or mode is None or not copy.fits(mode):
             copy.mode = None
-            return []
+            return None
         try:
             source = frame_array(display.reader.framebuffer, mode)
             if full or copy.mode != mode:
                 copy.load(source, mode)
-                return []
+                return None
             region = DirtyRegion()
             for rect in damage:
                 region.add(*rect)
@@ -845,7 +854,7 @@ class VncService:
         except (LayoutError, ValueError) as exc:
             log.debug("VNC: frame copy not refreshed (%s)", exc)
             copy.mode = None
-            return []
+            return None
 
     async def close(self) -> None:
         if self._hold_timer is not None:

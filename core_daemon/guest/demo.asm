@@ -52,7 +52,9 @@
 ;                         printable key (keys are not echoed as text there)
 ;        F4               (text mode) toggle scrolling: every timer tick rows
 ;                         9-24 scroll up one line and a numbered line of text
-;                         is printed at the bottom, like a terminal running seq
+;                         is printed at the bottom, like a terminal printing a
+;                         log (each line's text starts at a different place in
+;                         a sentence, so neighbouring rows differ as real text)
 ;
 ; The 1920x1080 frame lies above 1 MiB (its address is PCI BAR 0 of the VGA
 ; device, 1234:1111), so the routines that draw it run in 32-bit protected
@@ -831,8 +833,23 @@ scroll_line:
         call    put_string
         mov     si, line_digits
         call    put_string
+        mov     si, str_colon
+        call    put_string
+        mov     ax, [line_no]           ; the text from offset line*7 mod its length
+        imul    ax, ax, 7
+        xor     dx, dx
+        mov     cx, FILLER_LEN
+        div     cx
         mov     si, str_filler
-        jmp     put_string              ; tail call
+        add     si, dx
+        mov     dh, ROW_LAST
+        mov     dl, 12                  ; after "line NNNNN: "
+        mov     cx, TEXT_COLS - 12 - 8
+.text:
+        lodsb
+        call    put_char
+        loop    .text
+        ret
 
 ; ===========================================================================
 ; Data
@@ -866,7 +883,10 @@ line_no:        dw 0            ; number of the last printed scrolling line
 line_digits:    times NUM_DIGITS db '0'
                 db 0
 str_line:       db "line ", 0
-str_filler:     db ": the quick brown fox jumps over the lazy dog 0123456789", 0
+str_colon:      db ": ", 0
+str_filler:     db "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. "
+FILLER_LEN      equ $ - str_filler
+                db "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. "
 lfb:            dd 0            ; linear framebuffer address (0: none found)
 hd_keys:        db 0            ; printable keys typed in the 1920x1080 mode
 hd_band:        db 0            ; the quarter of the animation drawn next
