@@ -2,8 +2,9 @@
 
 A few worker processes (clients/vnc/encoder_worker.py, at most one per CPU, two by default) map the shared
 framebuffer segment and the service's frame copy read-only; the loop sends each a small request (which
-framebuffer, which rectangles, the viewer's pixel format and EncoderSettings) and gets back encoded rectangles.
-Pixels never pass through the loop or the socket. Encoders keep no state between updates (see
+framebuffer, which rectangles, the viewer's pixel format and EncoderSettings) and gets back a memfd holding the
+encoded rectangles, which it maps read-only and hands to the viewer's socket as it is. Neither pixels nor
+encoded bytes are copied by the loop. Encoders keep no state between updates (see
 rfb.encodings.zlibraw.ZlibStream), so any worker can serve any viewer, and a crashed worker costs only the
 updates it had in hand: their viewers get a repaint from another worker, the dead one is replaced.
 
@@ -17,28 +18,27 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import mmap
 import os
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 
 from rfb.encodings import EncoderSettings
 from rfb.wire import PixelFormat
 
-from .encoder_worker import LENGTH
+from .encoder_worker import MAX_PACKET
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 2
 #: A reply larger than this is a broken worker (a 4096x4096 frame in Raw is 64 MiB).
 MAX_REPLY = 256 << 20
-MAX_REPLY_META = 1 << 16
-#: Socket buffers: large, so an encoded frame crosses in few system calls.
-SOCKET_BUFFER = 4 << 20
 #: A worker that dies this soon after starting, this many times in a row, is not restarted at once.
 RESTART_BACKOFF_S = 1.0
 
@@ -63,7 +63,7 @@ class EncodeRequest:
 
 @dataclass
 class EncodeResult:
-    data: bytearray  # complete rectangles, concatenated
+    data: memoryview  # complete rectangles, concatenated (a read-only mapping, unmapped when unreferenced)
     count: int
     settings: EncoderSettings
 
@@ -75,7 +75,7 @@ class _Worker:
     sock: socket.socket
     started: float
     pending: dict[int, tuple[asyncio.Future[EncodeResult], EncodeRequest]] = field(default_factory=dict)
-    reader: asyncio.Task[None] | None = None
+    gone: bool = False
 
 
 class EncoderPool:
@@ -87,6 +87,7 @@ class EncoderPool:
         self._ids = itertools.count(1)
         self._closing = False
         self._restarts: list[asyncio.TimerHandle] = []
+        self._all_gone = asyncio.Event()
         self.crashes = 0
 
     def start(self) -> None:
@@ -98,10 +99,7 @@ class EncoderPool:
         return [w.proc.pid for w in self._workers if w is not None]
 
     def _spawn(self, index: int) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for sock in (parent, child):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [sys.executable, "-m", "clients.vnc.encoder_worker", str(child.fileno()), str(os.getpid())]
         fds = [child.fileno()]
         if self.copy_fd is not None:
@@ -113,7 +111,7 @@ class EncoderPool:
             child.close()
         parent.setblocking(False)
         worker = _Worker(index, proc, parent, time.monotonic())
-        worker.reader = asyncio.get_running_loop().create_task(self._read_replies(worker))
+        asyncio.get_running_loop().add_reader(parent.fileno(), self._on_readable, worker)
         self._workers[index] = worker
         log.debug("VNC encoder worker %d started (pid %d)", index, proc.pid)
 
@@ -134,7 +132,7 @@ class EncoderPool:
         future: asyncio.Future[EncodeResult] = asyncio.get_running_loop().create_future()
         worker.pending[request_id] = (future, request)
         try:
-            await asyncio.get_running_loop().sock_sendall(worker.sock, LENGTH.pack(len(body)) + body)
+            await asyncio.get_running_loop().sock_sendall(worker.sock, body)
         except OSError as exc:
             worker.pending.pop(request_id, None)
             raise EncoderUnavailable(f"encoder worker {worker.proc.pid}: {exc}") from exc
@@ -143,48 +141,51 @@ class EncoderPool:
         finally:
             worker.pending.pop(request_id, None)
 
-    async def _recv_exact(self, sock: socket.socket, size: int) -> bytearray:
-        loop = asyncio.get_running_loop()
-        buf = bytearray(size)
-        view = memoryview(buf)
-        got = 0
-        while got < size:
-            n = await loop.sock_recv_into(sock, view[got:])
-            if n == 0:
-                raise EOFError
-            got += n
-        return buf
+    def _on_readable(self, worker: _Worker) -> None:
+        """Every reply waiting on the worker's socket (one packet each, a memfd with the payload)."""
+        while not worker.gone:
+            try:
+                packet, fds, _flags, _addr = socket.recv_fds(worker.sock, MAX_PACKET, 1)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._worker_gone(worker, str(exc))
+                return
+            try:
+                if not packet:
+                    self._worker_gone(worker, "closed")
+                    return
+                self._reply(worker, msgpack.unpackb(packet), fds)
+            except (ValueError, KeyError, TypeError, OSError, msgpack.UnpackException) as exc:
+                self._worker_gone(worker, f"bad reply: {type(exc).__name__}: {exc}")
+                return
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
-    async def _read_replies(self, worker: _Worker) -> None:
-        reason = "closed"
-        try:
-            while True:
-                (length,) = LENGTH.unpack(await self._recv_exact(worker.sock, LENGTH.size))
-                if length > MAX_REPLY_META:
-                    raise ValueError(f"reply header of {length} bytes")
-                meta = msgpack.unpackb(await self._recv_exact(worker.sock, length))
-                size = int(meta.get("size", 0))
-                if not 0 <= size <= MAX_REPLY:
-                    raise ValueError(f"reply of {size} bytes")
-                data = await self._recv_exact(worker.sock, size) if size else bytearray()
-                entry = worker.pending.pop(meta.get("id"), None)
-                if entry is None:
-                    continue
-                future, request = entry
-                if future.done():
-                    continue
-                if "error" in meta:
-                    future.set_exception(EncoderUnavailable(f"encoder worker {worker.proc.pid}: {meta['error']}"))
-                else:
-                    settings = EncoderSettings(request.settings.encoding, request.settings.level,
-                                               request.settings.quality, tuple(meta["started"]))
-                    future.set_result(EncodeResult(data, int(meta["count"]), settings))
-        except (EOFError, OSError, ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        finally:
-            self._worker_gone(worker, reason)
+    def _reply(self, worker: _Worker, meta: dict[str, Any], fds: list[int]) -> None:
+        size = int(meta.get("size", 0))
+        if not 0 <= size <= MAX_REPLY or bool(size) != bool(fds):
+            raise ValueError(f"reply of {size} bytes with {len(fds)} descriptors")
+        request_id = meta.get("id")
+        entry = worker.pending.pop(request_id, None) if isinstance(request_id, int) else None
+        if entry is None or entry[0].done():
+            return
+        future, request = entry
+        if "error" in meta:
+            future.set_exception(EncoderUnavailable(f"encoder worker {worker.proc.pid}: {meta['error']}"))
+            return
+        data = memoryview(mmap.mmap(fds[0], size, prot=mmap.PROT_READ)) if size else memoryview(b"")
+        settings = EncoderSettings(request.settings.encoding, request.settings.level, request.settings.quality,
+                                   tuple(meta["started"]))
+        future.set_result(EncodeResult(data, int(meta["count"]), settings))
 
     def _worker_gone(self, worker: _Worker, reason: str) -> None:
+        if worker.gone:
+            return
+        worker.gone = True
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(worker.sock.fileno())
         for future, _ in worker.pending.values():
             if not future.done():
                 future.set_exception(EncoderUnavailable(f"encoder worker {worker.proc.pid} gone ({reason})"))
@@ -194,6 +195,8 @@ class EncoderPool:
         if self._workers[worker.index] is worker:
             self._workers[worker.index] = None
         if self._closing:
+            if all(w is None for w in self._workers):
+                self._all_gone.set()
             return
         self.crashes += 1
         log.warning("VNC encoder worker %d (pid %d) gone (%s, exit %s); starting another", worker.index,
@@ -212,19 +215,15 @@ class EncoderPool:
         self._closing = True
         for handle in self._restarts:
             handle.cancel()
-        readers = []
-        for worker in self._workers:
-            if worker is None:
-                continue
+        workers = [w for w in self._workers if w is not None]
+        for worker in workers:
             with contextlib.suppress(OSError):
                 worker.sock.shutdown(socket.SHUT_RDWR)  # EOF: the worker exits
-            if worker.reader is not None:
-                readers.append(worker.reader)
-        if readers:
-            await asyncio.wait(readers, timeout=2.0)
-        for worker in self._workers:
-            if worker is not None:
-                _end(worker.proc)
+        if workers:
+            with contextlib.suppress(TimeoutError):  # EOF from each as it exits; then any straggler is killed
+                await asyncio.wait_for(self._all_gone.wait(), 2.0)
+        for worker in workers:
+            self._worker_gone(worker, "closed")
 
 
 def _end(proc: subprocess.Popen[bytes]) -> None:

@@ -1,16 +1,18 @@
 """An encoder worker process: ``python -m clients.vnc.encoder_worker FD PARENT_PID [COPY_FD]``.
 
-Started by clients/vnc/encoder_pool.py with one end of a socketpair (FD). It maps the shared framebuffer
-segment read-only by name (shm.ShmReader) and, when given one, the VNC service's frame copy (a memfd) read-only,
-and answers encode requests one at a time: pixels never travel over the socket, only the request (a few
-rectangles and an encoder's settings) and the encoded rectangles.
+Started by clients/vnc/encoder_pool.py with one end of a SOCK_SEQPACKET socketpair (FD). It maps the shared
+framebuffer segment read-only by name (shm.ShmReader) and, when given one, the VNC service's frame copy (a
+memfd) read-only, and answers encode requests one at a time. Pixels never travel over the socket: a request is
+a few rectangles and an encoder's settings; the encoded rectangles are written to a new memfd whose descriptor
+goes back with the reply (SCM_RIGHTS), so the client maps them and hands the mapping to the viewer's socket
+without copying them itself.
 
 Lifetime is tied to the parent twice: PR_SET_PDEATHSIG kills the worker when the parent dies (even by
 SIGKILL), and the socket's EOF ends it when the parent closes it. The worker runs at a lower priority so the
 client's event loop wins the CPU when both want it.
 
-Wire format, both directions: a 4-byte big-endian length, then a msgpack map. A reply with ``size`` > 0 is
-followed by that many bytes: the encoded rectangles, concatenated.
+Wire format, both directions: one packet, a msgpack map. A reply with ``size`` > 0 carries one descriptor: a
+memfd holding that many bytes, the encoded rectangles, concatenated.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import mmap
 import os
 import signal
 import socket
-import struct
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -37,8 +38,10 @@ from .framecopy import frame_array
 
 log = logging.getLogger(__name__)
 
-LENGTH = struct.Struct(">I")
-MAX_REQUEST = 1 << 20
+#: Largest packet either side sends (requests list at most a few rectangles; replies are metadata only).
+MAX_PACKET = 1 << 16
+#: Buffers per writev call (below IOV_MAX).
+MAX_IOV = 512
 PR_SET_PDEATHSIG = 1
 NICENESS = 19
 
@@ -51,38 +54,29 @@ def die_with_parent(parent_pid: int) -> None:
         sys.exit(0)
 
 
-def recv_exact(sock: socket.socket, size: int) -> bytes | None:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            return None
-        got += n
-    return bytes(buf)
-
-
-#: Buffers per sendmsg call (below IOV_MAX).
-MAX_IOV = 512
-
-
-def send_message(sock: socket.socket, meta: dict[str, Any], payload: Sequence[Buffer] = ()) -> None:
-    """The reply header, then the payload's buffers gathered by sendmsg (no joining copy)."""
-    views = [memoryview(b).cast("B") for b in payload]
-    views = [v for v in views if len(v)]
-    body = msgpack.packb({**meta, "size": sum(len(v) for v in views)})
-    sock.sendall(LENGTH.pack(len(body)) + body)
-    first = 0
-    while first < len(views):
-        sent = sock.sendmsg(views[first : first + MAX_IOV])
-        while sent and first < len(views):
-            if sent >= len(views[first]):
-                sent -= len(views[first])
-                first += 1
-            else:
-                views[first] = views[first][sent:]
-                sent = 0
+def send_reply(sock: socket.socket, meta: dict[str, Any], payload: Sequence[Buffer] = ()) -> None:
+    """The reply packet; the payload, if any, written to a new memfd that goes with it."""
+    views = [v for v in (memoryview(b).cast("B") for b in payload) if len(v)]
+    size = sum(len(v) for v in views)
+    packet = msgpack.packb({**meta, "size": size})
+    if not size:
+        sock.send(packet)
+        return
+    fd = os.memfd_create("vmfront-vnc-update", os.MFD_CLOEXEC)
+    try:
+        first = 0
+        while first < len(views):
+            written = os.writev(fd, views[first : first + MAX_IOV])
+            while written and first < len(views):
+                if written >= len(views[first]):
+                    written -= len(views[first])
+                    first += 1
+                else:
+                    views[first] = views[first][written:]
+                    written = 0
+        socket.send_fds(sock, [packet], [fd])
+    finally:
+        os.close(fd)
 
 
 class Sources:
@@ -121,22 +115,16 @@ def handle(sources: Sources, request: dict[str, Any]) -> tuple[dict[str, Any], l
 
 def serve(sock: socket.socket, sources: Sources) -> None:
     while True:
-        head = recv_exact(sock, LENGTH.size)
-        if head is None:
-            return
-        (length,) = LENGTH.unpack(head)
-        if length > MAX_REQUEST:
-            raise ValueError(f"request of {length} bytes")
-        body = recv_exact(sock, length)
-        if body is None:
+        body = sock.recv(MAX_PACKET)
+        if not body:
             return
         request = msgpack.unpackb(body)
         try:
             meta, payload = handle(sources, request)
         except (LayoutError, ValueError, KeyError, TypeError, OSError, posix_ipc.Error) as exc:
-            send_message(sock, {"id": request.get("id"), "error": f"{type(exc).__name__}: {exc}"})
+            send_reply(sock, {"id": request.get("id"), "error": f"{type(exc).__name__}: {exc}"})
             continue
-        send_message(sock, meta, payload)
+        send_reply(sock, meta, payload)
 
 
 def main(argv: list[str]) -> int:
