@@ -87,7 +87,7 @@ class HextileEncoder(Encoder):
         for ty in range(0, height, TILE):
             band = px[ty : ty + TILE]
             first = band[0, 0]
-            if (band == first).all():
+            if (band[0] == first).all() and (band == first).all():  # the first row rules most bands out cheaply
                 colour = pixel_bytes(int(first), bpp)
                 if colour == bg:
                     out.append(bytes(tiles_per_band))

