@@ -121,7 +121,7 @@ class FrameCopy:
 
     @property
     def buffer(self) -> memoryview:
-        """The copy's memory, for slices handed to a socket (Raw); see :meth:`close`."""
+        """The copy's memory (Raw pieces are copied out of it at once: it changes under a queued slice)."""
         return memoryview(self._map)
 
     def fits(self, mode: Mode) -> bool:

@@ -602,7 +602,10 @@ class Viewer:
             copy = None  # the copy does not hold this mode (yet): serve from the segment
         try:
             if settings.encoding == ENCODING_RAW and is_native(fmt):
-                return raw_pieces(copy.buffer if copy is not None else reader.framebuffer, mode, damaged), len(damaged)
+                if copy is not None:  # copied now: a slice still queued at the socket would show later changes
+                    pieces = raw_pieces(copy.buffer, mode, damaged)
+                    return [bytes(p) for p in pieces], len(damaged)
+                return raw_pieces(reader.framebuffer, mode, damaged), len(damaged)
             if sum(w * h for _, _, w, h in damaged) <= IN_LOOP_PIXELS:
                 frame: Frame = copy.array(mode) if copy is not None else frame_array(reader.framebuffer, mode)
                 pieces, count, after = encode_frame_rects(settings, fmt, frame, damaged)
@@ -846,6 +849,10 @@ class VncService:
             source = frame_array(display.reader.framebuffer, mode)
             if full or copy.mode != mode:
                 copy.load(source, mode)
+                if not full:  # viewers served from the segment meanwhile may hold newer pixels than the copy
+                    for viewer in self.viewers:
+                        if viewer.copy_source:
+                            viewer.full = True
                 return None
             region = DirtyRegion()
             for rect in damage:
