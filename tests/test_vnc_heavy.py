@@ -28,7 +28,7 @@ from guestlib import is_demo_text_screen
 from PIL import Image, ImageChops
 from test_rfb_encodings import SpecViewer
 from test_vnc import Paused, find
-from vnclib import ZLIB, MiniViewer, VncClientProcess, free_port, screenshot, vncdo, xvfb
+from vnclib import ZLIB, MiniViewer, VncClientProcess, end_process, free_port, screenshot, vncdo, xvfb
 
 from core_daemon.demo_guest import demo_image_path, demo_qemu_args
 from rfb.wire import BGRX8888
@@ -123,13 +123,11 @@ def tigervnc(display: str, port: int, home: Path, *options: str) -> subprocess.P
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+def scroll(core: CoreProcess, seconds: float = 4.0) -> None:
+    """The demo guest scrolls text (F4) for ``seconds``, then stops."""
+    send_key(core, "f4")
+    time.sleep(seconds)
+    send_key(core, "f4")
 
 
 def shows(display: str, image: Image.Image, path: Path) -> bool:
@@ -150,7 +148,7 @@ def test_1080p_tigervnc_shows_the_segment(hd: CoreProcess, client: VncClientProc
                 wait_for(lambda: shows(display, dump, tmp_path / "screen.png"), 60,
                          "TigerVNC's window to show the 1920x1080 frame")
         finally:
-            stop(viewer)
+            end_process(viewer)
 
 
 def copyrects(client: VncClientProcess, peer_prefix: str) -> int:
@@ -167,15 +165,13 @@ def test_tigervnc_follows_scrolling_text_by_copyrect(core: CoreProcess, tmp_path
             viewer = tigervnc(display, client.port, tmp_path, "-PreferredEncoding=ZRLE")
             try:
                 wait_for(lambda: "viewer 127.0.0.1" in client.text(), 20, "TigerVNC to connect")
-                send_key(core, "f4")  # scrolling on
-                time.sleep(4)
-                send_key(core, "f4")
+                scroll(core)
                 with Paused(core):
                     dump = screendump(core, tmp_path / "dump.png")
                     wait_for(lambda: shows(display, dump, tmp_path / "screen.png"), 30,
                              "TigerVNC to show the scrolled text exactly")
             finally:
-                stop(viewer)
+                end_process(viewer)
             wait_for(lambda: "scrolls by CopyRect" in client.text(), 10, "the viewer's summary")
         assert copyrects(client, "127.0.0.1") > 0, "no scroll was sent as CopyRect"
     finally:
@@ -206,9 +202,7 @@ def test_novnc_follows_scrolling_text_by_copyrect(core: CoreProcess, tmp_path: P
                                                     f"&port={ws_port}&path=websockify"}, session)
             await cdp.poll(session, "(document.getElementById('status')?.textContent ?? '').startsWith('Connected')",
                            30, "noVNC to connect")
-            send_key(core, "f4")
-            await asyncio.sleep(4)
-            send_key(core, "f4")
+            await asyncio.get_running_loop().run_in_executor(None, scroll, core)
             with Paused(core):
                 dump = screendump(core, tmp_path / "dump.png")
                 deadline = time.monotonic() + 30
@@ -223,7 +217,7 @@ def test_novnc_follows_scrolling_text_by_copyrect(core: CoreProcess, tmp_path: P
         wait_for(lambda: "scrolls by CopyRect" in client.text(), 10, "the viewer's summary")
         assert copyrects(client, "ws:") > 0, "no scroll was sent as CopyRect"
     finally:
-        stop(http)
+        end_process(http)
         client.stop()
 
 

@@ -466,15 +466,7 @@ redraw_all:
 draw_counter:
         mov     ax, [counter]
         mov     di, digits + NUM_DIGITS - 1
-        mov     bx, 10
-        mov     cx, NUM_DIGITS
-.convert:                               ; least significant digit first
-        xor     dx, dx
-        div     bx
-        add     dl, '0'
-        mov     [di], dl
-        dec     di
-        loop    .convert
+        call    to_decimal
 
         xor     si, si                  ; SI = digit index 0..4
 .cell:
@@ -491,6 +483,19 @@ draw_counter:
         inc     si
         cmp     si, NUM_DIGITS
         jb      .cell
+        ret
+
+; to_decimal: AX as NUM_DIGITS decimal digits ending at DI (the last digit).
+to_decimal:
+        mov     bx, 10
+        mov     cx, NUM_DIGITS
+.digit:                                 ; least significant digit first
+        xor     dx, dx
+        div     bx
+        add     dl, '0'
+        mov     [di], dl
+        dec     di
+        loop    .digit
         ret
 
 ; ---------------------------------------------------------------------------
@@ -817,15 +822,7 @@ scroll_line:
         inc     word [line_no]
         mov     ax, [line_no]
         mov     di, line_digits + NUM_DIGITS - 1
-        mov     bx, 10
-        mov     cx, NUM_DIGITS
-.convert:
-        xor     dx, dx
-        div     bx
-        add     dl, '0'
-        mov     [di], dl
-        dec     di
-        loop    .convert
+        call    to_decimal
         mov     dh, ROW_LAST
         xor     dl, dl
         mov     bl, ATTR_LABEL
