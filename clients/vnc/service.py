@@ -593,8 +593,8 @@ class Viewer:
 
     async def _encode(self, damaged: list[Rect], mode: Mode,
                       reader: ShmReader) -> tuple[list[bytes | bytearray | memoryview], int] | None:
-        """(pieces, rectangle count) for the damaged rectangles: Raw in the framebuffer's own format is copied
-        here (a memcpy), everything else is encoded by a worker process while this loop goes on."""
+        """(pieces, rectangle count) for the damaged rectangles: Raw in the framebuffer's own format is sent from
+        the mapping, tiny updates are encoded here, everything else by a worker process while this loop goes on."""
         fmt = self.conn.pixel_format
         settings = self.encoders.settings()
         copy = self.service.frame_copy if self.copy_source else None
