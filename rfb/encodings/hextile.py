@@ -84,7 +84,10 @@ class HextileEncoder(Encoder):
         out: list[Buffer] = []
         bg: bytes | None = None  # carried-over background (None: must be specified)
         fg: bytes | None = None  # carried-over foreground (None: must be specified)
-        for ty in range(0, height, TILE):
+        start = _all_raw_bands(px)
+        if start:  # video-like: every full band is raw tiles, gathered in one go
+            out.append(_raw_bands(px[:start]))
+        for ty in range(start, height, TILE):
             band = px[ty : ty + TILE]
             first = band[0, 0]
             if (band[0] == first).all() and (band == first).all():  # the first row rules most bands out cheaply
@@ -202,6 +205,30 @@ def _classify(band: PixelArray) -> tuple[list[bool], list[bool]]:
         solid.append(bool((edge == edge[0, 0]).all()))
         raw.append(False)  # the general path decides
     return solid, raw
+
+
+def _all_raw_bands(px: PixelArray) -> int:
+    """Rows from the top that are whole bands of surely-raw tiles, if all full bands are (else 0): one sort of
+    every tile's first two rows instead of a classification per band."""
+    height, width = px.shape
+    bands, columns = height // TILE, width // TILE
+    if not bands or width % TILE or width == 0:
+        return 0
+    heads = px[: bands * TILE].reshape(bands, TILE, columns, TILE)[:, :2].transpose(0, 2, 1, 3)
+    ordered = np.sort(heads.reshape(bands * columns, 2 * TILE), axis=1)
+    distinct = 1 + np.count_nonzero(ordered[:, 1:] != ordered[:, :-1], axis=1)
+    return bands * TILE if bool((distinct > MAX_COLOURS).all()) else 0
+
+
+def _raw_bands(px: PixelArray) -> memoryview:
+    """Whole bands of full-width tiles as raw Hextile tiles, in one gather."""
+    bands, columns, itemsize = px.shape[0] // TILE, px.shape[1] // TILE, px.dtype.itemsize
+    out = np.empty((bands, columns, 1 + TILE * TILE * itemsize), dtype=np.uint8)
+    out[..., 0] = RAW
+    out[..., 1:].reshape(bands, columns, TILE, TILE * itemsize)[...] = (
+        np.ascontiguousarray(px).view(np.uint8).reshape(bands, TILE, columns, TILE * itemsize).transpose(0, 2, 1, 3))
+    view: memoryview = out.data.cast("B")
+    return view
 
 
 def _raw_tiles(band: PixelArray, start: int, end: int) -> memoryview:
