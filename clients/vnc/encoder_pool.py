@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,10 @@ RESTART_BACKOFF_S = 1.0
 
 class EncoderUnavailable(Exception):
     """The request was not encoded (its worker died or the pool is closed); the caller repaints later."""
+
+
+class EncoderNotReady(EncoderUnavailable):
+    """No worker has finished starting yet (the first second after the client starts): encode elsewhere."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,7 @@ class _Worker:
     started: float
     pending: dict[int, tuple[asyncio.Future[EncodeResult], EncodeRequest]] = field(default_factory=dict)
     gone: bool = False
+    ready: bool = False
 
 
 class EncoderPool:
@@ -93,6 +99,11 @@ class EncoderPool:
     def start(self) -> None:
         for index in range(self.size):
             self._spawn(index)
+
+    @property
+    def ready(self) -> bool:
+        """At least one worker has started and answers requests."""
+        return any(w is not None and w.ready for w in self._workers)
 
     @property
     def pids(self) -> list[int]:
@@ -120,6 +131,9 @@ class EncoderPool:
         live = [w for w in self._workers if w is not None]
         if self._closing or not live:
             raise EncoderUnavailable("no encoder worker running")
+        live = [w for w in live if w.ready]
+        if not live:
+            raise EncoderNotReady("the encoder workers are still starting")
         worker = min(live, key=lambda w: len(w.pending))
         request_id = next(self._ids)
         body = msgpack.packb({
@@ -164,8 +178,11 @@ class EncoderPool:
                     os.close(fd)
 
     def _reply(self, worker: _Worker, meta: dict[str, Any], fds: list[int]) -> None:
+        if meta.get("ready"):
+            worker.ready = True
+            return
         size = int(meta.get("size", 0))
-        if not 0 <= size <= MAX_REPLY or bool(size) != bool(fds):
+        if not 0 <= size <= MAX_REPLY or not 0 <= int(meta.get("offset", 0)) <= MAX_REPLY or bool(size) != bool(fds):
             raise ValueError(f"reply of {size} bytes with {len(fds)} descriptors")
         request_id = meta.get("id")
         entry = worker.pending.pop(request_id, None) if isinstance(request_id, int) else None
@@ -175,10 +192,32 @@ class EncoderPool:
         if "error" in meta:
             future.set_exception(EncoderUnavailable(f"encoder worker {worker.proc.pid}: {meta['error']}"))
             return
-        data = memoryview(mmap.mmap(fds[0], size, prot=mmap.PROT_READ)) if size else memoryview(b"")
+        offset = int(meta.get("offset", 0))
+        if size:
+            mapping = mmap.mmap(fds[0], offset + size, prot=mmap.PROT_READ)
+            data = memoryview(mapping)[offset : offset + size]
+            if "slot" in meta:  # the worker reuses that memfd once this mapping is gone (sent, or dropped)
+                weakref.finalize(mapping, self._release_slot, worker, int(meta["slot"]))
+        else:
+            data = memoryview(b"")
         settings = EncoderSettings(request.settings.encoding, request.settings.level, request.settings.quality,
                                    tuple(meta["started"]))
         future.set_result(EncodeResult(data, int(meta["count"]), settings))
+
+    def _release_slot(self, worker: _Worker, slot: int) -> None:
+        if worker.gone:
+            return
+        packet = msgpack.packb({"release": slot})
+        try:
+            worker.sock.send(packet)
+        except BlockingIOError:  # a full socket: send it as soon as it drains
+            asyncio.get_running_loop().create_task(self._send_later(worker, packet))
+        except OSError:
+            pass  # the worker is going away; its reader will notice
+
+    async def _send_later(self, worker: _Worker, packet: bytes) -> None:
+        with contextlib.suppress(OSError):
+            await asyncio.get_running_loop().sock_sendall(worker.sock, packet)
 
     def _worker_gone(self, worker: _Worker, reason: str) -> None:
         if worker.gone:
@@ -234,4 +273,4 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=1.0)
 
 
-__all__ = ["EncodeRequest", "EncodeResult", "EncoderPool", "EncoderUnavailable"]
+__all__ = ["EncodeRequest", "EncodeResult", "EncoderNotReady", "EncoderPool", "EncoderUnavailable"]

@@ -606,15 +606,14 @@ class Viewer:
                     pieces = raw_pieces(copy.buffer, mode, damaged)
                     return [bytes(p) for p in pieces], len(damaged)
                 return raw_pieces(reader.framebuffer, mode, damaged), len(damaged)
-            if sum(w * h for _, _, w, h in damaged) <= IN_LOOP_PIXELS:
+            pool = self.service.pool
+            if sum(w * h for _, _, w, h in damaged) <= IN_LOOP_PIXELS or pool is None or not pool.ready:
+                # Tiny, or no worker has started yet (the first second of the client): here.
                 frame: Frame = copy.array(mode) if copy is not None else frame_array(reader.framebuffer, mode)
                 pieces, count, after = encode_frame_rects(settings, fmt, frame, damaged)
                 del frame
                 self.encoders.advance(after)
                 return [bytes(p) for p in pieces], count
-            pool = self.service.pool
-            if pool is None:
-                raise EncoderUnavailable("the VNC service has no encoder workers")
             request = EncodeRequest("copy" if copy is not None else "segment", reader.name, mode.width,
                                     mode.height, mode.stride, fmt, settings, tuple(damaged))
             before = (fmt, mode, self.size)

@@ -25,11 +25,41 @@ Pixels = Buffer | PixelArray
 _DTYPES: dict[int, np.dtype[Any]] = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
 
 
+class Arena:
+    """Output arrays carved one after the other out of one writable buffer (the memfd an encoder worker sends
+    back), so that the bytes an encoder gathers are already where they will be sent from."""
+
+    def __init__(self, buffer: memoryview, start: int) -> None:
+        self.buffer = buffer
+        self.start = self.offset = start
+
+    def take(self, size: int) -> PixelArray | None:
+        """``size`` bytes right after the previous ones, or None if the buffer is full."""
+        if self.offset + size > len(self.buffer):
+            return None
+        array: PixelArray = np.frombuffer(self.buffer, dtype=np.uint8, count=size, offset=self.offset)
+        self.offset += size
+        return array
+
+
+def output_array(shape: tuple[int, ...], arena: Arena | None) -> PixelArray:
+    """An uninitialised uint8 array for encoded bytes: from ``arena`` when there is room, else the heap."""
+    size = 1
+    for n in shape:
+        size *= n
+    taken = arena.take(size) if arena is not None else None
+    if taken is None:
+        return np.empty(shape, dtype=np.uint8)
+    return taken.reshape(shape)
+
+
 class Encoder(ABC):
     """Encodes rectangles for one connection; keeps whatever state the encoding carries between rectangles
     (zlib streams), so one instance must serve one viewer, in order."""
 
     encoding: ClassVar[int]
+    #: Where large encoded arrays go (see :class:`Arena`); None: the heap.
+    arena: Arena | None = None
 
     @abstractmethod
     def encode(self, pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> bytes:

@@ -15,10 +15,12 @@ import re
 import numpy as np
 
 from rfb.encodings.base import (
+    Arena,
     Encoder,
     PixelArray,
     Pixels,
     distinct_colours,
+    output_array,
     palette_indices,
     pixel_array,
     pixel_bytes,
@@ -86,7 +88,7 @@ class HextileEncoder(Encoder):
         fg: bytes | None = None  # carried-over foreground (None: must be specified)
         start = _all_raw_bands(px)
         if start:  # video-like: every full band is raw tiles, gathered in one go
-            out.append(_raw_bands(px[:start]))
+            out.append(_raw_bands(px[:start], self.arena))
         for ty in range(start, height, TILE):
             band = px[ty : ty + TILE]
             first = band[0, 0]
@@ -105,7 +107,7 @@ class HextileEncoder(Encoder):
                     end = tx + 1
                     while end < tiles_per_band and raw[end]:
                         end += 1
-                    out.append(_raw_tiles(band, tx, end))
+                    out.append(_raw_tiles(band, tx, end, self.arena))
                     bg = fg = None  # nothing carries over a raw tile
                     tx = end
                     continue
@@ -220,10 +222,10 @@ def _all_raw_bands(px: PixelArray) -> int:
     return bands * TILE if bool((distinct > MAX_COLOURS).all()) else 0
 
 
-def _raw_bands(px: PixelArray) -> memoryview:
+def _raw_bands(px: PixelArray, arena: Arena | None) -> memoryview:
     """Whole bands of full-width tiles as raw Hextile tiles, in one gather."""
     bands, columns, itemsize = px.shape[0] // TILE, px.shape[1] // TILE, px.dtype.itemsize
-    out = np.empty((bands, columns, 1 + TILE * TILE * itemsize), dtype=np.uint8)
+    out = output_array((bands, columns, 1 + TILE * TILE * itemsize), arena)
     out[..., 0] = RAW
     out[..., 1:].reshape(bands, columns, TILE, TILE * itemsize)[...] = (
         np.ascontiguousarray(px).view(np.uint8).reshape(bands, TILE, columns, TILE * itemsize).transpose(0, 2, 1, 3))
@@ -231,12 +233,12 @@ def _raw_bands(px: PixelArray) -> memoryview:
     return view
 
 
-def _raw_tiles(band: PixelArray, start: int, end: int) -> memoryview:
+def _raw_tiles(band: PixelArray, start: int, end: int, arena: Arena | None) -> memoryview:
     """Tiles ``start:end`` of a band (all full-width) as raw Hextile tiles: a RAW byte and the pixels, each."""
     tiles = _tile_view(band[:, start * TILE :], end - start)
     count, rows = tiles.shape[0], tiles.shape[1]
     size = rows * TILE * band.dtype.itemsize
-    out = np.empty((count, 1 + size), dtype=np.uint8)
+    out = output_array((count, 1 + size), arena)
     out[:, 0] = RAW
     out[:, 1:].reshape(count, rows, TILE * band.dtype.itemsize)[...] = (
         np.ascontiguousarray(band[:, start * TILE : end * TILE]).view(np.uint8)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from rfb.encodings.base import Encoder, PixelArray
+from rfb.encodings.base import Arena, Encoder, PixelArray
 from rfb.encodings.hextile import HextileEncoder
 from rfb.encodings.raw import RawEncoder
 from rfb.encodings.tight import TightEncoder
@@ -151,12 +151,13 @@ def make_encoder(settings: EncoderSettings) -> Encoder:
 Rect = tuple[int, int, int, int]
 
 
-def encode_frame_rects(settings: EncoderSettings, fmt: PixelFormat, frame: PixelArray,
-                       rects: Sequence[Rect]) -> tuple[list[Buffer], int, EncoderSettings]:
+def encode_frame_rects(settings: EncoderSettings, fmt: PixelFormat, frame: PixelArray, rects: Sequence[Rect],
+                       arena: Arena | None = None) -> tuple[list[Buffer], int, EncoderSettings]:
     """Complete rectangles for ``rects`` of ``frame`` (a (height, width) uint32 array of BGRX pixels, e.g. a view
     of shared memory), in the viewer's format ``fmt``: the buffers to send in order, how many rectangles they
-    make, and the settings to continue with."""
+    make, and the settings to continue with. Large gathered outputs go to ``arena`` when given."""
     encoder = make_encoder(settings)
+    encoder.arena = arena
     native = is_native(fmt)
     out: list[Buffer] = []
     count = 0
