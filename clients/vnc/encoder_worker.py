@@ -50,7 +50,7 @@ HEADROOM = 4096
 #: Output memfds a worker keeps for reuse (replies the client still holds, plus one being written).
 MAX_SLOTS = 4
 PR_SET_PDEATHSIG = 1
-NICENESS = 5
+NICENESS = 19
 
 
 def die_with_parent(parent_pid: int) -> None:
