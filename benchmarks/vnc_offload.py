@@ -95,6 +95,7 @@ async def main() -> int:
     copy.mode = MODE
     pool = EncoderPool(1, copy_fd=copy.fd)
     pool.start()
+    await pool.wait_ready(30)  # the worker imports numpy etc.
     threads = concurrent.futures.ThreadPoolExecutor(1)
     loop = asyncio.get_running_loop()
     rects = ((0, 0, WIDTH, HEIGHT),)

@@ -94,6 +94,7 @@ class EncoderPool:
         self._closing = False
         self._restarts: list[asyncio.TimerHandle] = []
         self._all_gone = asyncio.Event()
+        self._ready = asyncio.Event()
         self.crashes = 0
 
     def start(self) -> None:
@@ -104,6 +105,10 @@ class EncoderPool:
     def ready(self) -> bool:
         """At least one worker has started and answers requests."""
         return any(w is not None and w.ready for w in self._workers)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Until a worker answers requests (raises TimeoutError after ``timeout_s``)."""
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
 
     @property
     def pids(self) -> list[int]:
@@ -180,6 +185,7 @@ class EncoderPool:
     def _reply(self, worker: _Worker, meta: dict[str, Any], fds: list[int]) -> None:
         if meta.get("ready"):
             worker.ready = True
+            self._ready.set()
             return
         size = int(meta.get("size", 0))
         if not 0 <= size <= MAX_REPLY or not 0 <= int(meta.get("offset", 0)) <= MAX_REPLY or bool(size) != bool(fds):
