@@ -15,7 +15,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from clients.rfb import auth, wire  # noqa: E402
 from ipc.messages import (  # noqa: E402
     AgentData,
     AgentWriteOp,
@@ -45,6 +44,7 @@ from ipc.messages import (  # noqa: E402
     Welcome,
     WheelEvent,
 )
+from rfb import auth, wire  # noqa: E402
 
 SEEDS = ROOT / "tests" / "fuzz_corpus"
 # BGRX8888: 32 bpp, depth 24, little-endian, true colour, max 255 each, shifts 16 8 0.
