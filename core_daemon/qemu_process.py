@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import itertools
 import logging
@@ -19,6 +18,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from shm.naming import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def describe_exit(code: int | None) -> str:
     return f"exited with status {code}"
 
 
-def process_start_time(pid: int) -> int | None:
+def process_start_ticks(pid: int) -> int | None:
     """When a process started (clock ticks since boot, /proc/PID/stat field 22): with the pid, an identity that
     a reused pid cannot fake. None if there is no such process."""
     try:
@@ -271,7 +272,7 @@ class QemuIdentity:
     start_time: int
 
     def still_alive(self) -> bool:
-        return process_start_time(self.pid) == self.start_time
+        return process_start_ticks(self.pid) == self.start_time
 
 
 def find_vm_qemu(qmp_socket: Path, hint: int | None = None) -> QemuIdentity | None:
@@ -284,31 +285,13 @@ def find_vm_qemu(qmp_socket: Path, hint: int | None = None) -> QemuIdentity | No
     candidates: list[int] = [hint] if hint else []
     candidates += [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and int(entry) != hint]
     for pid in candidates:
-        start = process_start_time(pid)
+        start = process_start_ticks(pid)
         argv = process_argv(pid) if start is not None else None
         if argv and option in argv and pid != os.getpid():
-            if _is_zombie(pid):
+            if not pid_alive(pid):  # a zombie: gone, not yet reaped
                 continue
             # Read the start time again: the pid must not have been reused while we read its arguments.
-            if process_start_time(pid) == start:
+            if process_start_ticks(pid) == start:
                 assert start is not None
                 return QemuIdentity(pid, start)
     return None
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return True
-    return stat[stat.rfind(b")") + 2 :][:1] in (b"Z", b"X")
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True

@@ -56,7 +56,7 @@ from .qemu_process import (
     find_vm_qemu,
     log_tail,
     process_argv,
-    process_start_time,
+    process_start_ticks,
     spawn_qemu,
 )
 from .qmp_server import QmpReexport
@@ -422,7 +422,7 @@ class Core:
         except QemuStartError as exc:
             raise CoreError(str(exc)) from None
         self.qemu = ProcessWatch(pid, child=True)
-        self.state.update(qemu_pid=pid, qemu_start_time=process_start_time(pid), accel=command.accel,
+        self.state.update(qemu_pid=pid, qemu_start_time=process_start_ticks(pid), accel=command.accel,
                           qemu_argv=command.argv)
         await self._connect_qmp(self.run_dir.qemu_qmp_socket)
         if self.incoming_uri is not None:
@@ -447,7 +447,7 @@ class Core:
         self.qemu = ProcessWatch(pid, child=False)
         if adopting is not None and not adopting.still_alive():  # the pid was reused before the pidfd was taken
             raise CoreError(f"VM {self.config.name!r}: QEMU pid {pid} exited while being adopted")
-        self.state.update(qemu_pid=pid, qemu_start_time=process_start_time(pid), attach_socket=str(path))
+        self.state.update(qemu_pid=pid, qemu_start_time=process_start_ticks(pid), attach_socket=str(path))
         await self._connect_qmp(path)
 
     async def _connect_qmp(self, path: Path) -> None:

@@ -22,10 +22,10 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from core_daemon.migration import TARGET_COMMAND as MIGRATE_TARGET_COMMAND
 from core_daemon.migration import destination_failure
-from core_daemon.qemu_process import process_alive
 from core_daemon.state import read_state
 from ipc.channel import ipc_endpoint
 from ipc.rundir import RunDir, RunDirError, check_vm_name
+from shm.naming import pid_alive
 
 POLL_INTERVAL = 0.25
 
@@ -55,7 +55,7 @@ def resolve_destination(dest: str, dest_run_dir: Path | None) -> Destination:
         raise MigrateError(f"VM {dest!r} ({run_dir.root}) is not waiting for an incoming migration: "
                            "start its core with --incoming")
     core_pid = state.get("core_pid")
-    if not isinstance(core_pid, int) or not process_alive(core_pid):
+    if not isinstance(core_pid, int) or not pid_alive(core_pid):
         raise MigrateError(f"VM {dest!r}: its core (pid {core_pid}) is not running; start it again (it adopts "
                            "its waiting QEMU)")
     return Destination(str(state["incoming"]), ipc_endpoint(run_dir.control_socket), run_dir)
@@ -169,7 +169,7 @@ def destination_after(dest: Destination) -> str | None:
         return None
     state = read_state(dest.run_dir.state_file) or {}
     core_pid = state.get("core_pid")
-    if isinstance(core_pid, int) and process_alive(core_pid):
+    if isinstance(core_pid, int) and pid_alive(core_pid):
         return None
     return (f"the guest runs on the destination (QEMU pid {state.get('qemu_pid')}), but its core (pid {core_pid}) is "
             f"gone: start it again (vmfront core --name {state.get('name', '?')} --run-dir {dest.run_dir.root}) "
