@@ -522,11 +522,13 @@ def decode(frame: bytes | bytearray | memoryview) -> Message:
             max_array_len=MAX_CONTAINER, max_map_len=MAX_CONTAINER, max_ext_len=0,
             list_hook=budget.array, object_hook=budget.map)
     except _TooManyElements:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"frame holds more than {MAX_ELEMENTS} values") from None
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"frame holds more than {MAX_ELEMENTS} values",
+                            **_salvage_id(frame)) from None
     except Exception as exc:  # msgpack raises ValueError, TypeError, UnicodeDecodeError, ExtraData, StackError...
         # Refused from the header, before anything was built:
         if isinstance(exc, ValueError) and ("max_array_len" in str(exc) or "max_map_len" in str(exc)):
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"an array or map of more than {MAX_CONTAINER} items") from None
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"an array or map of more than {MAX_CONTAINER} items",
+                                **_salvage_id(frame)) from None
         raise ProtocolError(ErrorCode.MALFORMED, f"not one msgpack value ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.MALFORMED, f"a frame must be a msgpack map, not {_kind(obj)}")
@@ -549,6 +551,29 @@ def decode(frame: bytes | bytearray | memoryview) -> Message:
 
 class _TooManyElements(Exception):
     pass
+
+
+def _salvage_id(frame: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """The ``id`` and ``t`` of a frame refused for its size, so the error names the request (and the sender's
+    request fails at once instead of timing out): read from the map's leading entries, where senders put them,
+    stopping at the first other key (whose value may be the huge one)."""
+    found: dict[str, Any] = {}
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(frame), max_str_len=MAX_NAME, max_bin_len=0,
+                                    max_array_len=0, max_map_len=16, max_ext_len=0)
+        unpacker.feed(frame)
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key not in ("v", "t", "id"):
+                break
+            value = unpacker.unpack()
+            if key == "id" and _is_int(value) and 0 <= value <= MAX_ID:
+                found["msg_id"] = value
+            elif key == "t" and isinstance(value, str):
+                found["msg_type"] = value
+    except Exception:  # a best effort on a frame already refused
+        pass
+    return found
 
 
 class _ElementBudget:

@@ -110,6 +110,25 @@ def test_qemu_parser_limits_are_enforced_before_qemu(fleet: Fleet) -> None:
     assert_still_supervised(core, qemu_pid)
 
 
+async def test_a_clients_700k_token_command_is_refused_and_the_client_stays(fleet: Fleet) -> None:
+    """The issue's case through the control channel: a client's query-status with 700000 empty objects is refused
+    from the frame's array header (before anything is built), the client stays attached, and QEMU never sees it."""
+    core = fleet.core("tc", qemu_args=SMALL_VM)
+    qemu_pid = core.qemu_pid
+    channel = ClientChannel(ipc_endpoint(core.run_dir / "control.sock"), name="hostile-test-client")
+    try:
+        await channel.connect(timeout_s=10)
+        with pytest.raises(RemoteError, match="too-large"):
+            await channel.qmp("query-status", {"a": [{}] * 700_000})
+        # 60000 at a time fits a container, 12 of them do not fit the frame's element budget:
+        with pytest.raises(RemoteError, match="too-large"):
+            await channel.qmp("query-status", {"a": [[{}] * 60_000] * 12})
+        assert (await channel.qmp("query-status"))["status"] == "running"
+    finally:
+        await channel.close()
+    assert_still_supervised(core, qemu_pid)
+
+
 async def test_a_client_cannot_read_secrets_or_yank(fleet: Fleet) -> None:
     """The client policy is an allow-list with argument rules: qom-get under /machine works, on a secret it is
     denied; yank, migrate-set-* and the like are denied; query-commands lists only what the client may run."""
