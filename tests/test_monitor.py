@@ -233,6 +233,35 @@ def test_three_monitors_one_killed_mid_command(rig: Rig) -> None:
             mon.close()
 
 
+def test_monitor_connections_are_capped(rig: Rig) -> None:
+    """A runaway script opening connections gets a clear refusal past the cap; the monitors already open work."""
+    from clients.monitor.service import MAX_CONNECTIONS
+
+    held = [Monitor(rig.socket) for _ in range(MAX_CONNECTIONS)]
+    try:
+        extra = socket.socket(socket.AF_UNIX)
+        extra.settimeout(10)
+        extra.connect(str(rig.socket))
+        refused = b""
+        while chunk := extra.recv(4096):
+            refused += chunk
+        extra.close()
+        assert refused == f"Error: too many monitor connections (at most {MAX_CONNECTIONS})\r\n".encode()
+        assert held[0].cmd("info status") == "VM status: running\r\n"
+    finally:
+        for monitor in held:
+            monitor.close()
+
+    def one_more() -> bool:
+        monitor = Monitor(rig.socket)
+        try:
+            return monitor.cmd("info status") == "VM status: running\r\n"
+        finally:
+            monitor.close()
+
+    wait_for(one_more, 10, "a place for a monitor again")
+
+
 def test_socat_script(rig: Rig) -> None:
     if shutil.which("socat") is None:
         pytest.skip("socat not installed")

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 PROMPT = "(qemu) "
 #: The longest command line a connection may send.
 MAX_LINE = 64 * 1024
+#: Monitor connections served at once (each an operator or a script; QEMU's monitor takes one per chardev): one
+#: more is told so and closed, so a runaway script cannot take every descriptor of the client.
+MAX_CONNECTIONS = 32
 #: A peer that does not read its output for this long is dropped.
 DRAIN_TIMEOUT = 30.0
 #: How long a QMP request from the monitor may take.
@@ -204,6 +207,11 @@ class MonitorService:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None and self._ctx is not None
+        if len(self._connections) >= MAX_CONNECTIONS:
+            log.warning("monitor connection refused: already %d", len(self._connections))
+            writer.write(f"Error: too many monitor connections (at most {MAX_CONNECTIONS})\r\n".encode())
+            writer.close()
+            return
         self._connections.add(task)
         self._next_id += 1
         # An adapter, not a child logger per connection: logging keeps every named logger forever (the soak's
