@@ -86,7 +86,7 @@ def rig() -> Iterator[Rig]:
                      15, "the client's monitor socket and display")
             rig = Rig(core, client)
             # The demo guest draws its screen within a second of boot.
-            wait_for(lambda: not rig.guest_keys_row().startswith("?"), 15, "the demo guest to draw")
+            wait_for(lambda: not rig.guest_keys_row().startswith("?"), 60, "the demo guest to draw")
             yield rig
             rig.peer.close()
         finally:
