@@ -398,7 +398,7 @@ async def test_a_viewers_last_keys_all_arrive_and_none_stays_held(fleet: Fleet) 
     core = fleet.core("kb")
     client = fleet.add(VncClientProcess(core.run_dir, "kb", free_port()))
     peer = fleet.add(RawQmpPeer(core.qmp_socket).negotiate())
-    wait_for(lambda: keys_row(peer, fleet.root) == "", 15, "the demo guest to draw")
+    wait_for(lambda: keys_row(peer, fleet.root) == "", 60, "the demo guest to draw")
     viewer = await MiniViewer.connect(client.port)
     text = "abcdefghijklmnopqrst"
     for char in text:
