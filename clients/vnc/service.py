@@ -1115,7 +1115,8 @@ class VncService:
                 transport.close()
                 return
         viewer = Viewer(self, transport)
-        log.info("viewer %s: connection", viewer.peer)
+        tls = transport.ssl_object()
+        log.info("viewer %s: connection%s", viewer.peer, f" (TLS: {tls.version()})" if tls is not None else "")
         self.viewers.add(viewer)
         try:
             await viewer.run()
