@@ -132,7 +132,6 @@ class TlsCredentials:
         self.settings = settings
         self.x509: ssl.SSLContext | None = None
         self.anonymous: ssl.SSLContext | None = None
-        self.loads = 0
 
     def load(self) -> None:
         """Read the credentials; raises TlsError (at start, before anything listens)."""
@@ -148,7 +147,6 @@ class TlsCredentials:
             log.warning("VNC: anonymous TLS (VeNCrypt TLSNone/TLSVnc) offered: encrypted, but nothing proves to a "
                         "viewer that it talks to this server (a man in the middle can read everything); it needs "
                         "OpenSSL's aNULL cipher suites at security level 0 and TLS 1.2")
-        self.loads += 1
 
     def reload(self) -> str | None:
         """Re-read the certificates: None if done, else why not (the old ones stay in use)."""
