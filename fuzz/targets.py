@@ -29,6 +29,7 @@ from core_daemon.qmp_protocol import Command, QmpServerConnection
 from core_daemon.qmp_values import arguments_problem
 from ipc import messages as ipc_messages
 from ipc.channel import RemoteError
+from rfb import vencrypt
 from rfb.client import (
     BGRX8888,
     ENCODING_CURSOR,
@@ -38,7 +39,6 @@ from rfb.client import (
     RfbClient,
 )
 from rfb.client import State as RfbClientState
-from rfb import vencrypt
 from rfb.errors import ProtocolError as RfbServerProtocolError
 from rfb.events import TlsRequested
 from rfb.server import RfbServerConnection

@@ -316,7 +316,8 @@ def test_novnc_over_wss_shows_the_guest(core: CoreProcess, tmp_path: Path) -> No
         with headless_chromium(tmp_path / "profile", trust) as url:
             page = f"https://127.0.0.1:{http_port}/vnc_lite.html?host=127.0.0.1&port={ws_port}&path=websockify"
             asyncio.run(asyncio.wait_for(watch_over_wss(url, page, core, tmp_path), 90))
-        assert "(TLS: wss://)" in client.text() and re.search(r"viewer ws:127.0.0.1:\d+: connection \(TLS", client.text())
+        assert "(TLS: wss://)" in client.text()
+        assert re.search(r"viewer ws:127.0.0.1:\d+: connection \(TLS", client.text())
     finally:
         http.terminate()
         try:
