@@ -14,8 +14,6 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-
 from rfb import vencrypt
 
 log = logging.getLogger(__name__)
@@ -106,6 +104,8 @@ def anonymous_context() -> ssl.SSLContext:
 
 
 def server_certificate_subject(creds_dir: Path) -> str:
+    from cryptography import x509  # only with TLS configured: not every client pays for the import
+
     try:
         cert = x509.load_pem_x509_certificate((creds_dir / SERVER_CERT).read_bytes())
     except (OSError, ValueError) as exc:
@@ -121,6 +121,8 @@ def peer_dname(ssl_object: ssl.SSLObject | None) -> str | None:
     der = ssl_object.getpeercert(binary_form=True)
     if der is None:
         return None
+    from cryptography import x509
+
     return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
