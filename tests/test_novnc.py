@@ -27,7 +27,7 @@ import pytest
 from corelib import CoreProcess, RawQmpPeer, kill_pid, pid_alive, running_core, wait_for
 from guestlib import TEXT_BOXES, crop, is_demo_text_screen
 from PIL import Image
-from vnclib import ROOT, VncClientProcess, free_port, wait_port
+from vnclib import ROOT, VncClientProcess, end_process, free_port, wait_port
 
 VM = "nv"
 NOVNC = Path("/usr/share/novnc")
@@ -183,6 +183,16 @@ async def devtools(url: str) -> AsyncIterator[Cdp]:
             await cdp.close()
 
 
+async def open_page(cdp: Cdp, url: str) -> str:
+    """Navigate the browser's page to ``url``; returns its DevTools session."""
+    targets = (await cdp.send("Target.getTargets"))["targetInfos"]
+    page = next(t["targetId"] for t in targets if t["type"] == "page")
+    session: str = (await cdp.send("Target.attachToTarget", {"targetId": page, "flatten": True}))["sessionId"]
+    await cdp.send("Page.enable", session=session)
+    await cdp.send("Page.navigate", {"url": url}, session)
+    return session
+
+
 async def type_key(cdp: Cdp, session: str, char: str) -> None:
     """One printable key as a real keyboard would: keyDown (with text, so keypress/input too), then keyUp."""
     key = {"key": char, "code": f"Key{char.upper()}" if char.isalpha() else "",
@@ -221,23 +231,14 @@ def test_novnc_canvas_shows_guest_and_typed_keys_reach_it(core: CoreProcess, tmp
             asyncio.run(asyncio.wait_for(drive_novnc(url, page, core, client, peer, tmp_path), 90))
     finally:
         peer.close()
-        http.terminate()
-        try:
-            http.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            http.kill()
-            http.wait(timeout=10)
+        end_process(http)
         client.stop()
 
 
 async def drive_novnc(url: str, page_url: str, core: CoreProcess, client: VncClientProcess, peer: RawQmpPeer,
                       tmp_path: Path) -> None:
     async with devtools(url) as cdp:
-        targets = (await cdp.send("Target.getTargets"))["targetInfos"]
-        page = next(t["targetId"] for t in targets if t["type"] == "page")
-        session = (await cdp.send("Target.attachToTarget", {"targetId": page, "flatten": True}))["sessionId"]
-        await cdp.send("Page.enable", session=session)
-        await cdp.send("Page.navigate", {"url": page_url}, session)
+        session = await open_page(cdp, page_url)
         status = await cdp.poll(session, "(t => t.startsWith('Connected') && t)"
                                          "(document.getElementById('status')?.textContent ?? '')",
                                 30, "noVNC to connect")
@@ -319,22 +320,13 @@ def test_novnc_over_wss_shows_the_guest(core: CoreProcess, tmp_path: Path) -> No
         assert "(TLS: wss://)" in client.text()
         assert re.search(r"viewer ws:127.0.0.1:\d+: connection \(TLS", client.text())
     finally:
-        http.terminate()
-        try:
-            http.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            http.kill()
-            http.wait(timeout=10)
+        end_process(http)
         client.stop()
 
 
 async def watch_over_wss(url: str, page_url: str, core: CoreProcess, tmp_path: Path) -> None:
     async with devtools(url) as cdp:
-        targets = (await cdp.send("Target.getTargets"))["targetInfos"]
-        page = next(t["targetId"] for t in targets if t["type"] == "page")
-        session = (await cdp.send("Target.attachToTarget", {"targetId": page, "flatten": True}))["sessionId"]
-        await cdp.send("Page.enable", session=session)
-        await cdp.send("Page.navigate", {"url": page_url}, session)
+        session = await open_page(cdp, page_url)
         await cdp.poll(session, "(t => t.startsWith('Connected') && t)"
                                 "(document.getElementById('status')?.textContent ?? '')", 30, "noVNC to connect")
         assert await cdp.evaluate(session, "location.protocol") == "https:"  # so noVNC used wss://

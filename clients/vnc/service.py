@@ -346,11 +346,10 @@ class Viewer:
         #: Names this viewer's input at the core, which tracks what it holds and releases that when it goes.
         self.source = f"vnc#{next(_viewer_numbers)} {self.peer}"[:MAX_SOURCE]
         mode = service.mode
-        secure = not transport.encrypted and service.tls is not None
+        tls = service.tls if not transport.encrypted else None  # inside wss://, RFB's own types are not clear
         self.conn = RfbServerConnection(width=mode.width if mode else 0, height=mode.height if mode else 0,
                                         name=service.vm_name, password=service.password,
-                                        vencrypt_subtypes=service.tls.subtypes(service.password) if secure
-                                        and service.tls is not None else (),
+                                        vencrypt_subtypes=tls.subtypes(service.password) if tls is not None else (),
                                         plain_too=service.tls_settings.plain_too)
         #: The subject of the viewer's verified client certificate (QEMU's ``x509_dname``), once known.
         self.x509_dname = peer_dname(transport.ssl_object())
