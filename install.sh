@@ -7,9 +7,10 @@ cd "$(dirname "$0")"
 
 # QEMU and the demo guest's assembler; the rest are the real peers the tests drive (qemu-ga, TigerVNC under
 # Xvfb, noVNC in headless Chromium, socat for the monitor, tmux for interactive sessions; cpio builds the Linux
-# test guest's initramfs).
+# test guest's initramfs; openssl makes the VNC TLS tests' CAs, gvncviewer is gtk-vnc's viewer with client
+# certificates).
 APT_PACKAGES=(qemu-system-x86 qemu-utils nasm socat qemu-guest-agent tigervnc-viewer tigervnc-tools xvfb
-              imagemagick chromium novnc tmux cpio)
+              imagemagick chromium novnc tmux cpio openssl gvncviewer)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -83,6 +83,7 @@ class Client:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         identity: Identity | None = None
         if self.config.user is not None:
             identity = resolve_user(self.config.user, self.config.group)
@@ -118,6 +119,23 @@ class Client:
         if self.config.ready_fd is not None:
             write_ready_fd(self.config.ready_fd, f"READY {json.dumps(self.endpoints())}")
 
+    def _reload(self) -> None:
+        """SIGHUP: every service that can re-reads its credentials (the VNC TLS certificates), keeping its peers."""
+        log.info("SIGHUP: reloading")
+        for service in self.services:
+            reload = getattr(service, "reload", None)
+            if reload is not None:
+                reload()
+
+    def warnings(self) -> list[str]:
+        """What the services say is unsafe about how they are exposed (``vmfront status`` shows it)."""
+        found: list[str] = []
+        for service in self.services:
+            warnings = getattr(service, "warnings", None)
+            if warnings is not None:
+                found += warnings()
+        return found
+
     def endpoints(self) -> dict[str, str]:
         """Where this client's services listen, as they describe themselves."""
         found: dict[str, str] = {}
@@ -129,8 +147,9 @@ class Client:
 
     def _capabilities(self) -> list[str]:
         """Everything but the serial console, which only a console service asks for (so no other client takes
-        the boot log the core kept for it)."""
-        wanted = set(ALL_CAPABILITIES) - {Capability.CONSOLE}
+        the boot log the core kept for it), and VNC, which only the VNC service asks for (so the core knows who
+        serves VNC)."""
+        wanted = set(ALL_CAPABILITIES) - {Capability.CONSOLE, Capability.VNC}
         for service in self.services:
             wanted.update(getattr(service, "capabilities", ()))
         return sorted(wanted)
@@ -161,7 +180,7 @@ class Client:
                 said = endpoint
             channel = ClientChannel(endpoint, name=f"{CLIENT_NAME}:{self.config.name}",
                                     on_reattached=self._attached, on_detached=self._detached,
-                                    on_event=self._event, endpoints=self.endpoints(),
+                                    on_event=self._event, endpoints=self.endpoints(), warnings=self.warnings(),
                                     capabilities=self._capabilities())
             try:
                 welcome = await channel.connect(timeout_s=max(delay, 1.0))

@@ -82,8 +82,9 @@ class ControlService:
         self.broadcast(Shutdown(reason))
         await self.channel.close(reason)
 
-    def broadcast(self, body: EventBody) -> None:
-        self.channel.broadcast(body)
+    def broadcast(self, body: EventBody) -> int:
+        """Send to every client granted the kind's capability; returns how many."""
+        return self.channel.broadcast(body)
 
     def qmp_event(self, event: dict[str, Any]) -> None:
         self.broadcast(QmpEvent(event))
@@ -95,7 +96,7 @@ class ControlService:
         """The welcome: what this core really offers (no display or input without capture, no agent without one)."""
         display = self._display()
         state, _ = self._run_state()
-        offered = {Capability.QMP, Capability.QMP_EVENTS}
+        offered = {Capability.QMP, Capability.QMP_EVENTS, Capability.VNC}
         if self._agent is not None:
             offered.add(Capability.AGENT)
         if self._console is not None:

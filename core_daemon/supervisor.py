@@ -63,6 +63,7 @@ from .qmp_server import QmpReexport
 from .qmp_values import COMMAND_NAME, arguments_problem, reserved_problem
 from .readiness import sd_notify, write_ready_fd
 from .state import RunState, StateFile, read_state, run_state_from_qemu_status
+from .vnc_reload import display_reload
 
 log = logging.getLogger(__name__)
 
@@ -534,6 +535,9 @@ class Core:
         links to QEMU."""
         if not isinstance(name, str) or not COMMAND_NAME.fullmatch(name):
             return _error("CommandNotFound", f"The command {str(name)[:64]!r} has not been found")
+        reload = display_reload(name, arguments, self.control)
+        if reload is not None:
+            return reload
         problem = arguments_problem(arguments) or reserved_problem(name, arguments)
         if problem:
             log.info("refused %r before QEMU: %s", name, problem)

@@ -129,6 +129,12 @@ def rfb_server_seeds() -> dict[str, bytes]:
         "auth-3.8": b"RFB 003.008\n\x02" + response + b"\x01" + messages,
         "auth-3.3": b"RFB 003.003\n" + response + b"\x00" + set_enc + fbur,
         "bad-version": b"RFB 002.000\n",
+        # VeNCrypt: type 19, version 0.2, a subtype; then (inside TLS, which the target stands in for) the rest.
+        "vencrypt-x509none": b"RFB 003.008\n\x13\x00\x02" + struct.pack(">I", 260) + b"\x01" + messages,
+        "vencrypt-x509vnc": b"RFB 003.008\n\x13\x00\x02" + struct.pack(">I", 261) + response + b"\x01" + messages,
+        "vencrypt-tlsnone-3.7": b"RFB 003.007\n\x13\x00\x02" + struct.pack(">I", 257) + b"\x00" + set_enc + fbur,
+        "vencrypt-bad-version": b"RFB 003.008\n\x13\x00\x01" + struct.pack(">I", 260),
+        "vencrypt-bad-subtype": b"RFB 003.008\n\x13\x00\x02" + struct.pack(">I", 262) + b"\x01",
     }
 
 

@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import random
+import struct
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from core_daemon.qmp_protocol import Command, QmpServerConnection
 from core_daemon.qmp_values import arguments_problem
 from ipc import messages as ipc_messages
 from ipc.channel import RemoteError
+from rfb import vencrypt
 from rfb.client import (
     BGRX8888,
     ENCODING_CURSOR,
@@ -38,6 +40,7 @@ from rfb.client import (
 )
 from rfb.client import State as RfbClientState
 from rfb.errors import ProtocolError as RfbServerProtocolError
+from rfb.events import TlsRequested
 from rfb.server import RfbServerConnection
 from rfb.server import State as RfbServerState
 
@@ -155,11 +158,48 @@ def _rfb_server_events(pieces: Iterator[bytes] | list[bytes], password: str | No
     return out
 
 
+def _vencrypt_events(data: bytes, split: bool) -> list[str]:
+    """The VeNCrypt variant: the handshake a byte at a time (a real owner runs TLS after ``TlsRequested``, so
+    nothing follows the subtype in one read; here ``tls_established`` stands for the handshake), the rest whole or
+    in data-derived chunks."""
+    password = "secret" if data[15:19] in (struct.pack(">I", vencrypt.TLS_VNC), struct.pack(">I", vencrypt.X509_VNC)) \
+        else None
+    subtypes = (vencrypt.X509_VNC, vencrypt.TLS_VNC) if password else (vencrypt.X509_NONE, vencrypt.TLS_NONE)
+    conn = RfbServerConnection(width=640, height=480, name="fuzz", password=password, max_cut_text=4096,
+                               max_encodings=64, challenge=bytes(range(16)), vencrypt_subtypes=subtypes,
+                               plain_too=_flag(data, 3))
+    conn.data_to_send()
+    out: list[str] = []
+    pos = 0
+    pieces = iter([data[pos:]])
+    try:
+        while pos < len(data) and pos < 128 and conn.state not in (RfbServerState.NORMAL, RfbServerState.CLOSED):
+            for event in conn.receive_data(data[pos : pos + 1]):
+                out.append(repr(event))
+                if isinstance(event, TlsRequested):
+                    out.extend(repr(later) for later in conn.tls_established())
+            conn.data_to_send()
+            pos += 1
+        pieces = chunks(data[pos:]) if split else iter([data[pos:]])
+        for piece in pieces:
+            out.extend(repr(event) for event in conn.receive_data(piece))
+            conn.data_to_send()
+    except RfbServerProtocolError as exc:
+        assert conn.state is RfbServerState.CLOSED
+        out.extend(repr(event) for event in exc.events)
+        out.append("ProtocolError")
+    return out
+
+
 def fuzz_rfb_server(data: bytes) -> None:
-    """RfbServerConnection.receive_data raises only ProtocolError; whole or split, the same events."""
-    password = "secret" if _flag(data, 1) else None
-    whole = _rfb_server_events([data], password)
-    split = _rfb_server_events(chunks(data), password)
+    """RfbServerConnection.receive_data raises only ProtocolError; whole or split, the same events. Inputs that
+    choose security type 19 (or a checksum bit) run the VeNCrypt variant."""
+    if data[12:13] == b"\x13" or _flag(data, 2):
+        whole, split = _vencrypt_events(data, False), _vencrypt_events(data, True)
+    else:
+        password = "secret" if _flag(data, 1) else None
+        whole = _rfb_server_events([data], password)
+        split = _rfb_server_events(chunks(data), password)
     assert whole == split, f"RFB server events depend on how the bytes were split:\n{whole}\n{split}"
 
 

@@ -303,11 +303,13 @@ class ClientInfo:
     last_seen: float = field(default_factory=time.monotonic)
     #: Where the client serves people (its hello's ``endpoints``), e.g. {"vnc": "127.0.0.1:5900"}.
     endpoints: dict[str, str] = field(default_factory=dict)
+    #: What the client says is unsafe about how it serves people (its hello's ``warnings``).
+    warnings: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """The entry for ``state.json`` ``clients``."""
         return {"pid": self.pid, "uid": self.uid, "since": self.since, "name": self.name,
-                "endpoints": dict(self.endpoints)}
+                "endpoints": dict(self.endpoints), "warnings": list(self.warnings)}
 
     def __str__(self) -> str:
         return f"client {self.name!r} (pid {self.pid}, uid {self.uid})"
@@ -582,7 +584,7 @@ class CoreChannel:
         pid, uid = credentials if credentials is not None else (hello.pid, hello.uid)
         info = ClientInfo(identity=identity, pid=pid, uid=uid, name=hello.client_name,
                           client_version=hello.client_version, instance=hello.instance,
-                          capabilities=frozenset(granted), endpoints=dict(hello.endpoints))
+                          capabilities=frozenset(granted), endpoints=dict(hello.endpoints), warnings=hello.warnings)
         problem = _send_now(self._socket(), [identity, data])
         if problem:
             log.info("%s: cannot send the welcome: %s", info, problem)
@@ -923,10 +925,13 @@ class ClientChannel:
         on_event: Callable[[EventBody], object] | None = None,
         versions: Iterable[int] = SUPPORTED_VERSIONS,
         endpoints: Mapping[str, str] | None = None,
+        warnings: Iterable[str] = (),
     ) -> None:
         _check_transport(endpoint, curve)
         #: Where this client serves people, told to the core in every hello (``state.json`` shows them).
         self.endpoints = tuple((endpoints or {}).items())
+        #: What is unsafe about that, told the same way.
+        self.warnings = tuple(warnings)
         self.endpoint = endpoint
         self.name = name
         self.client_version = client_version
@@ -1246,7 +1251,7 @@ class ClientChannel:
         self._hello_ids.append(hello_id)
         hello = Hello(id=hello_id, versions=self.versions, instance=self.instance, pid=os.getpid(),
                       uid=os.getuid(), client_name=self.name, client_version=self.client_version,
-                      capabilities=self.capabilities, endpoints=self.endpoints)
+                      capabilities=self.capabilities, endpoints=self.endpoints, warnings=self.warnings)
         problem = _send_now(self._socket(), [hello.encode()], full="no connection")
         if problem:
             log.debug("%s: hello not sent (core not reachable): %s", self._tag, problem)

@@ -47,6 +47,8 @@ MAX_SOURCE = 64
 MAX_AGENT_CHUNK = 1 << 20
 MAX_CONSOLE_CHUNK = 64 << 10
 MAX_ENDPOINTS = 16
+#: Warnings a client gives about how it is exposed (e.g. VNC on a public address without TLS or a password).
+MAX_WARNINGS = 16
 MAX_ID = (1 << 63) - 1
 #: Pointer coordinates are framebuffer pixels (shm allows up to 16384) and wheel steps clicks.
 MAX_COORDINATE = 0xFFFF
@@ -68,6 +70,7 @@ class Capability(StrEnum):
     DISPLAY = "display"  # the ``refresh`` op and ``display`` broadcasts
     AGENT = "agent"  # the ``agent_write`` op and ``agent_data`` broadcasts
     CONSOLE = "console"  # the ``console_write`` op and ``console_data`` broadcasts
+    VNC = "vnc"  # ``vnc_reload`` broadcasts (a client serving VNC asks for it)
 
 
 ALL_CAPABILITIES = frozenset(Capability)
@@ -269,7 +272,17 @@ class ConsoleData:
     data: bytes
 
 
-EventBody = QmpEvent | RunStateChanged | Migrating | Migrated | AgentData | DisplayChanged | Shutdown | ConsoleData
+@dataclass(frozen=True)
+class VncReload:
+    """QMP ``display-reload`` of ``vnc``, answered by the core: every client re-reads its VNC TLS certificates
+    (``tls_certs``), keeping the viewers it has."""
+
+    KIND: ClassVar[str] = "vnc_reload"
+    tls_certs: bool
+
+
+EventBody = (QmpEvent | RunStateChanged | Migrating | Migrated | AgentData | DisplayChanged | Shutdown | ConsoleData
+             | VncReload)
 
 #: Broadcasts of these kinds go only to clients granted the capability; the others go to every client.
 KIND_CAPABILITY: dict[str, Capability] = {
@@ -277,6 +290,7 @@ KIND_CAPABILITY: dict[str, Capability] = {
     AgentData.KIND: Capability.AGENT,
     DisplayChanged.KIND: Capability.DISPLAY,
     ConsoleData.KIND: Capability.CONSOLE,
+    VncReload.KIND: Capability.VNC,
 }
 
 
@@ -307,14 +321,18 @@ class Hello:
     #: Where the client serves people, e.g. (("vnc", "127.0.0.1:5900"), ("monitor", "unix:/run/...")): the core
     #: shows them in ``state.json``, so ``vmfront list`` and ``vmfront monitor`` find them.
     endpoints: tuple[tuple[str, str], ...] = ()
+    #: What is unsafe about how the client serves people (``state.json`` and ``vmfront status`` show it).
+    warnings: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
-        fields = {
+        fields: dict[str, Any] = {
             "id": self.id, "versions": list(self.versions), "instance": self.instance, "pid": self.pid,
             "uid": self.uid, "client_name": self.client_name, "client_version": self.client_version,
             "capabilities": list(self.capabilities)}
         if self.endpoints:
             fields["endpoints"] = dict(self.endpoints)
+        if self.warnings:
+            fields["warnings"] = [_clip(w) for w in self.warnings]
         return _pack(self.TYPE, fields)
 
 
@@ -503,6 +521,8 @@ def _event_data(body: EventBody) -> dict[str, Any]:
         return {"shm": body.shm, "shm_generation": body.shm_generation, "display_socket": body.display_socket}
     if isinstance(body, Shutdown):
         return {"reason": _clip(body.reason)}
+    if isinstance(body, VncReload):
+        return {"tls_certs": body.tls_certs}
     return {}
 
 
@@ -731,7 +751,7 @@ def _parse_hello(f: _Fields) -> Hello:
         pid=f.integer("pid", 0, MAX_PID), uid=f.integer("uid", 0, MAX_UID), client_name=f.string("client_name"),
         client_version=f.string("client_version"),
         capabilities=f.strings("capabilities", MAX_CAPABILITIES, optional=True),
-        endpoints=_parse_endpoints(f))
+        endpoints=_parse_endpoints(f), warnings=f.strings("warnings", MAX_WARNINGS, MAX_TEXT, optional=True))
 
 
 def _parse_endpoints(f: _Fields) -> tuple[tuple[str, str], ...]:
@@ -869,6 +889,7 @@ _KIND_PARSERS: dict[str, Callable[[_Fields], EventBody]] = {
         shm_generation=d.integer("shm_generation", 0, MAX_GENERATION, optional=True),
         display_socket=d.string("display_socket", MAX_TEXT, optional=True)),
     Shutdown.KIND: lambda d: Shutdown(reason=d.string("reason", MAX_TEXT)),
+    VncReload.KIND: lambda d: VncReload(tls_certs=d.boolean("tls_certs")),
 }
 
 
@@ -900,7 +921,7 @@ _PARSERS: dict[str, Callable[[_Fields], Message]] = {
 MESSAGE_TYPES: tuple[type[Message], ...] = (Hello, Welcome, Heartbeat, Request, Reply, Broadcast, ErrorFrame, Bye)
 OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp, ConsoleWriteOp)
 EVENT_KINDS: tuple[type[EventBody], ...] = (
-    QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown, ConsoleData)
+    QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown, ConsoleData, VncReload)
 
 __all__ = [
     "ALL_CAPABILITIES", "EVENT_KINDS", "KIND_CAPABILITY", "MAX_FRAME", "MESSAGE_TYPES", "OPS", "OP_CAPABILITY",
@@ -909,5 +930,5 @@ __all__ = [
     "DisplayChanged", "EncodeError", "ErrorCode", "ErrorFrame", "ErrorInfo", "EventBody", "Heartbeat", "Hello",
     "InputEvent", "InputOp", "KeyEvent", "Message", "Migrated", "Migrating", "Op", "PointerEvent", "ProtocolError",
     "QmpEvent", "QmpOp", "RefreshOp", "ReleaseInputOp", "Reply", "Request", "RunStateChanged", "Shutdown",
-    "Welcome", "WheelEvent", "choose_version", "decode",
+    "VncReload", "Welcome", "WheelEvent", "choose_version", "decode",
 ]

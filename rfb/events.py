@@ -24,6 +24,16 @@ class SecurityNegotiated:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsRequested:
+    """The viewer chose VeNCrypt ``subtype`` and our accept byte is in ``data_to_send()``: send it, run the TLS
+    handshake as the server (with anonymous or X.509 credentials), then call ``tls_established()``. The
+    connection reads no more bytes in the clear: anything the viewer sends before TLS is a protocol error."""
+
+    subtype: int
+    anonymous: bool
+
+
+@dataclass(frozen=True, slots=True)
 class AuthFailed:
     """VNC authentication failed; the failure result is in ``data_to_send()`` and the connection is closed."""
 
@@ -135,6 +145,6 @@ class Fence:
 
 
 Event = (
-    SecurityNegotiated | AuthFailed | ClientInitReceived | PixelFormatChanged | EncodingsSet | UpdateRequested
-    | Key | ExtendedKey | Pointer | CutText | ContinuousUpdates | DesktopSizeRequested | Fence
+    SecurityNegotiated | TlsRequested | AuthFailed | ClientInitReceived | PixelFormatChanged | EncodingsSet
+    | UpdateRequested | Key | ExtendedKey | Pointer | CutText | ContinuousUpdates | DesktopSizeRequested | Fence
 )

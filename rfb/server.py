@@ -4,7 +4,10 @@ messages, get bytes.
 Handshake (RFC 6143 section 7.1-7.3): the server offers 3.8 and speaks 3.3, 3.7 or 3.8, mapping other versions
 to the nearest one the way the community spec asks (3.4-3.6, e.g. the 3.5 some old viewers send, speak 3.3;
 3.9 and up, e.g. Apple's 3.889, speak 3.8; below 3.3 or a major version under 3 is refused with a reason).
-Security is None, or VNC Authentication when the owner gives a password. Then ClientInit / ServerInit and
+Security is None, or VNC Authentication when the owner gives a password, or VeNCrypt (rfb.vencrypt) when the
+owner offers its subtypes: then the connection stops at ``TlsRequested`` while the owner runs the TLS handshake
+on its transport, and goes on (in the clear no more) once it calls :meth:`tls_established`. Then ClientInit /
+ServerInit and
 the client messages: SetPixelFormat, SetEncodings, FramebufferUpdateRequest, KeyEvent, PointerEvent,
 ClientCutText, EnableContinuousUpdates, ClientFence, SetDesktopSize and QEMU's Extended Key Event.
 
@@ -33,7 +36,7 @@ import struct
 from collections.abc import Iterable
 from enum import Enum
 
-from rfb import auth
+from rfb import auth, vencrypt
 from rfb.encodings.update import framebuffer_update_message, update_header
 from rfb.errors import LocalProtocolError, ProtocolError
 from rfb.events import (
@@ -50,6 +53,7 @@ from rfb.events import (
     PixelFormatChanged,
     Pointer,
     SecurityNegotiated,
+    TlsRequested,
     UpdateRequested,
 )
 from rfb.pixels import BGR233_PALETTE, pack_colour_map
@@ -94,6 +98,7 @@ from rfb.wire import (
     SECURITY_NONE,
     SECURITY_RESULT_FAILED,
     SECURITY_RESULT_OK,
+    SECURITY_VENCRYPT,
     SECURITY_VNC_AUTH,
     SERVER_INIT,
     SERVER_VERSION,
@@ -125,6 +130,9 @@ class State(Enum):
 
     VERSION = "version"  # the viewer's ProtocolVersion
     SECURITY_TYPE = "security-type"  # 3.7/3.8: the viewer's choice from our list
+    VENCRYPT_VERSION = "vencrypt-version"  # the viewer's VeNCrypt version
+    VENCRYPT_SUBTYPE = "vencrypt-subtype"  # the viewer's choice from our VeNCrypt subtypes
+    TLS_HANDSHAKE = "tls-handshake"  # the owner runs the TLS handshake: no RFB bytes until tls_established()
     VNC_AUTH = "vnc-auth"  # the 16-byte challenge response
     CLIENT_INIT = "client-init"  # the shared flag
     NORMAL = "normal"  # client messages; the owner may send updates
@@ -165,6 +173,8 @@ class RfbServerConnection:
         continuous_updates: bool = False,
         fences: bool = False,
         challenge: bytes | None = None,
+        vencrypt_subtypes: tuple[int, ...] = (),
+        plain_too: bool = False,
     ) -> None:
         """``width``/``height``/``name`` go into ServerInit (update them if the mode changes before ClientInit).
 
@@ -172,6 +182,10 @@ class RfbServerConnection:
         and ``fences`` announce those extensions to a viewer that asks for them (EndOfContinuousUpdates /
         a ServerFence queued after its SetEncodings); the owner must then honour them. ``challenge`` fixes the
         VNC challenge, for tests only.
+
+        ``vencrypt_subtypes`` offers VeNCrypt with those subtypes (preference order; the *Vnc ones need the
+        ``password``, the *None ones must not have one, or they would skip it). Then None / VNC Authentication in
+        the clear are not offered, unless ``plain_too`` (a downgrade anyone on the path can force).
         """
         if password is not None and not auth.password_bytes(password).rstrip(b"\x00"):
             raise ValueError("an empty VNC password would let anyone in; use password=None for no authentication")
@@ -179,6 +193,12 @@ class RfbServerConnection:
             raise ValueError("limits out of range")
         if challenge is not None and len(challenge) != VNC_AUTH_CHALLENGE_SIZE:
             raise ValueError(f"challenge must be {VNC_AUTH_CHALLENGE_SIZE} bytes")
+        for subtype in vencrypt_subtypes:
+            if subtype not in vencrypt.SUBTYPES:
+                raise ValueError(f"VeNCrypt subtype {subtype} is not supported")
+            if (subtype in vencrypt.WITH_VNC_AUTH) != (password is not None):
+                raise ValueError(f"VeNCrypt {vencrypt.describe(subtype)} " +
+                                 ("needs a password" if password is None else "would skip the password"))
         self.width = width
         self.height = height
         self.name = name
@@ -188,6 +208,10 @@ class RfbServerConnection:
         self._announce_continuous_updates = continuous_updates
         self._announce_fences = fences
         self._challenge = challenge if challenge is not None else auth.new_challenge()
+        self._vencrypt_subtypes = tuple(vencrypt_subtypes)
+        self._plain = plain_too or not vencrypt_subtypes
+        #: The VeNCrypt subtype the viewer chose (its TLS session carries the rest), or None.
+        self.vencrypt_subtype: int | None = None
         self.state = State.VERSION
         self.version: tuple[int, int] | None = None
         self.client_version: tuple[int, int] | None = None
@@ -207,7 +231,9 @@ class RfbServerConnection:
     @property
     def security_types(self) -> tuple[int, ...]:
         """What the server offers, in preference order."""
-        return (SECURITY_VNC_AUTH,) if self._password is not None else (SECURITY_NONE,)
+        plain = (SECURITY_VNC_AUTH,) if self._password is not None else (SECURITY_NONE,)
+        secure = (SECURITY_VENCRYPT,) if self._vencrypt_subtypes else ()
+        return secure + plain if self._plain else secure
 
     def supports(self, encoding: int) -> bool:
         """True if the viewer listed ``encoding`` (a genuine or pseudo-encoding) in its last SetEncodings."""
@@ -255,6 +281,14 @@ class RfbServerConnection:
             return self._read_security_type(pos, events)
         if self.state is State.VNC_AUTH:
             return self._read_auth_response(pos, events)
+        if self.state is State.VENCRYPT_VERSION:
+            return self._read_vencrypt_version(pos)
+        if self.state is State.VENCRYPT_SUBTYPE:
+            return self._read_vencrypt_subtype(pos, events)
+        if self.state is State.TLS_HANDSHAKE:
+            if self._need(pos, 1):  # a viewer waits for our accept byte: these would be plaintext spliced into TLS
+                raise ProtocolError("bytes in the clear after the VeNCrypt subtype, before the TLS handshake")
+            return 0
         if self.state is State.CLIENT_INIT:
             return self._read_client_init(pos, events)
         return self._read_message(pos, events)
@@ -279,8 +313,10 @@ class RfbServerConnection:
             raise self._refuse_version(f"RFB version {client[0]}.{client[1]} is not supported (3.3, 3.7, 3.8 are)")
         self.client_version, self.version = client, version
         if version == RFB_3_3:
-            # 3.3: the server decides the security type.
-            chosen = self.security_types[0]
+            # 3.3: the server decides the security type, and 3.3 has no VeNCrypt.
+            if not self._plain:
+                raise self._refuse_version("this server requires VeNCrypt (TLS), which needs RFB 3.7 or later")
+            chosen = self.security_types[-1]
             self._outbox += U32.pack(chosen)
             self._start_security(chosen, events)
         else:
@@ -308,6 +344,9 @@ class RfbServerConnection:
         if chosen == SECURITY_VNC_AUTH:
             self._outbox += self._challenge
             self.state = State.VNC_AUTH
+        elif chosen == SECURITY_VENCRYPT:
+            self._outbox += vencrypt.server_version()
+            self.state = State.VENCRYPT_VERSION
         else:
             self._security_done(events)
 
@@ -321,6 +360,44 @@ class RfbServerConnection:
         if self.version == RFB_3_8:  # only 3.8 carries a reason
             encoded = reason.encode()
             self._outbox += U32.pack(len(encoded)) + encoded
+
+    def _read_vencrypt_version(self, pos: int) -> int:
+        version = vencrypt.read_client_version(self._buffer, pos)
+        if version is None:
+            return 0
+        if version != vencrypt.VERSION:
+            self._outbox += vencrypt.version_ack(None)
+            raise ProtocolError(f"VeNCrypt version {version[0]}.{version[1]} is not supported (0.2 is)")
+        self._outbox += vencrypt.version_ack(self._vencrypt_subtypes)
+        self.state = State.VENCRYPT_SUBTYPE
+        return vencrypt.VERSION_MSG.size
+
+    def _read_vencrypt_subtype(self, pos: int, events: list[Event]) -> int:
+        subtype = vencrypt.read_subtype(self._buffer, pos)
+        if subtype is None:
+            return 0
+        if subtype not in self._vencrypt_subtypes:
+            self._outbox += vencrypt.subtype_ack(False)
+            raise ProtocolError(f"VeNCrypt {vencrypt.describe(subtype)} was not offered")
+        self._outbox += vencrypt.subtype_ack(True)
+        self.vencrypt_subtype = subtype
+        self.state = State.TLS_HANDSHAKE
+        events.append(TlsRequested(subtype, anonymous=subtype in vencrypt.ANONYMOUS))
+        return U32.size
+
+    def tls_established(self) -> list[Event]:
+        """The owner's TLS handshake succeeded: every byte from now on goes through it, and the subtype's own
+        authentication starts (its first bytes are in ``data_to_send()``). Returns the events that completes."""
+        if self.state is not State.TLS_HANDSHAKE or self.vencrypt_subtype is None:
+            raise LocalProtocolError(f"no TLS handshake is due in state {self.state.value}")
+        events: list[Event] = []
+        if self.vencrypt_subtype in vencrypt.WITH_VNC_AUTH:
+            self._outbox += self._challenge
+            self.state = State.VNC_AUTH
+        else:
+            self._outbox += U32.pack(SECURITY_RESULT_OK)  # not type None: 3.7 sends a SecurityResult too
+            self._security_done(events)
+        return events
 
     def _read_auth_response(self, pos: int, events: list[Event]) -> int:
         if not self._need(pos, VNC_AUTH_CHALLENGE_SIZE):

@@ -48,6 +48,7 @@ from ipc.messages import (
     Request,
     RunStateChanged,
     Shutdown,
+    VncReload,
     Welcome,
     WheelEvent,
     choose_version,
@@ -104,7 +105,8 @@ all_messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, id=ids, versions=st.lists(st.integers(1, 0xFFFF), min_size=1, max_size=16).map(tuple),
               instance=nonempty, pid=st.integers(0, 2**31 - 1), uid=st.integers(0, 2**32 - 1), client_name=names,
               client_version=names, capabilities=capabilities,
-              endpoints=st.dictionaries(nonempty, names, max_size=4).map(lambda d: tuple(d.items()))),
+              endpoints=st.dictionaries(nonempty, names, max_size=4).map(lambda d: tuple(d.items())),
+              warnings=st.lists(names, max_size=3).map(tuple)),
     st.builds(Welcome, id=ids, version=st.just(1), vm=nonempty, instance=nonempty,
               core_pid=st.integers(0, 2**31 - 1), run_state=st.text(min_size=1, max_size=32),
               heartbeat_interval=st.floats(0.01, 60.0), shm=st.none() | names,
@@ -344,7 +346,7 @@ def encoded_keys(frame: bytes, *path: str) -> set[str]:
 
 
 SAMPLES: list[Message] = [
-    Hello(1, (1,), "i", 1, 0, "c", "", ("qmp",), (("vnc", "127.0.0.1:5900"),)),
+    Hello(1, (1,), "i", 1, 0, "c", "", ("qmp",), (("vnc", "127.0.0.1:5900"),), ("VNC listens on ...",)),
     Welcome(1, 1, "vm", "i", 1, "running", 1.0),
     Heartbeat("i"),
     Request(1, QmpOp("x", {})),
@@ -357,7 +359,7 @@ OP_SAMPLES: list[Op] = [QmpOp("x", {}), InputOp((KeyEvent(True, qcode="a"),), "v
                         RefreshOp(), AgentWriteOp(b""), ConsoleWriteOp(b"")]
 KIND_SAMPLES: list[EventBody] = [
     QmpEvent({"event": "X"}), RunStateChanged("running"), Migrating(), Migrated("e"), AgentData(b""),
-    DisplayChanged(None, None, None), Shutdown("x"), ConsoleData(b"")]
+    DisplayChanged(None, None, None), Shutdown("x"), ConsoleData(b""), VncReload(tls_certs=True)]
 
 
 def test_docs_list_every_message_type_and_field() -> None:

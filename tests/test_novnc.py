@@ -27,7 +27,7 @@ import pytest
 from corelib import CoreProcess, RawQmpPeer, kill_pid, pid_alive, running_core, wait_for
 from guestlib import TEXT_BOXES, crop, is_demo_text_screen
 from PIL import Image
-from vnclib import ROOT, VncClientProcess, free_port, wait_port
+from vnclib import ROOT, VncClientProcess, end_process, free_port, wait_port
 
 VM = "nv"
 NOVNC = Path("/usr/share/novnc")
@@ -136,7 +136,7 @@ def _children(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def headless_chromium(profile: Path) -> Iterator[str]:
+def headless_chromium(profile: Path, *extra: str) -> Iterator[str]:
     """Chromium with a DevTools endpoint on a free port; yields its browser WebSocket URL."""
     assert CHROMIUM is not None
     log = profile.parent / f"{profile.name}.stderr"
@@ -145,7 +145,7 @@ def headless_chromium(profile: Path) -> Iterator[str]:
         proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                                  "--no-first-run", "--disable-background-networking", "--disable-component-update",
                                  "--disable-sync", "--window-size=800,500", "--remote-debugging-port=0",
-                                 f"--user-data-dir={profile}", "about:blank"],
+                                 f"--user-data-dir={profile}", *extra, "about:blank"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     descendants: set[int] = set()
     try:
@@ -181,6 +181,16 @@ async def devtools(url: str) -> AsyncIterator[Cdp]:
             yield cdp
         finally:
             await cdp.close()
+
+
+async def open_page(cdp: Cdp, url: str) -> str:
+    """Navigate the browser's page to ``url``; returns its DevTools session."""
+    targets = (await cdp.send("Target.getTargets"))["targetInfos"]
+    page = next(t["targetId"] for t in targets if t["type"] == "page")
+    session: str = (await cdp.send("Target.attachToTarget", {"targetId": page, "flatten": True}))["sessionId"]
+    await cdp.send("Page.enable", session=session)
+    await cdp.send("Page.navigate", {"url": url}, session)
+    return session
 
 
 async def type_key(cdp: Cdp, session: str, char: str) -> None:
@@ -221,23 +231,14 @@ def test_novnc_canvas_shows_guest_and_typed_keys_reach_it(core: CoreProcess, tmp
             asyncio.run(asyncio.wait_for(drive_novnc(url, page, core, client, peer, tmp_path), 90))
     finally:
         peer.close()
-        http.terminate()
-        try:
-            http.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            http.kill()
-            http.wait(timeout=10)
+        end_process(http)
         client.stop()
 
 
 async def drive_novnc(url: str, page_url: str, core: CoreProcess, client: VncClientProcess, peer: RawQmpPeer,
                       tmp_path: Path) -> None:
     async with devtools(url) as cdp:
-        targets = (await cdp.send("Target.getTargets"))["targetInfos"]
-        page = next(t["targetId"] for t in targets if t["type"] == "page")
-        session = (await cdp.send("Target.attachToTarget", {"targetId": page, "flatten": True}))["sessionId"]
-        await cdp.send("Page.enable", session=session)
-        await cdp.send("Page.navigate", {"url": page_url}, session)
+        session = await open_page(cdp, page_url)
         status = await cdp.poll(session, "(t => t.startsWith('Connected') && t)"
                                          "(document.getElementById('status')?.textContent ?? '')",
                                 30, "noVNC to connect")
@@ -281,4 +282,56 @@ async def drive_novnc(url: str, page_url: str, core: CoreProcess, client: VncCli
             if shown == dump != blank:
                 break
             assert time.monotonic() < deadline, "the typed keys' echo did not reach noVNC's canvas"
+            await asyncio.sleep(0.2)
+
+
+# --- wss:// (the client's WebSocket listener with --vnc-tls-creds) ----------------------------------------------
+
+#: The noVNC page over HTTPS, so that vnc_lite.html connects with wss:// (it follows the page's scheme).
+_HTTPS_SERVER = """
+import functools, http.server, ssl, sys
+port, directory, cert, key = sys.argv[1:5]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(port)), handler)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"""
+
+
+def test_novnc_over_wss_shows_the_guest(core: CoreProcess, tmp_path: Path) -> None:
+    from tlslib import make_ca, server_creds, spki_hash
+
+    creds = server_creds(make_ca(tmp_path / "ca"), tmp_path / "creds")
+    ws_port, http_port = free_port(), free_port()
+    client = VncClientProcess(core.run_dir, VM, free_port(), "--websocket", f"127.0.0.1:{ws_port}",
+                              "--vnc-tls-creds", str(creds))
+    http = subprocess.Popen([sys.executable, "-c", _HTTPS_SERVER, str(http_port), str(NOVNC),
+                             str(creds / "server-cert.pem"), str(creds / "server-key.pem")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(http_port)
+        # Chromium trusts the test's server key by its hash (no CA is installed in the machine's store).
+        trust = f"--ignore-certificate-errors-spki-list={spki_hash(creds / 'server-cert.pem')}"
+        with headless_chromium(tmp_path / "profile", trust) as url:
+            page = f"https://127.0.0.1:{http_port}/vnc_lite.html?host=127.0.0.1&port={ws_port}&path=websockify"
+            asyncio.run(asyncio.wait_for(watch_over_wss(url, page, core, tmp_path), 90))
+        assert "(TLS: wss://)" in client.text()
+        assert re.search(r"viewer ws:127.0.0.1:\d+: connection \(TLS", client.text())
+    finally:
+        end_process(http)
+        client.stop()
+
+
+async def watch_over_wss(url: str, page_url: str, core: CoreProcess, tmp_path: Path) -> None:
+    async with devtools(url) as cdp:
+        session = await open_page(cdp, page_url)
+        await cdp.poll(session, "(t => t.startsWith('Connected') && t)"
+                                "(document.getElementById('status')?.textContent ?? '')", 30, "noVNC to connect")
+        assert await cdp.evaluate(session, "location.protocol") == "https:"  # so noVNC used wss://
+        deadline = time.monotonic() + 30
+        while crop(canvas := await canvas_image(cdp, session), TEXT_BOXES["title"]) != \
+                crop(screendump(core, tmp_path / "dump.png"), TEXT_BOXES["title"]):
+            assert time.monotonic() < deadline, f"only {title_bar_pixels(canvas)} title-bar pixels on the canvas"
             await asyncio.sleep(0.2)

@@ -245,7 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--vnc-password-file", type=Path, metavar="FILE",
                         help="VNC authentication with the first line of FILE (else $VMFRONT_VNC_PASSWORD if set)")
     client.add_argument("--websocket", metavar="HOST:PORT|unix:PATH",
-                        help="also serve VNC over WebSocket (noVNC); an empty HOST is 127.0.0.1")
+                        help="also serve VNC over WebSocket (noVNC); an empty HOST is 127.0.0.1; with "
+                        "--vnc-tls-creds it is wss://")
+    client.add_argument("--vnc-tls-creds", type=Path, metavar="DIR",
+                        help="VeNCrypt X.509 TLS with DIR/ca-cert.pem, server-cert.pem and server-key.pem (QEMU's "
+                        "tls-creds-x509 layout; the key must not be group/world readable); VNC in the clear is then "
+                        "not offered. SIGHUP or QMP display-reload re-reads them")
+    client.add_argument("--vnc-tls-verify-peer", action="store_true",
+                        help="with --vnc-tls-creds: viewers must present a certificate signed by ca-cert.pem "
+                        "(QEMU's verify-peer=on)")
+    client.add_argument("--vnc-tls-anon", action="store_true",
+                        help="also offer anonymous TLS (VeNCrypt TLSNone/TLSVnc): encrypted, but open to a man in the "
+                        "middle; needs OpenSSL's aNULL ciphers at security level 0 and TLS 1.2")
+    client.add_argument("--vnc-tls-plain-too", action="store_true",
+                        help="with TLS: also offer None / VNC authentication in the clear (a downgrade anyone on the "
+                        "path can force; for old viewers on trusted networks only)")
     client.add_argument("--monitor", nargs="?", const="unix:", metavar="unix:PATH|HOST:PORT",
                         help="serve the text monitor here (bare --monitor: unix:RUN_DIR/monitor.sock, mode 0600)")
     client.add_argument("--console", nargs="?", const="", metavar="PATH",
@@ -396,13 +410,19 @@ def cmd_client(args: argparse.Namespace) -> int:
     from clients.main import Client, ClientConfig
     from clients.privileges import PrivilegeError
     from clients.vnc.service import VncError, service_from_args
+    from clients.vnc.tls import TlsSettings
     from ipc.channel import ChannelError
 
     try:
         config = ClientConfig(name=check_vm_name(args.name), run_dir=RunDir.for_vm(args.name, args.run_dir),
                               core_endpoint=args.core, group=args.group, ready_fd=args.ready_fd,
                               user=_client_user(args.user, args.as_root, flag="--as-root"))
-        vnc = service_from_args(args.vnc, args.vnc_password_file, args.websocket)
+        if (args.vnc_tls_verify_peer and args.vnc_tls_creds is None) or \
+                (args.vnc_tls_plain_too and not (args.vnc_tls_creds or args.vnc_tls_anon)):
+            raise ValueError("--vnc-tls-verify-peer needs --vnc-tls-creds, --vnc-tls-plain-too needs TLS")
+        tls = TlsSettings(creds_dir=args.vnc_tls_creds, verify_peer=args.vnc_tls_verify_peer,
+                          anonymous=args.vnc_tls_anon, plain_too=args.vnc_tls_plain_too)
+        vnc = service_from_args(args.vnc, args.vnc_password_file, args.websocket, tls)
         if vnc is not None:
             config.services.append(vnc)
         if args.monitor is not None:
@@ -526,6 +546,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for client in clients:
         served = ", ".join(f"{k} {v}" for k, v in (client.get("endpoints") or {}).items())
         print(f"    pid {client.get('pid')} uid {client.get('uid')}{': ' + served if served else ''}")
+        for warning in client.get("warnings") or []:
+            print(f"      WARNING: {warning}")
     went = state.get("migrated_to")
     if isinstance(went, str):
         where = follow_migrations(went, Path(went.removeprefix("ipc://")).parent / "state.json")

@@ -19,15 +19,26 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ipc.channel import ChannelError
-from ipc.messages import MAX_SOURCE, InputEvent, KeyEvent, Migrated, PointerEvent, Welcome, WheelEvent
+from ipc.messages import (
+    MAX_SOURCE,
+    Capability,
+    InputEvent,
+    KeyEvent,
+    Migrated,
+    PointerEvent,
+    VncReload,
+    Welcome,
+    WheelEvent,
+)
 from ipc.messages import EventBody as CoreEvent
 from ipc.rundir import listen_unix
-from rfb import ProtocolError, RfbServerConnection, Screen, State
+from rfb import ProtocolError, RfbServerConnection, Screen, State, vencrypt
 from rfb import events as ev
 from rfb.encodings import (
     NegotiatedEncoders,
@@ -56,6 +67,7 @@ from .encoder_pool import EncodeRequest, EncoderPool, EncoderUnavailable
 from .framecopy import Frame, FrameCopy, Move, frame_array
 from .keymap import qcode_for, scancode_for
 from .region import DirtyRegion, Rect, contains, intersect
+from .tls import HANDSHAKE_TIMEOUT_S, TlsCredentials, TlsError, TlsSettings, peer_dname, start_tls
 
 if TYPE_CHECKING:
     from clients.main import ClientContext
@@ -183,6 +195,8 @@ def describe(sock: socket.socket) -> str:
 
 class Transport(Protocol):
     peer: str
+    #: Already inside TLS (``wss://``): RFB's own security types are not in the clear.
+    encrypted: bool
 
     async def recv(self) -> bytes:
         """Bytes from the viewer; b"" at the end."""
@@ -199,14 +213,23 @@ class Transport(Protocol):
     def close(self) -> None:
         """Drop the connection now (whatever is unsent is lost)."""
 
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """Run the server side of a TLS handshake (VeNCrypt); later bytes go through it."""
+
+    def ssl_object(self) -> ssl.SSLObject | None:
+        """The TLS session, if the connection is in one."""
+
 
 class StreamTransport:
+    encrypted = False
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"unix:{peer or '?'}"
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._tls: ssl.SSLObject | None = None
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -229,6 +252,15 @@ class StreamTransport:
     def close(self) -> None:
         self._writer.transport.abort()
 
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        self._reader, self._writer = await start_tls(self._reader, self._writer, context)
+        self._writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._tls = self._writer.get_extra_info("ssl_object")
+        self.encrypted = True
+
+    def ssl_object(self) -> ssl.SSLObject | None:
+        return self._tls
+
 
 class WebSocketTransport:
     """RFB over WebSocket binary messages (noVNC); message boundaries mean nothing to RFB."""
@@ -237,6 +269,9 @@ class WebSocketTransport:
         self._ws = ws
         peer = ws.remote_address
         self.peer = f"ws:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "ws:unix"
+        transport = getattr(ws, "transport", None)
+        self._tls: ssl.SSLObject | None = transport.get_extra_info("ssl_object") if transport is not None else None
+        self.encrypted = self._tls is not None
 
     async def recv(self) -> bytes:
         from websockets.exceptions import ConnectionClosed
@@ -267,6 +302,12 @@ class WebSocketTransport:
         transport = getattr(self._ws, "transport", None)
         if transport is not None:
             transport.abort()
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        raise ProtocolError("VeNCrypt inside a WebSocket is not supported: use wss:// (--vnc-tls-creds)")
+
+    def ssl_object(self) -> ssl.SSLObject | None:
+        return self._tls
 
 
 def _binary_subprotocol(connection: Any, offered: Any) -> Any:
@@ -305,8 +346,13 @@ class Viewer:
         #: Names this viewer's input at the core, which tracks what it holds and releases that when it goes.
         self.source = f"vnc#{next(_viewer_numbers)} {self.peer}"[:MAX_SOURCE]
         mode = service.mode
+        tls = service.tls if not transport.encrypted else None  # inside wss://, RFB's own types are not clear
         self.conn = RfbServerConnection(width=mode.width if mode else 0, height=mode.height if mode else 0,
-                                        name=service.vm_name, password=service.password)
+                                        name=service.vm_name, password=service.password,
+                                        vencrypt_subtypes=tls.subtypes(service.password) if tls is not None else (),
+                                        plain_too=service.tls_settings.plain_too)
+        #: The subject of the viewer's verified client certificate (QEMU's ``x509_dname``), once known.
+        self.x509_dname = peer_dname(transport.ssl_object())
         self.encoders = NegotiatedEncoders()
         self.dirty = DirtyRegion()
         self.size: tuple[int, int] | None = None  # what the viewer was last told
@@ -389,6 +435,9 @@ class Viewer:
             batch: list[InputEvent] = []
             for event in events:
                 self._handle(event, batch)
+                if isinstance(event, ev.TlsRequested):  # always the last event: nothing is read after it
+                    for later in await self._start_tls(event):
+                        self._handle(later, batch)
             if self.conn.closed:  # refused (auth failure): the reason is queued
                 self.transport.write_nowait(self.conn.data_to_send())
                 self.disconnect()
@@ -399,6 +448,22 @@ class Viewer:
             if batch:
                 self._queue_input(batch)
             self._wake.set()
+
+    async def _start_tls(self, event: ev.TlsRequested) -> list[ev.Event]:
+        """VeNCrypt: our accept byte goes out in the clear, then the handshake; the rest of RFB runs inside."""
+        assert self.service.tls is not None
+        self.transport.write_nowait(bytes(self._outbox) + self.conn.data_to_send())
+        self._outbox.clear()
+        try:
+            await self.transport.start_tls(self.service.tls.context_for(event.subtype))
+        except (ssl.SSLError, ConnectionError, TimeoutError, TlsError) as exc:
+            raise ProtocolError(f"TLS handshake failed: {exc}") from exc
+        self.x509_dname = peer_dname(self.transport.ssl_object())
+        tls = self.transport.ssl_object()
+        log.info("viewer %s: TLS (%s, %s%s)", self.peer, vencrypt.describe(event.subtype),
+                 tls.version() if tls is not None else "?",
+                 f", client certificate {self.x509_dname}" if self.x509_dname else "")
+        return self.conn.tls_established()
 
     def _handle(self, event: ev.Event, batch: list[InputEvent]) -> None:
         if isinstance(event, ev.UpdateRequested):
@@ -439,6 +504,8 @@ class Viewer:
             log.warning("viewer %s: authentication failed (%s)", self.peer, event.reason)
         elif isinstance(event, ev.SecurityNegotiated):
             log.debug("viewer %s: RFB %s, security type %d", self.peer, event.version, event.security_type)
+        elif isinstance(event, ev.TlsRequested):
+            pass  # _read_loop runs the handshake
         else:  # CutText, ContinuousUpdates and Fence (never announced)
             log.debug("viewer %s: ignoring %s", self.peer, type(event).__name__)
 
@@ -702,13 +769,17 @@ class VncService:
     """``Service`` for clients.main.Client: VNC on TCP or a unix socket, and optionally WebSocket."""
 
     name = "vnc"
+    capabilities = (Capability.VNC,)
 
     def __init__(self, listen: str = DEFAULT_LISTEN, *, password: str | None = None,
                  websocket: str | None = None, max_viewers: int = MAX_VIEWERS,
-                 display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None) -> None:
+                 display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None,
+                 tls: TlsSettings | None = None) -> None:
         self.listen = parse_listen(listen, display_numbers=True)
         self.websocket = parse_listen(websocket) if websocket else None
         self.password = password
+        self.tls_settings = tls or TlsSettings()
+        self.tls = TlsCredentials(self.tls_settings) if self.tls_settings.enabled else None
         self.max_viewers = max_viewers
         self.display_wait_s = display_wait_s
         self.ctx: ClientContext | None = None
@@ -731,40 +802,81 @@ class VncService:
 
     def describe_vnc_servers(self) -> list[dict[str, Any]]:
         """Our VNC server and its viewers, in QMP ``query-vnc-servers`` shape (the monitor's ``info vnc``)."""
-        auth = "vnc" if self.password else "none"
+        plain = "vnc" if self.password else "none"
+        subtypes = self.tls.subtypes(self.password) if self.tls is not None else ()
+        auth = {"auth": "vencrypt", "vencrypt": vencrypt.describe(subtypes[0])} if subtypes else {"auth": plain}
 
         def address(sock: socket.socket, websocket: bool) -> dict[str, Any]:
             name = sock.getsockname()
+            # A wss:// listener runs RFB's own types inside its TLS, as QEMU's WebSocket with tls-creds does.
+            kind = {"auth": plain} if websocket and self._websocket_tls() is not None else auth
             if isinstance(name, tuple):
                 family = "ipv6" if sock.family == socket.AF_INET6 else "ipv4"
-                return {"host": name[0], "service": str(name[1]), "family": family, "websocket": websocket,
-                        "auth": auth}
-            return {"host": name, "service": "", "family": "unix", "websocket": websocket, "auth": auth}
+                return {"host": name[0], "service": str(name[1]), "family": family, "websocket": websocket, **kind}
+            return {"host": name, "service": "", "family": "unix", "websocket": websocket, **kind}
 
         servers = [address(sock, index > 0) for index, sock in enumerate(self._socks)]
         clients = []
         for viewer in sorted(self.viewers, key=lambda v: v.peer):
             websocket = viewer.peer.startswith("ws:")
             host, _, port = viewer.peer.removeprefix("ws:").rpartition(":")
-            clients.append({"host": host or viewer.peer, "service": port, "websocket": websocket,
-                            "family": "unix" if viewer.peer.startswith(("unix:", "ws:unix")) else "ipv4"})
-        return [{"id": "default", "server": servers, "clients": clients, "auth": auth}]
+            client = {"host": host or viewer.peer, "service": port, "websocket": websocket,
+                      "family": "unix" if viewer.peer.startswith(("unix:", "ws:unix")) else "ipv4"}
+            if viewer.x509_dname is not None:
+                client["x509_dname"] = viewer.x509_dname
+            clients.append(client)
+        return [{"id": "default", "server": servers, "clients": clients, **auth}]
 
     def endpoints(self) -> dict[str, str]:
         """Where viewers connect (for ``state.json`` and ``vmfront list``), once bound."""
         return {name: describe(sock) for name, sock in zip(("vnc", "websocket"), self._socks, strict=False)}
 
+    def warnings(self) -> list[str]:
+        """What makes this VNC server unsafe where it listens (logged at start; ``vmfront status`` shows them)."""
+        found = []
+        for address, what, tls in ((self.listen, "VNC", self.tls is not None),
+                                   (self.websocket, "VNC over WebSocket", self._websocket_tls() is not None)):
+            if address is None or address.host is None or is_loopback(address.host):
+                continue
+            if not tls and not self.password:
+                found.append(f"{what} listens on {address}, not only on loopback, with neither TLS nor a password: "
+                             "whoever reaches it sees and controls the guest")
+            elif not tls:
+                found.append(f"{what} listens on {address}, not only on loopback, without TLS: the VNC password "
+                             "(8 characters, DES challenge) and every pixel and key cross the network in the clear")
+            elif self.tls_settings.plain_too and not self.tls_settings.anonymous:
+                found.append(f"{what} on {address} also offers security types in the clear (--vnc-tls-plain-too): "
+                             "anyone on the path can make a viewer use them")
+        return found
+
+    def _websocket_tls(self) -> ssl.SSLContext | None:
+        """The WebSocket listener speaks TLS (wss://) when X.509 credentials are configured."""
+        return self.tls.x509 if self.tls is not None and self.websocket is not None else None
+
     async def bind(self, ctx: ClientContext) -> None:
         self.ctx = ctx
         self.vm_name = ctx.config.name
-        for address, what in ((self.listen, "VNC"), (self.websocket, "VNC over WebSocket")):
-            if address is None:
-                continue
-            if address.host is not None and not is_loopback(address.host):
-                log.warning("%s listens on %s, not only on loopback: whoever reaches it sees and controls the guest "
-                            "(no encryption; %s)", what, address,
-                            "VNC authentication on" if self.password else "no password")
-            self._socks.append(bind_socket(address))
+        if self.tls is not None:
+            try:
+                self.tls.load()  # before privileges are dropped: the key may be root's alone
+            except TlsError as exc:
+                raise VncError(str(exc)) from exc
+        for warning in self.warnings():
+            log.warning("%s", warning)
+        for address in (self.listen, self.websocket):
+            if address is not None:
+                self._socks.append(bind_socket(address))
+
+    def reload(self) -> str | None:
+        """Re-read the TLS certificates (QMP display-reload, SIGHUP): None if done, else why not. Connected
+        viewers keep their sessions; new handshakes use the new certificates."""
+        if self.tls is None:
+            log.info("VNC: nothing to reload (no TLS configured)")
+            return "VNC TLS is not enabled"
+        problem = self.tls.reload()
+        if problem is None:
+            log.info("VNC: TLS credentials reloaded (%d viewers stay connected)", len(self.viewers))
+        return problem
 
     async def start(self) -> None:
         self.frame_copy = FrameCopy()
@@ -776,16 +888,19 @@ class VncService:
         else:
             server = await asyncio.start_server(self._on_stream, sock=sock)
         self._servers.append(server)
-        log.info("VNC: listening on %s%s", describe(sock), " (VNC authentication)" if self.password else "")
+        log.info("VNC: listening on %s (%s)", describe(sock), self.describe_vnc_servers()[0].get("vencrypt")
+                 or ("VNC authentication" if self.password else "no authentication"))
         if self.websocket is not None:
             from websockets.asyncio.server import serve
 
             ws_sock = self._socks[1]
             logging.getLogger("websockets").setLevel(max(logging.INFO, log.getEffectiveLevel()))
+            context = self._websocket_tls()
+            tls: dict[str, Any] = {"ssl": context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S} if context else {}
             ws_server = await serve(self._on_websocket, sock=ws_sock, select_subprotocol=_binary_subprotocol,
-                                    compression=None, max_size=1 << 20, ping_interval=None)
+                                    compression=None, max_size=1 << 20, ping_interval=None, **tls)
             self._servers.append(ws_server)
-            log.info("VNC: WebSocket on %s", describe(ws_sock))
+            log.info("VNC: WebSocket on %s%s", describe(ws_sock), " (TLS: wss://)" if context else "")
 
     def attached(self, welcome: Welcome) -> None:
         # The new display subscription starts with Overrun(0): every viewer gets a full update. But the core a
@@ -806,6 +921,9 @@ class VncService:
     def event(self, body: CoreEvent) -> None:
         if isinstance(body, Migrated):
             self._following_migration = True  # the next attach is to the destination core
+        elif isinstance(body, VncReload) and body.tls_certs:
+            log.info("VNC: the core asks to reload the TLS certificates (QMP display-reload)")
+            self.reload()
 
     def _release_hold(self, repaint: bool = False) -> None:
         if self._hold_timer is not None:
@@ -996,7 +1114,8 @@ class VncService:
                 transport.close()
                 return
         viewer = Viewer(self, transport)
-        log.info("viewer %s: connection", viewer.peer)
+        tls = transport.ssl_object()
+        log.info("viewer %s: connection%s", viewer.peer, f" (TLS: {tls.version()})" if tls is not None else "")
         self.viewers.add(viewer)
         try:
             await viewer.run()
@@ -1004,9 +1123,10 @@ class VncService:
             self.viewers.discard(viewer)
 
 
-def service_from_args(listen: str | None, password_file: Path | None, websocket: str | None) -> VncService | None:
+def service_from_args(listen: str | None, password_file: Path | None, websocket: str | None,
+                      tls: TlsSettings | None = None) -> VncService | None:
     """Build the service from the client's command line (None when neither --vnc nor --websocket is given)."""
     if listen is None and websocket is None:
         return None
-    return VncService(listen or DEFAULT_LISTEN, password=read_password(password_file), websocket=websocket)
+    return VncService(listen or DEFAULT_LISTEN, password=read_password(password_file), websocket=websocket, tls=tls)
 
