@@ -46,6 +46,8 @@ MAX_INPUT_EVENTS = 4096
 MAX_SOURCE = 64
 MAX_AGENT_CHUNK = 1 << 20
 MAX_CONSOLE_CHUNK = 64 << 10
+#: Clipboard text, in bytes of UTF-8 (QEMU's own VNC limit: it inflates no more than 1 MiB).
+MAX_CLIPBOARD = 1 << 20
 MAX_ENDPOINTS = 16
 MAX_ID = (1 << 63) - 1
 #: Pointer coordinates are framebuffer pixels (shm allows up to 16384) and wheel steps clicks.
@@ -68,6 +70,7 @@ class Capability(StrEnum):
     DISPLAY = "display"  # the ``refresh`` op and ``display`` broadcasts
     AGENT = "agent"  # the ``agent_write`` op and ``agent_data`` broadcasts
     CONSOLE = "console"  # the ``console_write`` op and ``console_data`` broadcasts
+    CLIPBOARD = "clipboard"  # the ``clipboard_set`` op and ``clipboard`` broadcasts
 
 
 ALL_CAPABILITIES = frozenset(Capability)
@@ -187,7 +190,18 @@ class ConsoleWriteOp:
     data: bytes
 
 
-Op = QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp | ConsoleWriteOp
+@dataclass(frozen=True)
+class ClipboardSetOp:
+    """Set the guest's clipboard to ``text`` (through QEMU's vdagent; at most MAX_CLIPBOARD bytes of UTF-8).
+    ``source`` names who pasted within the client (a viewer), so the ``clipboard`` broadcast that follows can
+    skip it."""
+
+    OP: ClassVar[str] = "clipboard_set"
+    text: str
+    source: str = ""
+
+
+Op = QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp | ConsoleWriteOp | ClipboardSetOp
 
 #: The capability a client must have been granted to use an op.
 OP_CAPABILITY: dict[str, Capability] = {
@@ -197,6 +211,7 @@ OP_CAPABILITY: dict[str, Capability] = {
     RefreshOp.OP: Capability.DISPLAY,
     AgentWriteOp.OP: Capability.AGENT,
     ConsoleWriteOp.OP: Capability.CONSOLE,
+    ClipboardSetOp.OP: Capability.CLIPBOARD,
 }
 
 
@@ -269,7 +284,18 @@ class ConsoleData:
     data: bytes
 
 
-EventBody = QmpEvent | RunStateChanged | Migrating | Migrated | AgentData | DisplayChanged | Shutdown | ConsoleData
+@dataclass(frozen=True)
+class ClipboardChanged:
+    """The guest's clipboard now holds ``text``: copied in the guest (``origin`` empty), or set by a client's
+    ``clipboard_set`` (``origin`` is that client's instance and the op's source, "INSTANCE/SOURCE")."""
+
+    KIND: ClassVar[str] = "clipboard"
+    text: str
+    origin: str = ""
+
+
+EventBody = (QmpEvent | RunStateChanged | Migrating | Migrated | AgentData | DisplayChanged | Shutdown | ConsoleData
+             | ClipboardChanged)
 
 #: Broadcasts of these kinds go only to clients granted the capability; the others go to every client.
 KIND_CAPABILITY: dict[str, Capability] = {
@@ -277,6 +303,7 @@ KIND_CAPABILITY: dict[str, Capability] = {
     AgentData.KIND: Capability.AGENT,
     DisplayChanged.KIND: Capability.DISPLAY,
     ConsoleData.KIND: Capability.CONSOLE,
+    ClipboardChanged.KIND: Capability.CLIPBOARD,
 }
 
 
@@ -487,6 +514,8 @@ def _op_args(body: Op) -> dict[str, Any]:
         return {"source": body.source}
     if isinstance(body, AgentWriteOp | ConsoleWriteOp):
         return {"data": bytes(body.data)}
+    if isinstance(body, ClipboardSetOp):
+        return {"text": body.text, "source": body.source}
     return {}
 
 
@@ -503,6 +532,8 @@ def _event_data(body: EventBody) -> dict[str, Any]:
         return {"shm": body.shm, "shm_generation": body.shm_generation, "display_socket": body.display_socket}
     if isinstance(body, Shutdown):
         return {"reason": _clip(body.reason)}
+    if isinstance(body, ClipboardChanged):
+        return {"text": body.text, "origin": body.origin}
     return {}
 
 
@@ -621,6 +652,17 @@ class _Fields:
             self.fail(ErrorCode.INVALID, f"field {key!r} must be a{' non-empty' if nonempty else ''} string of at "
                                          f"most {max_len} characters, not {_kind(value)}")
         return value
+
+    def clipboard_text(self, key: str) -> str:
+        """Clipboard text: a string of at most MAX_CLIPBOARD bytes once encoded (surrogates cannot be)."""
+        value = self.string(key, MAX_CLIPBOARD)
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            self.fail(ErrorCode.INVALID, f"field {key!r} is not valid text")
+        if size > MAX_CLIPBOARD:
+            self.fail(ErrorCode.INVALID, f"field {key!r} holds {size} bytes of UTF-8, over {MAX_CLIPBOARD}")
+        return str(value)
 
     def boolean(self, key: str) -> bool:
         value = self.get(key, optional=False)
@@ -804,6 +846,8 @@ _OP_PARSERS: dict[str, Callable[[_Fields], Op]] = {
     RefreshOp.OP: lambda a: RefreshOp(),
     AgentWriteOp.OP: lambda a: AgentWriteOp(data=a.binary("data", MAX_AGENT_CHUNK)),
     ConsoleWriteOp.OP: lambda a: ConsoleWriteOp(data=a.binary("data", MAX_CONSOLE_CHUNK)),
+    ClipboardSetOp.OP: lambda a: ClipboardSetOp(text=a.clipboard_text("text"),
+                                                source=a.string("source", MAX_SOURCE, optional=True) or ""),
 }
 
 
@@ -844,6 +888,8 @@ _KIND_PARSERS: dict[str, Callable[[_Fields], EventBody]] = {
         shm_generation=d.integer("shm_generation", 0, MAX_GENERATION, optional=True),
         display_socket=d.string("display_socket", MAX_TEXT, optional=True)),
     Shutdown.KIND: lambda d: Shutdown(reason=d.string("reason", MAX_TEXT)),
+    ClipboardChanged.KIND: lambda d: ClipboardChanged(
+        text=d.clipboard_text("text"), origin=d.string("origin", MAX_TEXT, optional=True) or ""),
 }
 
 
@@ -873,14 +919,15 @@ _PARSERS: dict[str, Callable[[_Fields], Message]] = {
 
 #: Wire names, for docs and tests.
 MESSAGE_TYPES: tuple[type[Message], ...] = (Hello, Welcome, Heartbeat, Request, Reply, Broadcast, ErrorFrame, Bye)
-OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp, ConsoleWriteOp)
+OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp, ConsoleWriteOp, ClipboardSetOp)
 EVENT_KINDS: tuple[type[EventBody], ...] = (
-    QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown, ConsoleData)
+    QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown, ConsoleData,
+    ClipboardChanged)
 
 __all__ = [
     "ALL_CAPABILITIES", "EVENT_KINDS", "KIND_CAPABILITY", "MAX_FRAME", "MESSAGE_TYPES", "OPS", "OP_CAPABILITY",
     "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "AgentData", "AgentWriteOp", "Broadcast", "Bye", "Capability",
-    "ConsoleData", "ConsoleWriteOp",
+    "ClipboardChanged", "ClipboardSetOp", "ConsoleData", "ConsoleWriteOp",
     "DisplayChanged", "EncodeError", "ErrorCode", "ErrorFrame", "ErrorInfo", "EventBody", "Heartbeat", "Hello",
     "InputEvent", "InputOp", "KeyEvent", "Message", "Migrated", "Migrating", "Op", "PointerEvent", "ProtocolError",
     "QmpEvent", "QmpOp", "RefreshOp", "ReleaseInputOp", "Reply", "Request", "RunStateChanged", "Shutdown",
