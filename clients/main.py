@@ -129,8 +129,8 @@ class Client:
 
     def _capabilities(self) -> list[str]:
         """Everything but the serial console, which only a console service asks for (so no other client takes
-        the boot log the core kept for it)."""
-        wanted = set(ALL_CAPABILITIES) - {Capability.CONSOLE}
+        the boot log the core kept for it), and the clipboard, which only the VNC service asks for."""
+        wanted = set(ALL_CAPABILITIES) - {Capability.CONSOLE, Capability.CLIPBOARD}
         for service in self.services:
             wanted.update(getattr(service, "capabilities", ()))
         return sorted(wanted)

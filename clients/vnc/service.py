@@ -6,8 +6,8 @@ flight: it is built only when the viewer asked for one, and only once the transp
 written before, so a slow viewer skips frames instead of buffering them) and the input sender (batches of
 input events to the core, one request at a time). Updates are encoded by worker processes
 (encoder_pool.py), never on this loop; only Raw in the framebuffer's own format is copied here. Viewers that
-take CopyRect are served from the service's frame copy, where scrolls are found (framecopy.py). See
-docs/vnc.md.
+take CopyRect are served from the service's frame copy, where scrolls are found (framecopy.py). The clipboard
+(clipboard.py) and the guest's keyboard LEDs (QEMU LED State) come from the core. See docs/vnc.md.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ipc.channel import ChannelError
-from ipc.messages import MAX_SOURCE, InputEvent, KeyEvent, Migrated, PointerEvent, Welcome, WheelEvent
+from ipc.messages import MAX_SOURCE, Capability, InputEvent, KeyEvent, Migrated, PointerEvent, Welcome, WheelEvent
 from ipc.messages import EventBody as CoreEvent
 from ipc.rundir import listen_unix
 from rfb import ProtocolError, RfbServerConnection, Screen, State
@@ -37,6 +37,7 @@ from rfb.encodings import (
     encode_frame_rects,
     extended_desktop_size_rect,
     qemu_extended_key_event_rect,
+    qemu_led_state_rect,
 )
 from rfb.pixels import is_native
 from rfb.wire import (
@@ -47,11 +48,23 @@ from rfb.wire import (
     ENCODING_DESKTOP_SIZE,
     ENCODING_EXTENDED_DESKTOP_SIZE,
     ENCODING_QEMU_EXTENDED_KEY_EVENT,
+    ENCODING_QEMU_LED_STATE,
     ENCODING_RAW,
     rect_header,
 )
-from shm import CursorShapeRecord, DamageRecord, LayoutError, Mode, ModeRecord, Overrun, Record, ShmReader
+from shm import (
+    CursorShapeRecord,
+    DamageRecord,
+    KeyboardLedsRecord,
+    LayoutError,
+    Mode,
+    ModeRecord,
+    Overrun,
+    Record,
+    ShmReader,
+)
 
+from .clipboard import ClipboardHub, ViewerClipboard
 from .encoder_pool import EncodeRequest, EncoderPool, EncoderUnavailable
 from .framecopy import Frame, FrameCopy, Move, frame_array
 from .keymap import qcode_for, scancode_for
@@ -77,6 +90,8 @@ INPUT_FLUSH_S = 60.0
 #: Input events queued per viewer while the core is busy with the previous batch; beyond, input is dropped.
 MAX_PENDING_INPUT = 4096
 MAX_VIEWERS = 64
+#: Clipboard text a viewer may paste (and we send), as QEMU's VNC: larger pastes are refused and logged.
+DEFAULT_MAX_CLIPBOARD = 1 << 20
 #: Protocol replies (not updates) queued for a viewer that does not read them; beyond, it is disconnected.
 MAX_OUTBOX = 1 << 20
 SINGLE_SCREEN_ID = 0
@@ -306,7 +321,8 @@ class Viewer:
         self.source = f"vnc#{next(_viewer_numbers)} {self.peer}"[:MAX_SOURCE]
         mode = service.mode
         self.conn = RfbServerConnection(width=mode.width if mode else 0, height=mode.height if mode else 0,
-                                        name=service.vm_name, password=service.password)
+                                        name=service.vm_name, password=service.password, clipboard=True,
+                                        max_cut_text=service.max_clipboard)
         self.encoders = NegotiatedEncoders()
         self.dirty = DirtyRegion()
         self.size: tuple[int, int] | None = None  # what the viewer was last told
@@ -318,6 +334,9 @@ class Viewer:
         self.ext_key_acked = False
         self._outbox = bytearray()
         self._wake = asyncio.Event()
+        self.clipboard = ViewerClipboard(service.clipboard, self.conn, self.peer, self.source, self._wake,
+                                         self._outbox)
+        self.leds_told: int | None = None  # the LED state this viewer was last sent
         self._input: list[InputEvent] = []
         self._input_wake = asyncio.Event()
         self._input_idle = asyncio.Event()  # nothing queued and nothing being sent
@@ -418,6 +437,8 @@ class Viewer:
                 self.cursor_changed = True
             if self.conn.supports(ENCODING_QEMU_EXTENDED_KEY_EVENT) and not self.ext_key_acked:
                 self.ext_key_ack = True
+            self.leds_told = None
+            self.send_leds()
             log.debug("viewer %s: encodings %s", self.peer, event.encodings)
         elif isinstance(event, ev.PixelFormatChanged):
             self.full = True  # updates after this are in the new format; repaint with it
@@ -439,8 +460,21 @@ class Viewer:
             log.warning("viewer %s: authentication failed (%s)", self.peer, event.reason)
         elif isinstance(event, ev.SecurityNegotiated):
             log.debug("viewer %s: RFB %s, security type %d", self.peer, event.version, event.security_type)
-        else:  # CutText, ContinuousUpdates and Fence (never announced)
+        elif isinstance(event, ev.CutText | ev.CutTextTooLarge | ev.ClipboardCaps | ev.ClipboardNotify
+                        | ev.ClipboardRequest | ev.ClipboardPeek | ev.ClipboardProvide):
+            self.clipboard.handle(event)
+        else:  # ContinuousUpdates and Fence (never announced)
             log.debug("viewer %s: ignoring %s", self.peer, type(event).__name__)
+
+    def send_leds(self) -> None:
+        """The guest's keyboard LEDs to a viewer that asked for QEMU's LED State, when they changed."""
+        leds = self.service.keyboard_leds
+        if leds is None or leds == self.leds_told or not self.conn.supports(ENCODING_QEMU_LED_STATE) \
+                or self.conn.state is not State.NORMAL:
+            return
+        self.leds_told = leds
+        self._outbox += self.conn.framebuffer_update([qemu_led_state_rect(leds)])
+        self._wake.set()
 
     def _on_request(self, event: ev.UpdateRequested) -> None:
         mode = self.service.mode
@@ -702,10 +736,13 @@ class VncService:
     """``Service`` for clients.main.Client: VNC on TCP or a unix socket, and optionally WebSocket."""
 
     name = "vnc"
+    #: Asked for in the hello beyond the defaults: clipboard broadcasts carry up to 1 MiB, for VNC only.
+    capabilities = (Capability.CLIPBOARD,)
 
     def __init__(self, listen: str = DEFAULT_LISTEN, *, password: str | None = None,
                  websocket: str | None = None, max_viewers: int = MAX_VIEWERS,
-                 display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None) -> None:
+                 display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None,
+                 max_clipboard: int = DEFAULT_MAX_CLIPBOARD) -> None:
         self.listen = parse_listen(listen, display_numbers=True)
         self.websocket = parse_listen(websocket) if websocket else None
         self.password = password
@@ -726,6 +763,11 @@ class VncService:
         self.encoder_workers = encoder_workers
         self.pool: EncoderPool | None = None
         self.frame_copy: FrameCopy | None = None
+        self.max_clipboard = max_clipboard
+        self.clipboard = ClipboardHub()
+        #: The guest keyboard's lock LEDs (bit 0 Scroll, 1 Num, 2 Caps Lock), None until the core learned them.
+        #: What lock-key sync compares a viewer's lock keys with.
+        self.keyboard_leds: int | None = None
 
     # --- Service protocol -----------------------------------------------------------------------------
 
@@ -767,6 +809,8 @@ class VncService:
             self._socks.append(bind_socket(address))
 
     async def start(self) -> None:
+        assert self.ctx is not None
+        self.clipboard.start(self.ctx)
         self.frame_copy = FrameCopy()
         self.pool = EncoderPool(self.encoder_workers, copy_fd=self.frame_copy.fd)
         self.pool.start()
@@ -793,6 +837,7 @@ class VncService:
         # after following a migration, viewers would flicker to it (and one that cannot resize would be closed).
         # So they keep the last picture until the guest's own display arrives there (a later mode generation),
         # or HOLD_MAX_S passed (a guest whose mode has the placeholder's size brings no new generation).
+        self.clipboard.attached(welcome)
         self._release_hold()
         followed, self._following_migration = self._following_migration, False
         if (followed or welcome.run_state == "incoming") and self.mode is not None:
@@ -802,8 +847,10 @@ class VncService:
 
     def detached(self, reason: str) -> None:
         log.info("VNC: core gone (%s): viewers stay, input is dropped until it is back", reason)
+        self.clipboard.detached(reason)
 
     def event(self, body: CoreEvent) -> None:
+        self.clipboard.event(body)
         if isinstance(body, Migrated):
             self._following_migration = True  # the next attach is to the destination core
 
@@ -818,6 +865,7 @@ class VncService:
                 self.display_records(Overrun(0))
 
     def display_records(self, records: list[Record] | Overrun) -> None:
+        self._follow_leds(records)
         if self.holding:
             if isinstance(records, Overrun):
                 display = self.ctx.display if self.ctx is not None else None
@@ -862,6 +910,24 @@ class VncService:
         copy_changes = self._refresh_copy(damage, full)
         for viewer in list(self.viewers):
             viewer.display_changed(damage, full, cursor, copy_changes)
+
+    def _follow_leds(self, records: list[Record] | Overrun) -> None:
+        leds = self.keyboard_leds
+        if isinstance(records, Overrun):
+            display = self.ctx.display if self.ctx is not None else None
+            try:
+                leds = display.reader.state().keyboard_leds if display is not None else None
+            except (LayoutError, TimeoutError):
+                return
+        else:
+            for record in records:
+                if isinstance(record, KeyboardLedsRecord):
+                    leds = record.leds
+        if leds != self.keyboard_leds:
+            log.debug("VNC: guest keyboard LEDs %s", leds)
+            self.keyboard_leds = leds
+            for viewer in self.viewers:
+                viewer.send_leds()
 
     # --- the frame copy (viewers that take CopyRect) --------------------------------------------------
 
@@ -909,6 +975,7 @@ class VncService:
             return None
 
     async def close(self) -> None:
+        await self.clipboard.close()
         if self._hold_timer is not None:
             self._hold_timer.cancel()
         if self.pool is not None:
@@ -998,10 +1065,12 @@ class VncService:
         viewer = Viewer(self, transport)
         log.info("viewer %s: connection", viewer.peer)
         self.viewers.add(viewer)
+        self.clipboard.viewers.add(viewer.clipboard)
         try:
             await viewer.run()
         finally:
             self.viewers.discard(viewer)
+            self.clipboard.viewers.discard(viewer.clipboard)
 
 
 def service_from_args(listen: str | None, password_file: Path | None, websocket: str | None) -> VncService | None:
