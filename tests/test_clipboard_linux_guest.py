@@ -173,11 +173,15 @@ def test_copy_in_the_guest_paste_in_tigervnc_and_back(guest: Guest) -> None:
     the guest; UTF-8 beyond Latin-1 and the BMP survives both ways."""
     with xvfb() as display:
         env = {**os.environ, "DISPLAY": display}
-        viewer = subprocess.Popen(["vncviewer", "-AutoSelect=0", "-FullColour", "-Shared",
+        viewer = subprocess.Popen(["vncviewer", "-AutoSelect=0", "-FullColour", "-Shared", "-FullScreen",
                                    f"127.0.0.1::{guest.vnc_port}"], env=env, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            time.sleep(3)  # connected and through the handshake (the client log says so)
+            # Full screen: TigerVNC grabs the keyboard, so it has the focus it waits for before it takes or
+            # offers a clipboard (there is no window manager to give it one).
+            wait_for(lambda: "Extended Clipboard caps" in guest.client.text() or viewer.poll() is not None, 30,
+                     "TigerVNC connected")
+            time.sleep(2)
             guest_clipboard_set(guest, TEXT)
             wait_for(lambda: host_clipboard(display) == TEXT, 40, "the guest's clipboard in TigerVNC's display")
             back = "vom Betrachter: Ärger ✓ 🙂"
