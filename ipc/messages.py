@@ -654,12 +654,9 @@ class _Fields:
         return value
 
     def clipboard_text(self, key: str) -> str:
-        """Clipboard text: a string of at most MAX_CLIPBOARD bytes once encoded (surrogates cannot be)."""
+        """Clipboard text: a string of at most MAX_CLIPBOARD bytes once encoded as UTF-8."""
         value = self.string(key, MAX_CLIPBOARD)
-        try:
-            size = len(value.encode("utf-8"))
-        except UnicodeEncodeError:
-            self.fail(ErrorCode.INVALID, f"field {key!r} is not valid text")
+        size = len(value.encode("utf-8"))  # msgpack decoded it from UTF-8: it has no lone surrogates
         if size > MAX_CLIPBOARD:
             self.fail(ErrorCode.INVALID, f"field {key!r} holds {size} bytes of UTF-8, over {MAX_CLIPBOARD}")
         return str(value)
