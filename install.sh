@@ -8,9 +8,10 @@ cd "$(dirname "$0")"
 # QEMU and the demo guest's assembler; the rest are the real peers the tests drive (qemu-ga, TigerVNC under
 # Xvfb, noVNC in headless Chromium, socat for the monitor, tmux for interactive sessions; cpio builds the Linux
 # test guest's initramfs; openssl makes the VNC TLS tests' CAs, gvncviewer is gtk-vnc's viewer with client
-# certificates).
+# certificates; xclip and spice-vdagent go into the test guest's graphical tier, xclip also reads viewers'
+# clipboards).
 APT_PACKAGES=(qemu-system-x86 qemu-utils nasm socat qemu-guest-agent tigervnc-viewer tigervnc-tools xvfb
-              imagemagick chromium novnc tmux cpio openssl gvncviewer)
+              imagemagick chromium novnc tmux cpio openssl gvncviewer xclip spice-vdagent)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -63,6 +64,8 @@ fi
 .venv/bin/vmfront demo-image >/dev/null
 # The Linux test guest (Debian's kernel + a busybox initramfs with qemu-ga), downloaded and built once, cached.
 linux_guest="$(tests/linux_guest/build.sh)"
+# Its graphical tier (Xvfb, spice-vdagent, xclip: the host's binaries) for the clipboard tests.
+tests/linux_guest/build_x11.sh >/dev/null
 if ! runs_as_client .venv/bin/python -c 'import vmfront.cli'; then
     echo "install.sh: warning: user $CLIENT_USER cannot read $(pwd) (a directory on its way is closed?);" \
          "clients run as that user need to: move vmfront, or open the path (chmod o+x)" >&2

@@ -147,9 +147,9 @@ class Client:
 
     def _capabilities(self) -> list[str]:
         """Everything but the serial console, which only a console service asks for (so no other client takes
-        the boot log the core kept for it), and VNC, which only the VNC service asks for (so the core knows who
-        serves VNC)."""
-        wanted = set(ALL_CAPABILITIES) - {Capability.CONSOLE, Capability.VNC}
+        the boot log the core kept for it), and VNC and the clipboard, which only the VNC service asks for (so
+        the core knows who serves VNC; clipboard broadcasts carry up to 1 MiB)."""
+        wanted = set(ALL_CAPABILITIES) - {Capability.CONSOLE, Capability.VNC, Capability.CLIPBOARD}
         for service in self.services:
             wanted.update(getattr(service, "capabilities", ()))
         return sorted(wanted)

@@ -18,6 +18,8 @@ from ipc.messages import (
     AgentData,
     AgentWriteOp,
     Capability,
+    ClipboardChanged,
+    ClipboardSetOp,
     ConsoleData,
     ConsoleWriteOp,
     EventBody,
@@ -36,6 +38,7 @@ from ipc.messages import (
 )
 
 from .agent_relay import AgentRelay, ByteRelay, RelayBusy, RelayUnavailable, SerialRelay
+from .display import ClipboardError
 from .guest_display import GuestDisplay
 from .guest_reads import COMMANDS as GUEST_READ_COMMANDS
 from .input import InputError
@@ -103,7 +106,7 @@ class ControlService:
             offered.add(Capability.CONSOLE)
         if display is None or display.shm is None:
             return CoreStatus(run_state=state, capabilities=frozenset(offered))
-        offered |= {Capability.DISPLAY, Capability.INPUT}
+        offered |= {Capability.DISPLAY, Capability.INPUT, Capability.CLIPBOARD}
         return CoreStatus(run_state=state, shm=display.shm.name, shm_generation=display.shm.mode.generation,
                           display_socket=str(display.display_socket_path), capabilities=frozenset(offered))
 
@@ -112,6 +115,10 @@ class ControlService:
         target = self._migrated_to()
         if target is not None:  # a client (re)attaching to a source whose guest left: send it after the guest
             self.channel.send_event(client, Migrated(target))
+        display = self._display()
+        if (Capability.CLIPBOARD in client.capabilities and display is not None and display.capture is not None
+                and display.capture.clipboard is not None):
+            self.channel.send_event(client, ClipboardChanged(display.capture.clipboard))  # a new client catches up
         if self._console is not None and Capability.CONSOLE in client.capabilities:
             backlog = self._console.take_backlog()  # what the guest printed while no client listened
             for start in range(0, len(backlog), MAX_CONSOLE_CHUNK):
@@ -167,7 +174,34 @@ class ControlService:
             return await self._agent_write(client, op.data)
         if isinstance(op, ConsoleWriteOp):
             return await self._console_write(op.data)
+        if isinstance(op, ClipboardSetOp):
+            self._set_clipboard(client, op)
+            return None
         raise RequestError("CommandNotFound", f"unknown request {op_name!r}")
+
+    def guest_clipboard(self, text: str) -> None:
+        """The guest copied ``text``: every client granted ``clipboard`` hears of it."""
+        self.broadcast(ClipboardChanged(text))
+
+    def _set_clipboard(self, client: ClientInfo, op: ClipboardSetOp) -> None:
+        """A paste into the guest. Never during a migration: QEMU's vdagent state does not travel, so what the
+        source's vdagent offered the guest could be asked for on the destination, which never had it; the client
+        waits for the destination and pastes there (``ClipboardBusy`` tells it to)."""
+        target = self._migrated_to()
+        if target is not None:
+            raise RequestError("ClipboardBusy", f"the guest now runs under the core at {target}: paste there")
+        state, _ = self._run_state()
+        if state in ("migrating", "migrated", "incoming"):
+            raise RequestError("ClipboardBusy", f"the guest is {state}: paste again once it is over")
+        display = self._display()
+        if display is None or display.capture is None:
+            raise RequestError("ClipboardUnavailable", "this core has no display capture, so no clipboard either")
+        try:
+            display.capture.set_clipboard(op.text)
+        except ClipboardError as exc:
+            raise RequestError("ClipboardUnavailable", str(exc)) from exc
+        log.info("%s set the guest clipboard (%d characters)", client, len(op.text))
+        self.broadcast(ClipboardChanged(op.text, f"{client.instance}/{op.source}"))
 
     def attach_agent(self, relay: AgentRelay) -> None:
         self._agent = relay

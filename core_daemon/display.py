@@ -10,6 +10,14 @@ and nothing at all while nothing changes. Readers are told once per batch of inp
 
 If the VNC connection drops while the core runs, the capture reconnects with backoff and, after the new
 connection's first update, appends one full-frame damage record so every reader repaints.
+
+The same connection carries what else QEMU's VNC offers its clients: the keyboard LEDs (QEMU's LED State
+pseudo-encoding, into the segment's state block and a KEYBOARD_LEDS record) and the clipboard (the Extended
+Clipboard; QEMU's ``qemu-vdagent`` chardev joins it to the guest's spice-vdagent). QEMU's clipboard has peers:
+this connection is one (QEMU registers it when we ask for the pseudo-encoding), the vdagent another. When the
+guest copies, QEMU notifies us; we request the text at once and hand it to ``on_clipboard`` (the control
+channel's ``clipboard`` broadcast). :meth:`set_clipboard` makes us the clipboard's owner (notify, then provide
+the text eagerly; a later request from QEMU is answered from what we keep), so the vdagent offers it to the guest.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rfb import client as rfb
+from rfb import clipboard as extclip
 from shm import QMP_RUN_STATES, RunState, ShmWriter
 from shm.layout import RUN_CODE_SIZE
 
@@ -33,13 +42,20 @@ MAX_DAMAGE_RECTS = 32
 READ_SIZE = 256 << 10
 XK_SHIFT_L = 0xFFE1  # the keysym input_hint releases
 HINT_INTERVAL = 0.01  # at most one input hint per 10 ms: QEMU's base refresh interval is 30 ms
-ENCODINGS = (rfb.ENCODING_RAW, rfb.ENCODING_DESKTOP_SIZE, rfb.ENCODING_CURSOR)
+ENCODINGS = (rfb.ENCODING_RAW, rfb.ENCODING_DESKTOP_SIZE, rfb.ENCODING_CURSOR, rfb.ENCODING_QEMU_LED_STATE,
+             rfb.ENCODING_EXTENDED_CLIPBOARD)
+#: Clipboard text QEMU takes (its inflate stops at 1 MiB, the 4-byte size word included).
+MAX_CLIPBOARD_TO_QEMU = extclip.DEFAULT_MAX_SIZE - 4
 
 Rect = tuple[int, int, int, int]
 
 
 class DisplayError(Exception):
     """The display could not be captured (no VNC connection within the deadline); the message says why."""
+
+
+class ClipboardError(Exception):
+    """The guest clipboard cannot be set now (no connection to QEMU, or text over QEMU's limit)."""
 
 
 def cursor_to_bgra(width: int, height: int, pixels: bytes, mask: bytes) -> bytes:
@@ -81,6 +97,7 @@ class DisplayCapture:
         socket_path: Path,
         *,
         notify: Callable[[], None] | None = None,
+        on_clipboard: Callable[[str], None] | None = None,
         connect_timeout: float = 30.0,
         max_backoff: float = 5.0,
         name: str = "display",
@@ -90,6 +107,10 @@ class DisplayCapture:
         self.connect_timeout = connect_timeout
         self.max_backoff = max_backoff
         self._notify_cb = notify
+        self._on_clipboard = on_clipboard
+        #: The guest's clipboard as last learned (from the guest, or as set through set_clipboard).
+        self.clipboard: str | None = None
+        self._clipboard_out: bytes | None = None  # what we own in QEMU's clipboard, as QEMU gets it
         self.log = logging.getLogger(f"{__name__}.{name}")
         #: The guest's framebuffer size as QEMU reports it (the shm mode may be clamped to fit).
         self.screen_size: tuple[int, int] | None = None
@@ -219,11 +240,59 @@ class DisplayCapture:
                     + conn.framebuffer_update_request(0, 0, event.width, event.height, incremental=False))
         elif isinstance(event, rfb.Cursor):
             self._set_cursor(event)
+        elif isinstance(event, rfb.LedState):
+            self.log.debug("guest keyboard LEDs %#x", event.leds)
+            self.writer.set_keyboard_leds(event.leds)
         elif isinstance(event, rfb.Bell):
             self.log.debug("guest rang the bell")
-        elif isinstance(event, rfb.ServerCutText):
-            self.log.debug("ignoring %d bytes of VNC cut text from QEMU", len(event.text))
+        else:
+            return self._clipboard_event(conn, event)
         return b""
+
+    # --- clipboard ---------------------------------------------------------------------------------------
+
+    def _clipboard_event(self, conn: rfb.RfbClient, event: rfb.Event) -> bytes:
+        if isinstance(event, rfb.ClipboardNotify):
+            # The guest copied something: ask for the text now (QEMU asks the vdagent, which asks the guest).
+            return conn.clipboard(extclip.request()) if event.formats & extclip.FORMAT_TEXT else b""
+        if isinstance(event, rfb.ClipboardProvide):
+            if event.text is not None:
+                self._guest_copied(extclip.decode_text(event.text))
+        elif isinstance(event, rfb.ClipboardRequest):
+            # The guest pastes what we set: QEMU asks its owner, us, for it.
+            return conn.clipboard(extclip.provide_text(self._clipboard_out))
+        elif isinstance(event, rfb.ClipboardCaps):
+            self.log.debug("QEMU's clipboard: actions %#x, formats %#x", event.actions, event.formats)
+            return conn.clipboard(extclip.caps())
+        elif isinstance(event, rfb.ServerCutText):
+            self._guest_copied(event.text.decode("latin-1"))
+        elif isinstance(event, rfb.CutTextTooLarge):
+            self.log.warning("guest clipboard of %d bytes not taken: over the limit of %d bytes", event.size,
+                             event.limit)
+        return b""
+
+    def _guest_copied(self, text: str) -> None:
+        self.clipboard = text
+        self._clipboard_out = None  # the guest owns QEMU's clipboard now, not us
+        self.log.info("guest clipboard: %d characters", len(text))
+        if self._on_clipboard is not None:
+            try:
+                self._on_clipboard(text)
+            except Exception:
+                self.log.exception("passing on the guest clipboard failed")
+
+    def set_clipboard(self, text: str) -> None:
+        """Offer ``text`` to the guest as its clipboard: QEMU's vdagent grabs the guest's clipboard for it."""
+        data = extclip.encode_text(text, spec=False)
+        if len(data) > MAX_CLIPBOARD_TO_QEMU:
+            raise ClipboardError(f"clipboard text of {len(data)} bytes is over QEMU's limit of "
+                                 f"{MAX_CLIPBOARD_TO_QEMU} bytes")
+        if not self.connected or self._transport is None or self._conn is None:
+            raise ClipboardError("no connection to QEMU's display right now")
+        self._clipboard_out = data
+        self.clipboard = text
+        self._transport.write(self._conn.clipboard(extclip.notify()) + self._conn.clipboard(
+            extclip.provide_text(data)))
 
     def input_hint(self) -> None:
         """Input just went to the guest by QMP: have QEMU look at the screen again within its base interval.

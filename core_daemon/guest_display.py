@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ class GuestDisplay:
 
     def __init__(self, vm_name: str, vnc_socket: Path, display_socket: Path, execute: QmpExecute, *,
                  max_size: tuple[int, int] = (DEFAULT_MAX_WIDTH, DEFAULT_MAX_HEIGHT),
-                 group: int | None = None, key_delay: float = KEY_DELAY_S) -> None:
+                 group: int | None = None, key_delay: float = KEY_DELAY_S,
+                 on_clipboard: Callable[[str], None] | None = None) -> None:
         self.vm_name = vm_name
         self.key_delay = key_delay
         self.vnc_socket = vnc_socket
@@ -33,6 +35,7 @@ class GuestDisplay:
         self.max_size = max_size
         self.group = group
         self._execute = execute
+        self._on_clipboard = on_clipboard
         self.shm: ShmWriter | None = None
         self.notifier: DisplaySocket | None = None
         self.capture: DisplayCapture | None = None
@@ -47,7 +50,8 @@ class GuestDisplay:
         self.notifier = DisplaySocket(self.display_socket_path, self.shm.name, group=self.group)
         self.notifier.start()
         self.capture = DisplayCapture(self.shm, self.vnc_socket, notify=self.notifier.notify,
-                                      connect_timeout=connect_timeout, name=self.vm_name)
+                                      on_clipboard=self._on_clipboard, connect_timeout=connect_timeout,
+                                      name=self.vm_name)
         await self.capture.start()
         capture = self.capture
         self.input = GuestInput(self._execute, lambda: capture.screen_size, on_input=capture.input_hint,

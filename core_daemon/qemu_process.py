@@ -101,6 +101,7 @@ def build_qemu_command(
     vnc_socket: Path | None = None,
     agent_socket: Path | None = None,
     serial_socket: Path | None = None,
+    clipboard: bool = False,
 ) -> QemuCommand:
     """Add what the core needs: ``-nodefaults``, the private QMP (and VNC) socket, no other display, an accelerator."""
     args: list[str] = [binary, "-nodefaults"]
@@ -117,13 +118,21 @@ def build_qemu_command(
     if vnc_socket is not None:
         # The display capture's source: QEMU's own VNC server, on a socket only the core can reach.
         args += ["-vnc", f"unix:{qemu_opt_value(vnc_socket)}"]
+    ports: list[str] = []
     if agent_socket is not None:
         # The guest agent's virtio-serial port, its host side on a socket only the core can reach.
-        args += [
-            "-chardev", f"socket,id=vmfront-qga,path={qemu_opt_value(agent_socket)},server=on,wait=off",
-            "-device", "virtio-serial,id=vmfront-vserial",
-            "-device", "virtserialport,bus=vmfront-vserial.0,chardev=vmfront-qga,name=org.qemu.guest_agent.0",
-        ]
+        args += ["-chardev", f"socket,id=vmfront-qga,path={qemu_opt_value(agent_socket)},server=on,wait=off"]
+        ports.append("virtserialport,bus=vmfront-vserial.0,chardev=vmfront-qga,name=org.qemu.guest_agent.0")
+    if clipboard:
+        # QEMU's own spice-vdagent peer: the guest's spice-vdagent shares its clipboard with QEMU, whose VNC
+        # server (the capture's connection) carries it as the Extended Clipboard. Not its mouse: input stays
+        # with the tablet and keyboard the display capture drives.
+        args += ["-chardev", "qemu-vdagent,id=vmfront-vdagent,clipboard=on,mouse=off"]
+        ports.append("virtserialport,bus=vmfront-vserial.0,chardev=vmfront-vdagent,name=com.redhat.spice.0")
+    if ports:
+        args += ["-device", "virtio-serial,id=vmfront-vserial"]
+        for port in ports:
+            args += ["-device", port]
     if serial_socket is not None:
         # The guest's first serial port (ttyS0, COM1), its host side on a socket only the core can reach.
         args += ["-chardev", f"socket,id=vmfront-serial,path={qemu_opt_value(serial_socket)},server=on,wait=off",

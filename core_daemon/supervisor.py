@@ -155,6 +155,8 @@ class CoreConfig:
     migrated_linger: float = 60.0
     #: Give the guest a serial port whose bytes are relayed to clients (not for --attach).
     serial: bool = False
+    #: Give the guest QEMU's spice-vdagent peer (qemu-vdagent chardev): clipboard sharing with its spice-vdagent.
+    clipboard: bool = False
 
     @property
     def qmp_socket_path(self) -> Path:
@@ -397,7 +399,7 @@ class Core:
         """The display is a service of the core, not its reason to live: if it fails, the guest runs on."""
         display = GuestDisplay(self.config.name, self.run_dir.vnc_socket, self.run_dir.display_socket,
                                self.qmp.execute, max_size=self.config.display_max, group=self.config.client_group,
-                               key_delay=self.config.key_delay)
+                               key_delay=self.config.key_delay, on_clipboard=self._guest_clipboard)
         try:
             await display.start(connect_timeout=self.config.start_timeout)
         except (DisplayError, OSError) as exc:
@@ -406,6 +408,10 @@ class Core:
             return
         display.set_run_state(str(self.state.data.get("qemu_status")))
         self.display = display
+
+    def _guest_clipboard(self, text: str) -> None:
+        if self.control is not None:
+            self.control.guest_clipboard(text)
 
     async def _launch(self) -> None:
         cfg = self.config
@@ -416,7 +422,8 @@ class Core:
         command = build_qemu_command(cfg.qemu_binary, cfg.name, qemu_args, self.run_dir.qemu_qmp_socket,
                                      cfg.accel, self.run_dir.vnc_socket if cfg.display else None,
                                      self.run_dir.agent_socket if cfg.agent and cfg.agent_socket is None else None,
-                                     self.run_dir.serial_socket if cfg.serial else None)
+                                     self.run_dir.serial_socket if cfg.serial else None,
+                                     clipboard=cfg.clipboard)
         log.info("starting QEMU: %s", " ".join(command.argv))
         try:
             pid = spawn_qemu(command, self.run_dir.qemu_log)

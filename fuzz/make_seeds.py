@@ -20,6 +20,8 @@ from ipc.messages import (  # noqa: E402
     AgentWriteOp,
     Broadcast,
     Bye,
+    ClipboardChanged,
+    ClipboardSetOp,
     ConsoleData,
     ConsoleWriteOp,
     DisplayChanged,
@@ -45,6 +47,7 @@ from ipc.messages import (  # noqa: E402
     WheelEvent,
 )
 from rfb import auth, wire  # noqa: E402
+from rfb import clipboard as extclip  # noqa: E402
 
 SEEDS = ROOT / "tests" / "fuzz_corpus"
 # BGRX8888: 32 bpp, depth 24, little-endian, true colour, max 255 each, shifts 16 8 0.
@@ -89,7 +92,11 @@ def rfb_client_seeds() -> dict[str, bytes]:
               + bytes(2 * 2 * 4) + b"\xc0\xc0")
     colour_map = b"\x01\x00" + struct.pack(">HH", 0, 2) + bytes(12)
     cut = b"\x03\x00\x00\x00" + struct.pack(">I", 5) + b"hello"
+    led = b"\x00\x00" + struct.pack(">H", 1) + struct.pack(">HHHHi", 0, 0, 1, 1, wire.ENCODING_QEMU_LED_STATE) + b"\x04"
+    qemu_clipboard = b"".join(extclip.message(3, p) for p in (
+        extclip.caps(), extclip.notify(), extclip.request(), extclip.provide_text("héllo\n".encode())))
     return {
+        "led-and-clipboard": hs38 + led + qemu_clipboard + update,
         "handshake-3.8": hs38,
         "handshake-3.3": hs33,
         "handshake-3.7": b"RFB 003.007\n" + b"\x01\x01" + server_init(4, 2),
@@ -117,7 +124,13 @@ def rfb_server_seeds() -> dict[str, bytes]:
     continuous = b"\x96\x01" + struct.pack(">HHHH", 0, 0, 640, 480)
     fence = b"\xf8\x00\x00\x00" + struct.pack(">IB", 0x80000003, 4) + b"abcd"
     desktop = b"\xfb\x00" + struct.pack(">HHBx", 800, 600, 1) + struct.pack(">IHHHHI", 0, 0, 0, 800, 600, 0)
-    messages = set_pf + set_enc + fbur + keys + pointer + cut + qemu_key + continuous + fence + desktop
+    clip_enc = b"\x02\x00" + struct.pack(">H", 2) + struct.pack(">ii", wire.ENCODING_EXTENDED_CLIPBOARD,
+                                                                  wire.ENCODING_QEMU_LED_STATE)
+    viewer_clipboard = clip_enc + b"".join(extclip.message(6, p) for p in (
+        extclip.caps(), extclip.notify(), extclip.peek(), extclip.request(),
+        extclip.provide_text(extclip.encode_text("Grüße ✓"))))
+    messages = set_pf + set_enc + fbur + keys + pointer + cut + qemu_key + continuous + fence + desktop \
+        + viewer_clipboard
     response = auth.response_for("secret", bytes(range(16)))
     return {
         "handshake-3.8": b"RFB 003.008\n\x01\x01",
@@ -138,6 +151,20 @@ def rfb_server_seeds() -> dict[str, bytes]:
     }
 
 
+def clipboard_seeds() -> dict[str, bytes]:
+    """Extended Clipboard payloads, as either side sends them."""
+    return {
+        "caps": extclip.caps(),
+        "caps-many-formats": struct.pack(">I", extclip.ACTION_CAPS | 0x1F) + bytes(20),
+        "notify": extclip.notify(),
+        "request": extclip.request(),
+        "peek": extclip.peek(),
+        "provide": extclip.provide_text(extclip.encode_text("Grüße, 世界\n")),
+        "provide-empty": extclip.provide_text(None),
+        "provide-truncated": extclip.provide_text(b"x" * 100)[:20],
+    }
+
+
 def ipc_seeds() -> dict[str, bytes]:
     msgs: dict[str, Message] = {
         "hello": Hello(1, (1,), "inst", 1234, 1000, "client", "0.1", ("qmp", "input")),
@@ -155,6 +182,8 @@ def ipc_seeds() -> dict[str, bytes]:
         "request-refresh": Request(4, RefreshOp()),
         "request-agent": Request(5, AgentWriteOp(b'\xff{"execute":"guest-ping"}\n')),
         "request-console": Request(6, ConsoleWriteOp(b"uname -a\r")),
+        "request-clipboard": Request(9, ClipboardSetOp("Grüße ✓\n", "vnc#1 127.0.0.1:50112")),
+        "event-clipboard": Broadcast(ClipboardChanged("from the guest: 世界")),
         "reply-ok": Reply(2, {"status": "running", "running": True}),
         "reply-error": Reply(2, error=ErrorInfo("GenericError", "denied by policy")),
         "event-qmp": Broadcast(QmpEvent({"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}})),
@@ -257,7 +286,7 @@ def dump_seeds() -> dict[str, bytes]:
 
 def main() -> None:
     for target, seeds in (("qmp", qmp_seeds()), ("rfb_client", rfb_client_seeds()),
-                          ("rfb_server", rfb_server_seeds()), ("ipc", ipc_seeds()),
+                          ("rfb_server", rfb_server_seeds()), ("clipboard", clipboard_seeds()), ("ipc", ipc_seeds()),
                           ("agent", agent_seeds()), ("monitor", monitor_seeds()), ("dump", dump_seeds())):
         folder = SEEDS / target
         folder.mkdir(parents=True, exist_ok=True)

@@ -29,11 +29,14 @@ from core_daemon.qmp_protocol import Command, QmpServerConnection
 from core_daemon.qmp_values import arguments_problem
 from ipc import messages as ipc_messages
 from ipc.channel import RemoteError
+from rfb import clipboard as extclip
 from rfb import vencrypt
 from rfb.client import (
     BGRX8888,
     ENCODING_CURSOR,
     ENCODING_DESKTOP_SIZE,
+    ENCODING_EXTENDED_CLIPBOARD,
+    ENCODING_QEMU_LED_STATE,
     ENCODING_RAW,
     RemoteProtocolError,
     RfbClient,
@@ -126,7 +129,8 @@ def fuzz_rfb_client(data: bytes) -> None:
             pos += 1
         if conn.state is RfbClientState.NORMAL:
             conn.set_pixel_format(BGRX8888)
-            conn.set_encodings([ENCODING_RAW, ENCODING_DESKTOP_SIZE, ENCODING_CURSOR])
+            conn.set_encodings([ENCODING_RAW, ENCODING_DESKTOP_SIZE, ENCODING_CURSOR, ENCODING_QEMU_LED_STATE,
+                                ENCODING_EXTENDED_CLIPBOARD])
             conn.framebuffer_update_request(0, 0, max(conn.width, 1), max(conn.height, 1), incremental=False)
         for piece in chunks(data[pos:]):
             conn.receive_data(piece)
@@ -142,7 +146,8 @@ def fuzz_rfb_client(data: bytes) -> None:
 
 def _rfb_server_events(pieces: Iterator[bytes] | list[bytes], password: str | None) -> list[str]:
     conn = RfbServerConnection(width=640, height=480, name="fuzz", password=password, max_cut_text=4096,
-                               max_encodings=64, continuous_updates=True, fences=True, challenge=bytes(range(16)))
+                               max_encodings=64, continuous_updates=True, fences=True, clipboard=True,
+                               challenge=bytes(range(16)))
     conn.data_to_send()
     out: list[str] = []
     for piece in pieces:
@@ -201,6 +206,25 @@ def fuzz_rfb_server(data: bytes) -> None:
         whole = _rfb_server_events([data], password)
         split = _rfb_server_events(chunks(data), password)
     assert whole == split, f"RFB server events depend on how the bytes were split:\n{whole}\n{split}"
+
+
+# --- Extended Clipboard payloads (rfb/clipboard.py) --------------------------------------------------------------
+
+
+def fuzz_clipboard(data: bytes) -> None:
+    """parse() raises only ProtocolError; a provide's text never exceeds the limit (inflating stops there), and
+    decode_text takes whatever bytes it returns. The data is one payload, or a provide of it compressed (so the
+    inflater sees valid streams of anything, not only garbage)."""
+    limit = 4096
+    payload = extclip.provide_text(data) if _flag(data, 2) else data
+    try:
+        event = extclip.parse(payload, max_size=limit)
+    except RfbServerProtocolError:
+        return
+    text = getattr(event, "text", None)
+    if text is not None:
+        assert len(text) <= limit, len(text)
+        extclip.decode_text(text)
 
 
 # --- control channel frames (ipc/messages.py) ---------------------------------------------------------------------
@@ -327,6 +351,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "qmp": fuzz_qmp,
     "rfb_client": fuzz_rfb_client,
     "rfb_server": fuzz_rfb_server,
+    "clipboard": fuzz_clipboard,
     "ipc": fuzz_ipc,
     "agent": fuzz_agent,
     "monitor": fuzz_monitor,

@@ -46,6 +46,7 @@ from .messages import (
     AgentWriteOp,
     Broadcast,
     Bye,
+    ClipboardSetOp,
     EncodeError,
     ErrorCode,
     ErrorFrame,
@@ -80,7 +81,7 @@ SEND_HWM = 1000
 MAX_QUEUED_REQUESTS = 256
 #: A client's requests run in lanes: in order within a lane, lanes side by side. Input is paced (keys 10 ms
 #: apart), so a viewer typing a long text must not hold up the monitor's QMP or a guest-agent call.
-LANES = {InputOp.OP: "input", ReleaseInputOp.OP: "input", AgentWriteOp.OP: "agent"}
+LANES = {InputOp.OP: "input", ReleaseInputOp.OP: "input", AgentWriteOp.OP: "agent", ClipboardSetOp.OP: "clipboard"}
 DEFAULT_LANE = "control"
 #: Attached clients per core; a hello beyond is answered ``busy`` (those attached stay).
 MAX_CLIENTS = 64

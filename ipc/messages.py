@@ -46,6 +46,8 @@ MAX_INPUT_EVENTS = 4096
 MAX_SOURCE = 64
 MAX_AGENT_CHUNK = 1 << 20
 MAX_CONSOLE_CHUNK = 64 << 10
+#: Clipboard text, in bytes of UTF-8 (QEMU's own VNC limit: it inflates no more than 1 MiB).
+MAX_CLIPBOARD = 1 << 20
 MAX_ENDPOINTS = 16
 #: Warnings a client gives about how it is exposed (e.g. VNC on a public address without TLS or a password).
 MAX_WARNINGS = 16
@@ -71,6 +73,7 @@ class Capability(StrEnum):
     AGENT = "agent"  # the ``agent_write`` op and ``agent_data`` broadcasts
     CONSOLE = "console"  # the ``console_write`` op and ``console_data`` broadcasts
     VNC = "vnc"  # ``vnc_reload`` broadcasts (a client serving VNC asks for it)
+    CLIPBOARD = "clipboard"  # the ``clipboard_set`` op and ``clipboard`` broadcasts
 
 
 ALL_CAPABILITIES = frozenset(Capability)
@@ -190,7 +193,18 @@ class ConsoleWriteOp:
     data: bytes
 
 
-Op = QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp | ConsoleWriteOp
+@dataclass(frozen=True)
+class ClipboardSetOp:
+    """Set the guest's clipboard to ``text`` (through QEMU's vdagent; at most MAX_CLIPBOARD bytes of UTF-8).
+    ``source`` names who pasted within the client (a viewer), so the ``clipboard`` broadcast that follows can
+    skip it."""
+
+    OP: ClassVar[str] = "clipboard_set"
+    text: str
+    source: str = ""
+
+
+Op = QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp | ConsoleWriteOp | ClipboardSetOp
 
 #: The capability a client must have been granted to use an op.
 OP_CAPABILITY: dict[str, Capability] = {
@@ -200,6 +214,7 @@ OP_CAPABILITY: dict[str, Capability] = {
     RefreshOp.OP: Capability.DISPLAY,
     AgentWriteOp.OP: Capability.AGENT,
     ConsoleWriteOp.OP: Capability.CONSOLE,
+    ClipboardSetOp.OP: Capability.CLIPBOARD,
 }
 
 
@@ -281,8 +296,18 @@ class VncReload:
     tls_certs: bool
 
 
+@dataclass(frozen=True)
+class ClipboardChanged:
+    """The guest's clipboard now holds ``text``: copied in the guest (``origin`` empty), or set by a client's
+    ``clipboard_set`` (``origin`` is that client's instance and the op's source, "INSTANCE/SOURCE")."""
+
+    KIND: ClassVar[str] = "clipboard"
+    text: str
+    origin: str = ""
+
+
 EventBody = (QmpEvent | RunStateChanged | Migrating | Migrated | AgentData | DisplayChanged | Shutdown | ConsoleData
-             | VncReload)
+             | VncReload | ClipboardChanged)
 
 #: Broadcasts of these kinds go only to clients granted the capability; the others go to every client.
 KIND_CAPABILITY: dict[str, Capability] = {
@@ -291,6 +316,7 @@ KIND_CAPABILITY: dict[str, Capability] = {
     DisplayChanged.KIND: Capability.DISPLAY,
     ConsoleData.KIND: Capability.CONSOLE,
     VncReload.KIND: Capability.VNC,
+    ClipboardChanged.KIND: Capability.CLIPBOARD,
 }
 
 
@@ -505,6 +531,8 @@ def _op_args(body: Op) -> dict[str, Any]:
         return {"source": body.source}
     if isinstance(body, AgentWriteOp | ConsoleWriteOp):
         return {"data": bytes(body.data)}
+    if isinstance(body, ClipboardSetOp):
+        return {"text": body.text, "source": body.source}
     return {}
 
 
@@ -523,6 +551,8 @@ def _event_data(body: EventBody) -> dict[str, Any]:
         return {"reason": _clip(body.reason)}
     if isinstance(body, VncReload):
         return {"tls_certs": body.tls_certs}
+    if isinstance(body, ClipboardChanged):
+        return {"text": body.text, "origin": body.origin}
     return {}
 
 
@@ -666,6 +696,14 @@ class _Fields:
             self.fail(ErrorCode.INVALID, f"field {key!r} must be a{' non-empty' if nonempty else ''} string of at "
                                          f"most {max_len} characters, not {_kind(value)}")
         return value
+
+    def clipboard_text(self, key: str) -> str:
+        """Clipboard text: a string of at most MAX_CLIPBOARD bytes once encoded as UTF-8."""
+        value = self.string(key, MAX_CLIPBOARD)
+        size = len(value.encode("utf-8"))  # msgpack decoded it from UTF-8: it has no lone surrogates
+        if size > MAX_CLIPBOARD:
+            self.fail(ErrorCode.INVALID, f"field {key!r} holds {size} bytes of UTF-8, over {MAX_CLIPBOARD}")
+        return str(value)
 
     def boolean(self, key: str) -> bool:
         value = self.get(key, optional=False)
@@ -849,6 +887,8 @@ _OP_PARSERS: dict[str, Callable[[_Fields], Op]] = {
     RefreshOp.OP: lambda a: RefreshOp(),
     AgentWriteOp.OP: lambda a: AgentWriteOp(data=a.binary("data", MAX_AGENT_CHUNK)),
     ConsoleWriteOp.OP: lambda a: ConsoleWriteOp(data=a.binary("data", MAX_CONSOLE_CHUNK)),
+    ClipboardSetOp.OP: lambda a: ClipboardSetOp(text=a.clipboard_text("text"),
+                                                source=a.string("source", MAX_SOURCE, optional=True) or ""),
 }
 
 
@@ -890,6 +930,8 @@ _KIND_PARSERS: dict[str, Callable[[_Fields], EventBody]] = {
         display_socket=d.string("display_socket", MAX_TEXT, optional=True)),
     Shutdown.KIND: lambda d: Shutdown(reason=d.string("reason", MAX_TEXT)),
     VncReload.KIND: lambda d: VncReload(tls_certs=d.boolean("tls_certs")),
+    ClipboardChanged.KIND: lambda d: ClipboardChanged(
+        text=d.clipboard_text("text"), origin=d.string("origin", MAX_TEXT, optional=True) or ""),
 }
 
 
@@ -919,14 +961,15 @@ _PARSERS: dict[str, Callable[[_Fields], Message]] = {
 
 #: Wire names, for docs and tests.
 MESSAGE_TYPES: tuple[type[Message], ...] = (Hello, Welcome, Heartbeat, Request, Reply, Broadcast, ErrorFrame, Bye)
-OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp, ConsoleWriteOp)
+OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp, ConsoleWriteOp, ClipboardSetOp)
 EVENT_KINDS: tuple[type[EventBody], ...] = (
-    QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown, ConsoleData, VncReload)
+    QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown, ConsoleData, VncReload,
+    ClipboardChanged)
 
 __all__ = [
     "ALL_CAPABILITIES", "EVENT_KINDS", "KIND_CAPABILITY", "MAX_FRAME", "MESSAGE_TYPES", "OPS", "OP_CAPABILITY",
     "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "AgentData", "AgentWriteOp", "Broadcast", "Bye", "Capability",
-    "ConsoleData", "ConsoleWriteOp",
+    "ClipboardChanged", "ClipboardSetOp", "ConsoleData", "ConsoleWriteOp",
     "DisplayChanged", "EncodeError", "ErrorCode", "ErrorFrame", "ErrorInfo", "EventBody", "Heartbeat", "Hello",
     "InputEvent", "InputOp", "KeyEvent", "Message", "Migrated", "Migrating", "Op", "PointerEvent", "ProtocolError",
     "QmpEvent", "QmpOp", "RefreshOp", "ReleaseInputOp", "Reply", "Request", "RunStateChanged", "Shutdown",

@@ -2,9 +2,9 @@
 
 The core reads QEMU's display through QEMU's own VNC server on a private unix socket. This module is the whole
 protocol for that: the handshake (RFB 3.3, 3.7, 3.8 with security type None), ServerInit, and the server messages
-(FramebufferUpdate with Raw rectangles and the DesktopSize and Cursor pseudo-encodings, Bell, ServerCutText,
-SetColourMapEntries). No sockets and no asyncio, so the same code runs under the capture's asyncio transport,
-a unit test or a fuzzer.
+(FramebufferUpdate with Raw rectangles and the DesktopSize, Cursor and QEMU LED State pseudo-encodings, Bell,
+ServerCutText, the Extended Clipboard (rfb.clipboard), SetColourMapEntries). No sockets and no asyncio, so the
+same code runs under the capture's asyncio transport, a unit test or a fuzzer.
 
 The server is not trusted: every length is checked before anything is buffered, so a malformed or hostile
 message raises :class:`RemoteProtocolError` and never another exception type or an unbounded allocation.
@@ -29,13 +29,25 @@ from dataclasses import dataclass
 from enum import Enum
 
 # The wire format, the errors and BGRX8888 are shared with the server role (rfb.wire, rfb.errors).
+from rfb import clipboard as extclip
 from rfb.errors import AuthenticationFailed, LocalProtocolError, ProtocolError, RfbError
+from rfb.events import (
+    ClipboardCaps,
+    ClipboardEvent,
+    ClipboardNotify,
+    ClipboardPeek,
+    ClipboardProvide,
+    ClipboardRequest,
+    CutTextTooLarge,
+)
 from rfb.wire import (
     BGRX8888,
     COLOUR_MAP_HEADER,
     CUT_TEXT_HEADER,
     ENCODING_CURSOR,
     ENCODING_DESKTOP_SIZE,
+    ENCODING_EXTENDED_CLIPBOARD,
+    ENCODING_QEMU_LED_STATE,
     ENCODING_RAW,
     MSG_BELL,
     MSG_CLIENT_CUT_TEXT,
@@ -135,7 +147,15 @@ class ServerCutText:
     text: bytes
 
 
-Event = ServerInit | RawPixels | DesktopSize | Cursor | UpdateDone | Bell | ServerCutText
+@dataclass(frozen=True, slots=True)
+class LedState:
+    """QEMU LED State: the guest keyboard's lock LEDs (bit 0 Scroll, 1 Num, 2 Caps Lock)."""
+
+    leds: int
+
+
+Event = (ServerInit | RawPixels | DesktopSize | Cursor | UpdateDone | Bell | ServerCutText | LedState
+         | ClipboardEvent | CutTextTooLarge)
 
 
 class State(Enum):
@@ -190,7 +210,7 @@ class RfbClient:
         self._update_rects: list[tuple[int, int, int, int]] = []
         self._raw: tuple[int, int, int, int] | None = None  # x, next row, width, rows left
         self._cursor_header: tuple[int, int, int, int] | None = None
-        self._skip = 0  # colour map bytes still to drop
+        self._skip = 0  # colour map (or oversized cut text) bytes still to drop
 
     # --- receiving ---------------------------------------------------------------------------------------
 
@@ -358,18 +378,32 @@ class RfbClient:
             self._take(1)
             events.append(Bell())
         elif kind == MSG_SERVER_CUT_TEXT:
-            _kind, length = CUT_TEXT_HEADER.unpack(self._peek(CUT_TEXT_HEADER.size))
-            if length > self.max_cut_text:
-                raise RemoteProtocolError(f"server cut text of {length} bytes exceeds the limit of "
-                                          f"{self.max_cut_text}")
-            text = self._take(CUT_TEXT_HEADER.size + length)[CUT_TEXT_HEADER.size :]
-            events.append(ServerCutText(text))
+            self._cut_text(events)
         elif kind == MSG_SET_COLOUR_MAP_ENTRIES:
             # Meaningless with the true-colour format we use; its length is well defined, so it is skipped.
             _kind, _first, count = COLOUR_MAP_HEADER.unpack(self._take(COLOUR_MAP_HEADER.size))
             self._skip = count * 6
         else:
             raise RemoteProtocolError(f"unknown server message type {kind}")
+
+    def _cut_text(self, events: list[Event]) -> None:
+        _kind, length = CUT_TEXT_HEADER.unpack(self._peek(CUT_TEXT_HEADER.size))
+        extended = length & 0x8000_0000 != 0
+        if extended:
+            if ENCODING_EXTENDED_CLIPBOARD not in self._encodings:
+                raise RemoteProtocolError(f"server cut text of {length} bytes (an Extended Clipboard message, "
+                                          "which was not asked for)")
+            length = (1 << 32) - length
+            limit = extclip.payload_limit(self.max_cut_text)
+        else:
+            limit = self.max_cut_text
+        if length > limit:
+            self._take(CUT_TEXT_HEADER.size)
+            self._skip = length
+            events.append(CutTextTooLarge(length, limit))
+            return
+        payload = self._take(CUT_TEXT_HEADER.size + length)[CUT_TEXT_HEADER.size :]
+        events.append(extclip.parse(payload, max_size=self.max_cut_text) if extended else ServerCutText(payload))
 
     def _rect_header(self, events: list[Event]) -> None:
         x, y, width, height, encoding = RECT_HEADER.unpack(self._take(RECT_HEADER.size))
@@ -390,6 +424,8 @@ class RfbClient:
                 raise RemoteProtocolError(f"desktop size {width}x{height}")
             self.width, self.height = width, height
             events.append(DesktopSize(width, height))
+        elif encoding == ENCODING_QEMU_LED_STATE:
+            events.append(LedState(self._take(1)[0]))
         elif encoding == ENCODING_CURSOR:
             if width > self.max_cursor or height > self.max_cursor:
                 raise RemoteProtocolError(f"cursor {width}x{height} larger than the limit of {self.max_cursor}")
@@ -436,7 +472,8 @@ class RfbClient:
         """SetEncodings; afterwards the server may use exactly these (and Raw, which is always allowed)."""
         self._require_normal("SetEncodings")
         chosen = list(dict.fromkeys(encodings))
-        unknown = set(chosen) - {ENCODING_RAW, ENCODING_DESKTOP_SIZE, ENCODING_CURSOR}
+        unknown = set(chosen) - {ENCODING_RAW, ENCODING_DESKTOP_SIZE, ENCODING_CURSOR, ENCODING_QEMU_LED_STATE,
+                                 ENCODING_EXTENDED_CLIPBOARD}
         if unknown:
             raise LocalProtocolError(f"encodings {sorted(unknown)} are not implemented by this client")
         self._encodings = frozenset([ENCODING_RAW, *chosen])
@@ -458,10 +495,20 @@ class RfbClient:
         self._require_normal("ClientCutText")
         return struct.pack(">B3xI", MSG_CLIENT_CUT_TEXT, len(text)) + text
 
+    def clipboard(self, payload: bytes) -> bytes:
+        """An Extended Clipboard message (rfb.clipboard builds the payload) as ClientCutText; the server may
+        take it once we asked for the pseudo-encoding (QEMU registers its clipboard peer then)."""
+        self._require_normal("ClientCutText")
+        if ENCODING_EXTENDED_CLIPBOARD not in self._encodings:
+            raise LocalProtocolError("the Extended Clipboard pseudo-encoding was not set")
+        return extclip.message(MSG_CLIENT_CUT_TEXT, payload)
+
 
 __all__ = [
     "BGRX8888", "DEFAULT_MAX_CURSOR", "DEFAULT_MAX_CUT_TEXT", "DEFAULT_MAX_NAME", "ENCODING_CURSOR",
-    "ENCODING_DESKTOP_SIZE", "ENCODING_RAW", "AuthenticationFailed", "Bell", "Cursor", "DesktopSize", "Event",
-    "LocalProtocolError", "ProtocolError", "RawPixels", "RemoteProtocolError", "RfbClient", "RfbError",
-    "ServerCutText", "ServerInit", "State", "UpdateDone",
+    "ENCODING_DESKTOP_SIZE", "ENCODING_EXTENDED_CLIPBOARD", "ENCODING_QEMU_LED_STATE", "ENCODING_RAW",
+    "AuthenticationFailed", "Bell", "ClipboardCaps", "ClipboardNotify", "ClipboardPeek", "ClipboardProvide",
+    "ClipboardRequest", "Cursor", "CutTextTooLarge", "DesktopSize", "Event", "LedState", "LocalProtocolError",
+    "ProtocolError", "RawPixels", "RemoteProtocolError", "RfbClient", "RfbError", "ServerCutText", "ServerInit",
+    "State", "UpdateDone",
 ]

@@ -116,6 +116,63 @@ class CutText:
 
 
 @dataclass(frozen=True, slots=True)
+class CutTextTooLarge:
+    """Cut text (legacy or an Extended Clipboard provide) over the connection's limit: its bytes were skipped
+    without being buffered or inflated, and the connection goes on. ``size`` is what the peer announced (for a
+    provide: the inflated size, or the compressed one when that alone is over the limit)."""
+
+    size: int
+    limit: int
+
+
+# Extended Clipboard (rfb.clipboard), either direction: the same messages travel as ClientCutText and
+# ServerCutText. ``formats`` holds the format bits (rfb.clipboard.FORMAT_*).
+
+
+@dataclass(frozen=True, slots=True)
+class ClipboardCaps:
+    """The peer's Extended Clipboard capabilities: the actions it takes and, per format, the largest size it
+    accepts unasked (``sizes``: (format bit, bytes) pairs, lowest bit first)."""
+
+    formats: int
+    actions: int
+    sizes: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClipboardRequest:
+    """The peer asks for the clipboard's content in these formats: answer with a provide."""
+
+    formats: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClipboardPeek:
+    """The peer asks which formats the clipboard holds: answer with a notify."""
+
+    formats: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClipboardNotify:
+    """The peer's clipboard changed and holds these formats (none: it is empty); request what you want."""
+
+    formats: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClipboardProvide:
+    """The peer's clipboard content. ``text`` is the text format's bytes as sent (None if not included; see
+    rfb.clipboard.decode_text); other formats are not kept."""
+
+    formats: int
+    text: bytes | None
+
+
+ClipboardEvent = ClipboardCaps | ClipboardRequest | ClipboardPeek | ClipboardNotify | ClipboardProvide
+
+
+@dataclass(frozen=True, slots=True)
 class ContinuousUpdates:
     """EnableContinuousUpdates. When ``enable`` is false the owner must send
     ``end_of_continuous_updates()`` at once (even if they were already off)."""
@@ -147,4 +204,5 @@ class Fence:
 Event = (
     SecurityNegotiated | TlsRequested | AuthFailed | ClientInitReceived | PixelFormatChanged | EncodingsSet
     | UpdateRequested | Key | ExtendedKey | Pointer | CutText | ContinuousUpdates | DesktopSizeRequested | Fence
+    | CutTextTooLarge | ClipboardCaps | ClipboardRequest | ClipboardPeek | ClipboardNotify | ClipboardProvide
 )

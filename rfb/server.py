@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from enum import Enum
 
 from rfb import auth, vencrypt
+from rfb import clipboard as extclip
 from rfb.encodings.update import framebuffer_update_message, update_header
 from rfb.errors import LocalProtocolError, ProtocolError
 from rfb.events import (
@@ -44,6 +45,7 @@ from rfb.events import (
     ClientInitReceived,
     ContinuousUpdates,
     CutText,
+    CutTextTooLarge,
     DesktopSizeRequested,
     EncodingsSet,
     Event,
@@ -65,6 +67,7 @@ from rfb.wire import (
     CONTINUOUS_UPDATES_MSG,
     CUT_TEXT_HEADER,
     ENCODING_CONTINUOUS_UPDATES,
+    ENCODING_EXTENDED_CLIPBOARD,
     ENCODING_FENCE,
     ENCODING_LAST_RECT,
     FENCE_HEADER,
@@ -172,6 +175,7 @@ class RfbServerConnection:
         max_encodings: int = DEFAULT_MAX_ENCODINGS,
         continuous_updates: bool = False,
         fences: bool = False,
+        clipboard: bool = False,
         challenge: bytes | None = None,
         vencrypt_subtypes: tuple[int, ...] = (),
         plain_too: bool = False,
@@ -180,8 +184,11 @@ class RfbServerConnection:
 
         A ``password`` turns on VNC Authentication (and is then the only type offered). ``continuous_updates``
         and ``fences`` announce those extensions to a viewer that asks for them (EndOfContinuousUpdates /
-        a ServerFence queued after its SetEncodings); the owner must then honour them. ``challenge`` fixes the
-        VNC challenge, for tests only.
+        a ServerFence queued after its SetEncodings); the owner must then honour them. ``clipboard`` announces
+        the Extended Clipboard (our caps, queued after a SetEncodings that lists it): from then on the viewer's
+        cut text may come as extended messages, of at most ``max_cut_text`` bytes of text. Cut text over that
+        limit is skipped and reported (:class:`CutTextTooLarge`), the connection goes on. ``challenge`` fixes
+        the VNC challenge, for tests only.
 
         ``vencrypt_subtypes`` offers VeNCrypt with those subtypes (preference order; the *Vnc ones need the
         ``password``, the *None ones must not have one, or they would skip it). Then None / VNC Authentication in
@@ -207,6 +214,10 @@ class RfbServerConnection:
         self._password = password
         self._announce_continuous_updates = continuous_updates
         self._announce_fences = fences
+        self._announce_clipboard = clipboard
+        #: We sent our Extended Clipboard caps: the viewer's negative cut-text lengths are extended messages.
+        self.extended_clipboard = False
+        self._skip = 0  # bytes of an oversized cut text still to drop
         self._challenge = challenge if challenge is not None else auth.new_challenge()
         self._vencrypt_subtypes = tuple(vencrypt_subtypes)
         self._plain = plain_too or not vencrypt_subtypes
@@ -426,6 +437,10 @@ class RfbServerConnection:
     # --- client messages --------------------------------------------------------------------------------------
 
     def _read_message(self, pos: int, events: list[Event]) -> int:
+        if self._skip:
+            dropped = min(self._skip, len(self._buffer) - pos)
+            self._skip -= dropped
+            return dropped  # 0 when nothing is buffered: wait for more
         if not self._need(pos, 1):
             return 0
         buf = self._buffer
@@ -513,6 +528,9 @@ class RfbServerConnection:
             self._outbox += U8.pack(MSG_END_OF_CONTINUOUS_UPDATES)
         if self._announce_fences and ENCODING_FENCE in encodings and ENCODING_FENCE not in before:
             self._outbox += FENCE_HEADER.pack(MSG_SERVER_FENCE, FENCE_REQUEST, 0)
+        if self._announce_clipboard and ENCODING_EXTENDED_CLIPBOARD in encodings and not self.extended_clipboard:
+            self._outbox += extclip.message(MSG_SERVER_CUT_TEXT, extclip.caps(self.max_cut_text))
+            self.extended_clipboard = True
         events.append(EncodingsSet(encodings))
         return size
 
@@ -520,14 +538,28 @@ class RfbServerConnection:
         if not self._need(pos, CLIENT_CUT_TEXT_HEADER.size):
             return 0
         length: int = CLIENT_CUT_TEXT_HEADER.unpack_from(self._buffer, pos)[1]
-        if length > self.max_cut_text:
-            # Lengths with the top bit set are the Extended Clipboard format, which we never announce.
-            raise ProtocolError(f"ClientCutText of {length} bytes exceeds the limit of {self.max_cut_text}")
+        extended = length & 0x8000_0000 != 0
+        if extended:
+            # A negative S32: the Extended Clipboard format, allowed once we announced it.
+            if not self.extended_clipboard:
+                raise ProtocolError(f"ClientCutText of {length} bytes (an Extended Clipboard message, which was "
+                                    "not announced)")
+            length = (1 << 32) - length
+            limit = extclip.payload_limit(self.max_cut_text)
+        else:
+            limit = self.max_cut_text
+        if length > limit:
+            self._skip = length
+            events.append(CutTextTooLarge(length, limit))
+            return CLIENT_CUT_TEXT_HEADER.size
         size = CLIENT_CUT_TEXT_HEADER.size + length
         if not self._need(pos, size):
             return 0
-        text = bytes(self._buffer[pos + CLIENT_CUT_TEXT_HEADER.size : pos + size]).decode("latin-1")
-        events.append(CutText(text))
+        payload = bytes(self._buffer[pos + CLIENT_CUT_TEXT_HEADER.size : pos + size])
+        if extended:
+            events.append(extclip.parse(payload, max_size=self.max_cut_text))
+        else:
+            events.append(CutText(payload.decode("latin-1")))
         return size
 
     def _read_fence(self, pos: int, events: list[Event]) -> int:
@@ -592,6 +624,12 @@ class RfbServerConnection:
         """The server's clipboard; RFB carries ISO 8859-1, so other characters become '?'."""
         data = text.encode("latin-1", errors="replace")
         return self._message(CUT_TEXT_HEADER.pack(MSG_SERVER_CUT_TEXT, len(data)) + data)
+
+    def clipboard(self, payload: bytes) -> bytes:
+        """An Extended Clipboard message (rfb.clipboard builds the payload) as ServerCutText."""
+        if not self.extended_clipboard:
+            raise LocalProtocolError("the Extended Clipboard was not negotiated with this viewer")
+        return self._message(extclip.message(MSG_SERVER_CUT_TEXT, payload))
 
     def end_of_continuous_updates(self) -> bytes:
         """The answer to EnableContinuousUpdates with enable false (and the extension's announcement)."""

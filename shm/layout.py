@@ -70,6 +70,7 @@ class RecordKind(IntEnum):
     CURSOR_SHAPE = 3
     CURSOR_POSITION = 4
     RUN_STATE = 5
+    KEYBOARD_LEDS = 6
 
 
 class RunState(IntEnum):
@@ -119,8 +120,15 @@ STATIC_HEADER_OFFSET = 0
 WRITE_SEQ_OFFSET = 128  # u64: sequence number of the last published record (0: none yet)
 STATE_LOCK_OFFSET = 192  # u64 seqlock guarding the state block: odd while the writer updates it
 STATE_OFFSET = 200
-STATE = struct.Struct(f"<IIIIIHHii{RUN_CODE_SIZE}s")  # generation, w, h, stride, fmt, run, cursor flags, x, y, code
+# generation, w, h, stride, fmt, run, cursor flags, x, y, code, keyboard LEDs
+STATE = struct.Struct(f"<IIIIIHHii{RUN_CODE_SIZE}sH")
 CURSOR_VISIBLE = 0x1  # bit in the cursor flags (state block and cursor position record)
+#: Keyboard LED word (state block and KEYBOARD_LEDS record): QEMU's LED bits, and a bit saying they are known,
+#: so that the zero an older writer leaves reads as "not known" rather than "all off".
+LED_SCROLL_LOCK = 0x1
+LED_NUM_LOCK = 0x2
+LED_CAPS_LOCK = 0x4
+LEDS_KNOWN = 0x8000
 
 U64 = struct.Struct("<Q")
 
@@ -142,6 +150,7 @@ PAYLOADS = {
     RecordKind.CURSOR_SHAPE: "IHHHH",  # serial, hot_x, hot_y, width, height
     RecordKind.CURSOR_POSITION: "iiI",  # x, y, flags
     RecordKind.RUN_STATE: f"H2x{RUN_CODE_SIZE}s",  # state, QMP status name (ASCII, NUL padded)
+    RecordKind.KEYBOARD_LEDS: "H",  # LED word (LEDS_KNOWN set)
 }
 # Packs everything in a slot but the sequence word, starting at slot offset 8.
 RECORD_BODIES = {kind: struct.Struct(_BODY_PREFIX + fmt) for kind, fmt in PAYLOADS.items()}
@@ -287,6 +296,8 @@ class State:
     cursor_x: int
     cursor_y: int
     cursor_visible: bool
+    #: The guest keyboard's lock LEDs (LED_* bits), None until the core learned them.
+    keyboard_leds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +370,15 @@ class RunStateRecord:
     code: str
 
 
+@dataclass(slots=True)
+class KeyboardLedsRecord:
+    """The guest switched its keyboard's lock LEDs (LED_* bits); the state block holds them too."""
+
+    seq: int
+    generation: int
+    leds: int
+
+
 @dataclass(frozen=True, slots=True)
 class Overrun:
     """The reader fell behind and records were lost: refresh everything (State, frame, cursor)."""
@@ -366,7 +386,12 @@ class Overrun:
     missed: int
 
 
-Record = DamageRecord | ModeRecord | CursorShapeRecord | CursorPositionRecord | RunStateRecord
+Record = DamageRecord | ModeRecord | CursorShapeRecord | CursorPositionRecord | RunStateRecord | KeyboardLedsRecord
+
+
+def decode_leds(word: int) -> int | None:
+    """The LED word as stored: None when the known bit is clear (an older writer, or nothing learned yet)."""
+    return word & (LED_SCROLL_LOCK | LED_NUM_LOCK | LED_CAPS_LOCK) if word & LEDS_KNOWN else None
 
 
 def _cursor_position(seq: int, generation: int, x: int, y: int, flags: int) -> CursorPositionRecord:
@@ -383,6 +408,8 @@ _DECODERS: dict[int, tuple[struct.Struct, Callable[..., Record]]] = {
     RecordKind.CURSOR_SHAPE: (SLOT_STRUCTS[RecordKind.CURSOR_SHAPE], CursorShapeRecord),
     RecordKind.CURSOR_POSITION: (SLOT_STRUCTS[RecordKind.CURSOR_POSITION], _cursor_position),
     RecordKind.RUN_STATE: (SLOT_STRUCTS[RecordKind.RUN_STATE], _run_state),
+    RecordKind.KEYBOARD_LEDS: (SLOT_STRUCTS[RecordKind.KEYBOARD_LEDS],
+                               lambda seq, generation, word: KeyboardLedsRecord(seq, generation, word & 0x7)),
 }
 
 

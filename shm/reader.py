@@ -36,6 +36,7 @@ from .layout import (
     Record,
     RunState,
     State,
+    decode_leds,
     decode_run_code,
     decode_slot,
     unpack_header,
@@ -158,11 +159,12 @@ class ShmReader:
 
     def state(self) -> State:
         """Mode, run state and pointer as one consistent snapshot."""
-        generation, width, height, stride, fmt, run, flags, x, y, code = self._read_locked(
+        generation, width, height, stride, fmt, run, flags, x, y, code, leds = self._read_locked(
             self._mv, STATE_LOCK_OFFSET, lambda: STATE.unpack_from(self._mv, STATE_OFFSET)
         )
         mode = Mode(generation, width, height, stride, fmt)
-        return State(mode, RunState.decode(run), decode_run_code(code), x, y, bool(flags & CURSOR_VISIBLE))
+        return State(mode, RunState.decode(run), decode_run_code(code), x, y, bool(flags & CURSOR_VISIBLE),
+                     decode_leds(leds))
 
     def mode(self) -> Mode:
         return self.state().mode

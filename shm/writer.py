@@ -31,6 +31,10 @@ from .layout import (
     DEFAULT_CURSOR_MAX,
     DEFAULT_RING_SLOTS,
     INVALID_SEQ,
+    LED_CAPS_LOCK,
+    LED_NUM_LOCK,
+    LED_SCROLL_LOCK,
+    LEDS_KNOWN,
     RECORD_BODIES,
     RECORD_SIZE,
     STATE,
@@ -92,6 +96,7 @@ class ShmWriter:
         self._mode = Mode(0, 0, 0, 0, PixelFormat.BGRX8888)  # generation 0: no display yet
         self._run = (RunState.UNKNOWN, b"")
         self._pointer = (0, 0, 0)
+        self._leds = 0  # not known yet
         self._write_state()
         pack_header(self._mv, g, os.getpid())
         unpack_header(self._mv, g.segment_size)  # the layout module checks what we just wrote
@@ -130,6 +135,12 @@ class ShmWriter:
         self._write_state()
         self._append(RecordKind.RUN_STATE, state, self._run[1])
 
+    def set_keyboard_leds(self, leds: int) -> None:
+        """The guest keyboard's lock LEDs (QEMU's bits: 0 Scroll, 1 Num, 2 Caps Lock)."""
+        self._leds = LEDS_KNOWN | (leds & (LED_SCROLL_LOCK | LED_NUM_LOCK | LED_CAPS_LOCK))
+        self._write_state()
+        self._append(RecordKind.KEYBOARD_LEDS, self._leds)
+
     def _write_state(self) -> None:
         m = self._mode
         self._state_lock += 1
@@ -137,7 +148,7 @@ class ShmWriter:
         x, y, flags = self._pointer
         STATE.pack_into(
             self._mv, STATE_OFFSET, m.generation, m.width, m.height, m.stride, m.pixel_format,
-            self._run[0], flags, x, y, self._run[1],
+            self._run[0], flags, x, y, self._run[1], self._leds,
         )
         self._state_lock += 1
         U64.pack_into(self._mv, STATE_LOCK_OFFSET, self._state_lock)

@@ -33,7 +33,7 @@ from qemu.qmp import ExecuteError, Message
 from qemu.qmp.models import ErrorResponse
 
 from clients.screendump import ScreendumpError, screendump, write_screendump
-from core_daemon.display import DisplayCapture, DisplayError, cursor_to_bgra
+from core_daemon.display import ENCODINGS, DisplayCapture, DisplayError, cursor_to_bgra
 from core_daemon.display_socket import DisplaySocket
 from core_daemon.input import ABS_MAX, GuestInput, InputError, scale_axis
 from rfb import client as rfb
@@ -108,7 +108,7 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     writer.write(b"\x00\x00\x00\x00")
     await reader.readexactly(1)  # ClientInit
     writer.write(server_init(width, height))
-    await reader.readexactly(20 + 4 + 3 * 4 + 10)  # SetPixelFormat, SetEncodings (3), the first request
+    await reader.readexactly(20 + 4 + len(ENCODINGS) * 4 + 10)  # SetPixelFormat, SetEncodings, the first request
 
 
 @contextlib.asynccontextmanager

@@ -92,3 +92,14 @@ def test_monitor_integer_expression_ending_in_an_operator_is_an_arg_error(expr: 
 
     with pytest.raises(ArgError, match="unexpected end of expression"):
         parse_int(expr)
+
+
+def test_every_target_is_runnable_and_run_in_ci() -> None:
+    """fuzz/run.py names its targets without importing them (atheris instruments that import) and .ci/run lists
+    them again: neither may forget one."""
+    from fuzz.run import TARGET_NAMES
+
+    assert set(TARGET_NAMES) == set(TARGETS)
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    listed = next(line for line in ci.splitlines() if line.startswith("for target in ")).split(";")[0].split()[3:]
+    assert set(listed) == set(TARGETS), listed

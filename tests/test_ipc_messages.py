@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from ipc import messages
 from ipc.messages import (
     EVENT_KINDS,
+    MAX_CLIPBOARD,
     MAX_DEPTH,
     MAX_FRAME,
     MESSAGE_TYPES,
@@ -22,6 +23,8 @@ from ipc.messages import (
     AgentWriteOp,
     Broadcast,
     Bye,
+    ClipboardChanged,
+    ClipboardSetOp,
     ConsoleData,
     ConsoleWriteOp,
     DisplayChanged,
@@ -85,6 +88,7 @@ ops = st.one_of(
     st.just(RefreshOp()),
     st.builds(AgentWriteOp, data=st.binary(max_size=64)),
     st.builds(ConsoleWriteOp, data=st.binary(max_size=64)),
+    st.builds(ClipboardSetOp, text=st.text(max_size=64), source=st.text(max_size=8)),
 )
 qmp_events = st.builds(
     lambda name, data: {"event": name, "data": data, "timestamp": {"seconds": 1, "microseconds": 2}},
@@ -100,6 +104,7 @@ event_bodies = st.one_of(
               display_socket=st.none() | names),
     st.builds(Shutdown, reason=names),
     st.builds(ConsoleData, data=st.binary(max_size=64)),
+    st.builds(ClipboardChanged, text=st.text(max_size=64), origin=st.text(max_size=8)),
 )
 all_messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, id=ids, versions=st.lists(st.integers(1, 0xFFFF), min_size=1, max_size=16).map(tuple),
@@ -356,10 +361,11 @@ SAMPLES: list[Message] = [
     Bye("x"),
 ]
 OP_SAMPLES: list[Op] = [QmpOp("x", {}), InputOp((KeyEvent(True, qcode="a"),), "vnc#1"), ReleaseInputOp("vnc#1"),
-                        RefreshOp(), AgentWriteOp(b""), ConsoleWriteOp(b"")]
+                        RefreshOp(), AgentWriteOp(b""), ConsoleWriteOp(b""), ClipboardSetOp("héllo", "vnc#1")]
 KIND_SAMPLES: list[EventBody] = [
     QmpEvent({"event": "X"}), RunStateChanged("running"), Migrating(), Migrated("e"), AgentData(b""),
-    DisplayChanged(None, None, None), Shutdown("x"), ConsoleData(b""), VncReload(tls_certs=True)]
+    DisplayChanged(None, None, None), Shutdown("x"), ConsoleData(b""), VncReload(tls_certs=True),
+    ClipboardChanged("héllo", "abc/vnc#1")]
 
 
 def test_docs_list_every_message_type_and_field() -> None:
@@ -420,3 +426,15 @@ def test_the_input_fast_path_agrees_with_the_checked_parser(event: dict[str, Any
     else:
         assert isinstance(checked, Request) and isinstance(checked.body, InputOp)
         assert fast is None or checked.body.events == (fast,)
+
+
+def test_clipboard_text_is_bounded_in_bytes_not_characters() -> None:
+    """1 MiB of UTF-8 passes; a string of fewer characters but more bytes, or a lone surrogate, does not."""
+    ok = Request(1, ClipboardSetOp("é" * (MAX_CLIPBOARD // 2))).encode()
+    assert decode(ok) == Request(1, ClipboardSetOp("é" * (MAX_CLIPBOARD // 2)))
+    for text, code in (("é" * (MAX_CLIPBOARD // 2 + 1), ErrorCode.INVALID), ("\ud800", ErrorCode.MALFORMED)):
+        frame = msgpack.packb({"v": 1, "t": "request", "id": 1, "op": "clipboard_set", "args": {"text": text}},
+                              use_bin_type=True, unicode_errors="surrogatepass")
+        with pytest.raises(ProtocolError) as info:
+            decode(frame)
+        assert info.value.code == code

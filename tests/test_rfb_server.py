@@ -24,6 +24,7 @@ from rfb.events import (
     ClientInitReceived,
     ContinuousUpdates,
     CutText,
+    CutTextTooLarge,
     DesktopSizeRequested,
     EncodingsSet,
     Event,
@@ -404,7 +405,6 @@ BAD_INPUTS = {
     "unknown type": b"\x07",
     "reserved type 1": b"\x01\x00\x00\x00",
     "too many encodings": b"\x02\x00\x04\x01",  # 1025 > 1024
-    "huge cut text": b"\x06\x00\x00\x00\x00\x10\x00\x01",  # 1 MiB + 1
     "extended clipboard": b"\x06\x00\x00\x00\xff\xff\xff\xfc",
     "24 bpp": b"\x00\x00\x00\x00" + PixelFormat(24, 24, False, True, 255, 255, 255, 16, 8, 0).pack(),
     "bad max": b"\x00\x00\x00\x00" + PixelFormat(32, 24, False, True, 254, 255, 255, 16, 8, 0).pack(),
@@ -429,14 +429,19 @@ def test_limits_are_configurable() -> None:
     conn = ready(max_cut_text=4, max_encodings=2)
     assert conn.receive_data(b"\x06\x00\x00\x00\x00\x00\x00\x04abcd") == [CutText("abcd")]
     assert conn.receive_data(b"\x02\x00\x00\x02" + bytes(8)) == [EncodingsSet((0, 0))]
-    with pytest.raises(ProtocolError):
-        conn.receive_data(b"\x06\x00\x00\x00\x00\x00\x00\x05")  # rejected before the text arrives
+    # Over the limit: reported before the text arrives, skipped unbuffered, and the connection goes on.
+    assert conn.receive_data(b"\x06\x00\x00\x00\x00\x00\x00\x05") == [CutTextTooLarge(5, 4)]
+    assert conn.receive_data(b"abcde\x04\x01\x00\x00\x00\x00\x00\x61") == [Key(True, 0x61)]
 
 
 def test_oversized_message_is_rejected_before_it_is_buffered() -> None:
     conn = ready()
     with pytest.raises(ProtocolError):
-        conn.receive_data(b"\x06\x00\x00\x00\xff\xff\xff\xff")
+        conn.receive_data(b"\x06\x00\x00\x00\xff\xff\xff\xff")  # extended clipboard, never announced
+    conn = ready()
+    assert conn.receive_data(b"\x06\x00\x00\x00\x00\x20\x00\x00" + bytes(1000)) == [
+        CutTextTooLarge(2 << 20, 1 << 20)]
+    assert len(conn._buffer) == 0
 
 
 def _buffer_bound(conn: RfbServerConnection) -> int:

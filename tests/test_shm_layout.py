@@ -199,9 +199,10 @@ def test_docs_header_table_matches_layout() -> None:
         expected.add((offset, size, name))
         offset += size
     state_names = ["generation", "width", "height", "stride", "pixel_format", "run_state", "cursor_flags"]
-    state_sizes = [4, 4, 4, 4, 4, 2, 2, 4, 4, layout.RUN_CODE_SIZE]
+    state_sizes = [4, 4, 4, 4, 4, 2, 2, 4, 4, layout.RUN_CODE_SIZE, 2]
     offset = layout.STATE_OFFSET
-    for name, size in zip([*state_names, "cursor_x", "cursor_y", "run_code"], state_sizes, strict=True):
+    for name, size in zip([*state_names, "cursor_x", "cursor_y", "run_code", "keyboard_leds"], state_sizes,
+                          strict=True):
         expected.add((offset, size, name))
         offset += size
     expected |= {(layout.WRITE_SEQ_OFFSET, 8, "write_seq"), (layout.STATE_LOCK_OFFSET, 8, "state_lock")}
@@ -217,3 +218,12 @@ def test_docs_slot_and_cursor_tables_match_layout() -> None:
         (0, 8, "cursor_lock"), (8, 4, "serial"), (12, 2, "hot_x"), (14, 2, "hot_y"), (16, 2, "width"),
         (18, 2, "height"),
     }  # fmt: skip
+
+
+def test_keyboard_leds_record_and_state_word() -> None:
+    """The LED word: known bit plus QEMU's three bits; zero (an older writer) reads as not known."""
+    raw = _slot(RecordKind.KEYBOARD_LEDS, 9, 2, layout.LEDS_KNOWN | layout.LED_CAPS_LOCK)
+    assert decode_record(raw) == layout.KeyboardLedsRecord(9, 2, layout.LED_CAPS_LOCK)
+    assert layout.decode_leds(0) is None
+    assert layout.decode_leds(layout.LEDS_KNOWN) == 0
+    assert layout.decode_leds(layout.LEDS_KNOWN | 0x7) == 0x7

@@ -28,6 +28,7 @@ from PIL import Image
 from shm import (
     CursorPositionRecord,
     DamageRecord,
+    KeyboardLedsRecord,
     LayoutError,
     ModeRecord,
     Overrun,
@@ -170,9 +171,13 @@ def test_every_record_kind_round_trips(make_writer: WriterFactory, readers: Read
     serial = writer.set_cursor_shape(1, 0, 2, 1, b"\x01\x02\x03\x04\x05\x06\x07\x08")
     writer.set_cursor_position(-5, 7, visible=True)
     writer.set_run_state(RunState.ERROR, "io-error")
+    assert reader.state().keyboard_leds is None  # not learned yet
+    writer.set_keyboard_leds(0x4)
     records = reader.read_records()
     assert isinstance(records, list)
-    assert [r.seq for r in records] == [1, 2, 3, 4, 5]
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[5] == KeyboardLedsRecord(6, 1, 0x4)
+    assert reader.state().keyboard_leds == 0x4
     assert records[0] == ModeRecord(1, 1, 40, 30, 160, 1)
     assert records[1] == DamageRecord(2, 1, 1, 2, 3, 4)
     assert records[3] == CursorPositionRecord(4, 1, -5, 7, True)

@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--agent", action="store_true", help="give the guest a qemu-ga channel (see core --agent)")
     run.add_argument("--serial", action="store_true",
                      help="give the guest a serial port, reachable with `vmfront console NAME`")
+    run.add_argument("--clipboard", action="store_true",
+                     help="share the clipboard of VNC viewers and the guest's spice-vdagent (see core --clipboard)")
     run.add_argument("--accel", help="accelerator (default: kvm if usable, else tcg)")
     run.add_argument("--on-core-death", choices=("restart", "stop"), default="restart",
                      help="if the core dies while QEMU runs: start a core that adopts QEMU (default), or stop "
@@ -217,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="relay this existing qemu-ga socket instead (e.g. a host-run qemu-ga -m unix-listen)")
     core.add_argument("--serial", action="store_true",
                       help="give the guest a serial port (ttyS0), relayed to clients (vmfront console)")
+    core.add_argument("--clipboard", action="store_true",
+                      help="give the guest QEMU's spice-vdagent peer (chardev qemu-vdagent, virtio-serial port "
+                      "com.redhat.spice.0): the guest's spice-vdagent shares its clipboard with VNC viewers. Both "
+                      "sides of a migration must match; QEMU 7.2 refuses to migrate with it")
     core.add_argument("--client-group", metavar="GROUP",
                       help="group of the client processes: may open control.sock, display.sock and the shm "
                       "segment (default: only the core's own group)")
@@ -327,6 +333,7 @@ def cmd_core(args: argparse.Namespace) -> int:
             client_group=_group_id(args.client_group) if args.client_group else None,
             agent=args.agent or args.agent_socket is not None, agent_socket=args.agent_socket,
             incoming=args.incoming, serial=args.serial, migrated_linger=args.migrated_linger,
+            clipboard=args.clipboard,
         )
         code = run_async(Core(config).run())
     except (CoreError, PolicyError, RunDirError, CliError) as exc:
@@ -462,7 +469,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = RunConfig(name=check_vm_name(args.name), run_dir=args.run_dir, qemu_args=qemu_args,
                            client_user=user, client_group=resolve_user(user).gid if user else None,
                            verbose=args.verbose, vnc=args.vnc, websocket=args.websocket, agent=args.agent,
-                           serial=args.serial, accel=args.accel, on_core_death=args.on_core_death)
+                           serial=args.serial, clipboard=args.clipboard, accel=args.accel,
+                           on_core_death=args.on_core_death)
     except (RunDirError, PrivilegeError) as exc:
         print(f"vmfront run: error: {exc}", file=sys.stderr)
         return 1

@@ -54,6 +54,7 @@ class RunConfig:
     websocket: str | None = None
     agent: bool = False
     serial: bool = False
+    clipboard: bool = False
     accel: str | None = None
     #: What to do when the core dies while QEMU runs: "restart" (adopt QEMU again) or "stop" everything.
     on_core_death: str = "restart"
@@ -70,6 +71,8 @@ class RunConfig:
             argv.append("--agent")
         if self.serial:
             argv.append("--serial")
+        if self.clipboard:
+            argv.append("--clipboard")
         if self.accel:
             argv += ["--accel", self.accel]
         if self.client_group is not None:

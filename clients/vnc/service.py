@@ -6,8 +6,8 @@ flight: it is built only when the viewer asked for one, and only once the transp
 written before, so a slow viewer skips frames instead of buffering them) and the input sender (batches of
 input events to the core, one request at a time). Updates are encoded by worker processes
 (encoder_pool.py), never on this loop; only Raw in the framebuffer's own format is copied here. Viewers that
-take CopyRect are served from the service's frame copy, where scrolls are found (framecopy.py). See
-docs/vnc.md.
+take CopyRect are served from the service's frame copy, where scrolls are found (framecopy.py). The clipboard
+(clipboard.py) and the guest's keyboard LEDs (QEMU LED State) come from the core. See docs/vnc.md.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from rfb.encodings import (
     encode_frame_rects,
     extended_desktop_size_rect,
     qemu_extended_key_event_rect,
+    qemu_led_state_rect,
 )
 from rfb.pixels import is_native
 from rfb.wire import (
@@ -58,11 +59,23 @@ from rfb.wire import (
     ENCODING_DESKTOP_SIZE,
     ENCODING_EXTENDED_DESKTOP_SIZE,
     ENCODING_QEMU_EXTENDED_KEY_EVENT,
+    ENCODING_QEMU_LED_STATE,
     ENCODING_RAW,
     rect_header,
 )
-from shm import CursorShapeRecord, DamageRecord, LayoutError, Mode, ModeRecord, Overrun, Record, ShmReader
+from shm import (
+    CursorShapeRecord,
+    DamageRecord,
+    KeyboardLedsRecord,
+    LayoutError,
+    Mode,
+    ModeRecord,
+    Overrun,
+    Record,
+    ShmReader,
+)
 
+from .clipboard import ClipboardHub, ViewerClipboard
 from .encoder_pool import EncodeRequest, EncoderPool, EncoderUnavailable
 from .framecopy import Frame, FrameCopy, Move, frame_array
 from .keymap import qcode_for, scancode_for
@@ -89,6 +102,8 @@ INPUT_FLUSH_S = 60.0
 #: Input events queued per viewer while the core is busy with the previous batch; beyond, input is dropped.
 MAX_PENDING_INPUT = 4096
 MAX_VIEWERS = 64
+#: Clipboard text a viewer may paste (and we send), as QEMU's VNC: larger pastes are refused and logged.
+DEFAULT_MAX_CLIPBOARD = 1 << 20
 #: Protocol replies (not updates) queued for a viewer that does not read them; beyond, it is disconnected.
 MAX_OUTBOX = 1 << 20
 SINGLE_SCREEN_ID = 0
@@ -350,7 +365,8 @@ class Viewer:
         self.conn = RfbServerConnection(width=mode.width if mode else 0, height=mode.height if mode else 0,
                                         name=service.vm_name, password=service.password,
                                         vencrypt_subtypes=tls.subtypes(service.password) if tls is not None else (),
-                                        plain_too=service.tls_settings.plain_too)
+                                        plain_too=service.tls_settings.plain_too, clipboard=True,
+                                        max_cut_text=service.max_clipboard)
         #: The subject of the viewer's verified client certificate (QEMU's ``x509_dname``), once known.
         self.x509_dname = peer_dname(transport.ssl_object())
         self.encoders = NegotiatedEncoders()
@@ -364,6 +380,9 @@ class Viewer:
         self.ext_key_acked = False
         self._outbox = bytearray()
         self._wake = asyncio.Event()
+        self.clipboard = ViewerClipboard(service.clipboard, self.conn, self.peer, self.source, self._wake,
+                                         self._outbox)
+        self.leds_told: int | None = None  # the LED state this viewer was last sent
         self._input: list[InputEvent] = []
         self._input_wake = asyncio.Event()
         self._input_idle = asyncio.Event()  # nothing queued and nothing being sent
@@ -483,6 +502,8 @@ class Viewer:
                 self.cursor_changed = True
             if self.conn.supports(ENCODING_QEMU_EXTENDED_KEY_EVENT) and not self.ext_key_acked:
                 self.ext_key_ack = True
+            self.leds_told = None
+            self.send_leds()
             log.debug("viewer %s: encodings %s", self.peer, event.encodings)
         elif isinstance(event, ev.PixelFormatChanged):
             self.full = True  # updates after this are in the new format; repaint with it
@@ -506,8 +527,21 @@ class Viewer:
             log.debug("viewer %s: RFB %s, security type %d", self.peer, event.version, event.security_type)
         elif isinstance(event, ev.TlsRequested):
             pass  # _read_loop runs the handshake
-        else:  # CutText, ContinuousUpdates and Fence (never announced)
+        elif isinstance(event, ev.CutText | ev.CutTextTooLarge | ev.ClipboardCaps | ev.ClipboardNotify
+                        | ev.ClipboardRequest | ev.ClipboardPeek | ev.ClipboardProvide):
+            self.clipboard.handle(event)
+        else:  # ContinuousUpdates and Fence (never announced)
             log.debug("viewer %s: ignoring %s", self.peer, type(event).__name__)
+
+    def send_leds(self) -> None:
+        """The guest's keyboard LEDs to a viewer that asked for QEMU's LED State, when they changed."""
+        leds = self.service.keyboard_leds
+        if leds is None or leds == self.leds_told or not self.conn.supports(ENCODING_QEMU_LED_STATE) \
+                or self.conn.state is not State.NORMAL:
+            return
+        self.leds_told = leds
+        self._outbox += self.conn.framebuffer_update([qemu_led_state_rect(leds)])
+        self._wake.set()
 
     def _on_request(self, event: ev.UpdateRequested) -> None:
         mode = self.service.mode
@@ -769,12 +803,13 @@ class VncService:
     """``Service`` for clients.main.Client: VNC on TCP or a unix socket, and optionally WebSocket."""
 
     name = "vnc"
-    capabilities = (Capability.VNC,)
+    #: Asked for in the hello beyond the defaults: vnc_reload broadcasts, and clipboard broadcasts (up to 1 MiB).
+    capabilities = (Capability.VNC, Capability.CLIPBOARD)
 
     def __init__(self, listen: str = DEFAULT_LISTEN, *, password: str | None = None,
                  websocket: str | None = None, max_viewers: int = MAX_VIEWERS,
                  display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None,
-                 tls: TlsSettings | None = None) -> None:
+                 tls: TlsSettings | None = None, max_clipboard: int = DEFAULT_MAX_CLIPBOARD) -> None:
         self.listen = parse_listen(listen, display_numbers=True)
         self.websocket = parse_listen(websocket) if websocket else None
         self.password = password
@@ -797,6 +832,11 @@ class VncService:
         self.encoder_workers = encoder_workers
         self.pool: EncoderPool | None = None
         self.frame_copy: FrameCopy | None = None
+        self.max_clipboard = max_clipboard
+        self.clipboard = ClipboardHub()
+        #: The guest keyboard's lock LEDs (bit 0 Scroll, 1 Num, 2 Caps Lock), None until the core learned them.
+        #: What lock-key sync compares a viewer's lock keys with.
+        self.keyboard_leds: int | None = None
 
     # --- Service protocol -----------------------------------------------------------------------------
 
@@ -879,6 +919,8 @@ class VncService:
         return problem
 
     async def start(self) -> None:
+        assert self.ctx is not None
+        self.clipboard.start(self.ctx)
         self.frame_copy = FrameCopy()
         self.pool = EncoderPool(self.encoder_workers, copy_fd=self.frame_copy.fd)
         self.pool.start()
@@ -908,6 +950,7 @@ class VncService:
         # after following a migration, viewers would flicker to it (and one that cannot resize would be closed).
         # So they keep the last picture until the guest's own display arrives there (a later mode generation),
         # or HOLD_MAX_S passed (a guest whose mode has the placeholder's size brings no new generation).
+        self.clipboard.attached(welcome)
         self._release_hold()
         followed, self._following_migration = self._following_migration, False
         if (followed or welcome.run_state == "incoming") and self.mode is not None:
@@ -917,8 +960,10 @@ class VncService:
 
     def detached(self, reason: str) -> None:
         log.info("VNC: core gone (%s): viewers stay, input is dropped until it is back", reason)
+        self.clipboard.detached(reason)
 
     def event(self, body: CoreEvent) -> None:
+        self.clipboard.event(body)
         if isinstance(body, Migrated):
             self._following_migration = True  # the next attach is to the destination core
         elif isinstance(body, VncReload) and body.tls_certs:
@@ -936,6 +981,7 @@ class VncService:
                 self.display_records(Overrun(0))
 
     def display_records(self, records: list[Record] | Overrun) -> None:
+        self._follow_leds(records)
         if self.holding:
             if isinstance(records, Overrun):
                 display = self.ctx.display if self.ctx is not None else None
@@ -980,6 +1026,24 @@ class VncService:
         copy_changes = self._refresh_copy(damage, full)
         for viewer in list(self.viewers):
             viewer.display_changed(damage, full, cursor, copy_changes)
+
+    def _follow_leds(self, records: list[Record] | Overrun) -> None:
+        leds = self.keyboard_leds
+        if isinstance(records, Overrun):
+            display = self.ctx.display if self.ctx is not None else None
+            try:
+                leds = display.reader.state().keyboard_leds if display is not None else None
+            except (LayoutError, TimeoutError):
+                return
+        else:
+            for record in records:
+                if isinstance(record, KeyboardLedsRecord):
+                    leds = record.leds
+        if leds != self.keyboard_leds:
+            log.debug("VNC: guest keyboard LEDs %s", leds)
+            self.keyboard_leds = leds
+            for viewer in self.viewers:
+                viewer.send_leds()
 
     # --- the frame copy (viewers that take CopyRect) --------------------------------------------------
 
@@ -1027,6 +1091,7 @@ class VncService:
             return None
 
     async def close(self) -> None:
+        await self.clipboard.close()
         if self._hold_timer is not None:
             self._hold_timer.cancel()
         if self.pool is not None:
@@ -1117,10 +1182,12 @@ class VncService:
         tls = transport.ssl_object()
         log.info("viewer %s: connection%s", viewer.peer, f" (TLS: {tls.version()})" if tls is not None else "")
         self.viewers.add(viewer)
+        self.clipboard.viewers.add(viewer.clipboard)
         try:
             await viewer.run()
         finally:
             self.viewers.discard(viewer)
+            self.clipboard.viewers.discard(viewer.clipboard)
 
 
 def service_from_args(listen: str | None, password_file: Path | None, websocket: str | None,

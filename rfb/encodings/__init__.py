@@ -20,6 +20,7 @@ from rfb.encodings.pseudo import (
     extended_desktop_size_rect,
     last_rect,
     qemu_extended_key_event_rect,
+    qemu_led_state_rect,
     qemu_pointer_motion_change_rect,
 )
 from rfb.encodings.raw import RawEncoder, copyrect_rect
@@ -38,5 +39,5 @@ __all__ = [
     "NegotiatedEncoders", "RawEncoder", "TightEncoder", "ZlibEncoder", "ZlibStream", "ZrleEncoder",
     "compact_length", "copyrect_rect", "cursor_rect", "desktop_size_rect", "encode_frame_rects",
     "extended_desktop_size_rect", "framebuffer_update_message", "last_rect", "make_encoder",
-    "qemu_extended_key_event_rect", "qemu_pointer_motion_change_rect", "update_header",
+    "qemu_extended_key_event_rect", "qemu_led_state_rect", "qemu_pointer_motion_change_rect", "update_header",
 ]

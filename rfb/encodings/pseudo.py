@@ -14,6 +14,7 @@ from rfb.wire import (
     ENCODING_EXTENDED_DESKTOP_SIZE,
     ENCODING_LAST_RECT,
     ENCODING_QEMU_EXTENDED_KEY_EVENT,
+    ENCODING_QEMU_LED_STATE,
     ENCODING_QEMU_POINTER_MOTION_CHANGE,
     Buffer,
     PixelFormat,
@@ -57,6 +58,11 @@ def last_rect() -> bytes:
 def qemu_extended_key_event_rect() -> bytes:
     """QEMU Extended Key Event (-258): tells the viewer it may send keycodes (message 255, subtype 0)."""
     return rect_header(0, 0, 0, 0, ENCODING_QEMU_EXTENDED_KEY_EVENT)
+
+
+def qemu_led_state_rect(leds: int) -> bytes:
+    """QEMU LED State (-261): the guest's keyboard LEDs, one byte (bit 0 Scroll, 1 Num, 2 Caps Lock)."""
+    return rect_header(0, 0, 1, 1, ENCODING_QEMU_LED_STATE) + bytes((leds & 0x07,))  # 1x1, as QEMU writes it
 
 
 def qemu_pointer_motion_change_rect(absolute: bool, width: int, height: int) -> bytes:
