@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 #: Largest chunk handed to a client at once (the control channel's agent-data limit is 1 MiB).
 READ_CHUNK = 64 << 10
-#: Bytes queued towards the agent beyond which a write is refused as busy.
+#: Bytes queued towards the guest beyond which a write waits (the agent) or is refused as busy (the console).
 MAX_PENDING_WRITE = 1 << 20
 RECONNECT_MIN, RECONNECT_MAX = 0.1, 5.0
 
@@ -48,6 +48,10 @@ class ByteRelay:
     says whether a client took it."""
 
     label = "guest channel"
+    #: Bytes that may wait to be sent to the guest.
+    max_pending = MAX_PENDING_WRITE
+    #: How long a write waits for room among them before it is refused as busy (0: refused at once).
+    write_wait = 0.0
 
     def __init__(self, path: Path, deliver: Callable[[bytes], bool]) -> None:
         self.path = path
@@ -65,8 +69,21 @@ class ByteRelay:
         writer = self._writer
         if writer is None or writer.is_closing():
             raise RelayUnavailable(f"the {self.label}'s channel {self.path} is not connected")
-        if writer.transport.get_write_buffer_size() + len(data) > MAX_PENDING_WRITE:
-            raise RelayBusy(f"the {self.label} is not reading its channel")
+        if writer.transport.get_write_buffer_size() + len(data) > self.max_pending:
+            if not self.write_wait:
+                raise RelayBusy(f"the {self.label} is not reading its channel")
+            try:
+                async with asyncio.timeout(self.write_wait):
+                    while 0 < (queued := writer.transport.get_write_buffer_size()) \
+                            and queued + len(data) > self.max_pending:
+                        await writer.drain()  # (the buffer is over the transport's high-water mark: it waits)
+            except TimeoutError:
+                raise RelayBusy(f"the {self.label} has not taken what waits for it within {self.write_wait:g} s"
+                                ) from None
+            except (ConnectionError, OSError) as exc:
+                raise RelayUnavailable(f"the {self.label}'s channel {self.path} closed: {exc}") from exc
+            if writer.is_closing():
+                raise RelayUnavailable(f"the {self.label}'s channel {self.path} closed")
         writer.write(data)
 
     async def close(self) -> None:
@@ -118,9 +135,15 @@ class ByteRelay:
 
 
 class AgentRelay(ByteRelay):
-    """The qemu-ga channel: what arrives while no client listens is dropped (qemu-ga's framing resynchronises)."""
+    """The qemu-ga channel: what arrives while no client listens is dropped (qemu-ga's framing resynchronises).
+
+    A big request (a guest-file-write of up to 48 MiB) comes in frames of up to 1 MiB, one after the other: a
+    frame waits (up to ``write_wait``) while more than ``max_pending`` bytes are still queued, so the relay holds
+    at most about two frames, and each frame's reply tells the client that the next one may go."""
 
     label = "guest agent"
+    max_pending = 2 * MAX_PENDING_WRITE
+    write_wait = 5.0
 
 
 class SerialRelay(ByteRelay):

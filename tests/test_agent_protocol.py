@@ -92,7 +92,7 @@ def test_oversized_line_is_dropped_with_bounded_memory() -> None:
     for _ in range(100):
         events += conn.receive_data(b"x" * 1000)
         assert len(conn._buf) <= 1024
-    assert events == [Oversize(1024)] and conn.state is ConnState.UNSYNCED
+    assert events == [Oversize(1024, b"x" * 256)] and conn.state is ConnState.UNSYNCED
     # After a resync the connection works again.
     conn.sync(9)
     assert conn.receive_data(b'xxx\n\xff{"return": 9}\n') == [SyncDone(9)]
