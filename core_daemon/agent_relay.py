@@ -74,7 +74,7 @@ class ByteRelay:
                 raise RelayBusy(f"the {self.label} is not reading its channel")
             try:
                 async with asyncio.timeout(self.write_wait):
-                    while 0 < (queued := writer.transport.get_write_buffer_size()) \
+                    while (queued := writer.transport.get_write_buffer_size()) > 0 \
                             and queued + len(data) > self.max_pending:
                         await writer.drain()  # (the buffer is over the transport's high-water mark: it waits)
             except TimeoutError:
