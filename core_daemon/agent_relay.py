@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,9 @@ class ByteRelay:
                 raise RelayUnavailable(f"the {self.label}'s channel {self.path} closed")
         writer.write(data)
 
+    async def _room(self) -> None:
+        """Before each read: wait until what was read may be passed on (flow control; none here)."""
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -120,7 +123,10 @@ class ByteRelay:
             self._writer = writer
             self.connected.set()
             try:
-                while data := await reader.read(READ_CHUNK):
+                while True:
+                    await self._room()
+                    if not (data := await reader.read(READ_CHUNK)):
+                        break
                     self._relay(data)
             except OSError as exc:
                 log.warning("%s channel error: %s", self.label, exc)
@@ -144,6 +150,17 @@ class AgentRelay(ByteRelay):
     label = "guest agent"
     max_pending = 2 * MAX_PENDING_WRITE
     write_wait = 5.0
+
+    def __init__(self, path: Path, deliver: Callable[[bytes], bool],
+                 room: Callable[[], Awaitable[None]] | None = None) -> None:
+        """``room``: awaited before each read, so a client that acknowledges its frames (op agent_ack) paces the
+        relay, and through it QEMU's port and the guest's writes, instead of being sent more than it takes."""
+        super().__init__(path, deliver)
+        self._room_for_more = room
+
+    async def _room(self) -> None:
+        if self._room_for_more is not None:
+            await self._room_for_more()
 
 
 class SerialRelay(ByteRelay):

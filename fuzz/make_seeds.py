@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
 from clients.rfb import auth, wire  # noqa: E402
 from ipc.messages import (  # noqa: E402
     AgentData,
+    AgentAckOp,
     AgentWriteOp,
     Broadcast,
     Bye,
@@ -148,6 +149,7 @@ def ipc_seeds() -> dict[str, bytes]:
         "request-qmp-many": Request(8, QmpOp("query-status", {"a": [[{}] * 50] * 20, "b": "\x00"})),
         "request-refresh": Request(4, RefreshOp()),
         "request-agent": Request(5, AgentWriteOp(b'\xff{"execute":"guest-ping"}\n')),
+        "request-agent-ack": Request(9, AgentAckOp(16)),
         "request-console": Request(6, ConsoleWriteOp(b"uname -a\r")),
         "reply-ok": Reply(2, {"status": "running", "running": True}),
         "reply-error": Reply(2, error=ErrorInfo("GenericError", "denied by policy")),

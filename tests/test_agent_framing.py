@@ -39,6 +39,7 @@ PING = b'{"execute":"guest-ping"}'
 class Pair(NamedTuple):
     proxy: Path      # the client's agent proxy, with a real qemu-ga behind the core
     reference: Path  # another real qemu-ga, on its own socket
+    client_pid: int  # the client serving the proxy
 
 
 @contextlib.contextmanager
@@ -57,7 +58,7 @@ def proxy_and_reference(name: str) -> Iterator[Pair]:
                 wait_for(proxy.exists, 15, "the client's agent proxy")
                 # The first call synchronises the client with its agent.
                 assert exchange(proxy, [PING]).startswith(b'{"return": {}}\n'), client.text()[-3000:]
-                yield Pair(proxy, reference.sock)
+                yield Pair(proxy, reference.sock, client.pid)
                 assert client.proc.poll() is None, "the client died"
             finally:
                 client.stop()

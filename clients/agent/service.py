@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ipc.channel import ChannelError, NotAttached, RemoteError
 from ipc.messages import (
+    AGENT_WINDOW,
     MAX_AGENT_CHUNK,
     AgentData,
     EventBody,
@@ -56,6 +57,7 @@ from .qemu_json import plain
 
 if TYPE_CHECKING:
     from clients.main import ClientContext
+    from ipc.channel import ClientChannel
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ _STATUS_AFTER = {"SUSPEND": "suspended", "SUSPEND_DISK": "shutdown", "SHUTDOWN":
                  "RESUME": "running", "WAKEUP": "running", "RESET": "running"}
 #: How long a call waits for ``query-status`` when it must know whether the guest is suspended.
 _STATUS_TIMEOUT = 2.0
+#: agent_data frames acknowledged at a time (op agent_ack): the core sends at most AGENT_WINDOW unacknowledged.
+ACK_EVERY = AGENT_WINDOW // 4
 
 class AgentState(enum.Enum):
     ABSENT = "absent"          # no core attached, or the core has no agent channel / it is down
@@ -130,6 +134,9 @@ class AgentService:
         self._unextended = 0  # bytes moved since the deadline was last pushed back
         #: QEMU's status as the last event or run-state change told it ("running", "suspended"...); None: unknown.
         self._qemu_status: str | None = None
+        self._unacked = 0  # agent_data frames handled, not yet acknowledged to the core
+        self._acks = True  # False: the core does not know agent_ack (an older core: its relay is not paced)
+        self._ack_tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()  # set whenever migrating/attached change
         self._attached = False
         self._absent_reason = "not attached to a core yet"
@@ -187,6 +194,7 @@ class AgentService:
         self._attached = True
         self._moving = False
         self._conn.abandon()  # a (new) core: its relay may have reconnected; resync before the next command
+        self._unacked, self._acks = 0, True
         self._qemu_status = "running" if welcome.run_state == "running" else None  # (paused may be suspended)
         self._set_migrating(welcome.run_state == "migrating")
         self._changed.set()
@@ -226,6 +234,8 @@ class AgentService:
     async def close(self) -> None:
         if self._proxy is not None:
             await self._proxy.close()
+        for task in list(self._ack_tasks):
+            task.cancel()
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -457,6 +467,9 @@ class AgentService:
         return self._waiter
 
     def _agent_data(self, data: bytes) -> None:
+        self._unacked += 1
+        if self._unacked >= ACK_EVERY and self._acks:
+            self._acknowledge()
         before = self._conn.line_bytes
         events = self._conn.receive_data(data)
         if self._conn.line_bytes > before and self._conn.state is ConnState.AWAITING:
@@ -476,6 +489,27 @@ class AgentService:
         if now - self._garbage_logged >= 10.0:
             self._garbage_logged = now
             log.warning("guest agent sent %s", _event_text(event))
+
+    def _acknowledge(self) -> None:
+        """Tell the core the frames handled so far were taken (it sends the agent's bytes no faster)."""
+        channel = self._ctx.channel if self._ctx is not None else None
+        if channel is None:
+            return
+        frames, self._unacked = self._unacked, 0
+        task = asyncio.get_running_loop().create_task(self._send_ack(channel, frames))
+        self._ack_tasks.add(task)
+        task.add_done_callback(self._ack_tasks.discard)
+
+    async def _send_ack(self, channel: ClientChannel, frames: int) -> None:
+        try:
+            await channel.agent_ack(frames)
+        except RemoteError as exc:
+            if self._acks:
+                log.info("the core takes no agent_ack (%s: %s): its agent relay is not paced", exc.error_class,
+                         exc.desc)
+            self._acks = False
+        except ChannelError as exc:
+            log.debug("agent_ack not delivered: %s", exc)  # the core went away: the next one starts afresh
 
     def _qmp_event(self, event: dict[str, Any]) -> None:
         name = event.get("event")
