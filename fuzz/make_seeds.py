@@ -17,8 +17,8 @@ if str(ROOT) not in sys.path:
 
 from clients.rfb import auth, wire  # noqa: E402
 from ipc.messages import (  # noqa: E402
-    AgentData,
     AgentAckOp,
+    AgentData,
     AgentWriteOp,
     Broadcast,
     Bye,
