@@ -9,9 +9,10 @@ alike:
 - reading: input both answer without running a command (a top-level value, "QMP input must be a JSON object"),
   so the time is the reader's: one 6 MB string, 200 000 small tokens, 64 KiB of 0xFF (one error line each);
 - big transfers (``--big-rounds``): a 40 MiB guest-file-read (a 53 MiB reply line) and an 8 MiB
-  guest-file-write (an 11 MiB request), on the same host files. While the proxy's read goes on, a second
-  connection sends ``guest-sync`` (which the proxy answers itself) every 5 ms: its slowest answer is the longest
-  the client's event loop was held up by the 53 MiB passing through. The client's peak RSS is printed too.
+  guest-file-write (an 11 MiB request), on the same host files. While each read goes on, another process sends
+  ``guest-sync`` (which the proxy answers itself) on a connection of its own every 5 ms: during the proxy's read
+  its slowest answers show how long the client's event loop was held up by the 53 MiB passing through; during
+  qemu-ga's own read (the client idle, the machine as busy) they are the baseline. The client's peak RSS too.
 
     .venv/bin/python benchmarks/agent_proxy.py [--rounds N] [--big-rounds N]
 """
@@ -25,9 +26,9 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -112,18 +113,17 @@ def run_big(proxy_path: Path, direct_path: Path, client_pid: int, rounds: int) -
         write_arguments = {"buf-b64": base64.b64encode(data[:8 << 20]).decode()}
         sides = {"proxy": connect(proxy_path), "qemu-ga": connect(direct_path)}
         times: dict[tuple[str, str], list[float]] = {}
-        stalls: list[float] = []
+        stalls: dict[str, list[float]] = {}
         rss_before = kib_status(client_pid, "VmRSS")
         for _ in range(rounds):
             for name, sock in sides.items():
                 handle = json.loads(call(sock, {"execute": "guest-file-open", "arguments": {
                     "path": str(work / "data.bin"), "mode": "r"}}))["return"]
-                probe = Probe(proxy_path) if name == "proxy" else None
+                probe = Probe(proxy_path)  # (during qemu-ga's own read the client is idle: a baseline)
                 start = time.perf_counter()
                 reply = call(sock, {"execute": "guest-file-read", "arguments": {"handle": handle, "count": 40 << 20}})
                 times.setdefault(("read", name), []).append(time.perf_counter() - start)
-                if probe is not None:
-                    stalls += probe.stop()
+                stalls.setdefault(name, []).extend(probe.stop())
                 assert len(reply) > 53_000_000, reply[:200]
                 call(sock, {"execute": "guest-file-close", "arguments": {"handle": handle}})
                 handle = json.loads(call(sock, {"execute": "guest-file-open", "arguments": {
@@ -139,36 +139,46 @@ def run_big(proxy_path: Path, direct_path: Path, client_pid: int, rounds: int) -
             p, d = statistics.median(times[(key, "proxy")]), statistics.median(times[(key, "qemu-ga")])
             print(f"{what}: proxy {p:.2f} s ({size / p / 1e6:.0f} MB/s) | qemu-ga {d:.2f} s "
                   f"({size / d / 1e6:.0f} MB/s) | ratio {p / d:.1f}x")
-        print(f"guest-sync answered by the proxy during its 40 MiB reads ({len(stalls)}): median "
-              f"{statistics.median(stalls) * 1e3:.1f} ms, slowest {max(stalls) * 1e3:.1f} ms")
+        busy, idle = stalls["proxy"], stalls["qemu-ga"]
+        print(f"guest-sync answered by the proxy while its 40 MiB reads pass ({len(busy)}): median "
+              f"{statistics.median(busy) * 1e3:.1f} ms, p99 {summary(busy)[1] * 1e3:.1f} ms, slowest "
+              f"{max(busy) * 1e3:.1f} ms | while qemu-ga's own go on, the client idle ({len(idle)}): median "
+              f"{statistics.median(idle) * 1e3:.1f} ms, p99 {summary(idle)[1] * 1e3:.1f} ms, slowest "
+              f"{max(idle) * 1e3:.1f} ms")
         print(f"client RSS: {rss_before // 1024} MiB before, peak {kib_status(client_pid, 'VmHWM') // 1024} MiB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+_PROBE_LOOP = """
+import select, socket, sys, time
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+samples = []
+print("ready", flush=True)
+while not select.select([sys.stdin], [], [], 0.005)[0]:
+    start = time.perf_counter()
+    sock.sendall(b'{"execute": "guest-sync", "arguments": {"id": 1}}')
+    reply = b""
+    while not reply.endswith(b"\\n"):
+        reply += sock.recv(4096)
+    samples.append(time.perf_counter() - start)
+print("\\n".join(map(str, samples)))
+"""
+
+
 class Probe:
-    """guest-sync on its own proxy connection every 5 ms, in a thread; stop() returns the round trips."""
+    """guest-sync on its own proxy connection every 5 ms, from a process of its own (a thread here would wait for
+    this process's GIL, held while it takes in the big reply); stop() returns the round trips."""
 
     def __init__(self, path: Path) -> None:
-        self.sock = connect(path)
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        request = {"execute": "guest-sync", "arguments": {"id": 1}}
-        while not self._stop.is_set():
-            start = time.perf_counter()
-            call(self.sock, request)
-            self.samples.append(time.perf_counter() - start)
-            time.sleep(0.005)
+        self.proc = subprocess.Popen([sys.executable, "-c", _PROBE_LOOP, str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "ready\n"
 
     def stop(self) -> list[float]:
-        self._stop.set()
-        self._thread.join(30)
-        self.sock.close()
-        return self.samples
+        out, _ = self.proc.communicate("stop\n", timeout=60)
+        return [float(line) for line in out.split()]
 
 
 def run(proxy_path: Path, direct_path: Path, rounds: int, batch: int) -> None:

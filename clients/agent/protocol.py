@@ -44,12 +44,14 @@ QGA_READ_COUNT_MAX = 48 << 20
 #: Default bound on one reply line: a 48 MiB guest-file-read (64 MiB of base64, plus its few members) and
 #: guest-exec-status with qemu-ga's 16 MiB of stdout and of stderr (43 MiB) fit.
 DEFAULT_MAX_LINE = QEMU_MAX_TOKEN_SIZE + (64 << 10)
-#: A reply line longer than this is read as it arrives, by QEMU's JSON streamer (:mod:`.qemu_json`), instead of
-#: being parsed whole at its newline: a 64 MiB reply then never stalls the event loop for long, and its big
-#: strings (base64 data) stay as they came (:class:`~.qemu_json.RawJson`), to be passed on without re-printing.
-STREAM_FROM = 1 << 20
-#: Tokens in one streamed reply (a hostile agent's 64 MiB of ``1,1,1...`` is refused after this many, not kept).
-REPLY_MAX_TOKENS = 1 << 20
+#: A reply line longer than this is read as it arrives, by QEMU's JSON streamer (:mod:`.qemu_json`), a frame
+#: (64 KiB) at a time, instead of being parsed whole at its newline: a 64 MiB reply (or a hostile one of a
+#: million tiny tokens) then never stalls the event loop for long, and its big strings (base64 data) stay as
+#: they came (:class:`~.qemu_json.RawJson`), to be passed on without re-printing.
+STREAM_FROM = 64 << 10
+#: Tokens in one streamed reply (a hostile agent's 64 MiB of ``1,1,1...`` is refused after this many, not kept:
+#: a token costs the reader about 50 bytes; big replies are big strings).
+REPLY_MAX_TOKENS = 256 << 10
 #: Strings at least this long stay raw in a streamed reply.
 RAW_STRINGS_FROM = 64 << 10
 #: A reply without a trailing newline is tried as complete JSON only while it is this small (keeps a hostile
@@ -57,6 +59,10 @@ RAW_STRINGS_FROM = 64 << 10
 _UNTERMINATED_PARSE_MAX = 1 << 20
 #: The start of a line kept to say what an over-long reply was (a guest-file-read's ``count`` is in it).
 _HEAD = 256
+#: A number or keyword in a streamed reply longer than this is garbage (QEMU prints none longer than 24 bytes).
+_MAX_SCALAR = 64
+#: Bytes handed to the reply reader at a time.
+_FEED = 64 << 10
 #: Commands after which qemu-ga sends nothing when they succeed (QAPI ``success-response: false``).
 NO_REPLY_COMMANDS = frozenset({"guest-shutdown", "guest-suspend-disk", "guest-suspend-ram", "guest-suspend-hybrid"})
 
@@ -225,7 +231,7 @@ class AgentConnection:
                 self.dropped += len(chunk)
             elif self._line_size + len(chunk) > self.max_line:
                 self.dropped += self._line_size + len(chunk)
-                head = self._head
+                head = (self._head + chunk[:_HEAD])[:_HEAD]
                 self._reset_line()
                 self._discarding = True
                 events.extend(self._oversize(head))
@@ -276,15 +282,19 @@ class AgentConnection:
             return
         self._streamed = True
         self._reader = JsonStreamer(max_token_size=self.max_line, max_token_count=REPLY_MAX_TOKENS,
-                                    raw_strings_from=RAW_STRINGS_FROM)
+                                    raw_strings_from=RAW_STRINGS_FROM, max_scalar=_MAX_SCALAR)
         data, self._buf = self._buf, bytearray()
         self._read_more(data)
 
     def _read_more(self, data: memoryview | bytearray) -> None:
-        assert self._reader is not None
-        self._read += self._reader.feed(data)
-        if len(self._read) > 1 or (self._read and isinstance(self._read[0], ParseError)):
-            self._reader = None  # not one JSON value: the rest of the line is not worth reading
+        reader = self._reader
+        assert reader is not None
+        view = memoryview(data)
+        for start in range(0, len(view), _FEED):  # (so the reader stops soon after the first error)
+            self._read += reader.feed(view[start:start + _FEED])
+            if len(self._read) > 1 or (self._read and isinstance(self._read[0], ParseError)):
+                self._reader = None  # not one JSON value: the rest of the line is not worth reading
+                return
 
     def _end_of_line(self, events: list[Event], garbage: list[str]) -> None:
         streamed, read, head, size = self._streamed, self._read, self._head, self._line_size

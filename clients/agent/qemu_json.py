@@ -71,13 +71,15 @@ _NONCHARACTER_HINTS = (b"\xef\xb7", b"\xbf\xbe", b"\xbf\xbf")
 # The common tokens whole, in one match (a fast path: anything else goes through the state machine): a
 # structural character, a string without escapes, an integer, a double, a keyword, each with the byte after it
 # when the lexer needs that byte to know the token ended (a byte that might continue it: the state machine).
-# "0e5" is no double here: after "0" QEMU's lexer takes no "e".
+# "0e5" is no double here: after "0" QEMU's lexer takes no "e". Runs are possessive and numbers and keywords
+# short: a long run of digits or letters goes to the state machine in one scan, never rescanned by backtracking.
 _SIMPLE_TOKEN = re.compile(rb'''[ \t\r\n]*+(?:
     (\{) | (\}) | (\[) | (\]) | (:) | (,)
-  | ("[^"\\\x00-\x1f\xfe\xff]*")
-  | (-?(?:0|[1-9][0-9]*))(?=[^0-9.eE+\-])
-  | (-?(?:0\.[0-9]+(?:[eE][-+]?[0-9]+)?|[1-9][0-9]*(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)))(?=[^0-9.eE+\-])
-  | ([a-z]+)(?=[^a-z])
+  | ("[^"\\\x00-\x1f\xfe\xff]*+")
+  | (-?(?:0|[1-9][0-9]{0,63}+))(?=[^0-9.eE+\-])
+  | (-?(?:0\.[0-9]{1,64}+(?:[eE][-+]?[0-9]{1,64}+)?
+        |[1-9][0-9]{0,63}+(?:\.[0-9]{1,64}+(?:[eE][-+]?[0-9]{1,64}+)?|[eE][-+]?[0-9]{1,64}+)))(?=[^0-9.eE+\-])
+  | ([a-z]{1,8}+)(?=[^a-z])
 )''', re.VERBOSE)
 # Token kind by group number.
 _GROUP_KIND = (-1, _LCURLY, _RCURLY, _LSQUARE, _RSQUARE, _COLON, _COMMA, _STRING, _INTEGER, _FLOAT, _KEYWORD)
@@ -170,8 +172,13 @@ class JsonStreamer:
     """
 
     def __init__(self, *, max_token_size: int = QEMU_MAX_TOKEN_SIZE, max_token_count: int = QEMU_MAX_TOKEN_COUNT,
-                 max_nesting: int = QEMU_MAX_NESTING, raw_strings_from: int | None = None) -> None:
+                 max_nesting: int = QEMU_MAX_NESTING, raw_strings_from: int | None = None,
+                 max_scalar: int | None = None) -> None:
+        """``max_scalar``: a number or keyword longer than this is refused at once (not QEMU's rule, which lets
+        them grow to the token size limit: for reading what an agent sends, where 64 MiB of ``xxx...`` is
+        garbage to say early, not a token to keep)."""
         self.max_token_size = max_token_size
+        self._scalar_limit = min(max_token_size, max_scalar) if max_scalar is not None else max_token_size
         #: String tokens this long or longer that need no decoding stay :class:`RawJson` (None: never).
         self.raw_strings_from = raw_strings_from
         self.max_token_count = max_token_count
@@ -242,11 +249,12 @@ class JsonStreamer:
                 pos = self._lex_string(buf, pos, limit, events)
                 buf = self._buf  # (a big string takes the buffer with it)
             elif state == _IN_NUMBER:
-                pos = self._lex_number(buf, pos, limit, events)
+                pos = self._lex_number(buf, pos, self._scalar_limit, events)
             else:
-                run_end = _KEYWORD_RUN.match(buf, pos).end()  # type: ignore[union-attr]  # always matches
-                if run_end > limit:
-                    pos = self._overlong(limit, events)
+                # (the scan stops past the limit: a long run is refused without being read to its end)
+                run_end = _KEYWORD_RUN.match(buf, pos, self._scalar_limit + 1).end()  # type: ignore[union-attr]
+                if run_end > self._scalar_limit:
+                    pos = self._overlong(self._scalar_limit, events)
                 elif run_end < end:
                     self._token(_KEYWORD, bytes(buf[:run_end]), events)
                     pos = self._end_token(run_end)
@@ -321,7 +329,7 @@ class JsonStreamer:
         while pos < end:
             sub = self._sub
             if sub in (_DIGITS, _MANTISSA_DIGITS, _EXP_DIGITS):
-                run_end = _DIGITS_RUN.match(buf, pos).end()  # type: ignore[union-attr]  # always matches
+                run_end = _DIGITS_RUN.match(buf, pos, limit + 1).end()  # type: ignore[union-attr]  # always matches
                 if run_end > limit:
                     return self._overlong(limit, events)
                 pos = run_end

@@ -12,6 +12,7 @@ make calls fail: the event loop never waits on it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -89,6 +90,9 @@ _STATUS_AFTER = {"SUSPEND": "suspended", "SUSPEND_DISK": "shutdown", "SHUTDOWN":
 _STATUS_TIMEOUT = 2.0
 #: agent_data frames acknowledged at a time (op agent_ack): the core sends at most AGENT_WINDOW unacknowledged.
 ACK_EVERY = AGENT_WINDOW // 4
+#: Agent bytes handled per turn of the event loop: the rest of a frame waits for the next turn, so a frame of a
+#: hostile agent's tiny tokens (64 KiB of them: about 0.1 s of parsing) never holds the loop that long at once.
+DRAIN_SLICE = 16 << 10
 
 class AgentState(enum.Enum):
     ABSENT = "absent"          # no core attached, or the core has no agent channel / it is down
@@ -137,6 +141,8 @@ class AgentService:
         self._unacked = 0  # agent_data frames handled, not yet acknowledged to the core
         self._acks = True  # False: the core does not know agent_ack (an older core: its relay is not paced)
         self._ack_tasks: set[asyncio.Task[None]] = set()
+        self._inbox: collections.deque[memoryview] = collections.deque()  # agent bytes not handled yet
+        self._draining = False
         self._changed = asyncio.Event()  # set whenever migrating/attached change
         self._attached = False
         self._absent_reason = "not attached to a core yet"
@@ -467,9 +473,31 @@ class AgentService:
         return self._waiter
 
     def _agent_data(self, data: bytes) -> None:
-        self._unacked += 1
-        if self._unacked >= ACK_EVERY and self._acks:
-            self._acknowledge()
+        """A frame of agent bytes: handled DRAIN_SLICE bytes per turn of the event loop, in order."""
+        self._inbox.append(memoryview(data))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().call_soon(self._drain)
+
+    def _drain(self) -> None:
+        view = self._inbox[0]
+        if len(view) > DRAIN_SLICE:
+            self._inbox[0] = view[DRAIN_SLICE:]
+            view = view[:DRAIN_SLICE]
+        else:
+            self._inbox.popleft()
+            self._unacked += 1  # a frame handled
+            if self._unacked >= ACK_EVERY and self._acks:
+                self._acknowledge()
+        try:
+            self._receive(bytes(view))
+        finally:
+            if self._inbox:
+                asyncio.get_running_loop().call_soon(self._drain)
+            else:
+                self._draining = False
+
+    def _receive(self, data: bytes) -> None:
         before = self._conn.line_bytes
         events = self._conn.receive_data(data)
         if self._conn.line_bytes > before and self._conn.state is ConnState.AWAITING:
