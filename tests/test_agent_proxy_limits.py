@@ -90,7 +90,7 @@ async def test_a_flood_of_idle_connections_only_evicts_itself(tmp_path: Path) ->
 
 
 async def test_when_all_have_worked_the_one_idle_longest_goes(tmp_path: Path) -> None:
-    async with serving(tmp_path) as (service, _, path):
+    async with serving(tmp_path) as (_service, _, path):
         scripts = [await connect(path) for _ in range(PROXY_MAX_CONNECTIONS)]
         for script in scripts:
             assert await script.call(PING) == ECHO
