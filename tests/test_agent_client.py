@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from corelib import CoreProcess, kill_pid, running_core, short_tmpdir, wait_for
-from test_client import ClientProcess
+from test_client import ClientProcess, fd_count
 
 QEMU_GA = shutil.which("qemu-ga") or "/usr/bin/qemu-ga"
 
@@ -163,3 +163,28 @@ def test_qemu_ga_killed_and_restarted(setup: tuple[CoreProcess, ClientProcess, Q
         assert time.monotonic() < deadline, again.stderr + client.text()[-3000:]
         time.sleep(0.3)
     assert json.loads(again.stdout) == {}
+
+
+def test_a_flood_of_proxy_connections_leaves_room_for_scripts(setup: tuple[CoreProcess, ClientProcess, Qga]) -> None:
+    """200 connections to agent.sock that say nothing: the client keeps at most 16 (the newest), its descriptors
+    stay bounded, and `vmfront agent` (a connection that does work) is served all along."""
+    core, client, _ = setup
+    assert vmfront_agent(core, "ping").returncode == 0
+    fds_before = fd_count(client.pid)
+    flood: list[socket.socket] = []
+    try:
+        for n in range(200):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(core.run_dir / "agent.sock"))
+            flood.append(sock)
+            if n % 50 == 49:
+                ping = vmfront_agent(core, "ping")
+                assert ping.returncode == 0, ping.stderr + client.text()[-2000:]
+        wait_for(lambda: fd_count(client.pid) <= fds_before + 16, 10, "the client to close the evicted connections")
+        for sock in flood[:-16]:  # the oldest were closed by the client
+            sock.settimeout(5)
+            assert sock.recv(100) == b""
+        assert "agent proxy: closing a connection: evicted to make room for a new connection" in client.text()
+    finally:
+        for sock in flood:
+            sock.close()

@@ -85,8 +85,20 @@ async def test_a_flood_of_idle_connections_only_evicts_itself(tmp_path: Path) ->
         assert all([await script.closed(within=2) for script in flood[:20]])
         assert await worker.call(PING) == ECHO
         assert await flood[-1].call(PING) == ECHO
+        # A burst, accepted in one turn of the loop: each newcomer evicts another connection, never one twice.
+        burst = []
+        for _ in range(40):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.setblocking(False)
+            sock.connect(str(path))
+            burst.append(sock)
+        await asyncio.sleep(0.5)
+        assert len(proxy.sessions) == PROXY_MAX_CONNECTIONS and proxy.evicted == 60
+        assert await worker.call(PING) == ECHO
         for script in (worker, *flood):
             script.close()
+        for sock in burst:
+            sock.close()
 
 
 async def test_when_all_have_worked_the_one_idle_longest_goes(tmp_path: Path) -> None:

@@ -121,12 +121,15 @@ class AgentProxy:
             writer.close()
             return
         self.sessions[task] = session
+        session.task = task
         try:
             await session.run()
         except (OSError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # (the proxy is closing; the server's callback would report a cancelled handler as an error)
         finally:
-            del self.sessions[task]
+            self.sessions.pop(task, None)
             self.release_large(session)
             writer.close()
 
@@ -182,12 +185,16 @@ class _ProxySession:
         self.completed = 0  # requests answered
         self.busy = False  # a request is being run or answered
         self.large = False  # holds a large slot
+        self.task: asyncio.Task[None] | None = None
 
     @property
     def idle(self) -> bool:
         return not self.busy and self.conn.buffered == 0
 
     def evict(self, reason: str) -> None:
+        """Close the connection now; it stops counting at once (its task ends at its next await)."""
+        if self.task is None or self.proxy.sessions.pop(self.task, None) is None:
+            return  # already evicted
         self.proxy.evicted += 1
         self.proxy.release_large(self)
         log.warning("agent proxy: closing a connection: %s", reason)
