@@ -118,6 +118,14 @@ def test_a_long_reply_is_read_as_it_arrives_and_its_data_kept_raw() -> None:
     assert plain(reply.value)["buf-b64"] == data.decode() and conn.state is ConnState.IDLE and conn.line_bytes == 0
 
 
+def test_a_long_reply_without_its_newline_is_taken_once_complete() -> None:
+    conn = synced()
+    conn.command("guest-file-read", {"handle": 1})
+    events = conn.receive_data(b'{"return": {"buf-b64": "' + b"QUFB" * 50_000 + b'", "eof": true}}')
+    assert len(events) == 1 and isinstance(events[0], Reply) and events[0].value["eof"] is True
+    assert conn.receive_data(b"\n") == [] and conn.state is ConnState.IDLE
+
+
 def test_a_long_line_that_is_not_json_fails_the_command_at_once() -> None:
     conn = synced(max_line=64 << 20)
     conn.command("guest-file-read", {"handle": 1})

@@ -54,9 +54,6 @@ STREAM_FROM = 64 << 10
 REPLY_MAX_TOKENS = 256 << 10
 #: Strings at least this long stay raw in a streamed reply.
 RAW_STRINGS_FROM = 64 << 10
-#: A reply without a trailing newline is tried as complete JSON only while it is this small (keeps a hostile
-#: agent from making us re-parse a big buffer on every chunk).
-_UNTERMINATED_PARSE_MAX = 1 << 20
 #: The start of a line kept to say what an over-long reply was (a guest-file-read's ``count`` is in it).
 _HEAD = 256
 #: A number or keyword in a streamed reply longer than this is garbage (QEMU prints none longer than 24 bytes).
@@ -249,15 +246,19 @@ class AgentConnection:
                 self._reset_line()
                 continue
             self._end_of_line(events, garbage)
-        if (self._buf and not self._discarding and len(self._buf) <= _UNTERMINATED_PARSE_MAX
-                and self._buf[-16:].rstrip().endswith(b"}") and self.state is not ConnState.UNSYNCED):
-            # Robustness: a complete JSON object without its newline (not what qemu-ga does, but cheap to accept).
-            try:
-                json.loads(self._buf)
-            except ValueError:
-                pass
-            else:
-                self._end_of_line(events, garbage)
+        # Robustness: a complete JSON object without its newline (not what qemu-ga does, but cheap to accept: a
+        # short line is at most STREAM_FROM bytes to parse again, a long one's reader says when it is complete).
+        if self.state is not ConnState.UNSYNCED and not self._discarding:
+            if self._streamed:
+                if self._reader is not None and self._reader.buffered == 0 and len(self._read) == 1:
+                    self._end_of_line(events, garbage)
+            elif self._buf and self._buf[-16:].rstrip().endswith(b"}"):
+                try:
+                    json.loads(self._buf)
+                except ValueError:
+                    pass
+                else:
+                    self._end_of_line(events, garbage)
         if garbage:
             events.append(Garbage(garbage[0], len(garbage)))
         return events
