@@ -9,6 +9,10 @@ echoes in its reply: a reply with another id is stale and ignored (one without a
 answer). Any timeout, garbage or oversized line leaves the
 connection *unsynchronised*, and the next command must resynchronise first.
 
+Replies may be as long as qemu-ga's (a 48 MiB guest-file-read: a 64 MiB line). A line over 64 KiB is read as it
+arrives by QEMU's JSON streamer, its long base64 strings kept as they came (``RawJson``), so no reply is ever
+parsed or copied whole at its newline, and garbage is known as such early.
+
 Nothing here does IO or raises on what the agent sends: bad input becomes ``Garbage``/``Oversize`` events.
 ``AgentProtocolError`` is raised only when the API is misused (a command while not synchronised).
 

@@ -464,8 +464,8 @@ class AgentService:
         self._unextended += moved
         if self._unextended >= PROGRESS_STEP:
             self._unextended = 0
-            when = asyncio.get_running_loop().time() + self._timer_span
-            if timer.when() is not None and when > timer.when():  # type: ignore[operator]
+            when, deadline = asyncio.get_running_loop().time() + self._timer_span, timer.when()
+            if deadline is not None and when > deadline:
                 timer.reschedule(when)
 
     def _new_waiter(self) -> asyncio.Future[Event | _GuestGone]:
