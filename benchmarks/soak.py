@@ -17,7 +17,8 @@ Reported: guest continuity (STOP events seen, any non-running status, same QEMU 
 changing at the end), errors seen by the QMP peer (outside the moments a core restart necessarily drops it), viewer,
 monitor and agent success counts (failures while the client is being restarted are expected and counted apart),
 and fd count, /dev/shm segments and RSS of core and client at the start and at the end. Exit status 1 if the
-guest paused, QEMU changed, the QMP peer saw an error reply, or a resource grew past the allowance.
+guest paused, QEMU changed, the QMP peer saw an error reply, or a resource grew past the allowance: in particular
+the core's or the client's RSS growing by more than 2 MiB over the steady phase (after a warm-up).
 
 Every process started here is ended by its pid; every wait has a timeout.
 """
@@ -52,6 +53,8 @@ NAME = "soak"
 GRACE = 1.0
 #: Disruptions happen in this first part of the run; the rest is steady load, over which RSS must stay flat.
 DISRUPTED_SHARE = 0.7
+#: Over the steady phase (after a warm-up), the core's and the client's RSS may grow by at most this much.
+RSS_GROWTH_KIB = 2048
 
 
 # --- measurements ---------------------------------------------------------------------------------------------------
@@ -444,18 +447,21 @@ class Soak:
             problems.append(f"core RSS grew {baseline.core_rss} -> {end.core_rss} KiB")
         if end.client_pid == steady.client_pid and end.client_fds > steady.client_fds + 4:
             problems.append(f"client fds grew {steady.client_fds} -> {end.client_fds}")
-        # RSS flat: the client's RSS swings by tens of MiB as viewers' full frames come and go, so compare the troughs
-        # (what stays allocated): the lowest sample of the second half of the steady phase against the lowest of the
-        # first half, 5 % + 4 MiB allowed.
-        if len(series) >= 4 and end.client_pid == steady.client_pid:
+        # RSS flat: at most RSS_GROWTH_KIB over the steady phase, for the core and the client alike. Their RSS swings
+        # by megabytes as viewers' full frames come and go, so compare the troughs (what stays allocated): the lowest
+        # sample of the second half of the steady phase against the lowest of the first half.
+        if len(series) >= 4 and end.client_pid == steady.client_pid and end.core_pid == steady.core_pid:
             half = len(series) // 2
             for index, who in ((1, "core"), (2, "client")):
                 first, second = min(x[index] for x in series[:half]), min(x[index] for x in series[half:])
-                if second > first * 1.05 + 4096:
-                    problems.append(f"{who} RSS still growing in the steady phase: lowest {first} KiB in the first "
-                                    f"half, {second} KiB in the second")
-        elif end.client_pid == steady.client_pid and end.client_rss > steady.client_rss * 1.25 + 4096:
-            problems.append(f"client RSS grew {steady.client_rss} -> {end.client_rss} KiB over the steady phase")
+                if second - first > RSS_GROWTH_KIB:
+                    problems.append(f"{who} RSS grew in the steady phase: lowest {first} KiB in the first half, "
+                                    f"{second} KiB in the second (more than {RSS_GROWTH_KIB} KiB)")
+        else:
+            for who, before, after in (("core", steady.core_rss, end.core_rss),
+                                       ("client", steady.client_rss, end.client_rss)):
+                if after - before > RSS_GROWTH_KIB:
+                    problems.append(f"{who} RSS grew {before} -> {after} KiB over the steady phase")
         print("\nverdict:", "OK" if not problems else "PROBLEMS: " + "; ".join(problems))
         return 1 if problems else 0
 

@@ -40,6 +40,7 @@ from ipc.messages import (
 
 from .agent_relay import AgentRelay, ByteRelay, RelayBusy, RelayUnavailable, SerialRelay
 from .guest_display import GuestDisplay
+from .guest_reads import COMMANDS as GUEST_READ_COMMANDS
 from .input import InputError
 from .policy import Policy
 from .qmp_server import Executor
@@ -145,8 +146,10 @@ class ControlService:
                 error = reply["error"]
                 raise RequestError(str(error.get("class", "GenericError")), str(error.get("desc", "")))
             if op.command == "query-commands" and isinstance(reply.get("return"), list):
-                # A client is told only what it may run (QEMU's list less what the policy denies it).
-                return [c for c in reply["return"]
+                # A client is told only what it may run: QEMU's list less what the policy denies it, and the
+                # core's own commands that read the guest for it (core_daemon/guest_reads.py).
+                offered = [*reply["return"], *({"name": name} for name in GUEST_READ_COMMANDS)]
+                return [c for c in offered
                         if isinstance(c, dict) and self._policy.allows(CLIENT_SOCKET, str(c.get("name")))]
             return reply.get("return")
         if isinstance(op, InputOp):

@@ -21,10 +21,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from rfb import client as rfb
 from shm import QMP_RUN_STATES, RunState, ShmWriter
 from shm.layout import RUN_CODE_SIZE
-
-from . import rfb_client as rfb
 
 #: Framebuffer the shm segment is sized for by default (pages never written cost nothing).
 DEFAULT_MAX_WIDTH = 2560

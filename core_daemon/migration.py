@@ -17,13 +17,14 @@ migrate``; other destinations are announced with ``__org.vmfront_migrate-target`
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ipc.rundir import read_state
 
 log = logging.getLogger(__name__)
 
@@ -227,21 +228,13 @@ def find_destination_core(uri: str, run_root: Path | None) -> str | None:
     except OSError:
         return None
     for run_dir in entries:
-        state = _read_json(run_dir / "state.json")
+        state = read_state(run_dir / "state.json")
         if state is None or state.get("incoming") != uri or state.get("state") != "incoming":
             continue
         control = run_dir / "control.sock"
         if control.exists():
             return f"ipc://{control}"
     return None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def destination_failure(control: str | None) -> str | None:

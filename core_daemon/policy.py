@@ -92,6 +92,10 @@ CLIENT_ALLOWED = (
     "send-key", "input-send-event",
     # Guest memory and removable media (balloon, eject): the guest's own virtual hardware, no host paths.
     "balloon", "eject",
+    # The guest's NICs and watchdog (set_link, announce_self, watchdog_action): what the guest could do itself.
+    "set_link", "announce-self", "watchdog-set-action",
+    # The monitor's device_add, of devices without host backends only (see the argument rules).
+    "device_add",
     # The monitor's savevm/loadvm/delvm: internal snapshots inside the VM's own images, jobs named vmfront-*.
     "snapshot-save", "snapshot-load", "snapshot-delete", "job-dismiss",
     # The monitor's migrate, to another vmfront core on this host only (see the argument rules).
@@ -107,7 +111,25 @@ CLIENT_ALLOWED = (
     "query-dump", "query-display-options", "query-migrate", "query-migrate-capabilities",
     "query-migrate-parameters", "query-vnc", "query-vnc-servers", "query-commands", "query-command-line-options",
     "query-qmp-schema",
+    # The text of QEMU's own `info usb`, `info irq`, `info numa`: read-only, guest devices only.
+    "x-query-usb", "x-query-irq", "x-query-numa",
+    # vmfront's reads of the guest where QMP has none (core_daemon/guest_reads.py): memory (x, xp), registers
+    # (info registers), the QOM tree under /machine (info qtree, info network); bounded, into the core's own files.
+    "__org.vmfront_memory-read", "__org.vmfront_cpu-state", "__org.vmfront_qom-tree",
 )
+
+#: Devices a client may add: guest hardware that uses nothing of the host (no disk images, chardevs, netdevs,
+#: host devices, ROM files; a NIC is added unplugged).
+CLIENT_DEVICES = (
+    "usb-tablet", "usb-mouse", "usb-kbd", "usb-hub", "virtio-keyboard-pci", "virtio-mouse-pci", "virtio-tablet-pci",
+    "qemu-xhci", "nec-usb-xhci", "usb-ehci", "ich9-usb-ehci1", "piix3-usb-uhci", "piix4-usb-uhci",
+    "e1000", "e1000e", "rtl8139", "virtio-net-pci", "virtio-scsi-pci", "lsi53c895a", "ich9-ahci",
+    "virtio-serial-pci", "virtio-balloon-pci", "virtio-rng-pci", "pci-bridge", "pcie-root-port",
+    "i6300esb", "ib700", "pvpanic",
+)
+#: The device_add arguments a client may give: placement and identity, never a backend or a host file.
+CLIENT_DEVICE_ARGUMENTS = ("driver", "id", "bus", "addr", "multifunction", "port", "mac", "chassis", "slot",
+                           "rombar")
 
 #: Where the client's allowed commands are only partly safe: argument name -> patterns a given value must match.
 #: ``{run_root}`` is the directory holding every VM's run directory (the parent of this core's).
@@ -123,6 +145,9 @@ CLIENT_ARGUMENTS: dict[str, dict[str, tuple[str, ...]]] = {
     "snapshot-load": {"job-id": ("vmfront-*",)},
     "snapshot-delete": {"job-id": ("vmfront-*",)},
     "job-dismiss": {"id": ("vmfront-*",)},
+    "device_add": {"driver": CLIENT_DEVICES, "@only": CLIENT_DEVICE_ARGUMENTS},
+    # The walk follows child<> properties only, so it stays under the path it starts from.
+    "__org.vmfront_qom-tree": {"path": ("/machine", "/machine/*")},
 }
 
 #: Write this in a policy list to mean every command of HOST_ACCESS_COMMANDS (or of CLIENT_ALLOWED).

@@ -14,6 +14,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from ipc.rundir import read_state
+
+__all__ = ["STATE_FORMAT_VERSION", "RunState", "StateFile", "read_state", "run_state_from_qemu_status"]
+
 STATE_FORMAT_VERSION = 1
 
 
@@ -46,16 +50,6 @@ _QEMU_STATUS_TO_STATE = {
 def run_state_from_qemu_status(status: str) -> RunState:
     """Map QMP ``query-status`` ``status`` to a vmfront state: every other QEMU status is a kind of paused."""
     return _QEMU_STATUS_TO_STATE.get(status, RunState.PAUSED)
-
-
-def read_state(path: Path) -> dict[str, Any] | None:
-    """The last state record, or None if there is none (or it cannot be read: it is a hint, never the truth)."""
-    try:
-        with path.open() as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 class StateFile:

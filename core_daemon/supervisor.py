@@ -33,6 +33,8 @@ from .agent_relay import AgentRelay, SerialRelay
 from .control import ControlService
 from .display import DEFAULT_MAX_HEIGHT, DEFAULT_MAX_WIDTH, DisplayError
 from .guest_display import GuestDisplay
+from .guest_reads import COMMANDS as GUEST_READ_COMMANDS
+from .guest_reads import GuestReads
 from .input import KEY_DELAY_S
 from .migration import (
     GUEST_IS_HERE_COMMAND,
@@ -211,6 +213,8 @@ class Core:
         #: Listening sockets handed in by a service manager, by name.
         self._inherited = inherited_sockets()
         self._refreshes: set[asyncio.Task[None]] = set()
+        #: vmfront's own QMP commands that read the guest through files only the core sees (core_daemon/guest_reads.py).
+        self._guest_reads = GuestReads(self._execute, self.run_dir.private)
 
     # -- start-up -------------------------------------------------------------------------------------------
 
@@ -536,6 +540,8 @@ class Core:
             return _error("GenericError", f"'{name}' not sent to QEMU: {problem}")
         if name == MIGRATE_TARGET_COMMAND:
             return self.migration.set_target(arguments or {})
+        if name in GUEST_READ_COMMANDS:
+            return await self._guest_reads.execute(name, arguments)
         if name == GUEST_IS_HERE_COMMAND:
             self._apply_migration(self.migration.guest_is_here())
             self._cancel_linger()

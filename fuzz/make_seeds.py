@@ -15,7 +15,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from clients.rfb import auth, wire  # noqa: E402
 from ipc.messages import (  # noqa: E402
     AgentAckOp,
     AgentData,
@@ -46,6 +45,7 @@ from ipc.messages import (  # noqa: E402
     Welcome,
     WheelEvent,
 )
+from rfb import auth, wire  # noqa: E402
 
 SEEDS = ROOT / "tests" / "fuzz_corpus"
 # BGRX8888: 32 bpp, depth 24, little-endian, true colour, max 255 each, shifts 16 8 0.
@@ -201,6 +201,8 @@ def monitor_seeds() -> dict[str, bytes]:
         'drive_add 0 "file=x.img,if=none"', "eject -f ide1-cd0", "change vnc password", "savevm snap1",
         "loadvm snap1", "delvm snap1", "cpu 1", "quit", "nmi", "memsave 0x1000+(2*3) 100 /tmp/x",
         '"quoted \\"word\\"\\n" extra', "info qtree", "unknowncmd arg",
+        "x /4xw 0xb8000", "xp/8cb 0x1000", "x /3i $pc", "p /x ($eax & 0xff) | 'a' % 3", "info registers -a",
+        "set_link nic0 off", "qom-get /machine smp", "block_resize ide0-hd0 1.5G", "info network",
     ]
     return {f"line-{i:02d}": line.encode() for i, line in enumerate(lines)} | {
         "many-lines": "\n".join(lines[:8]).encode() + b"\r\n",
@@ -208,10 +210,51 @@ def monitor_seeds() -> dict[str, bytes]:
     }
 
 
+def cpu_state_note(index: int) -> bytes:
+    """A QEMUCPUState (version 1, 440 bytes) as QEMU 7.2 writes it: registers, segments, control registers."""
+    registers = [0x1000 * index + i for i in range(16)] + [0x7E25, 0x246]
+    segments = b"".join(struct.pack("<IIIIQ", selector, 0xFFFF, 0x9300, 0, selector << 4)
+                        for selector in range(10))
+    body = struct.pack("<18Q", *registers) + segments + struct.pack("<5Q", 0x10, 0, 0, 0, 0) + struct.pack("<Q", 0)
+    return struct.pack("<II", 1, 8 + len(body)) + body
+
+
+def elf_dump(notes: list[tuple[bytes, int, bytes]], *, elf64: bool = True, machine: int = 3) -> bytes:
+    """A core file like QEMU's dump-guest-memory: ELF header, one PT_NOTE program header, the notes."""
+    blob = b""
+    for name, note_type, desc in notes:
+        named = name + b"\0"
+        blob += struct.pack("<III", len(named), len(desc), note_type)
+        blob += named.ljust((len(named) + 3) // 4 * 4, b"\0") + desc.ljust((len(desc) + 3) // 4 * 4, b"\0")
+    if elf64:
+        header_size, phent = 64, 56
+        header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack(
+            "<HHIQQQIHHHHHH", 4, machine, 1, 0, header_size, 0, 0, header_size, phent, 1, 0, 0, 0)
+        phdr = struct.pack("<IIQQQQQQ", 4, 0, header_size + phent, 0, 0, len(blob), len(blob), 0)
+    else:
+        header_size, phent = 52, 32
+        header = b"\x7fELF" + bytes([1, 1, 1]) + bytes(9) + struct.pack(
+            "<HHIIIIIHHHHHH", 4, machine, 1, 0, header_size, 0, 0, header_size, phent, 1, 0, 0, 0)
+        phdr = struct.pack("<IIIIIIII", 4, header_size + phent, 0, 0, len(blob), len(blob), 0, 0)
+    return header + phdr + blob
+
+
+def dump_seeds() -> dict[str, bytes]:
+    prstatus = (b"CORE", 1, bytes(144))
+    two_cpus = [prstatus, prstatus, (b"QEMU", 0, cpu_state_note(0)), (b"QEMU", 0, cpu_state_note(1))]
+    return {
+        "elf64-two-cpus": elf_dump(two_cpus),
+        "elf64-long-mode": elf_dump([(b"QEMU", 0, cpu_state_note(0))], machine=62),
+        "elf32": elf_dump([prstatus, (b"QEMU", 0, cpu_state_note(0))], elf64=False),
+        "short-note": elf_dump([(b"QEMU", 0, cpu_state_note(0)[:100])]),
+        "no-cpu": elf_dump([prstatus]),
+    }
+
+
 def main() -> None:
     for target, seeds in (("qmp", qmp_seeds()), ("rfb_client", rfb_client_seeds()),
                           ("rfb_server", rfb_server_seeds()), ("ipc", ipc_seeds()),
-                          ("agent", agent_seeds()), ("monitor", monitor_seeds())):
+                          ("agent", agent_seeds()), ("monitor", monitor_seeds()), ("dump", dump_seeds())):
         folder = SEEDS / target
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in seeds.items():

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 SEEDS = ROOT / "tests" / "fuzz_corpus"
 CRASHES = SEEDS / "crashes"
-TARGET_NAMES = ("qmp", "rfb_client", "rfb_server", "ipc", "agent", "monitor")
+TARGET_NAMES = ("qmp", "rfb_client", "rfb_server", "ipc", "agent", "monitor", "dump")
 
 
 def save_crash(target: str, data: bytes, exc: BaseException) -> Path:

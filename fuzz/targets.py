@@ -23,13 +23,12 @@ from typing import Any
 
 from clients.agent.protocol import AgentConnection, AgentServerConnection, Answer, ConnState
 from clients.monitor import commands as monitor_commands
-from clients.monitor.parser import ArgError
-from clients.rfb.errors import ProtocolError as RfbServerProtocolError
-from clients.rfb.server import RfbServerConnection
-from clients.rfb.server import State as RfbServerState
+from core_daemon.guest_reads import parse_cpu_states
 from core_daemon.qmp_protocol import Command, QmpServerConnection
 from core_daemon.qmp_values import arguments_problem
-from core_daemon.rfb_client import (
+from ipc import messages as ipc_messages
+from ipc.channel import RemoteError
+from rfb.client import (
     BGRX8888,
     ENCODING_CURSOR,
     ENCODING_DESKTOP_SIZE,
@@ -37,9 +36,10 @@ from core_daemon.rfb_client import (
     RemoteProtocolError,
     RfbClient,
 )
-from core_daemon.rfb_client import State as RfbClientState
-from ipc import messages as ipc_messages
-from ipc.channel import RemoteError
+from rfb.client import State as RfbClientState
+from rfb.errors import ProtocolError as RfbServerProtocolError
+from rfb.server import RfbServerConnection
+from rfb.server import State as RfbServerState
 
 #: ``FUZZ_SKIP_KNOWN=1`` (``fuzz/run.py --skip-known``) steps over the reported, not yet fixed bugs listed in
 #: tests/test_fuzz_targets.py KNOWN_CRASHES, so a long run goes on looking for new ones.
@@ -105,7 +105,7 @@ def fuzz_qmp(data: bytes) -> None:
         assert whole == split, f"QMP events depend on how the bytes were split:\n{whole}\n{split}"
 
 
-# --- RFB from QEMU's VNC server, read by the core (core_daemon/rfb_client.py) --------------------------------------
+# --- RFB from QEMU's VNC server, read by the core (rfb/client.py) --------------------------------------
 
 
 def fuzz_rfb_client(data: bytes) -> None:
@@ -134,7 +134,7 @@ def fuzz_rfb_client(data: bytes) -> None:
         assert conn.state is RfbClientState.CLOSED
 
 
-# --- RFB from viewers (clients/rfb/server.py) ---------------------------------------------------------------------
+# --- RFB from viewers (rfb/server.py) ---------------------------------------------------------------------
 
 
 def _rfb_server_events(pieces: Iterator[bytes] | list[bytes], password: str | None) -> list[str]:
@@ -265,17 +265,22 @@ def fuzz_monitor(data: bytes) -> None:
     for raw in text.split("\n")[:8]:
         line = raw.rstrip("\r")
         session = monitor_commands.Session(_RefusingBackend(), output.append)
-        try:
-            _run(monitor_commands.execute(session, line))
-        except ArgError:
-            if not SKIP_KNOWN:
-                raise
-            # known: a quoted command or info name with a bad escape / no closing quote escapes execute()
-        except ValueError as exc:
-            if not (SKIP_KNOWN and "invalid literal for int() with base 0" in str(exc)):
-                raise
-            # known: parse_int() hands a leading-zero number ("010", "079") to int(token, 0), which refuses it
+        _run(monitor_commands.execute(session, line))
         monitor_commands.completions(line)  # what `vmfront monitor` asks on TAB, with the line typed so far
+
+
+# --- QEMU's guest-memory dump, read by the core for the CPU state (core_daemon/guest_reads.py) -------------------
+
+
+def fuzz_dump(data: bytes) -> None:
+    """parse_cpu_states raises only ValueError; what it returns holds 64-bit registers and 32-bit selectors."""
+    try:
+        _, cpus = parse_cpu_states(data)
+    except ValueError:
+        return
+    for cpu in cpus:
+        assert all(0 <= cpu[name] < 1 << 64 for name in ("rax", "rip", "rflags", "cr0", "cr4"))
+        assert all(0 <= cpu[seg]["selector"] < 1 << 32 for seg in ("cs", "ss", "gdt"))
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
@@ -285,4 +290,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "ipc": fuzz_ipc,
     "agent": fuzz_agent,
     "monitor": fuzz_monitor,
+    "dump": fuzz_dump,
 }

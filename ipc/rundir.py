@@ -261,7 +261,7 @@ def follow_migrations(endpoint: str, state_file: Path) -> str:
     seen = {endpoint}
     current, state_path = endpoint, state_file
     for _ in range(MAX_HOPS):
-        state = _read_state(state_path)
+        state = read_state(state_path)
         target = state.get("migrated_to") if state else None
         if not isinstance(target, str) or not target.startswith("ipc://") or target in seen:
             return current
@@ -271,7 +271,9 @@ def follow_migrations(endpoint: str, state_file: Path) -> str:
     return current
 
 
-def _read_state(path: Path) -> dict[str, Any] | None:
+def read_state(path: Path) -> dict[str, Any] | None:
+    """A run directory's state.json, or None if there is none (or it cannot be read: it is a hint, never the
+    truth)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

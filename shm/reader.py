@@ -6,6 +6,7 @@ compromised without disturbing them. The memory-ordering argument is in `shm.wri
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
@@ -204,6 +205,15 @@ class ShmReader:
         stride = mode.stride
         return b"".join([fb[offset : offset + row] for offset in range(start, start + height * stride, stride)])
 
+    @property
+    def framebuffer(self) -> memoryview:
+        """The framebuffer area of the read-only mapping, without copying (pixels at ``y * stride + x * bpp``).
+
+        For readers that cannot afford a copy (the VNC encoders). Release every view made from it before
+        :meth:`close`; what it shows may tear against concurrent writes, as :meth:`copy_rect` says.
+        """
+        return self._fb
+
     def copy_frame(self, mode: Mode | None = None) -> bytes:
         """The whole frame as packed rows (width*bpp bytes each)."""
         mode = self.mode() if mode is None else mode
@@ -212,11 +222,15 @@ class ShmReader:
     # --- lifetime ----------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Unmap, or leave the unmapping to the last view still in use: slices of :attr:`framebuffer` handed to
+        a socket may outlive the reader by the time it takes to send them."""
         if self._map.closed:
             return
         for view in (self._fb, self._cursor, self._ring, self._mv):
-            view.release()
-        self._map.close()
+            with contextlib.suppress(BufferError):
+                view.release()
+        with contextlib.suppress(BufferError):
+            self._map.close()
 
     def __enter__(self) -> ShmReader:
         return self

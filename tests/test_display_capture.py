@@ -33,10 +33,10 @@ from qemu.qmp import ExecuteError, Message
 from qemu.qmp.models import ErrorResponse
 
 from clients.screendump import ScreendumpError, screendump, write_screendump
-from core_daemon import rfb_client as rfb
 from core_daemon.display import DisplayCapture, DisplayError, cursor_to_bgra
 from core_daemon.display_socket import DisplaySocket
 from core_daemon.input import ABS_MAX, GuestInput, InputError, scale_axis
+from rfb import client as rfb
 from shm import (
     CursorShapeRecord,
     DamageRecord,

@@ -365,3 +365,99 @@ def test_migrate_shows_progress_and_another_monitor_cancels_it() -> None:
                 client.stop()
     finally:
         shutil.rmtree(policy_dir, ignore_errors=True)
+
+
+# --- the default client policy: what a monitor user may do, what is refused (docs/policy.md) ----------------------
+
+DENIED = "is denied by vmfront policy on socket 'client'"
+#: Commands that work under the default policy (their output is compared with QEMU's in test_monitor_table.py).
+ALLOWED_BY_DEFAULT = ["nmi", "x /4xb 0xb8000", "xp /4xb 0xb8000", "x /2i 0x7c00", "p /x $pc", "info registers",
+                      "info qtree", "info network", "info usb", "info irq", "info numa", "watchdog_action reset",
+                      "announce_self", "qom-list /machine", "qom-get /machine/peripheral-anon type", "cpu 0",
+                      "info memory_size_summary", "info dump", "info tpm", "info memory-devices"]
+#: Refused by the default policy, with the argument at fault where an argument rule is why.
+REFUSED_BY_DEFAULT = {
+    "device_add usb-host,hostbus=1": "command 'device_add' with argument 'hostbus'",
+    "device_add e1000,romfile=/etc/passwd": "command 'device_add' with argument 'romfile'",
+    "device_add e1000,netdev=n0": "command 'device_add' with argument 'netdev'",
+    "device_add ivshmem-plain": 'command \'device_add\' with driver "ivshmem-plain"',
+    "device_del nosuch": "command 'device_del'",
+    "block_resize ide0-hd0 1M": "command 'block_resize'",
+    "block_job_cancel foo": "command 'block-job-cancel'",
+    "block_job_set_speed foo 1M": "command 'block-job-set-speed'",
+    "migrate_set_capability xbzrle on": "command 'migrate-set-capabilities'",
+    "migrate_set_parameter downtime-limit 500": "command 'migrate-set-parameters'",
+    "migrate_start_postcopy": "command 'migrate-start-postcopy'",
+    "migrate_cancel": "command 'migrate_cancel'",
+    "change ide0-hd0 /etc/passwd": "command 'blockdev-change-medium'",
+    "drive_add 0 if=none,file=/etc/passwd,format=raw": "command 'blockdev-add'",
+    "qom-list /objects": "command 'qom-list' with path \"/objects\"",
+}
+
+
+def test_default_policy_allows_guest_level_commands_and_refuses_the_rest(rig: Rig) -> None:
+    mon = Monitor(rig.socket)
+    try:
+        for line in ALLOWED_BY_DEFAULT:
+            out = mon.cmd(line)
+            assert DENIED not in out and not out.startswith("Error:"), f"{line}: {out!r}"
+        for line, what in REFUSED_BY_DEFAULT.items():
+            assert mon.cmd(line) == f"Error: {what} {DENIED}\r\n", line
+        # A device without a host backend may be added (and is there); the management removes it.
+        assert mon.cmd("device_add usb-mouse,id=policymouse") == ""
+        assert "QEMU USB Mouse, ID: policymouse" in mon.cmd("info usb")
+        assert rig.peer.execute("device_del", arguments={"id": "policymouse"}) == {"return": {}}
+        # What the policy refuses is not offered: help lists only what the client may run.
+        listed = {line.split(" ", 1)[0].split("|")[0] for line in mon.cmd("help").splitlines()}
+        assert {"nmi", "x", "xp", "print", "cpu", "device_add", "set_link", "stop", "sendkey"} <= listed
+        assert not listed & {"block_resize", "block_job_cancel", "device_del", "drive_add", "change",
+                             "migrate_set_capability", "migrate_cancel", "migrate_start_postcopy"}
+        topics = mon.cmd("info")
+        assert "info registers [-a|vcpu]" in topics and "info qtree" in topics
+        # `help CMD` still describes a command the policy refuses, as QEMU's would.
+        assert mon.cmd("help block_resize") == "block_resize device size -- resize a block image\r\n"
+        # The core wrote guest memory and CPU state into its own directory, and left nothing there.
+        reads = rig.core.run_dir / "private" / "reads"
+        assert reads.is_dir() and list(reads.iterdir()) == []
+    finally:
+        mon.close()
+
+
+def test_core_read_commands_are_bounded(rig: Rig) -> None:
+    """vmfront's own QMP read commands, on the management socket: sizes and arguments are checked before QEMU
+    is asked; a memory read returns base64, the CPU state QEMU's registers."""
+    peer = rig.peer
+    read = peer.execute("__org.vmfront_memory-read", arguments={"address": 0xB8000, "size": 16, "physical": True})
+    assert len(read["return"]["data"]) == 24  # 16 bytes of base64
+    for arguments, problem in (({"address": 0, "size": 65537}, "'size' must be an integer from 1 to 65536"),
+                               ({"address": -1, "size": 1}, "'address' must be an integer from 0 to"),
+                               ({"address": 0, "size": 1, "path": "/etc/passwd"}, "Parameter 'path' is unexpected"),
+                               ({"address": 0, "size": 1, "physical": "yes"}, "'physical' must be a boolean")):
+        reply = peer.execute("__org.vmfront_memory-read", arguments=arguments)
+        assert problem in reply["error"]["desc"], reply
+    state = peer.execute("__org.vmfront_cpu-state")["return"]
+    assert state["long-mode"] is False and state["cpus"][0]["cpu-index"] == 0 and "rip" in state["cpus"][0]
+    assert "takes no arguments" in peer.execute("__org.vmfront_cpu-state", arguments={"x": 1})["error"]["desc"]
+    tree = peer.execute("__org.vmfront_qom-tree", arguments={"path": "/machine/peripheral-anon"})["return"]
+    assert tree["truncated"] is False and tree["objects"][0]["path"] == "/machine/peripheral-anon"
+    assert {o["type"] for o in tree["objects"]} >= {"container", "VGA", "usb-tablet"}
+    mon = Monitor(rig.socket)
+    try:
+        assert mon.cmd("x /200000xg 0") == "Error: at most 1048576 bytes per dump here (1600000 asked)\r\n"
+    finally:
+        mon.close()
+
+
+def test_quit_ends_the_guest_and_the_core() -> None:
+    with running_core("q") as core:
+        client = ClientProcess(core, "q", "--monitor")
+        try:
+            sock = core.run_dir / "monitor.sock"
+            wait_for(lambda: sock.exists() and "attached to the core" in client.text(), 15, "the monitor")
+            mon = Monitor(sock)
+            mon.sock.sendall(b"quit\n")
+            assert mon.sock.recv(100) == b""  # the monitor closes the connection after quit, as QEMU's does
+            assert core.wait(30) == 0
+            mon.close()
+        finally:
+            client.stop()

@@ -9,6 +9,7 @@ import pytest
 
 from core_daemon.policy import (
     CLIENT_ALLOWED,
+    CLIENT_ARGUMENTS,
     DEFAULT_POLICY,
     HOST_ACCESS_COMMANDS,
     PolicyError,
@@ -26,7 +27,9 @@ def test_defaults_management_full_client_an_allow_list() -> None:
                     "block-job-complete", "nbd-server-stop", "block-export-del", "trace-event-set-state",
                     "query-sev-launch-measure", "some-command-qemu-adds-next-year"):
         assert not DEFAULT_POLICY.allows("client", command), command
-    assert set(HOST_ACCESS_COMMANDS) & set(CLIENT_ALLOWED) == {"migrate"}  # only with its argument rule
+    # Only with their argument rules (and x-query-* only by name: the x-* pattern is for deny lists).
+    assert set(HOST_ACCESS_COMMANDS) & set(CLIENT_ALLOWED) == {"migrate", "device_add"}
+    assert all(name in CLIENT_ARGUMENTS for name in ("migrate", "device_add"))
     assert DEFAULT_POLICY.host_access_allowed("client") == []
 
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core_daemon import rfb_client as rfb
-from core_daemon.rfb_client import (
+from rfb import client as rfb
+from rfb.client import (
     BGRX8888,
     ENCODING_CURSOR,
     ENCODING_DESKTOP_SIZE,

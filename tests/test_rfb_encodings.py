@@ -22,14 +22,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clients.rfb import pixels
-from clients.rfb.encodings import (
+from rfb import pixels
+from rfb.encodings import (
     FramebufferUpdate,
     HextileEncoder,
     NegotiatedEncoders,
     RawEncoder,
     TightEncoder,
     ZlibEncoder,
+    ZlibStream,
     ZrleEncoder,
     compact_length,
     copyrect_rect,
@@ -41,9 +42,9 @@ from clients.rfb.encodings import (
     qemu_extended_key_event_rect,
     qemu_pointer_motion_change_rect,
 )
-from clients.rfb.encodings.base import Encoder, pack_indices
-from clients.rfb.server import RfbServerConnection
-from clients.rfb.wire import (
+from rfb.encodings.base import Encoder, pack_indices
+from rfb.server import RfbServerConnection
+from rfb.wire import (
     BGRX8888,
     ENCODING_COPYRECT,
     ENCODING_CURSOR,
@@ -505,16 +506,33 @@ def test_tight_choices_and_split() -> None:
     assert len(tall) == 4  # 64 rows of 1024 pixels per rectangle
 
 
-def test_tight_level_change_resets_streams() -> None:
+def test_tight_level_change_needs_no_reset() -> None:
+    """No compressor state is kept between rectangles, so a new level applies at once without a stream reset."""
     fmt = BGRX8888
     enc = TightEncoder(level=1)
     viewer = SpecViewer(80, 60, fmt)
     roundtrip(enc, noise(80, 60), 80, 60, fmt, viewer)
     enc.set_level(9)
     rect = enc.rects(0, 0, 80, 60, pixels_of(noise(80, 60, 5), fmt), fmt)[0]
-    assert rect[12] & 0x0F == 0x01  # stream 0 reset
+    assert rect[12] & 0x0F == 0  # no stream reset
     viewer.update(framebuffer_update_message([rect]))
     assert viewer.get(0, 0, 80, 60) == noise(80, 60, 5)
+
+
+@pytest.mark.parametrize("encoder_type", [ZlibEncoder, ZrleEncoder, TightEncoder], ids=lambda t: t.__name__)
+def test_any_encoder_continues_a_viewers_stream(encoder_type: type[Encoder]) -> None:
+    """Updates made by different encoder objects (as different worker processes make them), told only whether
+    the stream has started, continue the viewer's one zlib stream."""
+    fmt = BGRX8888
+    viewer = SpecViewer(100, 80, fmt)
+    started = [False] * 4
+    for i, make in enumerate([desktop, noise, lambda w, h: palette_image(w, h, 3, run=5), desktop]):
+        encoder = encoder_type()
+        streams: list[ZlibStream] = encoder.streams if isinstance(encoder, TightEncoder) else [encoder.stream]
+        for stream, was_started in zip(streams, started, strict=False):
+            stream.started = was_started
+        roundtrip(encoder, make(60, 50), 60, 50, fmt, viewer, i * 10, i * 7)
+        started = [stream.started for stream in streams]
 
 
 def smooth(width: int, height: int) -> bytes:

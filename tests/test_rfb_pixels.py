@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clients.rfb import pixels
-from clients.rfb.wire import BGRX8888, PixelFormat
+from rfb import pixels
+from rfb.wire import BGRX8888, PixelFormat
 
 
 def reference(src: bytes, fmt: PixelFormat) -> bytes:

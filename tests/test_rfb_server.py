@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.rfb import auth
-from clients.rfb.encodings import desktop_size_rect
-from clients.rfb.errors import LocalProtocolError, ProtocolError
-from clients.rfb.events import (
+from rfb import auth
+from rfb.encodings import desktop_size_rect
+from rfb.errors import LocalProtocolError, ProtocolError
+from rfb.events import (
     AuthFailed,
     ClientInitReceived,
     ContinuousUpdates,
@@ -35,9 +35,9 @@ from clients.rfb.events import (
     SecurityNegotiated,
     UpdateRequested,
 )
-from clients.rfb.pixels import BGR233_PALETTE
-from clients.rfb.server import RfbServerConnection, State, negotiate_version
-from clients.rfb.wire import BGRX8888, ENCODING_CONTINUOUS_UPDATES, ENCODING_FENCE, PixelFormat, Screen
+from rfb.pixels import BGR233_PALETTE
+from rfb.server import RfbServerConnection, State, negotiate_version
+from rfb.wire import BGRX8888, ENCODING_CONTINUOUS_UPDATES, ENCODING_FENCE, PixelFormat, Screen
 
 CHALLENGE = bytes(range(16))
 QEMU_FORMAT = bytes.fromhex("2018000100ff00ff00ff100800000000")

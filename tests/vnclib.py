@@ -98,20 +98,28 @@ def vncdo(port: int, *, capture: Path | None = None, type_text: str = "", encodi
 
 # --- a minimal viewer ------------------------------------------------------------------------------------------
 
-RAW, ZRLE, DESKTOP_SIZE = 0, 16, -223
+RAW, COPYRECT, HEXTILE, ZLIB, TIGHT, ZRLE, DESKTOP_SIZE = 0, 1, 5, 6, 7, 16, -223
 
 
 class MiniViewer:
-    """RFB 3.8, security None, 32-bit BGRX; counts FramebufferUpdates and the time each one completed."""
+    """RFB 3.8, security None, 32-bit BGRX (the server's default, depth 24); counts FramebufferUpdates, their bytes
+    and the time each one completed. Rectangles are skimmed, not decoded (Raw, CopyRect, Hextile, Zlib, Tight,
+    ZRLE), except that ``probe`` (x, y) records the pixel there whenever a Raw rectangle covers it."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.width = self.height = 0
         self.updates: list[float] = []
         self.rects: list[tuple[int, int, int, int]] = []  # of the last update
+        self.encodings_seen: list[int] = []  # of the last update
+        self.bytes_read = 0
+        self.probe: tuple[int, int] | None = None
+        self.probed: bytes | None = None
+        self.recording: bytearray | None = None  # when set, every byte read is appended (for a real decoder)
 
     @classmethod
-    async def connect(cls, port: int, encoding: int = RAW, *, rcvbuf: int | None = None) -> MiniViewer:
+    async def connect(cls, port: int, encoding: int = RAW, *, rcvbuf: int | None = None,
+                      extra: tuple[int, ...] = ()) -> MiniViewer:
         sock = socket.socket()
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -119,10 +127,10 @@ class MiniViewer:
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
         viewer = cls(reader, writer)
-        await asyncio.wait_for(viewer._handshake(encoding), 10)
+        await asyncio.wait_for(viewer._handshake(encoding, extra), 10)
         return viewer
 
-    async def _handshake(self, encoding: int) -> None:
+    async def _handshake(self, encoding: int, extra: tuple[int, ...]) -> None:
         r, w = self.reader, self.writer
         assert (await r.readexactly(12)).startswith(b"RFB ")
         w.write(b"RFB 003.008\n")
@@ -136,30 +144,48 @@ class MiniViewer:
         await r.readexactly(16)
         (name_len,) = struct.unpack(">I", await r.readexactly(4))
         await r.readexactly(name_len)
-        encodings = [encoding, DESKTOP_SIZE]
+        encodings = [encoding, *extra, DESKTOP_SIZE]
         w.write(struct.pack(">BxH", 2, len(encodings)) + b"".join(struct.pack(">i", e) for e in encodings))
 
-    def request(self, incremental: bool) -> None:
-        self.writer.write(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, self.width, self.height))
+    def request(self, incremental: bool, area: tuple[int, int, int, int] | None = None) -> None:
+        x, y, w, h = area or (0, 0, self.width, self.height)
+        self.writer.write(struct.pack(">BBHHHH", 3, int(incremental), x, y, w, h))
+
+    async def _take(self, n: int) -> bytes:
+        self.bytes_read += n
+        data = await self.reader.readexactly(n)
+        if self.recording is not None:
+            self.recording += data
+        return data
 
     async def read_update(self) -> list[tuple[int, int, int, int]]:
-        r = self.reader
         while True:
-            kind = (await r.readexactly(1))[0]
+            kind = (await self._take(1))[0]
             if kind == 0:
                 break
             if kind == 2:  # bell
                 continue
             raise AssertionError(f"unexpected server message {kind}")
-        (count,) = struct.unpack(">xH", await r.readexactly(3))
+        (count,) = struct.unpack(">xH", await self._take(3))
         rects = []
+        self.encodings_seen = []
         for _ in range(count):
-            x, y, w, h, enc = struct.unpack(">HHHHi", await r.readexactly(12))
+            x, y, w, h, enc = struct.unpack(">HHHHi", await self._take(12))
+            self.encodings_seen.append(enc)
             if enc == RAW:
-                await r.readexactly(w * h * 4)
-            elif enc == ZRLE:
-                (length,) = struct.unpack(">I", await r.readexactly(4))
-                await r.readexactly(length)
+                data = await self._take(w * h * 4)
+                if self.probe is not None and x <= self.probe[0] < x + w and y <= self.probe[1] < y + h:
+                    at = ((self.probe[1] - y) * w + self.probe[0] - x) * 4
+                    self.probed = data[at : at + 4]
+            elif enc == COPYRECT:
+                await self._take(4)
+            elif enc in (ZRLE, ZLIB):
+                (length,) = struct.unpack(">I", await self._take(4))
+                await self._take(length)
+            elif enc == HEXTILE:
+                await self._skim_hextile(w, h)
+            elif enc == TIGHT:
+                await self._skim_tight(w, h)
             elif enc == DESKTOP_SIZE:
                 self.width, self.height = w, h
             else:
@@ -168,6 +194,50 @@ class MiniViewer:
         self.updates.append(time.monotonic())
         self.rects = rects
         return rects
+
+    async def _skim_hextile(self, w: int, h: int) -> None:
+        for ty in range(0, h, 16):
+            for tx in range(0, w, 16):
+                tw, th = min(16, w - tx), min(16, h - ty)
+                mask = (await self._take(1))[0]
+                if mask & 1:
+                    await self._take(tw * th * 4)
+                    continue
+                size = (4 if mask & 2 else 0) + (4 if mask & 4 else 0)
+                if size:
+                    await self._take(size)
+                if mask & 8:
+                    n = (await self._take(1))[0]
+                    await self._take(n * (6 if mask & 16 else 2))
+
+    async def _compact(self) -> int:
+        value, shift = 0, 0
+        for i in range(3):
+            b = (await self._take(1))[0]
+            value |= (b & (0xFF if i == 2 else 0x7F)) << shift
+            shift += 7
+            if i < 2 and not b & 0x80:
+                break
+        return value
+
+    async def _skim_tight(self, w: int, h: int) -> None:
+        kind = (await self._take(1))[0] >> 4
+        if kind == 8:  # fill: one TPIXEL (3 bytes for a depth-24 format)
+            await self._take(3)
+            return
+        if kind == 9:  # JPEG
+            await self._take(await self._compact())
+            return
+        filt = (await self._take(1))[0] if kind & 4 else 0
+        size = w * h * 3
+        if filt == 1:
+            colours = (await self._take(1))[0] + 1
+            await self._take(colours * 3)
+            size = (w + 7) // 8 * h if colours == 2 else w * h
+        if size < 12:
+            await self._take(size)
+        else:
+            await self._take(await self._compact())
 
     def key(self, keysym: int, down: bool) -> None:
         self.writer.write(struct.pack(">BBxxI", 4, int(down), keysym))
@@ -203,12 +273,17 @@ def xvfb(width: int = 1024, height: int = 768) -> Iterator[str]:
         assert proc.poll() is None, "Xvfb exited"
         yield f":{number}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        end_process(proc)
+
+
+def end_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def screenshot(display: str, path: Path) -> None:

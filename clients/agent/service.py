@@ -202,7 +202,8 @@ class AgentService:
         self._conn.abandon()  # a (new) core: its relay may have reconnected; resync before the next command
         self._unacked, self._acks = 0, True
         self._qemu_status = "running" if welcome.run_state == "running" else None  # (paused may be suspended)
-        self._set_migrating(welcome.run_state == "migrating")
+        # "migrated": a source whose guest left (it lingers); the client is sent on to the destination.
+        self._set_migrating(welcome.run_state in ("migrating", "migrated"))
         self._changed.set()
 
     def detached(self, reason: str) -> None:
@@ -229,7 +230,7 @@ class AgentService:
             if body.qemu_status is not None:
                 self._qemu_status = body.qemu_status
             if not self._moving:
-                self._set_migrating(body.state == "migrating")
+                self._set_migrating(body.state in ("migrating", "migrated"))
         elif isinstance(body, QmpEvent):
             self._qmp_event(body.event)
         elif isinstance(body, Shutdown):

@@ -6,6 +6,8 @@ monitor prints for the same state, with ``\\n`` line ends (the transport turns t
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -101,18 +103,17 @@ def _block_info(info: Json | None, inserted: Json | None) -> str:
 
 
 def info_block(blocks: list[Json], nodes: list[Json] | None = None, device: str | None = None) -> str:
-    """``info block [-n] [device]`` from query-block (and query-named-block-nodes for ``-n``)."""
+    """``info block [-n] [device]`` from query-block (and query-named-block-nodes for ``-n``). As QEMU, a blank
+    line goes before every entry but the first of the whole list, even when ``device`` picks one."""
     parts: list[str] = []
     if nodes is None:
-        for info in blocks:
-            if device is not None and info.get("device") != device:
-                continue
-            parts.append(_block_info(info, info.get("inserted")))
-    for node in nodes or []:
-        if device is not None and node.get("node-name") != device:
-            continue
-        parts.append(_block_info(None, node))
-    return "\n".join(parts)
+        for index, info in enumerate(blocks):
+            if device is None or info.get("device") == device:
+                parts.append(("\n" if index else "") + _block_info(info, info.get("inserted")))
+    for index, node in enumerate(nodes or []):
+        if device is None or node.get("node-name") == device:
+            parts.append(("\n" if index else "") + _block_info(None, node))
+    return "".join(parts)
 
 
 _BLOCKSTATS = ("rd_bytes", "wr_bytes", "rd_operations", "wr_operations", "flush_operations", "wr_total_time_ns",
@@ -349,8 +350,8 @@ def info_memdev(memdevs: list[Json]) -> str:
                 f"  prealloc: {_truefalse(m['prealloc'])}\n", f"  share: {_truefalse(m['share'])}\n"]
         if "reserve" in m:
             out.append(f"  reserve: {_truefalse(m['reserve'])}\n")
-        out += [f"  policy: {m['policy']}\n", f"  host nodes: {_ranges(m.get('host-nodes', []))}\n", "\n"]
-    return "".join(out)
+        out += [f"  policy: {m['policy']}\n", f"  host nodes: {_ranges(m.get('host-nodes', []))}\n"]
+    return "".join(out) + "\n"
 
 
 def info_iothreads(threads: list[Json]) -> str:
@@ -375,34 +376,355 @@ def info_block_jobs(jobs: list[Json]) -> str:
     return "".join(out)
 
 
-def _snapshot_size(size: int) -> str:
-    """QEMU's size_to_str: 1023 B, 1 KiB, 2.6 MiB ..."""
-    if size < 1024:
-        return f"{size} B"
-    units = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
-    value = float(size) / 1024
-    index = 0
-    while value >= 1024 and index < len(units) - 1:
-        value /= 1024
-        index += 1
-    return f"{value:.3g} {units[index]}"
+def size_to_str(size: int) -> str:
+    """QEMU's size_to_str: ``%0.3g`` of the value in the largest unit below 1000 of it (``813 KiB``, ``0 B``)."""
+    _, exponent = math.frexp(size / (1000.0 / 1024.0))
+    index = min(int((exponent - 1) / 10), 6)  # C division truncates toward zero
+    value = size / (1 << (index * 10))
+    return f"{value:.3g} {('', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei')[index]}B"
 
 
-def info_snapshots(snapshots: list[Json]) -> str:
-    """``info snapshots`` from the VM-state snapshots of the disks (query-named-block-nodes ``image.snapshots``);
-    the column layout is QEMU's (bdrv_snapshot_dump)."""
-    if not snapshots:
+def _snapshot_row(snap: Json) -> str:
+    """bdrv_snapshot_dump of one snapshot (``%-9s %-16s %8s%20s%13s%11s``)."""
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.get("date-sec", 0)))
+    clock_ns = snap.get("vm-clock-sec", 0) * 1_000_000_000 + snap.get("vm-clock-nsec", 0)
+    secs = clock_ns // 1_000_000_000
+    clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{clock_ns // 1_000_000 % 1000:03d}"
+    icount = str(snap["icount"]) if "icount" in snap else ""
+    return (f"{snap.get('id', ''):<9} {snap['name']:<16} {size_to_str(snap.get('vm-state-size', 0)):>8}{date:>20}"
+            f"{clock:>13}{icount:>11}\n")
+
+
+_SNAPSHOT_HEADER = f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}\n"
+
+
+def info_snapshots(disks: list[tuple[str, list[Json]]]) -> str:
+    """``info snapshots`` (hmp_info_snapshots): ``disks`` are the snapshot-capable disks (name, snapshots) in
+    QEMU's order, the first being where VM state goes. Snapshots of that disk present on every disk are listed
+    with ID ``--``; the others, per disk, as partial (non-loadable) snapshots."""
+    if not disks:
+        return "No block device can accept snapshots\n"
+    if not any(snapshots for _, snapshots in disks):
         return "There is no snapshot available.\n"
-    import time
-
-    out = ["List of snapshots present on all disks:\n",
-           f"{'ID':<9} {'TAG':<17} {'VM SIZE':>7}{'':>8} {'DATE':<19} {'VM CLOCK':>15} {'ICOUNT':>9}\n"]
-    for snap in snapshots:
-        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.get("date-sec", 0)))
-        clock_ns = snap.get("vm-clock-sec", 0) * 1_000_000_000 + snap.get("vm-clock-nsec", 0)
-        secs = clock_ns // 1_000_000_000
-        clock = f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{clock_ns // 1_000_000 % 1000:03d}"
-        icount = str(snap["icount"]) if "icount" in snap else ""
-        out.append(f"{'--':<9} {snap['name']:<17} {_snapshot_size(snap.get('vm-state-size', 0)):>15} {date:<19} "
-                   f"{clock:>15} {icount:>9}\n")
+    names = [{s["name"] for s in snapshots} for _, snapshots in disks]
+    common = [s for s in disks[0][1] if all(s["name"] in other for other in names)]
+    shared = {s["name"] for s in common}
+    out = ["List of snapshots present on all disks:\n"]
+    if common:
+        out.append(_SNAPSHOT_HEADER)
+        out.extend(_snapshot_row({**s, "id": "--"}) for s in common)
+    else:
+        out.append("None\n")
+    for name, snapshots in disks:
+        partial = [s for s in snapshots if s["name"] not in shared]
+        if partial:
+            out.append(f"\nList of partial (non-loadable) snapshots on '{name}':\n")
+            out.append(_SNAPSHOT_HEADER)
+            out.extend(_snapshot_row(s) for s in partial)
     return "".join(out)
+
+
+def info_memory_size_summary(info: Json) -> str:
+    out = f"base memory: {info['base-memory']}\n"
+    if "plugged-memory" in info:
+        out += f"plugged memory: {info['plugged-memory']}\n"
+    return out
+
+
+def info_dump(result: Json) -> str:
+    out = f"Status: {result['status']}\n"
+    if result["status"] == "active" and result.get("total"):
+        out += f"Finished: {100.0 * result['completed'] / result['total']:.2f} %\n"
+    return out
+
+
+def info_tpm(tpms: list[Json]) -> str:
+    out = ["TPM device:\n"] if tpms else []
+    for index, tpm in enumerate(tpms):
+        options = tpm.get("options", {})
+        kind, data = options.get("type", ""), options.get("data", {})
+        out.append(f" tpm{index}: model={tpm.get('model', '')}\n  \\ {tpm.get('id', '')}: type={kind}")
+        if kind == "passthrough":
+            out.append((f",path={data['path']}" if "path" in data else "")
+                       + (f",cancel-path={data['cancel-path']}" if "cancel-path" in data else ""))
+        elif kind == "emulator":
+            out.append(f",chardev={data.get('chardev', '')}")
+        out.append("\n")
+    return "".join(out)
+
+
+def info_vm_generation_id(info: Json) -> str:
+    return f"{info['guid']}\n"
+
+
+def info_memory_devices(devices: list[Json]) -> str:
+    out: list[str] = []
+    for device in devices:
+        kind, data = device.get("type", ""), device.get("data", {})
+        out.append(f"Memory device [{kind}]: \"{data.get('id', '')}\"\n")
+        if kind in ("dimm", "nvdimm"):
+            out += [f"  addr: 0x{data['addr']:x}\n", f"  slot: {data['slot']}\n", f"  node: {data['node']}\n",
+                    f"  size: {data['size']}\n", f"  memdev: {data['memdev']}\n",
+                    f"  hotplugged: {_truefalse(data['hotplugged'])}\n",
+                    f"  hotpluggable: {_truefalse(data['hotpluggable'])}\n"]
+        elif kind == "virtio-pmem":
+            out += [f"  memaddr: 0x{data['memaddr']:x}\n", f"  size: {data['size']}\n",
+                    f"  memdev: {data['memdev']}\n"]
+        elif kind == "virtio-mem":
+            out += [f"  memaddr: 0x{data['memaddr']:x}\n", f"  node: {data['node']}\n",
+                    f"  requested-size: {data['requested-size']}\n", f"  size: {data['size']}\n",
+                    f"  max-size: {data['max-size']}\n", f"  block-size: {data['block-size']}\n",
+                    f"  memdev: {data['memdev']}\n"]
+        elif kind == "sgx-epc":
+            out += [f"  memaddr: 0x{data['memaddr']:x}\n", f"  size: {data['size']}\n", f"  node: {data['node']}\n",
+                    f"  memdev: {data['memdev']}\n"]
+    return "".join(out)
+
+
+def human_readable_text(result: Json) -> str:
+    """The ``x-query-*`` commands' HumanReadableText: exactly what QEMU's own ``info`` command prints."""
+    text: str = result.get("human-readable-text", "")
+    return text
+
+
+# --- JSON the way QEMU's monitor pretty-prints it (qom-get) --------------------------------------------------------
+
+
+def _json_string(text: str) -> str:
+    out = ['"']
+    for char in text:
+        code = ord(char)
+        if char in _JSON_ESCAPES:
+            out.append(_JSON_ESCAPES[char])
+        elif code > 0xFFFF:
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04X}\\u{0xDC00 + (code & 0x3FF):04X}")
+        elif code < 0x20 or code >= 0x7F:
+            out.append(f"\\u{code:04X}")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
+
+
+_JSON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def qemu_json_pretty(value: object, depth: int = 0) -> str:
+    """qobject_to_json_pretty: 4-space indents, ``"key": value``, empty containers as ``{\\n}``, QEMU's escapes."""
+    pad = "\n" + " " * (4 * (depth + 1))
+    end = "\n" + " " * (4 * depth)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{pad}{_json_string(str(k))}: {qemu_json_pretty(v, depth + 1)}"
+                              for k, v in value.items()) + end + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(f"{pad}{qemu_json_pretty(v, depth + 1)}" for v in value) + end + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return _json_string(value)
+    if isinstance(value, float):
+        return f"{value:.17g}"
+    return str(value)
+
+
+def qom_list(properties: list[Json]) -> str:
+    return "".join(f"{p['name']} ({p['type']})\n" for p in properties)
+
+
+# --- guest memory, registers and expressions (x, xp, print, info registers) --------------------------------------
+
+
+def printc(value: int) -> str:
+    """monitor_printc: a character constant as C would write it (``'a'``, ``'\\n'``, ``'\\x1f'``)."""
+    code = value & 0xFFFFFFFF
+    code = code - (1 << 32) if code >= 1 << 31 else code  # passed as a C int
+    special = {39: "\\'", 92: "\\\\", 10: "\\n", 13: "\\r"}
+    if code in special:
+        return f"'{special[code]}'"
+    if 32 <= code <= 126:
+        return f"'{chr(code)}'"
+    return f"'\\x{code & 0xFFFFFFFF if code < 0 else code:02x}'"
+
+
+def _c_octal(value: int, width: int = 0) -> str:
+    """C's ``%#*o``: a leading 0 unless the value is 0."""
+    text = f"0{value:o}" if value else "0"
+    return f"{text:>{width}}"
+
+
+def print_value(value: int, fmt: str) -> str:
+    """do_print: ``print /fmt expr`` (the value is a 64-bit hwaddr; ``d`` shows it signed)."""
+    unsigned = value & 0xFFFFFFFFFFFFFFFF
+    if fmt == "o":
+        return _c_octal(unsigned) + "\n"
+    if fmt == "x":
+        return (f"0x{unsigned:x}" if unsigned else "0") + "\n"
+    if fmt == "u":
+        return f"{unsigned}\n"
+    if fmt == "c":
+        return printc(unsigned) + "\n"
+    signed = unsigned - (1 << 64) if unsigned >= 1 << 63 else unsigned
+    return f"{signed}\n"
+
+
+def memory_dump(address: int, data: bytes, count: int, fmt: str, size: int) -> str:
+    """memory_dump for ``x``/``xp`` (every format but ``i``): 8 bytes a line for bytes, 16 otherwise; ``data`` is
+    what could be read from ``address`` on: a line it does not cover prints `` Cannot access memory`` and ends
+    the dump, as QEMU does when a line cannot be read."""
+    length = size * count
+    line_size = 8 if size == 1 else 16
+    digits = {"o": -(-size * 8 // 3), "x": size * 8 // 4, "u": -(-size * 80 // 33), "d": -(-size * 80 // 33)}
+    max_digits = digits.get(fmt, size * 8 // 4)
+    if fmt == "c":
+        size = 1
+    out: list[str] = []
+    offset = 0
+    while length > 0:
+        out.append(f"{(address + offset) & 0xFFFFFFFFFFFFFFFF:016x}:")
+        chunk = min(length, line_size)
+        if offset + chunk > len(data):
+            out.append(" Cannot access memory\n")
+            break
+        for i in range(0, chunk, size):
+            value = int.from_bytes(data[offset + i:offset + i + size].ljust(size, b"\0"), "little")
+            if fmt == "o":
+                out.append(" " + _c_octal(value, max_digits))
+            elif fmt in ("u", "d"):
+                out.append(f" {value:>{max_digits}}")
+            elif fmt == "c":
+                out.append(" " + printc(value))
+            else:
+                out.append(f" 0x{value:0{max_digits}x}")
+        out.append("\n")
+        offset += chunk
+        length -= chunk
+    return "".join(out)
+
+
+def disassembly(address: int, data: bytes, count: int, mode_bits: int) -> str:
+    """``x /Ni``: QEMU's capstone output (AT&T syntax, unknown bytes as ``.byte``), one instruction a line:
+    address, up to 8 code bytes, mnemonic and operands; longer instructions continue on lines of their own."""
+    import capstone
+
+    modes = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
+    engine = capstone.Cs(capstone.CS_ARCH_X86, modes[mode_bits])
+    engine.syntax = capstone.CS_OPT_SYNTAX_ATT
+    engine.skipdata = True
+    out: list[str] = []
+    for index, (insn_address, insn_size, mnemonic, operands) in enumerate(engine.disasm_lite(data, address)):
+        if index >= count:
+            break
+        code = data[insn_address - address:insn_address - address + insn_size]
+        padding = " " * (3 * max(0, 8 - len(code)))
+        out.append(f"0x{insn_address:08x}: " + "".join(f" {b:02x}" for b in code[:8]) + padding
+                   + f"  {mnemonic:<8} {operands}\n")
+        for start in range(8, len(code), 8):
+            out.append(f"0x{insn_address + start:08x}: " + "".join(f" {b:02x}" for b in code[start:start + 8]) + "\n")
+    return "".join(out)
+
+
+#: Segment descriptor bits of QEMU's SegmentCache flags (target/i386/cpu.h).
+_DESC_P, _DESC_S, _DESC_CS, _DESC_C, _DESC_R, _DESC_A = 1 << 15, 1 << 12, 1 << 11, 1 << 10, 1 << 9, 1 << 8
+_DESC_L, _DESC_B = 1 << 21, 1 << 22
+_SYS_TYPES = (
+    ("Reserved", "TSS16-avl", "LDT", "TSS16-busy", "CallGate16", "TaskGate", "IntGate16", "TrapGate16",
+     "Reserved", "TSS32-avl", "Reserved", "TSS32-busy", "CallGate32", "Reserved", "IntGate32", "TrapGate32"),
+    ("<hiword>", "Reserved", "LDT", "Reserved", "Reserved", "Reserved", "Reserved", "Reserved", "Reserved",
+     "TSS64-avl", "Reserved", "TSS64-busy", "CallGate64", "Reserved", "IntGate64", "TrapGate64"),
+)
+
+
+def cpu_mode_bits(cpu: Json, long_mode: bool) -> int:
+    """16, 32 or 64: how the CPU's current code segment executes (QEMU's HF_CS64/HF_CS32)."""
+    flags = cpu["cs"]["flags"]
+    if long_mode and flags & _DESC_L:
+        return 64
+    return 32 if flags & _DESC_B else 16
+
+
+def _segment_line(name: str, seg: Json, cs64: bool, protected: bool, long_mode: bool) -> str:
+    flags = seg["flags"]
+    if cs64:
+        line = f"{name:<3}={seg['selector']:04x} {seg['base']:016x} {seg['limit']:08x} {flags & 0x00FFFF00:08x}"
+    else:
+        line = (f"{name:<3}={seg['selector']:04x} {seg['base'] & 0xFFFFFFFF:08x} {seg['limit']:08x} "
+                f"{flags & 0x00FFFF00:08x}")
+    if not protected or not flags & _DESC_P:
+        return line + "\n"
+    line += f" DPL={(flags >> 13) & 3} "
+    if flags & _DESC_S:
+        if flags & _DESC_CS:
+            line += "CS64" if flags & _DESC_L else "CS32" if flags & _DESC_B else "CS16"
+            line += f" [{'C' if flags & _DESC_C else '-'}{'R' if flags & _DESC_R else '-'}"
+        else:
+            line += "DS  " if flags & _DESC_B or long_mode else "DS16"
+            line += f" [{'E' if flags & _DESC_C else '-'}{'W' if flags & _DESC_R else '-'}"
+        line += f"{'A' if flags & _DESC_A else '-'}]"
+    else:
+        line += _SYS_TYPES[1 if long_mode else 0][(flags >> 8) & 15]
+    return line + "\n"
+
+
+_EFLAGS = ((0x400, "D"), (0x800, "O"), (0x80, "S"), (0x40, "Z"), (0x10, "A"), (0x4, "P"), (0x1, "C"))
+
+
+def info_registers(cpu: Json, long_mode: bool) -> str:
+    """x86_cpu_dump_state for what QEMU's guest-memory dump carries (docs/monitor.md lists what it lacks: II,
+    A20, SMM, HLT, the debug registers, EFER, FPU and SSE state)."""
+    cs64 = cpu_mode_bits(cpu, long_mode) == 64
+    protected = bool(cpu["cr0"] & 1)
+    eflags = cpu["rflags"]
+    flag_text = "".join(letter if eflags & bit else "-" for bit, letter in _EFLAGS)
+    cpl = (cpu["ss"]["flags"] >> 13) & 3
+    out = [f"\nCPU#{cpu['cpu-index']}\n"]
+    regs: tuple[tuple[str, str], ...]
+    if cs64:
+        regs = ("RAX", "rax"), ("RBX", "rbx"), ("RCX", "rcx"), ("RDX", "rdx"), ("RSI", "rsi"), ("RDI", "rdi"), \
+            ("RBP", "rbp"), ("RSP", "rsp"), ("R8 ", "r8"), ("R9 ", "r9"), ("R10", "r10"), ("R11", "r11"), \
+            ("R12", "r12"), ("R13", "r13"), ("R14", "r14"), ("R15", "r15")
+        for row in range(0, 16, 4):
+            out.append(" ".join(f"{label}={cpu[key]:016x}" for label, key in regs[row:row + 4]) + "\n")
+        out.append(f"RIP={cpu['rip']:016x} RFL={eflags & 0xFFFFFFFF:08x} [{flag_text}] CPL={cpl}\n")
+    else:
+        regs = ("EAX", "rax"), ("EBX", "rbx"), ("ECX", "rcx"), ("EDX", "rdx"), ("ESI", "rsi"), ("EDI", "rdi"), \
+            ("EBP", "rbp"), ("ESP", "rsp")
+        for row in range(0, 8, 4):
+            out.append(" ".join(f"{label}={cpu[key] & 0xFFFFFFFF:08x}" for label, key in regs[row:row + 4]) + "\n")
+        out.append(f"EIP={cpu['rip'] & 0xFFFFFFFF:08x} EFL={eflags & 0xFFFFFFFF:08x} [{flag_text}] CPL={cpl}\n")
+    for name in ("ES", "CS", "SS", "DS", "FS", "GS", "LDT", "TR"):
+        out.append(_segment_line(name, cpu[name.lower()], cs64, protected, long_mode))
+    if long_mode:
+        out += [f"GDT=     {cpu['gdt']['base']:016x} {cpu['gdt']['limit']:08x}\n",
+                f"IDT=     {cpu['idt']['base']:016x} {cpu['idt']['limit']:08x}\n",
+                f"CR0={cpu['cr0'] & 0xFFFFFFFF:08x} CR2={cpu['cr2']:016x} CR3={cpu['cr3']:016x} "
+                f"CR4={cpu['cr4'] & 0xFFFFFFFF:08x}\n"]
+    else:
+        out += [f"GDT=     {cpu['gdt']['base'] & 0xFFFFFFFF:08x} {cpu['gdt']['limit']:08x}\n",
+                f"IDT=     {cpu['idt']['base'] & 0xFFFFFFFF:08x} {cpu['idt']['limit']:08x}\n",
+                f"CR0={cpu['cr0'] & 0xFFFFFFFF:08x} CR2={cpu['cr2'] & 0xFFFFFFFF:08x} "
+                f"CR3={cpu['cr3'] & 0xFFFFFFFF:08x} CR4={cpu['cr4'] & 0xFFFFFFFF:08x}\n"]
+    return "".join(out)
+
+
+def register_value(cpu: Json, name: str) -> int | None:
+    """An HMP ``$name`` (target/i386/monitor.c's monitor_defs) from a CPU state, or None if unknown."""
+    aliases = {"esp": "rsp", "sp": "rsp", "ebp": "rbp", "fp": "rbp", "eax": "rax", "ecx": "rcx", "edx": "rdx",
+               "ebx": "rbx", "esi": "rsi", "edi": "rdi", "eip": "rip", "eflags": "rflags"}
+    key = aliases.get(name, name)
+    if key in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags") and key != name:
+        return int(cpu[key])
+    if name in (f"r{i}" for i in range(8, 16)):
+        return int(cpu[name])
+    if name == "pc":
+        return (int(cpu["rip"]) + int(cpu["cs"]["base"])) & 0xFFFFFFFFFFFFFFFF
+    segment, _, field = name.partition(".")
+    if segment in ("cs", "ds", "es", "ss", "fs", "gs") and field in ("", "base", "limit"):
+        value = int(cpu[segment][field or "selector"])
+        if field != "base":  # MD_I32: read as a signed 32-bit value
+            value &= 0xFFFFFFFF
+            value = value - (1 << 32) if value >= 1 << 31 else value
+        return value
+    return None

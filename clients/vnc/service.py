@@ -1,10 +1,13 @@
 """The VNC server of the client process: asyncio transports (TCP, unix, WebSocket) driving the sans-IO
-``RfbServerConnection`` of clients/rfb, pixels from the shared framebuffer, input through the core.
+``RfbServerConnection`` of rfb, pixels from the shared framebuffer, input through the core.
 
 Per viewer there are three tasks: the reader (bytes → events → state), the sender (at most one update in
 flight: it is built only when the viewer asked for one, and only once the transport has drained what was
 written before, so a slow viewer skips frames instead of buffering them) and the input sender (batches of
-input events to the core, one request at a time). See docs/vnc.md.
+input events to the core, one request at a time). Updates are encoded by worker processes
+(encoder_pool.py), never on this loop; only Raw in the framebuffer's own format is copied here. Viewers that
+take CopyRect are served from the service's frame copy, where scrolls are found (framecopy.py). See
+docs/vnc.md.
 """
 
 from __future__ import annotations
@@ -20,32 +23,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from clients.rfb import ProtocolError, RfbServerConnection, Screen, State
-from clients.rfb import events as ev
-from clients.rfb.encodings import (
-    NegotiatedEncoders,
-    cursor_rect,
-    desktop_size_rect,
-    extended_desktop_size_rect,
-    qemu_extended_key_event_rect,
-)
-from clients.rfb.pixels import convert
-from clients.rfb.wire import (
-    EDS_REASON_CLIENT,
-    EDS_STATUS_PROHIBITED,
-    ENCODING_CURSOR,
-    ENCODING_DESKTOP_SIZE,
-    ENCODING_EXTENDED_DESKTOP_SIZE,
-    ENCODING_QEMU_EXTENDED_KEY_EVENT,
-)
 from ipc.channel import ChannelError
 from ipc.messages import MAX_SOURCE, InputEvent, KeyEvent, Migrated, PointerEvent, Welcome, WheelEvent
 from ipc.messages import EventBody as CoreEvent
 from ipc.rundir import listen_unix
-from shm import CursorShapeRecord, DamageRecord, LayoutError, Mode, ModeRecord, Overrun, Record
+from rfb import ProtocolError, RfbServerConnection, Screen, State
+from rfb import events as ev
+from rfb.encodings import (
+    NegotiatedEncoders,
+    copyrect_rect,
+    cursor_rect,
+    desktop_size_rect,
+    encode_frame_rects,
+    extended_desktop_size_rect,
+    qemu_extended_key_event_rect,
+)
+from rfb.pixels import is_native
+from rfb.wire import (
+    EDS_REASON_CLIENT,
+    EDS_STATUS_PROHIBITED,
+    ENCODING_COPYRECT,
+    ENCODING_CURSOR,
+    ENCODING_DESKTOP_SIZE,
+    ENCODING_EXTENDED_DESKTOP_SIZE,
+    ENCODING_QEMU_EXTENDED_KEY_EVENT,
+    ENCODING_RAW,
+    rect_header,
+)
+from shm import CursorShapeRecord, DamageRecord, LayoutError, Mode, ModeRecord, Overrun, Record, ShmReader
 
+from .encoder_pool import EncodeRequest, EncoderPool, EncoderUnavailable
+from .framecopy import Frame, FrameCopy, Move, frame_array
 from .keymap import qcode_for, scancode_for
-from .region import DirtyRegion, Rect, intersect
+from .region import DirtyRegion, Rect, contains, intersect
 
 if TYPE_CHECKING:
     from clients.main import ClientContext
@@ -70,6 +80,11 @@ MAX_VIEWERS = 64
 #: Protocol replies (not updates) queued for a viewer that does not read them; beyond, it is disconnected.
 MAX_OUTBOX = 1 << 20
 SINGLE_SCREEN_ID = 0
+#: After an update could not be encoded (its worker died), try again this much later.
+ENCODE_RETRY_S = 0.05
+#: Updates of at most this many pixels are encoded on the loop (well under a millisecond: a typed character,
+#: a cursor blink), where a worker's round trip would cost more than the encoding.
+IN_LOOP_PIXELS = 64 * 64
 
 
 class VncError(Exception):
@@ -175,6 +190,9 @@ class Transport(Protocol):
     async def send(self, data: bytes) -> None:
         """Write, then wait while the write buffer is above its high-water mark."""
 
+    async def send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        """:meth:`send` for a message in pieces (a large rectangle is not copied into one buffer)."""
+
     def write_nowait(self, data: bytes) -> None:
         """Best effort, no waiting (a last message before closing)."""
 
@@ -198,6 +216,10 @@ class StreamTransport:
 
     async def send(self, data: bytes) -> None:
         self._writer.write(data)
+        await self._writer.drain()
+
+    async def send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        self._writer.writelines(parts)
         await self._writer.drain()
 
     def write_nowait(self, data: bytes) -> None:
@@ -235,6 +257,9 @@ class WebSocketTransport:
         except ConnectionClosed as exc:
             raise ConnectionResetError(str(exc)) from exc
 
+    async def send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        await self.send(b"".join(parts))  # one WebSocket message per update
+
     def write_nowait(self, data: bytes) -> None:
         pass  # a WebSocket frame cannot be written without awaiting; the close reason goes in the log
 
@@ -251,6 +276,22 @@ def _binary_subprotocol(connection: Any, offered: Any) -> Any:
 
 
 # --- one viewer --------------------------------------------------------------------------------------------
+
+
+def raw_pieces(framebuffer: memoryview, mode: Mode, rects: list[Rect]) -> list[bytes | bytearray | memoryview]:
+    """Raw rectangles in the framebuffer's own format as slices of the mapping itself: the socket copies the
+    pixels once, and nothing else does (they may tear; a later damage record repaints them)."""
+    if mode.bytes_per_pixel != 4 or mode.stride * mode.height > len(framebuffer):
+        raise LayoutError(f"mode {mode} does not fit the framebuffer")
+    pieces: list[bytes | bytearray | memoryview] = []
+    for x, y, w, h in rects:
+        pieces.append(rect_header(x, y, w, h, ENCODING_RAW))
+        start, row = y * mode.stride + x * 4, w * 4
+        if row == mode.stride:
+            pieces.append(framebuffer[start : start + row * h])
+        else:
+            pieces += [framebuffer[o : o + row] for o in range(start, start + h * mode.stride, mode.stride)]
+    return pieces
 
 
 _viewer_numbers = itertools.count(1)
@@ -283,6 +324,10 @@ class Viewer:
         self._input_idle.set()
         self._buttons = 0
         self.updates_sent = 0
+        self.copyrects_sent = 0
+        self.copy_source = False  # served from the service's frame copy (the viewer takes CopyRect)
+        self.pending_copy: Move | None = None  # a scroll to send as CopyRect before the dirty region
+        self.in_flight: list[Rect] = []  # rectangles of the update being encoded
         self.closed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -327,7 +372,8 @@ class Viewer:
                 await self._flush_input()
             input_loop.cancel()
             await self.service.release_input(self.source, self.peer)
-            log.info("viewer %s gone (%s; %d updates sent)", self.peer, reason, self.updates_sent)
+            log.info("viewer %s gone (%s; %d updates sent, %d scrolls by CopyRect)", self.peer, reason,
+                     self.updates_sent, self.copyrects_sent)
 
     def disconnect(self) -> None:
         self.closed.set()
@@ -363,6 +409,11 @@ class Viewer:
             self._on_key(event, batch)
         elif isinstance(event, ev.EncodingsSet):
             self.encoders.set_encodings(event.encodings)
+            copy_source = self.service.use_copy(self.conn.supports(ENCODING_COPYRECT))
+            if copy_source != self.copy_source:
+                self.copy_source = copy_source
+                self.full = True  # the other source may differ from what the viewer has: repaint from it
+                self.pending_copy = None
             if self.conn.supports(ENCODING_CURSOR):
                 self.cursor_changed = True
             if self.conn.supports(ENCODING_QEMU_EXTENDED_KEY_EVENT) and not self.ext_key_acked:
@@ -469,9 +520,23 @@ class Viewer:
 
     # --- updates --------------------------------------------------------------------------------------
 
-    def display_changed(self, damage: list[Rect], full: bool, cursor: bool) -> None:
+    def display_changed(self, damage: list[Rect], full: bool, cursor: bool,
+                        copy_changes: tuple[list[Move], list[Rect]] | None = None) -> None:
+        """New damage. ``copy_changes`` (the frame copy's moves and really changed rows) replace ``damage`` for a
+        viewer served from the copy: the first move is sent as CopyRect if nothing else is pending."""
         if full:
             self.full = True
+            self.pending_copy = None
+        elif self.copy_source and copy_changes is not None:
+            moves, changed = copy_changes
+            taken = moves[0] if moves and not self.full and self.pending_copy is None else None
+            if taken is not None:
+                self._take_move(taken)
+            for move in moves:
+                if move is not taken:
+                    self.dirty.add(*move.dest)
+            for rect in changed:
+                self.dirty.add(*rect)
         else:
             for rect in damage:
                 self.dirty.add(*rect)
@@ -482,6 +547,16 @@ class Viewer:
         elif self.service.mode is not None and self.conn.state is not State.CLOSED:
             self.conn.width, self.conn.height = self.service.mode.width, self.service.mode.height
 
+    def _take_move(self, move: Move) -> None:
+        """Send ``move`` as CopyRect. Where the viewer's copy of the source is stale (dirty, or in an update
+        still being encoded, whose pixels may already be the new ones), the destination is repainted too."""
+        stale = [*self.dirty.rects, *self.in_flight]
+        for rect in stale:
+            part = intersect(rect, move.source)
+            if part is not None:
+                self.dirty.add(part[0], part[1] - move.dy, part[2], part[3])
+        self.pending_copy = move
+
     async def _send_loop(self) -> None:
         while True:
             await self._wake.wait()
@@ -490,13 +565,14 @@ class Viewer:
                 data = bytes(self._outbox)
                 self._outbox.clear()
                 await self.transport.send(data)
-            update = self._build_update()
+            update = await self._build_update()
             if update is not None:
                 self.updates_sent += 1
-                await self.transport.send(update)
+                await self.transport.send_parts(update)
+                log.debug("viewer %s: update %d sent (%d bytes)", self.peer, self.updates_sent, sum(map(len, update)))
 
-    def _build_update(self) -> bytes | None:
-        """The next FramebufferUpdate, or None if the viewer did not ask or there is nothing to say."""
+    async def _build_update(self) -> list[bytes | bytearray | memoryview] | None:
+        """The next FramebufferUpdate in pieces, or None if the viewer did not ask or there is nothing to say."""
         if self.requested is None or self.conn.state is not State.NORMAL or self.size is None:
             return None
         if self.service.holding:  # the segment is not the guest's picture (yet): answer once it is
@@ -506,7 +582,8 @@ class Viewer:
         if mode is None or display is None or mode.width == 0:
             return None
         if (mode.width, mode.height) != self.size:
-            return self._resize(mode)
+            resize = self._resize(mode)
+            return None if resize is None else [resize]
         rects: list[bytes] = []
         if self.ext_key_ack:
             rects.append(qemu_extended_key_event_rect())
@@ -526,21 +603,77 @@ class Viewer:
                                          self.conn.pixel_format))
         if self.full:
             self.full = False
+            self.pending_copy = None
             self.dirty.clear()
             self.dirty.add(0, 0, mode.width, mode.height)
+        parts: list[bytes | bytearray | memoryview] = list(rects)
+        count = len(rects)
+        move, self.pending_copy = self.pending_copy, None
+        if move is not None:
+            if contains(self.requested, move.dest) and contains(self.requested, move.source):
+                parts.append(copyrect_rect(*move.dest, move.x, move.y + move.dy))
+                count += 1
+                self.copyrects_sent += 1
+            else:
+                self.dirty.add(*move.dest)
+        damaged = self.dirty.take(self.requested)
+        if damaged:
+            encoded = await self._encode(damaged, mode, display.reader)
+            if encoded is None:
+                return None
+            parts.extend(encoded[0])
+            count += encoded[1]
+        if not count:
+            return None
+        self.requested = None
+        return [self.conn.framebuffer_update_header(count), *parts]
+
+    async def _encode(self, damaged: list[Rect], mode: Mode,
+                      reader: ShmReader) -> tuple[list[bytes | bytearray | memoryview], int] | None:
+        """(pieces, rectangle count) for the damaged rectangles: Raw in the framebuffer's own format is sent from
+        the mapping, tiny updates are encoded here, everything else by a worker process while this loop goes on."""
         fmt = self.conn.pixel_format
+        settings = self.encoders.settings()
+        copy = self.service.frame_copy if self.copy_source else None
+        if copy is not None and copy.mode != mode:
+            copy = None  # the copy does not hold this mode (yet): serve from the segment
         try:
-            for x, y, w, h in self.dirty.take(self.requested):
-                pixels = convert(display.reader.copy_rect(x, y, w, h, mode), fmt)
-                rects.extend(self.encoders.rects(x, y, w, h, pixels, fmt))
+            if settings.encoding == ENCODING_RAW and is_native(fmt):
+                if copy is not None:  # copied now: a slice still queued at the socket would show later changes
+                    pieces = raw_pieces(copy.buffer, mode, damaged)
+                    return [bytes(p) for p in pieces], len(damaged)
+                return raw_pieces(reader.framebuffer, mode, damaged), len(damaged)
+            pool = self.service.pool
+            if sum(w * h for _, _, w, h in damaged) <= IN_LOOP_PIXELS or pool is None or not pool.ready:
+                # Tiny, or no worker has started yet (the first second of the client): here.
+                frame: Frame = copy.array(mode) if copy is not None else frame_array(reader.framebuffer, mode)
+                pieces, count, after = encode_frame_rects(settings, fmt, frame, damaged)
+                del frame
+                self.encoders.advance(after)
+                return [bytes(p) for p in pieces], count
+            request = EncodeRequest("copy" if copy is not None else "segment", reader.name, mode.width,
+                                    mode.height, mode.stride, fmt, settings, tuple(damaged))
+            before = (fmt, mode, self.size)
+            self.in_flight = list(damaged)
+            try:
+                result = await pool.encode(request)
+            finally:
+                self.in_flight = []
         except (LayoutError, ValueError) as exc:  # the segment changed under us: a mode record follows
             log.debug("viewer %s: frame copy failed (%s); waiting for the next mode", self.peer, exc)
             self.full = True
             return None
-        if not rects:
+        except EncoderUnavailable as exc:
+            log.info("viewer %s: update not encoded (%s); repainting", self.peer, exc)
+            self.full = True
+            asyncio.get_running_loop().call_later(ENCODE_RETRY_S, self._wake.set)
             return None
-        self.requested = None
-        return self.conn.framebuffer_update(rects)
+        if before != (self.conn.pixel_format, self.service.mode, self.size) or self.conn.state is not State.NORMAL:
+            self.full = True  # the viewer or the display changed while this was encoded: repaint from scratch
+            self._wake.set()
+            return None
+        self.encoders.advance(result.settings)
+        return [result.data], result.count
 
     def _resize(self, mode: Mode) -> bytes | None:
         w, h = mode.width, mode.height
@@ -572,7 +705,7 @@ class VncService:
 
     def __init__(self, listen: str = DEFAULT_LISTEN, *, password: str | None = None,
                  websocket: str | None = None, max_viewers: int = MAX_VIEWERS,
-                 display_wait_s: float = DISPLAY_WAIT_S) -> None:
+                 display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None) -> None:
         self.listen = parse_listen(listen, display_numbers=True)
         self.websocket = parse_listen(websocket) if websocket else None
         self.password = password
@@ -590,6 +723,9 @@ class VncService:
         self.holding = False
         self._hold_timer: asyncio.TimerHandle | None = None
         self._following_migration = False
+        self.encoder_workers = encoder_workers
+        self.pool: EncoderPool | None = None
+        self.frame_copy: FrameCopy | None = None
 
     # --- Service protocol -----------------------------------------------------------------------------
 
@@ -631,6 +767,9 @@ class VncService:
             self._socks.append(bind_socket(address))
 
     async def start(self) -> None:
+        self.frame_copy = FrameCopy()
+        self.pool = EncoderPool(self.encoder_workers, copy_fd=self.frame_copy.fd)
+        self.pool.start()
         sock = self._socks[0]
         if sock.family == socket.AF_UNIX:
             server = await asyncio.start_unix_server(self._on_stream, sock=sock)
@@ -720,12 +859,60 @@ class VncService:
             damage = [r for r in (intersect(d, clip) for d in damage) if r is not None]
         if not (damage or full or cursor):
             return
+        copy_changes = self._refresh_copy(damage, full)
         for viewer in list(self.viewers):
-            viewer.display_changed(damage, full, cursor)
+            viewer.display_changed(damage, full, cursor, copy_changes)
+
+    # --- the frame copy (viewers that take CopyRect) --------------------------------------------------
+
+    def use_copy(self, takes_copyrect: bool) -> bool:
+        """Whether a viewer is to be served from the frame copy; loads the copy if it was not kept."""
+        if not takes_copyrect or self.frame_copy is None:
+            return False
+        if self.frame_copy.mode is None:
+            self._refresh_copy([], True, needed=True)
+        return True
+
+    def _refresh_copy(self, damage: list[Rect], full: bool, *,
+                      needed: bool = False) -> tuple[list[Move], list[Rect]] | None:
+        """Bring the frame copy up to the segment (while a viewer is served from it); returns the scrolls found
+        in the damage and the rows that really changed, or None when the copy was (re)loaded whole or is not
+        kept. Runs here, in the loop, between updates: see framecopy.py for why."""
+        copy = self.frame_copy
+        display = self.ctx.display if self.ctx is not None else None
+        if copy is None:
+            return None
+        if not needed and not any(v.copy_source for v in self.viewers):
+            if copy.mode is not None:
+                copy.forget()
+            return None
+        mode = self.mode
+        if display is None or mode is None or not copy.fits(mode):
+            copy.mode = None
+            return None
+        try:
+            source = frame_array(display.reader.framebuffer, mode)
+            if full or copy.mode != mode:
+                copy.load(source, mode)
+                if not full:  # viewers served from the segment meanwhile may hold newer pixels than the copy
+                    for viewer in self.viewers:
+                        if viewer.copy_source:
+                            viewer.full = True
+                return None
+            region = DirtyRegion()
+            for rect in damage:
+                region.add(*rect)
+            return copy.apply(source, region.rects)
+        except (LayoutError, ValueError) as exc:
+            log.debug("VNC: frame copy not refreshed (%s)", exc)
+            copy.mode = None
+            return None
 
     async def close(self) -> None:
         if self._hold_timer is not None:
             self._hold_timer.cancel()
+        if self.pool is not None:
+            await self.pool.close()
         for server in self._servers:
             server.close()
         for viewer in list(self.viewers):
@@ -737,6 +924,8 @@ class VncService:
                 if sock.family == socket.AF_UNIX:
                     os.unlink(sock.getsockname())
             sock.close()
+        if self.frame_copy is not None:
+            self.frame_copy.close()
 
     # --- helpers for viewers --------------------------------------------------------------------------
 

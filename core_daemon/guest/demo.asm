@@ -41,6 +41,27 @@
 ;        F2               toggle text mode 3 <-> VGA mode 13h; the typed text
 ;                         is kept (cut to the 34 characters that fit when
 ;                         entering mode 13h) and everything is redrawn
+;        F3               toggle a 1920x1080x32 linear framebuffer (Bochs VBE
+;                         "dispi" registers, QEMU's -device VGA) <-> text mode:
+;                         the whole screen is a high-colour animation (moving
+;                         gradients and an XOR texture, a quarter of the rows
+;                         redrawn every timer tick, so the whole picture is new
+;                         every 4 ticks and keys are read between quarters,
+;                         like video) below a 64-pixel strip at the top
+;                         that is repainted in a new solid colour on every
+;                         printable key (keys are not echoed as text there)
+;        F4               (text mode) toggle scrolling: every timer tick rows
+;                         9-24 scroll up one line and a numbered line of text
+;                         is printed at the bottom, like a terminal printing a
+;                         log (each line's text starts at a different place in
+;                         a sentence, so neighbouring rows differ as real text)
+;
+; The 1920x1080 frame lies above 1 MiB (its address is PCI BAR 0 of the VGA
+; device, 1234:1111), so the routines that draw it run in 32-bit protected
+; mode with flat segments: pm_call switches there with interrupts off, calls
+; the routine, and comes back to real mode.  ("Unreal mode" would be shorter,
+; but a 4 GiB FS limit does not survive SeaBIOS's own mode switches, nor KVM
+; without unrestricted-guest support, which emulates real mode.)
 ;
 ; Video output does not go through the BIOS teletype: put_char writes text
 ; mode cells straight to B800:0000, and in mode 13h renders the BIOS 8x8 ROM
@@ -90,7 +111,26 @@ KEYMAX_VGA      equ VGA_COLS - COL_KEYTEXT      ; 34
 
 BDA_TICKS       equ 0x046C      ; BIOS data area: timer ticks since midnight
 
-SCAN_F2         equ 0x3C        ; int 16h scan code of F2 (ASCII 0)
+SCAN_F2         equ 0x3C        ; int 16h scan codes of F2, F3, F4 (ASCII 0)
+SCAN_F3         equ 0x3D
+SCAN_F4         equ 0x3E
+
+MODE_HD         equ 0xFF        ; not a BIOS mode: the Bochs VBE 1920x1080x32 LFB
+HD_WIDTH        equ 1920
+HD_HEIGHT       equ 1080
+HD_STRIP        equ 64          ; rows of the key strip above the animation
+HD_BAND         equ (HD_HEIGHT - HD_STRIP) / 4  ; rows redrawn per timer tick
+ROW_SCROLL      equ 9           ; first row of the scrolling area (text mode)
+ROW_LAST        equ 24
+DISPI_INDEX     equ 0x01CE      ; Bochs VBE "dispi" registers: index, data
+DISPI_DATA      equ 0x01CF
+DISPI_XRES      equ 1
+DISPI_YRES      equ 2
+DISPI_BPP       equ 3
+DISPI_ENABLE    equ 4
+DISPI_ENABLED   equ 0x01
+DISPI_LFB       equ 0x40
+PCI_VGA_ID      equ 0x11111234  ; device 1111, vendor 1234 (QEMU's std VGA)
 
 ; ===========================================================================
 ; Stage 1: boot sector (loaded by the BIOS at 0000:7C00, DL = boot drive)
@@ -161,6 +201,7 @@ main:
         mov     [font_ptr + 2], es
         pop     es
 
+        call    find_lfb
         mov     ax, [BDA_TICKS]         ; count ticks from now on
         mov     [last_tick], ax
         call    enter_text_mode
@@ -193,10 +234,15 @@ poll_timer:
         mov     ax, 1
 .add:
         add     [counter], ax
+        cmp     byte [mode], MODE_HD
+        je      draw_hd                 ; tail call: a new animation frame
         call    draw_counter
         cmp     byte [mode], MODE_VGA
-        jne     .done
-        call    draw_bar
+        jne     .text
+        jmp     draw_bar                ; tail call
+.text:
+        cmp     byte [scrolling], 0
+        jne     scroll_line             ; tail call
 .done:
         ret
 
@@ -219,9 +265,19 @@ handle_key:
         test    al, al
         jnz     .ascii
         cmp     ah, SCAN_F2
+        je      toggle_mode             ; tail call
+        cmp     ah, SCAN_F3
+        je      toggle_hd               ; tail call
+        cmp     ah, SCAN_F4
         jne     .ignore
-        jmp     toggle_mode             ; tail call
+        xor     byte [scrolling], 1
+        ret
 .ascii:
+        cmp     byte [mode], MODE_HD    ; 1920x1080: a key repaints the strip
+        jne     .text_key
+        inc     byte [hd_keys]
+        jmp     fill_strip              ; tail call
+.text_key:
         cmp     al, 0x08                ; Backspace
         je      .backspace
         cmp     al, 0x0D                ; Enter
@@ -275,12 +331,42 @@ clear_keys:
 ; ---------------------------------------------------------------------------
 ; Mode switching and full redraws
 ; ---------------------------------------------------------------------------
+toggle_hd:
+        cmp     byte [mode], MODE_HD
+        je      enter_text_mode
+        cmp     dword [lfb], 0          ; no std VGA found: stay where we are
+        je      .done
+        mov     byte [mode], MODE_HD
+        mov     bx, DISPI_ENABLE
+        xor     ax, ax
+        call    dispi_write
+        mov     bx, DISPI_XRES
+        mov     ax, HD_WIDTH
+        call    dispi_write
+        mov     bx, DISPI_YRES
+        mov     ax, HD_HEIGHT
+        call    dispi_write
+        mov     bx, DISPI_BPP
+        mov     ax, 32
+        call    dispi_write
+        mov     bx, DISPI_ENABLE
+        mov     ax, DISPI_ENABLED | DISPI_LFB
+        call    dispi_write
+        call    fill_strip
+        mov     cx, 4                   ; the whole picture at once
+.band:
+        call    draw_hd
+        loop    .band
+.done:
+        ret
+
 toggle_mode:
         cmp     byte [mode], MODE_VGA
         je      enter_text_mode
         ; fall through
 
 enter_vga_mode:
+        call    dispi_off
         mov     ax, 0x0000 | MODE_VGA   ; AH=00 set mode 13h (clears to black)
         int     0x10
         mov     byte [mode], MODE_VGA
@@ -304,6 +390,7 @@ enter_vga_mode:
         jmp     redraw_all
 
 enter_text_mode:
+        call    dispi_off
         mov     ax, 0x0000 | MODE_TEXT  ; AH=00 set mode 3 (clears to grey spaces)
         int     0x10
         mov     ah, 0x01                ; hide the cursor (CH bit 5): a blinking
@@ -379,15 +466,7 @@ redraw_all:
 draw_counter:
         mov     ax, [counter]
         mov     di, digits + NUM_DIGITS - 1
-        mov     bx, 10
-        mov     cx, NUM_DIGITS
-.convert:                               ; least significant digit first
-        xor     dx, dx
-        div     bx
-        add     dl, '0'
-        mov     [di], dl
-        dec     di
-        loop    .convert
+        call    to_decimal
 
         xor     si, si                  ; SI = digit index 0..4
 .cell:
@@ -404,6 +483,19 @@ draw_counter:
         inc     si
         cmp     si, NUM_DIGITS
         jb      .cell
+        ret
+
+; to_decimal: AX as NUM_DIGITS decimal digits ending at DI (the last digit).
+to_decimal:
+        mov     bx, 10
+        mov     cx, NUM_DIGITS
+.digit:                                 ; least significant digit first
+        xor     dx, dx
+        div     bx
+        add     dl, '0'
+        mov     [di], dl
+        dec     di
+        loop    .digit
         ret
 
 ; ---------------------------------------------------------------------------
@@ -484,6 +576,8 @@ put_char:
         push    si
         push    di
         push    es
+        cmp     byte [mode], MODE_HD    ; no text in the 1920x1080 animation
+        je      .out
         cmp     byte [mode], MODE_VGA
         je      .vga
 
@@ -556,6 +650,204 @@ put_char:
         inc     dl
         ret
 
+; ---------------------------------------------------------------------------
+; The 1920x1080x32 animation and the scrolling text
+; ---------------------------------------------------------------------------
+
+; pm_call: call the 32-bit routine at BX in flat protected mode (interrupts
+; off meanwhile), then return to real mode with CS = DS = ES = SS = 0.
+pm_call:
+        pushad
+        cli
+        movzx   ebx, bx
+        mov     [pm_target], ebx
+        movzx   esp, sp                 ; the same stack, addressed with ESP
+        lgdt    [gdt_desc]
+        mov     eax, cr0
+        or      al, 1
+        mov     cr0, eax
+        jmp     dword SEL_CODE32:.pm32
+        bits    32
+.pm32:
+        mov     ax, SEL_DATA32
+        mov     ds, ax
+        mov     es, ax
+        mov     ss, ax
+        call    [pm_target]
+        jmp     SEL_CODE16:.pm16
+        bits    16
+.pm16:
+        mov     ax, SEL_DATA16          ; 64 KiB limits again before real mode
+        mov     ds, ax
+        mov     es, ax
+        mov     ss, ax
+        mov     fs, ax
+        mov     gs, ax
+        mov     eax, cr0
+        and     al, 0xFE
+        mov     cr0, eax
+        jmp     0x0000:.rm
+.rm:
+        xor     ax, ax
+        mov     ds, ax
+        mov     es, ax
+        mov     ss, ax
+        mov     fs, ax
+        mov     gs, ax
+        sti
+        popad
+        ret
+
+; find_lfb: [lfb] = PCI BAR 0 of the first 1234:1111 device on bus 0, or 0.
+find_lfb:
+        mov     ecx, 0x80000000         ; config address: enable, bus 0, device 0
+.scan:
+        mov     eax, ecx
+        mov     dx, 0x0CF8
+        out     dx, eax
+        mov     dx, 0x0CFC
+        in      eax, dx
+        cmp     eax, PCI_VGA_ID
+        je      .found
+        add     ecx, 0x800              ; next device
+        cmp     ecx, 0x80010000
+        jb      .scan
+        ret
+.found:
+        lea     eax, [ecx + 0x10]       ; BAR 0
+        mov     dx, 0x0CF8
+        out     dx, eax
+        mov     dx, 0x0CFC
+        in      eax, dx
+        and     eax, 0xFFFFFFF0
+        mov     [lfb], eax
+        ret
+
+; dispi_write: Bochs VBE register BX = AX.
+dispi_write:
+        push    dx
+        xchg    ax, bx
+        mov     dx, DISPI_INDEX
+        out     dx, ax
+        xchg    ax, bx
+        mov     dx, DISPI_DATA
+        out     dx, ax
+        pop     dx
+        ret
+
+; dispi_off: leave the Bochs VBE mode (before a BIOS mode set).
+dispi_off:
+        cmp     byte [mode], MODE_HD
+        jne     .done
+        mov     bx, DISPI_ENABLE
+        xor     ax, ax
+        call    dispi_write
+.done:
+        ret
+
+draw_hd:
+        push    bx
+        mov     bx, draw_band32
+        call    pm_call
+        pop     bx
+        ret
+
+fill_strip:
+        push    bx
+        mov     bx, fill_strip32
+        call    pm_call
+        pop     bx
+        ret
+
+        bits    32
+; draw_band32: the next quarter of the animation's rows ([hd_band] 0-3) at
+; t = [counter]: for pixel (x, y), blue = x + t, green = y + 2t,
+; red = ((x xor y) >> 2) + t (each mod 256), so every 64x64 tile holds
+; thousands of colours and every frame changes them all.
+draw_band32:
+        movzx   esi, word [counter]     ; t
+        movzx   eax, byte [hd_band]
+        inc     byte [hd_band]
+        and     byte [hd_band], 3
+        imul    edx, eax, HD_BAND
+        add     edx, HD_STRIP           ; y = first row of the band
+        lea     ebx, [edx + HD_BAND]
+        mov     [hd_end], ebx
+        imul    edi, edx, HD_WIDTH * 4
+        add     edi, [lfb]
+.row:
+        lea     ebp, [edx + esi * 2]    ; green byte for this row
+        and     ebp, 0xFF
+        shl     ebp, 8
+        xor     ebx, ebx                ; x
+        mov     ecx, HD_WIDTH
+.pixel:
+        mov     eax, ebx
+        xor     eax, edx
+        shr     eax, 2
+        add     eax, esi
+        shl     eax, 16                 ; red in bits 16-23
+        mov     ax, bx
+        add     ax, si                  ; blue in bits 0-7
+        and     eax, 0x00FF00FF
+        or      eax, ebp
+        stosd
+        inc     ebx
+        dec     ecx
+        jnz     .pixel
+        inc     edx
+        cmp     edx, [hd_end]
+        jb      .row
+        ret
+
+; fill_strip32: the top HD_STRIP rows in colour [hd_keys] * 0x2B4F71.
+fill_strip32:
+        movzx   eax, byte [hd_keys]
+        imul    eax, eax, 0x2B4F71
+        and     eax, 0x00FFFFFF
+        mov     edi, [lfb]
+        mov     ecx, HD_STRIP * HD_WIDTH
+        rep     stosd
+        ret
+        bits    16
+
+; scroll_line: rows ROW_SCROLL..24 up one line (BIOS scroll), then print
+; "line NNNNN: ..." on row 24 with the next line number.
+scroll_line:
+        mov     ax, 0x0601              ; AH=06 scroll up, AL=1 line
+        mov     bh, ATTR_LABEL          ; attribute of the blank line
+        mov     cx, ROW_SCROLL << 8     ; upper left: row, column 0
+        mov     dx, (ROW_LAST << 8) | (TEXT_COLS - 1)
+        int     0x10
+        inc     word [line_no]
+        mov     ax, [line_no]
+        mov     di, line_digits + NUM_DIGITS - 1
+        call    to_decimal
+        mov     dh, ROW_LAST
+        xor     dl, dl
+        mov     bl, ATTR_LABEL
+        mov     si, str_line
+        call    put_string
+        mov     si, line_digits
+        call    put_string
+        mov     si, str_colon
+        call    put_string
+        mov     ax, [line_no]           ; the text from offset line*7 mod its length
+        imul    ax, ax, 7
+        xor     dx, dx
+        mov     cx, FILLER_LEN
+        div     cx
+        mov     si, str_filler
+        add     si, dx
+        mov     dh, ROW_LAST
+        mov     dl, 12                  ; after "line NNNNN: "
+        mov     cx, TEXT_COLS - 12 - 8
+.text:
+        lodsb
+        call    put_char
+        loop    .text
+        ret
+
 ; ===========================================================================
 ; Data
 ; ===========================================================================
@@ -564,7 +856,7 @@ str_counter:    db "COUNTER ", 0
 str_keys:       db "KEYS: ", 0
 
 ; Help lines per mode: consecutive 0-terminated strings, then an empty one.
-help_text:      db "F2: switch to VGA mode 13h (320x200)", 0
+help_text:      db "F2: VGA mode 13h (320x200)  F3: 1920x1080 animation  F4: scrolling text", 0
                 db "Type to echo keys.  Backspace: erase.  Enter/Esc: clear.", 0
                 db 0
 help_vga:       db "F2: back to text mode 3 (80x25)", 0
@@ -583,6 +875,31 @@ font_ptr:       dd 0            ; far pointer (offset, segment) to 8x8 font
 digits:         times NUM_DIGITS db '0'         ; counter as decimal text
 shown_digits:   times NUM_DIGITS db 0xFF        ; digits currently on screen
 keybuf:         times KEYMAX_TEXT db 0          ; the typed characters
+scrolling:      db 0            ; 1 while F4 scrolling is on
+line_no:        dw 0            ; number of the last printed scrolling line
+line_digits:    times NUM_DIGITS db '0'
+                db 0
+str_line:       db "line ", 0
+str_colon:      db ": ", 0
+str_filler:     db "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. "
+FILLER_LEN      equ $ - str_filler
+                db "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. "
+lfb:            dd 0            ; linear framebuffer address (0: none found)
+hd_keys:        db 0            ; printable keys typed in the 1920x1080 mode
+hd_band:        db 0            ; the quarter of the animation drawn next
+hd_end:         dd 0            ; row after the band being drawn
+pm_target:      dd 0            ; the 32-bit routine pm_call runs
+SEL_CODE32      equ 0x08
+SEL_DATA32      equ 0x10
+SEL_CODE16      equ 0x18
+SEL_DATA16      equ 0x20
+gdt:            dq 0                            ; null descriptor
+                dq 0x00CF9A000000FFFF           ; 0x08: code, 32-bit, base 0, 4 GiB
+                dq 0x00CF92000000FFFF           ; 0x10: data, 32-bit, base 0, 4 GiB
+                dq 0x00009A000000FFFF           ; 0x18: code, 16-bit, base 0, 64 KiB
+                dq 0x000092000000FFFF           ; 0x20: data, 16-bit, base 0, 64 KiB
+gdt_desc:       dw gdt_desc - gdt - 1
+                dd gdt
 
 ; Pad to whole sectors: the boot sector reads exactly STAGE2_SECTORS sectors.
         times   (512 - ($ - $$) % 512) % 512 db 0

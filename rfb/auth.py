@@ -13,7 +13,7 @@ import secrets
 
 from Crypto.Cipher import DES
 
-from clients.rfb.wire import VNC_AUTH_CHALLENGE_SIZE
+from rfb.wire import VNC_AUTH_CHALLENGE_SIZE
 
 KEY_SIZE = 8
 

@@ -28,68 +28,43 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-# PIXEL_FORMAT is defined once, with the rest of RFB's wire format (both roles speak it).
-from clients.rfb.wire import PixelFormat
-
-# --- encodings (RFC 6143 section 7.7, and the community registry) -------------------------------------------
-ENCODING_RAW = 0
-ENCODING_DESKTOP_SIZE = -223
-ENCODING_CURSOR = -239
-
-#: Security types (RFC 6143 section 7.2); the private socket needs no authentication.
-SECURITY_NONE = 1
-
-# Server -> client message types.
-MSG_FRAMEBUFFER_UPDATE = 0
-MSG_SET_COLOUR_MAP_ENTRIES = 1
-MSG_BELL = 2
-MSG_SERVER_CUT_TEXT = 3
-
-# Client -> server message types.
-MSG_SET_PIXEL_FORMAT = 0
-MSG_SET_ENCODINGS = 2
-MSG_FRAMEBUFFER_UPDATE_REQUEST = 3
-MSG_KEY_EVENT = 4
-MSG_POINTER_EVENT = 5
-MSG_CLIENT_CUT_TEXT = 6
+# The wire format, the errors and BGRX8888 are shared with the server role (rfb.wire, rfb.errors).
+from rfb.errors import AuthenticationFailed, LocalProtocolError, ProtocolError, RfbError
+from rfb.wire import (
+    BGRX8888,
+    COLOUR_MAP_HEADER,
+    CUT_TEXT_HEADER,
+    ENCODING_CURSOR,
+    ENCODING_DESKTOP_SIZE,
+    ENCODING_RAW,
+    MSG_BELL,
+    MSG_CLIENT_CUT_TEXT,
+    MSG_FRAMEBUFFER_UPDATE,
+    MSG_FRAMEBUFFER_UPDATE_REQUEST,
+    MSG_KEY_EVENT,
+    MSG_POINTER_EVENT,
+    MSG_SERVER_CUT_TEXT,
+    MSG_SET_COLOUR_MAP_ENTRIES,
+    MSG_SET_ENCODINGS,
+    MSG_SET_PIXEL_FORMAT,
+    RECT_HEADER,
+    SECURITY_NONE,
+    SERVER_INIT,
+    U8,
+    U32,
+    UPDATE_HEADER,
+    PixelFormat,
+)
 
 _VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
-_U8 = struct.Struct(">B")
-_U32 = struct.Struct(">I")
-_SERVER_INIT = struct.Struct(">HH16sI")
-_UPDATE_HEADER = struct.Struct(">xH")  # after the type byte: padding, number of rectangles
-_RECT_HEADER = struct.Struct(">HHHHi")
-_COLOUR_MAP_HEADER = struct.Struct(">xHH")
-_CUT_TEXT_HEADER = struct.Struct(">3xI")
 
 #: Limits on what the server may make us buffer (RFB itself allows up to 4 GiB for each).
 DEFAULT_MAX_NAME = 64 << 10
 DEFAULT_MAX_CUT_TEXT = 1 << 20
 DEFAULT_MAX_CURSOR = 1024  # pixels per side
 
-
-class RfbError(Exception):
-    """Root of this module's errors."""
-
-
-class RemoteProtocolError(RfbError):
-    """The server broke the protocol (or refused us); the connection cannot continue."""
-
-
-class AuthenticationFailed(RemoteProtocolError):
-    """The server refused the handshake; ``reason`` is its own text when it gave one."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"VNC server refused the connection: {reason}")
-        self.reason = reason
-
-
-class LocalProtocolError(RfbError):
-    """This side misused the API (e.g. sent a message before the handshake finished)."""
-
-
-#: 32 bits little-endian xRGB: bytes B, G, R, X in memory, the shm segment's pixel format 1 (BGRX8888).
-BGRX8888 = PixelFormat(32, 24, False, True, 255, 255, 255, 16, 8, 0)
+#: The server broke the protocol (h11's name for the peer's error; the same class as the server role's).
+RemoteProtocolError = ProtocolError
 
 
 # --- events ------------------------------------------------------------------------------------------------
@@ -283,13 +258,13 @@ class RfbClient:
             types = self._take(1 + count)[1:]
             if SECURITY_NONE not in types:
                 raise AuthenticationFailed(f"no supported security type offered (server offers {list(types)})")
-            self._out += _U8.pack(SECURITY_NONE)
+            self._out += U8.pack(SECURITY_NONE)
             if self.version == (3, 8):
                 self.state = State.SECURITY_RESULT
             else:
                 self._client_init()
         elif state is State.SECURITY_33:
-            (kind,) = _U32.unpack(self._take(4))
+            (kind,) = U32.unpack(self._take(4))
             if kind == 0:
                 self.state = State.FAILURE_REASON
             elif kind == SECURITY_NONE:
@@ -297,13 +272,13 @@ class RfbClient:
             else:
                 raise AuthenticationFailed(f"server requires security type {kind}")
         elif state is State.SECURITY_RESULT:
-            (result,) = _U32.unpack(self._take(4))
+            (result,) = U32.unpack(self._take(4))
             if result == 0:
                 self._client_init()
             else:
                 self.state = State.FAILURE_REASON
         elif state is State.FAILURE_REASON:
-            (length,) = _U32.unpack(self._peek(4))
+            (length,) = U32.unpack(self._peek(4))
             if length > self.max_name:
                 raise AuthenticationFailed(f"(reason of {length} bytes not read)")
             reason = self._take(4 + length)[4:]
@@ -331,11 +306,11 @@ class RfbClient:
         self.state = State.SECURITY_33 if self.version == (3, 3) else State.SECURITY_TYPES
 
     def _client_init(self) -> None:
-        self._out += _U8.pack(1 if self.shared else 0)
+        self._out += U8.pack(1 if self.shared else 0)
         self.state = State.SERVER_INIT
 
     def _on_server_init(self, events: list[Event]) -> None:
-        width, height, raw_format, name_length = _SERVER_INIT.unpack(self._peek(_SERVER_INIT.size))
+        width, height, raw_format, name_length = SERVER_INIT.unpack(self._peek(SERVER_INIT.size))
         if name_length > self.max_name:
             raise RemoteProtocolError(f"server name of {name_length} bytes exceeds the limit of {self.max_name}")
         pixel_format = PixelFormat.unpack(raw_format)
@@ -343,7 +318,7 @@ class RfbClient:
             pixel_format.check()
         except ValueError as exc:
             raise RemoteProtocolError(f"server's {exc}") from None
-        name = self._take(_SERVER_INIT.size + name_length)[_SERVER_INIT.size :]
+        name = self._take(SERVER_INIT.size + name_length)[SERVER_INIT.size :]
         self.width, self.height = width, height
         self.pixel_format = pixel_format
         self.server_name = name.decode("utf-8", "replace")
@@ -376,28 +351,28 @@ class RfbClient:
     def _message(self, events: list[Event]) -> None:
         kind = self._peek(1)[0]
         if kind == MSG_FRAMEBUFFER_UPDATE:
-            (count,) = _UPDATE_HEADER.unpack(self._take(1 + _UPDATE_HEADER.size)[1:])
+            _kind, count = UPDATE_HEADER.unpack(self._take(UPDATE_HEADER.size))
             self._in_update = True
             self._rects_left = count
         elif kind == MSG_BELL:
             self._take(1)
             events.append(Bell())
         elif kind == MSG_SERVER_CUT_TEXT:
-            (length,) = _CUT_TEXT_HEADER.unpack(self._peek(1 + _CUT_TEXT_HEADER.size)[1:])
+            _kind, length = CUT_TEXT_HEADER.unpack(self._peek(CUT_TEXT_HEADER.size))
             if length > self.max_cut_text:
                 raise RemoteProtocolError(f"server cut text of {length} bytes exceeds the limit of "
                                           f"{self.max_cut_text}")
-            text = self._take(1 + _CUT_TEXT_HEADER.size + length)[1 + _CUT_TEXT_HEADER.size :]
+            text = self._take(CUT_TEXT_HEADER.size + length)[CUT_TEXT_HEADER.size :]
             events.append(ServerCutText(text))
         elif kind == MSG_SET_COLOUR_MAP_ENTRIES:
             # Meaningless with the true-colour format we use; its length is well defined, so it is skipped.
-            _first, count = _COLOUR_MAP_HEADER.unpack(self._take(1 + _COLOUR_MAP_HEADER.size)[1:])
+            _kind, _first, count = COLOUR_MAP_HEADER.unpack(self._take(COLOUR_MAP_HEADER.size))
             self._skip = count * 6
         else:
             raise RemoteProtocolError(f"unknown server message type {kind}")
 
     def _rect_header(self, events: list[Event]) -> None:
-        x, y, width, height, encoding = _RECT_HEADER.unpack(self._take(_RECT_HEADER.size))
+        x, y, width, height, encoding = RECT_HEADER.unpack(self._take(RECT_HEADER.size))
         self._rects_left -= 1
         if encoding == ENCODING_RAW:
             if x + width > self.width or y + height > self.height:
@@ -455,7 +430,7 @@ class RfbClient:
         if not pixel_format.true_colour:
             raise LocalProtocolError("colour-map pixel formats are not supported")
         self.pixel_format = pixel_format
-        return _U8.pack(MSG_SET_PIXEL_FORMAT) + b"\x00" * 3 + pixel_format.pack()
+        return U8.pack(MSG_SET_PIXEL_FORMAT) + b"\x00" * 3 + pixel_format.pack()
 
     def set_encodings(self, encodings: Iterable[int]) -> bytes:
         """SetEncodings; afterwards the server may use exactly these (and Raw, which is always allowed)."""
@@ -482,3 +457,11 @@ class RfbClient:
     def client_cut_text(self, text: bytes) -> bytes:
         self._require_normal("ClientCutText")
         return struct.pack(">B3xI", MSG_CLIENT_CUT_TEXT, len(text)) + text
+
+
+__all__ = [
+    "BGRX8888", "DEFAULT_MAX_CURSOR", "DEFAULT_MAX_CUT_TEXT", "DEFAULT_MAX_NAME", "ENCODING_CURSOR",
+    "ENCODING_DESKTOP_SIZE", "ENCODING_RAW", "AuthenticationFailed", "Bell", "Cursor", "DesktopSize", "Event",
+    "LocalProtocolError", "ProtocolError", "RawPixels", "RemoteProtocolError", "RfbClient", "RfbError",
+    "ServerCutText", "ServerInit", "State", "UpdateDone",
+]

@@ -21,7 +21,7 @@ is closed. Typical use::
             send(conn.data_to_send()); close(); return  # a handshake refusal may be queued
         send(conn.data_to_send())                     # handshake replies, ServerInit, colour map
         for event in events: ...                      # input, update requests, ...
-    send(conn.framebuffer_update(rects))              # rects from clients.rfb.encodings
+    send(conn.framebuffer_update(rects))              # rects from rfb.encodings
 
 Every method that returns bytes puts anything still queued for ``data_to_send()`` in front, so the bytes
 leave in protocol order even if the owner forgot to drain the queue.
@@ -33,10 +33,10 @@ import struct
 from collections.abc import Iterable
 from enum import Enum
 
-from clients.rfb import auth
-from clients.rfb.encodings.update import framebuffer_update_message
-from clients.rfb.errors import LocalProtocolError, ProtocolError
-from clients.rfb.events import (
+from rfb import auth
+from rfb.encodings.update import framebuffer_update_message, update_header
+from rfb.errors import LocalProtocolError, ProtocolError
+from rfb.events import (
     AuthFailed,
     ClientInitReceived,
     ContinuousUpdates,
@@ -52,8 +52,8 @@ from clients.rfb.events import (
     SecurityNegotiated,
     UpdateRequested,
 )
-from clients.rfb.pixels import BGR233_PALETTE, pack_colour_map
-from clients.rfb.wire import (
+from rfb.pixels import BGR233_PALETTE, pack_colour_map
+from rfb.wire import (
     BGRX8888,
     CLIENT_CUT_TEXT_HEADER,
     CLIENT_FENCE_HEADER,
@@ -494,7 +494,7 @@ class RfbServerConnection:
         return self.data_to_send() + body
 
     def framebuffer_update(self, rects: Iterable[bytes], *, last_rect: bool = False) -> bytes:
-        """A FramebufferUpdate of complete rectangles (header + payload each, see clients.rfb.encodings).
+        """A FramebufferUpdate of complete rectangles (header + payload each, see rfb.encodings).
 
         ``last_rect`` ends the message with a LastRect pseudo-rectangle instead of counting (the viewer must
         have asked for it); more than 65535 rectangles need it.
@@ -502,6 +502,11 @@ class RfbServerConnection:
         if last_rect and not self.supports(ENCODING_LAST_RECT):
             raise LocalProtocolError("the viewer did not ask for the LastRect pseudo-encoding")
         return self._message(framebuffer_update_message(rects, last_rect_terminated=last_rect))
+
+    def framebuffer_update_header(self, count: int) -> bytes:
+        """The start of a FramebufferUpdate of ``count`` complete rectangles that the owner sends after it as
+        they are (so a large rectangle is not copied into one message)."""
+        return self._message(update_header(count))
 
     def bell(self) -> bytes:
         return self._message(U8.pack(MSG_BELL))

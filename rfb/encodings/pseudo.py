@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from clients.rfb.pixels import convert, cursor_mask
-from clients.rfb.wire import (
+from rfb.pixels import convert, cursor_mask
+from rfb.wire import (
     EDS_HEADER,
     EDS_REASON_SERVER,
     EDS_STATUS_OK,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clients.rfb.wire import PixelFormat, Screen
+from rfb.wire import PixelFormat, Screen
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from clients.rfb.encodings.base import Encoder, check_size
-from clients.rfb.wire import ENCODING_COPYRECT, ENCODING_RAW, Buffer, PixelFormat, rect_header
+from rfb.encodings.base import Encoder, Pixels, check_size
+from rfb.wire import ENCODING_COPYRECT, ENCODING_RAW, Buffer, PixelFormat, rect_header
 
 _COPYRECT = struct.Struct(">HH")
 
@@ -15,8 +15,12 @@ class RawEncoder(Encoder):
 
     encoding = ENCODING_RAW
 
-    def encode(self, pixels: Buffer, width: int, height: int, fmt: PixelFormat) -> bytes:
+    def encode(self, pixels: Pixels, width: int, height: int, fmt: PixelFormat) -> bytes:
         return check_size(pixels, width, height, fmt)
+
+    def pieces(self, x: int, y: int, width: int, height: int, pixels: Pixels,
+               fmt: PixelFormat) -> tuple[list[Buffer], int]:
+        return [rect_header(x, y, width, height, self.encoding), self.encode(pixels, width, height, fmt)], 1
 
 
 def copyrect_rect(x: int, y: int, width: int, height: int, src_x: int, src_y: int) -> bytes:

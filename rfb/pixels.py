@@ -20,7 +20,7 @@ import sys
 from array import array
 from collections.abc import Sequence
 
-from clients.rfb.wire import BGRX8888, Buffer, PixelFormat
+from rfb.wire import BGRX8888, Buffer, PixelFormat
 
 SOURCE_BPP = 4  # the framebuffer's bytes per pixel (BGRX)
 _SOURCE_PLANES = {"blue": 0, "green": 1, "red": 2}  # byte offset of each channel in a BGRX pixel

@@ -1,4 +1,4 @@
-"""Throughput of pixel conversion and of each encoder on full 1024x768 frames: ``python -m clients.rfb.benchmark``.
+"""Throughput of pixel conversion and of each encoder on full 1024x768 frames: ``python -m rfb.benchmark``.
 
 Two frames: a desktop-like one (flat background, windows with title-bar gradients, lines of text drawn with
 Pillow's default font) and random noise. Each encoder starts with fresh zlib streams and encodes the frame
@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from PIL import Image, ImageDraw
 
-from clients.rfb import pixels
-from clients.rfb.encodings import (
+from rfb import pixels
+from rfb.encodings import (
     Encoder,
     HextileEncoder,
     RawEncoder,
@@ -24,7 +24,7 @@ from clients.rfb.encodings import (
     ZlibEncoder,
     ZrleEncoder,
 )
-from clients.rfb.wire import BGRX8888, PixelFormat
+from rfb.wire import BGRX8888, PixelFormat
 
 WIDTH, HEIGHT = 1024, 768
 FORMATS = {

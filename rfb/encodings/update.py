@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from clients.rfb.encodings.pseudo import last_rect
-from clients.rfb.wire import MSG_FRAMEBUFFER_UPDATE, UPDATE_HEADER
+from rfb.encodings.pseudo import last_rect
+from rfb.wire import MSG_FRAMEBUFFER_UPDATE, UPDATE_HEADER
 
 MAX_COUNTED_RECTS = 0xFFFE  # 0xFFFF means "until LastRect" to viewers that asked for LastRect
 UNKNOWN_COUNT = 0xFFFF
