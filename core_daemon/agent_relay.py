@@ -72,19 +72,24 @@ class ByteRelay:
         if writer.transport.get_write_buffer_size() + len(data) > self.max_pending:
             if not self.write_wait:
                 raise RelayBusy(f"the {self.label} is not reading its channel")
+            await self._wait_for_room(writer, len(data))
+        writer.write(data)
+
+    async def _wait_for_room(self, writer: asyncio.StreamWriter, size: int) -> None:
+        """Until ``size`` more bytes fit among those queued; busy once the guest side took nothing of them for
+        ``write_wait`` seconds (a slow reader that keeps taking is waited for)."""
+        while (queued := writer.transport.get_write_buffer_size()) > 0 and queued + size > self.max_pending:
             try:
-                async with asyncio.timeout(self.write_wait):
-                    while (queued := writer.transport.get_write_buffer_size()) > 0 \
-                            and queued + len(data) > self.max_pending:
-                        await writer.drain()  # (the buffer is over the transport's high-water mark: it waits)
+                # (over the transport's high-water mark: drain waits until it is well below)
+                await asyncio.wait_for(writer.drain(), self.write_wait)
             except TimeoutError:
-                raise RelayBusy(f"the {self.label} has not taken what waits for it within {self.write_wait:g} s"
-                                ) from None
+                if writer.transport.get_write_buffer_size() >= queued:
+                    raise RelayBusy(f"the {self.label} took nothing of what waits for it for {self.write_wait:g} "
+                                    "s") from None
             except (ConnectionError, OSError) as exc:
                 raise RelayUnavailable(f"the {self.label}'s channel {self.path} closed: {exc}") from exc
-            if writer.is_closing():
-                raise RelayUnavailable(f"the {self.label}'s channel {self.path} closed")
-        writer.write(data)
+        if writer.is_closing():
+            raise RelayUnavailable(f"the {self.label}'s channel {self.path} closed")
 
     async def _room(self) -> None:
         """Before each read: wait until what was read may be passed on (flow control; none here)."""

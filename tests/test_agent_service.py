@@ -37,7 +37,7 @@ class FakeChannel:
         self.pace = 0.0
         self._pending = b""
 
-    async def agent_write(self, data: bytes) -> None:
+    async def agent_write(self, data: bytes, *, timeout_s: float | None = None) -> None:
         assert self.service is not None and len(data) <= MAX_AGENT_CHUNK
         self.frames.append(len(data))
         self._pending += data
@@ -241,15 +241,15 @@ async def test_an_oversize_reply_says_how_far_the_guest_read() -> None:
 
 
 async def test_a_slow_big_reply_is_not_cut_off_while_it_progresses() -> None:
-    """8 MiB arriving over about 1.3 s with a 0.5 s timeout: every MiB that arrives gives it 0.5 s more. A reply
-    that stops coming fails at its deadline, saying how far a read may have moved the guest's file position."""
+    """8 MiB arriving over about 4 s with a 2 s timeout: every MiB that arrives (every 0.5 s) gives it 2 s more.
+    A reply that stops coming fails at its deadline, saying how far a read may have moved the file position."""
     service, channel = await make_service()
     channel.reply = lambda command, arguments: {"count": 6 << 20, "buf-b64": "QUFB" * (2 << 20)}
-    channel.pace = 0.01
+    channel.pace = 0.03
     try:
         start = time.monotonic()
-        reply = await service.call("guest-file-read", {"handle": 1, "count": 6 << 20}, timeout_s=0.5)
-        assert len(reply["buf-b64"]) == 8 << 20 and time.monotonic() - start > 0.5
+        reply = await service.call("guest-file-read", {"handle": 1, "count": 6 << 20}, timeout_s=2)
+        assert len(reply["buf-b64"]) == 8 << 20 and time.monotonic() - start > 2
         channel.silent = True
         with pytest.raises(AgentTimeout, match="may have read up to 4096 bytes and its file position moved"):
             await service.call("guest-file-read", {"handle": 1}, timeout_s=0.3)

@@ -88,6 +88,8 @@ _STATUS_AFTER = {"SUSPEND": "suspended", "SUSPEND_DISK": "shutdown", "SHUTDOWN":
                  "RESUME": "running", "WAKEUP": "running", "RESET": "running"}
 #: How long a call waits for ``query-status`` when it must know whether the guest is suspended.
 _STATUS_TIMEOUT = 2.0
+#: agent_write requests wait for their reply within the call's deadline, not the channel's default 10 s.
+_NO_CHANNEL_TIMEOUT = 24 * 3600.0
 #: agent_data frames acknowledged at a time (op agent_ack): the core sends at most AGENT_WINDOW unacknowledged.
 ACK_EVERY = AGENT_WINDOW // 4
 #: Agent bytes handled per turn of the event loop: the rest of a frame waits for the next turn, so a frame of a
@@ -442,7 +444,8 @@ class AgentService:
                                    "(vmfront run --agent)")
         try:
             for chunk in _frames([data] if isinstance(data, bytes) else data, MAX_AGENT_CHUNK):
-                await channel.agent_write(chunk)
+                # (the call's own deadline bounds the wait: the relay may take a slow agent's time for a frame)
+                await channel.agent_write(chunk, timeout_s=_NO_CHANNEL_TIMEOUT)
                 self._progress(len(chunk))
         except RemoteError as exc:
             self._conn.abandon()
