@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 #: Largest chunk handed to a client at once (the control channel's agent-data limit is 1 MiB).
 READ_CHUNK = 64 << 10
-#: Bytes queued towards the agent beyond which a write is refused as busy.
+#: Bytes queued towards the guest beyond which a write waits (the agent) or is refused as busy (the console).
 MAX_PENDING_WRITE = 1 << 20
 RECONNECT_MIN, RECONNECT_MAX = 0.1, 5.0
 
@@ -48,6 +48,10 @@ class ByteRelay:
     says whether a client took it."""
 
     label = "guest channel"
+    #: Bytes that may wait to be sent to the guest.
+    max_pending = MAX_PENDING_WRITE
+    #: How long a write waits for room among them before it is refused as busy (0: refused at once).
+    write_wait = 0.0
 
     def __init__(self, path: Path, deliver: Callable[[bytes], bool]) -> None:
         self.path = path
@@ -65,9 +69,30 @@ class ByteRelay:
         writer = self._writer
         if writer is None or writer.is_closing():
             raise RelayUnavailable(f"the {self.label}'s channel {self.path} is not connected")
-        if writer.transport.get_write_buffer_size() + len(data) > MAX_PENDING_WRITE:
-            raise RelayBusy(f"the {self.label} is not reading its channel")
+        if writer.transport.get_write_buffer_size() + len(data) > self.max_pending:
+            if not self.write_wait:
+                raise RelayBusy(f"the {self.label} is not reading its channel")
+            await self._wait_for_room(writer, len(data))
         writer.write(data)
+
+    async def _wait_for_room(self, writer: asyncio.StreamWriter, size: int) -> None:
+        """Until ``size`` more bytes fit among those queued; busy once the guest side took nothing of them for
+        ``write_wait`` seconds (a slow reader that keeps taking is waited for)."""
+        while (queued := writer.transport.get_write_buffer_size()) > 0 and queued + size > self.max_pending:
+            try:
+                # (over the transport's high-water mark: drain waits until it is well below)
+                await asyncio.wait_for(writer.drain(), self.write_wait)
+            except TimeoutError:
+                if writer.transport.get_write_buffer_size() >= queued:
+                    raise RelayBusy(f"the {self.label} took nothing of what waits for it for {self.write_wait:g} "
+                                    "s") from None
+            except (ConnectionError, OSError) as exc:
+                raise RelayUnavailable(f"the {self.label}'s channel {self.path} closed: {exc}") from exc
+        if writer.is_closing():
+            raise RelayUnavailable(f"the {self.label}'s channel {self.path} closed")
+
+    async def _room(self) -> None:
+        """Before each read: wait until what was read may be passed on (flow control; none here)."""
 
     async def close(self) -> None:
         if self._task is not None:
@@ -103,7 +128,10 @@ class ByteRelay:
             self._writer = writer
             self.connected.set()
             try:
-                while data := await reader.read(READ_CHUNK):
+                while True:
+                    await self._room()
+                    if not (data := await reader.read(READ_CHUNK)):
+                        break
                     self._relay(data)
             except OSError as exc:
                 log.warning("%s channel error: %s", self.label, exc)
@@ -118,9 +146,26 @@ class ByteRelay:
 
 
 class AgentRelay(ByteRelay):
-    """The qemu-ga channel: what arrives while no client listens is dropped (qemu-ga's framing resynchronises)."""
+    """The qemu-ga channel: what arrives while no client listens is dropped (qemu-ga's framing resynchronises).
+
+    A big request (a guest-file-write of up to 48 MiB) comes in frames of up to 1 MiB, one after the other: a
+    frame waits (up to ``write_wait``) while more than ``max_pending`` bytes are still queued, so the relay holds
+    at most about two frames, and each frame's reply tells the client that the next one may go."""
 
     label = "guest agent"
+    max_pending = 2 * MAX_PENDING_WRITE
+    write_wait = 5.0
+
+    def __init__(self, path: Path, deliver: Callable[[bytes], bool],
+                 room: Callable[[], Awaitable[None]] | None = None) -> None:
+        """``room``: awaited before each read, so a client that acknowledges its frames (op agent_ack) paces the
+        relay, and through it QEMU's port and the guest's writes, instead of being sent more than it takes."""
+        super().__init__(path, deliver)
+        self._room_for_more = room
+
+    async def _room(self) -> None:
+        if self._room_for_more is not None:
+            await self._room_for_more()
 
 
 class SerialRelay(ByteRelay):

@@ -7,6 +7,7 @@ that goes away has its held keys and buttons released, so a killed viewer cannot
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,9 @@ from typing import Any
 
 from ipc.channel import ClientInfo, CoreChannel, CoreStatus, RequestError, ipc_endpoint
 from ipc.messages import (
+    AGENT_WINDOW,
     MAX_CONSOLE_CHUNK,
+    AgentAckOp,
     AgentData,
     AgentWriteOp,
     Capability,
@@ -73,6 +76,11 @@ class ControlService:
         self._on_clients_changed = on_clients_changed
         self._agent: AgentRelay | None = None
         self._agent_owner: ClientInfo | None = None
+        # Flow control of agent_data towards the owner, once it acknowledges frames (op agent_ack).
+        self._agent_paced = False
+        self._agent_unacked = 0
+        self._agent_room = asyncio.Event()
+        self._agent_room.set()
         self._console: SerialRelay | None = None
         self.channel = CoreChannel(ipc_endpoint(path), vm_name=vm_name, handler=self._handle, status=self._status,
                                    on_client_attached=self._clients_changed, on_client_gone=self._client_gone,
@@ -126,7 +134,7 @@ class ControlService:
 
     async def _client_gone(self, client: ClientInfo) -> None:
         if self._agent_owner is client:
-            self._agent_owner = None
+            self._set_agent_owner(None)
         display = self._display()
         if display is not None and display.input is not None:
             try:
@@ -172,6 +180,9 @@ class ControlService:
             return None
         if isinstance(op, AgentWriteOp):
             return await self._agent_write(client, op.data)
+        if isinstance(op, AgentAckOp):
+            self._agent_ack(client, op.frames)
+            return None
         if isinstance(op, ConsoleWriteOp):
             return await self._console_write(op.data)
         if isinstance(op, ClipboardSetOp):
@@ -219,12 +230,36 @@ class ControlService:
     def deliver_agent_data(self, data: bytes) -> bool:
         """Agent bytes go to the client that last wrote to the agent (one agent user at a time)."""
         owner = self._agent_owner
-        return owner is not None and self.channel.send_event(owner, AgentData(data))
+        if owner is None or not self.channel.send_event(owner, AgentData(data)):
+            return False
+        if self._agent_paced:
+            self._agent_unacked += 1
+            if self._agent_unacked >= AGENT_WINDOW:
+                self._agent_room.clear()
+        return True
+
+    async def agent_room(self) -> None:
+        """Returns once the agent's owner may be sent more (it acknowledged enough; or it changed, or left)."""
+        await self._agent_room.wait()
+
+    def _agent_ack(self, client: ClientInfo, frames: int) -> None:
+        if client is not self._agent_owner:
+            return  # (frames it got as an earlier owner: not counted any more)
+        self._agent_paced = True
+        self._agent_unacked = max(0, self._agent_unacked - frames)
+        if self._agent_unacked < AGENT_WINDOW:
+            self._agent_room.set()
+
+    def _set_agent_owner(self, client: ClientInfo | None) -> None:
+        self._agent_owner = client
+        self._agent_paced = False
+        self._agent_unacked = 0
+        self._agent_room.set()
 
     async def _agent_write(self, client: ClientInfo, data: bytes) -> None:
         if self._agent is not None and self._agent_owner is not client:
             log.info("guest agent channel now used by %s", client)
-            self._agent_owner = client
+            self._set_agent_owner(client)
         await _relay_write(self._agent, data, "Agent", "this core has no guest-agent channel (start it with --agent)")
 
     async def _input(self, client: ClientInfo, op: InputOp) -> None:

@@ -368,7 +368,7 @@ class Core:
         endpoints["control"] = str(self.run_dir.control_socket)
         agent_path = cfg.agent_socket or (self.run_dir.agent_socket if cfg.agent and cfg.attach is None else None)
         if agent_path is not None:
-            self.agent = AgentRelay(agent_path, self.control.deliver_agent_data)
+            self.agent = AgentRelay(agent_path, self.control.deliver_agent_data, self.control.agent_room)
             self.control.attach_agent(self.agent)
             self.agent.start()
             endpoints["agent"] = str(agent_path)

@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ipc.messages import (  # noqa: E402
+    AgentAckOp,
     AgentData,
     AgentWriteOp,
     Broadcast,
@@ -181,6 +182,7 @@ def ipc_seeds() -> dict[str, bytes]:
         "request-qmp-many": Request(8, QmpOp("query-status", {"a": [[{}] * 50] * 20, "b": "\x00"})),
         "request-refresh": Request(4, RefreshOp()),
         "request-agent": Request(5, AgentWriteOp(b'\xff{"execute":"guest-ping"}\n')),
+        "request-agent-ack": Request(9, AgentAckOp(16)),
         "request-console": Request(6, ConsoleWriteOp(b"uname -a\r")),
         "request-clipboard": Request(9, ClipboardSetOp("Grüße ✓\n", "vnc#1 127.0.0.1:50112")),
         "event-clipboard": Broadcast(ClipboardChanged("from the guest: 世界")),

@@ -43,6 +43,7 @@ from .messages import (
     OP_CAPABILITY,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
+    AgentAckOp,
     AgentWriteOp,
     Broadcast,
     Bye,
@@ -81,7 +82,8 @@ SEND_HWM = 1000
 MAX_QUEUED_REQUESTS = 256
 #: A client's requests run in lanes: in order within a lane, lanes side by side. Input is paced (keys 10 ms
 #: apart), so a viewer typing a long text must not hold up the monitor's QMP or a guest-agent call.
-LANES = {InputOp.OP: "input", ReleaseInputOp.OP: "input", AgentWriteOp.OP: "agent", ClipboardSetOp.OP: "clipboard"}
+LANES = {InputOp.OP: "input", ReleaseInputOp.OP: "input", AgentWriteOp.OP: "agent", AgentAckOp.OP: "agent-ack",
+         ClipboardSetOp.OP: "clipboard"}
 DEFAULT_LANE = "control"
 #: Attached clients per core; a hello beyond is answered ``busy`` (those attached stay).
 MAX_CLIENTS = 64
@@ -503,6 +505,7 @@ class CoreChannel:
                 self._on_parts([frame.bytes for frame in frames], _peer_credentials(frames[-1]))
             except Exception:  # a bug here must not end the channel for every client
                 log.exception("control channel: failed to handle a frame")
+            await asyncio.sleep(0)  # (see ClientChannel._read_loop)
 
     def _on_parts(self, parts: list[bytes], credentials: tuple[int, int] | None = None) -> None:
         """One ZeroMQ message: the sender's identity, then frames. ``credentials`` (pid, uid) are the
@@ -1066,6 +1069,9 @@ class ClientChannel:
     async def agent_write(self, data: bytes, *, timeout_s: float | None = None) -> None:
         await self.request(AgentWriteOp(bytes(data)), timeout_s=timeout_s)
 
+    async def agent_ack(self, frames: int, *, timeout_s: float | None = None) -> None:
+        await self.request(AgentAckOp(frames), timeout_s=timeout_s)
+
     def subscribe(self, kinds: Iterable[str] | None = None, *, maxsize: int = 1000) -> Subscription:
         """Broadcasts of ``kinds`` (all if None) from now on; use as ``with ch.subscribe() as s: async for``."""
         subscription = Subscription(self, frozenset(kinds) if kinds is not None else None, maxsize)
@@ -1168,6 +1174,9 @@ class ClientChannel:
                 self._on_parts(parts)
             except Exception:
                 log.exception("%s: failed to handle a frame from the core", self._tag)
+            # pyzmq resolves a receive at once while messages are queued, so without this a burst (a 64 MiB agent
+            # reply is a thousand frames) would be handled in one go, the rest of the loop waiting behind it.
+            await asyncio.sleep(0)
 
     def _on_parts(self, parts: list[bytes]) -> None:
         if len(parts) != 1:

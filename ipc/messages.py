@@ -45,6 +45,9 @@ MAX_INPUT_EVENTS = 4096
 #: An input source's name (one per VNC viewer, say).
 MAX_SOURCE = 64
 MAX_AGENT_CHUNK = 1 << 20
+#: ``agent_data`` frames a client that acknowledges them (op ``agent_ack``) may have unacknowledged: the core reads
+#: no more of the agent's channel until it acknowledges (a 64 MiB reply never fills the 1000-frame send queue).
+AGENT_WINDOW = 64
 MAX_CONSOLE_CHUNK = 64 << 10
 #: Clipboard text, in bytes of UTF-8 (QEMU's own VNC limit: it inflates no more than 1 MiB).
 MAX_CLIPBOARD = 1 << 20
@@ -186,6 +189,14 @@ class AgentWriteOp:
 
 
 @dataclass(frozen=True)
+class AgentAckOp:
+    """The client has handled ``frames`` more ``agent_data`` frames (flow control, see ``AGENT_WINDOW``)."""
+
+    OP: ClassVar[str] = "agent_ack"
+    frames: int
+
+
+@dataclass(frozen=True)
 class ConsoleWriteOp:
     """Bytes typed on the guest's serial console, relayed unparsed."""
 
@@ -204,7 +215,7 @@ class ClipboardSetOp:
     source: str = ""
 
 
-Op = QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp | ConsoleWriteOp | ClipboardSetOp
+Op = QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp | AgentAckOp | ConsoleWriteOp | ClipboardSetOp
 
 #: The capability a client must have been granted to use an op.
 OP_CAPABILITY: dict[str, Capability] = {
@@ -213,6 +224,7 @@ OP_CAPABILITY: dict[str, Capability] = {
     ReleaseInputOp.OP: Capability.INPUT,
     RefreshOp.OP: Capability.DISPLAY,
     AgentWriteOp.OP: Capability.AGENT,
+    AgentAckOp.OP: Capability.AGENT,
     ConsoleWriteOp.OP: Capability.CONSOLE,
     ClipboardSetOp.OP: Capability.CLIPBOARD,
 }
@@ -533,6 +545,8 @@ def _op_args(body: Op) -> dict[str, Any]:
         return {"data": bytes(body.data)}
     if isinstance(body, ClipboardSetOp):
         return {"text": body.text, "source": body.source}
+    if isinstance(body, AgentAckOp):
+        return {"frames": body.frames}
     return {}
 
 
@@ -886,6 +900,7 @@ _OP_PARSERS: dict[str, Callable[[_Fields], Op]] = {
     ReleaseInputOp.OP: lambda a: ReleaseInputOp(source=a.string("source", MAX_SOURCE, optional=True) or ""),
     RefreshOp.OP: lambda a: RefreshOp(),
     AgentWriteOp.OP: lambda a: AgentWriteOp(data=a.binary("data", MAX_AGENT_CHUNK)),
+    AgentAckOp.OP: lambda a: AgentAckOp(frames=a.integer("frames", 1, MAX_ID)),
     ConsoleWriteOp.OP: lambda a: ConsoleWriteOp(data=a.binary("data", MAX_CONSOLE_CHUNK)),
     ClipboardSetOp.OP: lambda a: ClipboardSetOp(text=a.clipboard_text("text"),
                                                 source=a.string("source", MAX_SOURCE, optional=True) or ""),
@@ -961,15 +976,16 @@ _PARSERS: dict[str, Callable[[_Fields], Message]] = {
 
 #: Wire names, for docs and tests.
 MESSAGE_TYPES: tuple[type[Message], ...] = (Hello, Welcome, Heartbeat, Request, Reply, Broadcast, ErrorFrame, Bye)
-OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp, ConsoleWriteOp, ClipboardSetOp)
+OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp, AgentAckOp, ConsoleWriteOp,
+                             ClipboardSetOp)
 EVENT_KINDS: tuple[type[EventBody], ...] = (
     QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown, ConsoleData, VncReload,
     ClipboardChanged)
 
 __all__ = [
-    "ALL_CAPABILITIES", "EVENT_KINDS", "KIND_CAPABILITY", "MAX_FRAME", "MESSAGE_TYPES", "OPS", "OP_CAPABILITY",
-    "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "AgentData", "AgentWriteOp", "Broadcast", "Bye", "Capability",
-    "ClipboardChanged", "ClipboardSetOp", "ConsoleData", "ConsoleWriteOp",
+    "AGENT_WINDOW", "ALL_CAPABILITIES", "EVENT_KINDS", "KIND_CAPABILITY", "MAX_FRAME", "MESSAGE_TYPES", "OPS",
+    "OP_CAPABILITY", "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "AgentAckOp", "AgentData", "AgentWriteOp",
+    "Broadcast", "Bye", "Capability", "ClipboardChanged", "ClipboardSetOp", "ConsoleData", "ConsoleWriteOp",
     "DisplayChanged", "EncodeError", "ErrorCode", "ErrorFrame", "ErrorInfo", "EventBody", "Heartbeat", "Hello",
     "InputEvent", "InputOp", "KeyEvent", "Message", "Migrated", "Migrating", "Op", "PointerEvent", "ProtocolError",
     "QmpEvent", "QmpOp", "RefreshOp", "ReleaseInputOp", "Reply", "Request", "RunStateChanged", "Shutdown",

@@ -4,6 +4,8 @@ Modes (``python tests/hostile_agent.py SOCKET MODE`` or ``HostileAgent(path, mod
 
 - ``garbage``:  random bytes (no 0xFF), newline-split, to everything
 - ``huge``:     one 100 MiB line without a newline, then a newline and a valid reply
+- ``long-string``: a reply whose string never ends (100 MiB of base64-like bytes), then a newline
+- ``tokens``:   a 60 MiB reply of tiny tokens (``[1,1,1,...``)
 - ``silent``:   reads everything, never answers
 - ``drip``:     answers correctly, but one byte a second
 - ``wrong-id``: answers guest-sync-delimited with 0xFF and the wrong id, other commands with another ``id``
@@ -24,7 +26,7 @@ import random
 import sys
 from pathlib import Path
 
-MODES = ("garbage", "huge", "silent", "drip", "wrong-id", "ff-flood", "honest")
+MODES = ("garbage", "huge", "long-string", "tokens", "silent", "drip", "wrong-id", "ff-flood", "honest")
 HUGE = 100 << 20
 
 
@@ -102,9 +104,12 @@ class HostileAgent:
             for _ in range(20):
                 junk = bytes(random.randrange(0, 255) for _ in range(random.randrange(1, 2000)))
                 await self._send(writer, junk + b"\n")
-        elif self.mode == "huge":
-            block = b"x" * (1 << 20)
-            for _ in range(HUGE // len(block)):
+        elif (mode := self.mode) in ("huge", "long-string", "tokens"):
+            block = {"huge": b"x", "long-string": b"QUFB", "tokens": b"1,"}[mode] * (1 << 18)
+            await self._send(writer, {"huge": b"", "long-string": b'{"return": "', "tokens": b'{"return": ['}[mode])
+            for _ in range((HUGE if mode != "tokens" else 60 << 20) // len(block)):
+                if self.mode != mode:  # (the test is over)
+                    break
                 await self._send(writer, block)
             await self._send(writer, b"\n" + honest)
         elif self.mode == "drip":

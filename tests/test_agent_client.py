@@ -3,6 +3,7 @@ client process with its agent proxy, and ``vmfront agent`` as scripts would use 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from corelib import CoreProcess, kill_pid, running_core, short_tmpdir, wait_for
-from test_client import ClientProcess
+from test_client import ClientProcess, fd_count
 
 QEMU_GA = shutil.which("qemu-ga") or "/usr/bin/qemu-ga"
 
@@ -163,3 +164,52 @@ def test_qemu_ga_killed_and_restarted(setup: tuple[CoreProcess, ClientProcess, Q
         assert time.monotonic() < deadline, again.stderr + client.text()[-3000:]
         time.sleep(0.3)
     assert json.loads(again.stdout) == {}
+
+
+def test_a_flood_of_proxy_connections_leaves_room_for_scripts(setup: tuple[CoreProcess, ClientProcess, Qga]) -> None:
+    """200 connections to agent.sock that say nothing: the client keeps at most 16 (the newest), its descriptors
+    stay bounded, and `vmfront agent` (a connection that does work) is served all along."""
+    core, client, _ = setup
+    assert vmfront_agent(core, "ping").returncode == 0
+    fds_before = fd_count(client.pid)
+    flood: list[socket.socket] = []
+    try:
+        for n in range(200):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(core.run_dir / "agent.sock"))
+            flood.append(sock)
+            if n % 50 == 49:
+                ping = vmfront_agent(core, "ping")
+                assert ping.returncode == 0, ping.stderr + client.text()[-2000:]
+        wait_for(lambda: fd_count(client.pid) <= fds_before + 16, 10, "the client to close the evicted connections")
+        for sock in flood[:-16]:  # the oldest were closed by the client
+            sock.settimeout(5)
+            assert sock.recv(100) == b""
+        assert "agent proxy: closing a connection: evicted to make room for a new connection" in client.text()
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+def test_big_arguments_from_files_and_standard_input(setup: tuple[CoreProcess, ClientProcess, Qga]) -> None:
+    """What a command line cannot hold (an argument is at most 128 KiB): `exec --input FILE` gives a command 3 MiB
+    on its standard input, and `-` reads a 4 MiB guest-file-write's arguments from vmfront's own."""
+    core, client, _ = setup
+    work = short_tmpdir()
+    try:
+        data = os.urandom(3 << 20)
+        (work / "input.bin").write_bytes(data)
+        digest = hashlib.sha256(data).hexdigest()
+        ex = vmfront_agent(core, "exec", "--input", str(work / "input.bin"), "--", "sha256sum")
+        assert (ex.returncode, ex.stdout) == (0, f"{digest}  -\n"), ex.stderr + client.text()[-2000:]
+        handle = json.loads(vmfront_agent(core, "guest-file-open",
+                                          json.dumps({"path": str(work / "out.bin"), "mode": "w"})).stdout)
+        arguments = json.dumps({"handle": handle, "buf-b64": base64.b64encode(data + data[:1 << 20]).decode()})
+        written = subprocess.run([sys.executable, "-m", "vmfront", "agent", "agc", "--run-dir", str(core.run_dir),
+                                  "guest-file-write", "-"], input=arguments, capture_output=True, text=True,
+                                 timeout=60)
+        assert written.returncode == 0 and json.loads(written.stdout)["count"] == 4 << 20, written.stderr
+        assert vmfront_agent(core, "guest-file-close", json.dumps({"handle": handle})).returncode == 0
+        assert (work / "out.bin").read_bytes() == data + data[:1 << 20]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

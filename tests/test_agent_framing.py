@@ -11,6 +11,7 @@ a newline) and a marker ``guest-sync``; everything up to the marker's reply is c
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import shutil
@@ -39,6 +40,7 @@ PING = b'{"execute":"guest-ping"}'
 class Pair(NamedTuple):
     proxy: Path      # the client's agent proxy, with a real qemu-ga behind the core
     reference: Path  # another real qemu-ga, on its own socket
+    client_pid: int  # the client serving the proxy
 
 
 @contextlib.contextmanager
@@ -57,7 +59,7 @@ def proxy_and_reference(name: str) -> Iterator[Pair]:
                 wait_for(proxy.exists, 15, "the client's agent proxy")
                 # The first call synchronises the client with its agent.
                 assert exchange(proxy, [PING]).startswith(b'{"return": {}}\n'), client.text()[-3000:]
-                yield Pair(proxy, reference.sock)
+                yield Pair(proxy, reference.sock, client.pid)
                 assert client.proc.poll() is None, "the client died"
             finally:
                 client.stop()
@@ -85,14 +87,14 @@ def exchange(path: Path, writes: list[bytes], *, pause: float = 0.0, timeout: fl
             if pause:
                 time.sleep(pause)
         sock.sendall(MARKER)
-        replies = b""
+        replies = bytearray()
         deadline = time.monotonic() + timeout
         while not replies.endswith(MARKER_REPLY):  # read all: qemu-ga exits if a peer leaves replies unread
             assert time.monotonic() < deadline, f"no marker reply from {path} after {replies[-500:]!r}"
             chunk = sock.recv(1 << 20)
             assert chunk, f"{path} closed the connection after {replies[-500:]!r}"
             replies += chunk
-    return replies
+    return bytes(replies)
 
 
 def assert_same(pair: Pair, writes: list[bytes], *, pause: float = 0.0) -> bytes:
@@ -177,11 +179,44 @@ def test_what_the_issue_reported(pair: Pair) -> None:
 
 
 def test_oversize_request_refused_and_connection_kept(pair: Pair) -> None:
-    """Over qemu-ga's 64 MiB (and so over the proxy's 8 MiB too): the same error, then the same recovery."""
+    """Over qemu-ga's 64 MiB (the proxy's limit too): the same error, then the same recovery."""
     huge = b'{"execute":"guest-ping","id":"' + b"QUFB" * (17 << 20) + b'"}' + PING
     replies = assert_same(pair, [huge])
     assert replies.startswith(b'{"error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}}\n')
     assert b'{"return": {}}\n' in replies  # the ping after it was answered: the connection stayed
+
+
+def test_a_request_just_under_qemu_gas_limit_is_run_alike(pair: Pair) -> None:
+    """A 47 MiB guest-file-write (63 MiB of JSON, 64 control-channel frames): the same reply, the same file."""
+    root = short_tmpdir()
+    try:
+        data = bytes(range(256)) * (47 << 12)
+        replies = []
+        for side, path in ((pair.reference, root / "reference.bin"), (pair.proxy, root / "proxy.bin")):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(120)
+                sock.connect(str(side))
+                opened = exchange_one(sock, b'{"execute":"guest-file-open","arguments":{"path":"%s","mode":"w"}}'
+                                      % str(path).encode())
+                handle = json.loads(opened)["return"]
+                replies.append(exchange_one(sock, b'{"execute":"guest-file-write","arguments":{"handle":%d,'
+                                            b'"buf-b64":"%s"}}' % (handle, base64.b64encode(data))))
+                exchange_one(sock, b'{"execute":"guest-file-close","arguments":{"handle":%d}}' % handle)
+        assert replies[0] == replies[1] == b'{"return": {"count": 49283072, "eof": false}}\n'
+        assert (root / "proxy.bin").read_bytes() == (root / "reference.bin").read_bytes() == data
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def exchange_one(sock: socket.socket, request: bytes) -> bytes:
+    """One request on an open connection, its one reply line."""
+    sock.sendall(request)
+    reply = bytearray()
+    while not reply.endswith(b"\n"):
+        chunk = sock.recv(1 << 20)
+        assert chunk, f"closed after {reply[-300:]!r}"
+        reply += chunk
+    return bytes(reply)
 
 
 _FRAGMENTS = [b"{", b"}", b"[", b"]", b":", b",", b'"execute"', b'"guest-ping"', b'"guest-sync"',

@@ -72,7 +72,8 @@ def hostile() -> Iterator[tuple[CoreProcess, ClientProcess, Path]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize("mode", ["garbage", "huge", "silent", "drip", "wrong-id", "ff-flood"])
+@pytest.mark.parametrize("mode", ["garbage", "huge", "long-string", "tokens", "silent", "drip", "wrong-id",
+                                  "ff-flood"])
 def test_hostile_agent_cannot_hurt_the_client(hostile: tuple[CoreProcess, ClientProcess, Path], mode: str) -> None:
     core, client, mode_file = hostile
     proxy_path = core.run_dir / "agent.sock"

@@ -47,9 +47,9 @@ class LinuxGuestImage:
     initrd: Path
     release: str
 
-    def qemu_args(self, console: Path) -> list[str]:
+    def qemu_args(self, console: Path, memory_mib: int = 160) -> list[str]:
         """The guest's QEMU options (the core adds -nodefaults, its QMP, VNC and agent sockets)."""
-        return ["-accel", os.environ.get("VMFRONT_TEST_LINUX_ACCEL", "tcg"), "-m", "160", "-vga", "std",
+        return ["-accel", os.environ.get("VMFRONT_TEST_LINUX_ACCEL", "tcg"), "-m", str(memory_mib), "-vga", "std",
                 "-kernel", str(self.kernel), "-initrd", str(self.initrd),
                 "-append", "console=ttyS0 panic=-1", "-serial", f"file:{console}", "-no-reboot"]
 

@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clients.agent.protocol import AgentServerConnection, Answer, Request
-from clients.agent.qemu_json import JsonStreamer, ParseError, Value, qdict_ordered, to_json
+from clients.agent.qemu_json import (
+    JsonStreamer,
+    ParseError,
+    RawJson,
+    Value,
+    plain,
+    qdict_ordered,
+    to_json,
+    to_json_pieces,
+)
 
 STRAY_FF = ParseError("JSON parse error, stray '\ufffd'")
 
@@ -113,10 +122,12 @@ _PIECES = st.sampled_from([b"{", b"}", b"[", b"]", b":", b",", b'"a"', b"'b'", b
 
 @settings(max_examples=300, deadline=None)
 @given(parts=st.lists(_PIECES | st.binary(max_size=8), max_size=60), seed=st.integers(0, 1 << 30),
-       small=st.booleans())
-def test_split_anywhere_same_events_bounded_memory(parts: list[bytes], seed: int, small: bool) -> None:
+       small=st.booleans(), raw=st.booleans())
+def test_split_anywhere_same_events_bounded_memory(parts: list[bytes], seed: int, small: bool, raw: bool) -> None:
     data = b"".join(parts)
-    limits = {"max_token_size": 32, "max_token_count": 12, "max_nesting": 4} if small else {}
+    limits: dict[str, int] = {"max_token_size": 32, "max_token_count": 12, "max_nesting": 4} if small else {}
+    if raw:
+        limits["raw_strings_from"] = 4
     whole = JsonStreamer(**limits).feed(data)
     streamer = JsonStreamer(**limits)
     rng = random.Random(seed)
@@ -163,3 +174,29 @@ def test_server_side_answers_and_requests() -> None:
 def test_guest_sync_checks_its_argument_as_qemu_ga(arguments: bytes, answer: bytes) -> None:
     conn = AgentServerConnection(max_token_size=1 << 20, max_token_count=1 << 16)
     assert conn.receive_data(b'{"execute":"guest-sync","arguments":' + arguments + b"}") == [Answer(answer + b"\n")]
+
+
+def test_big_strings_stay_raw_and_print_as_they_came() -> None:
+    """A long string that needs no decoding (base64 data) is kept as read, whether it came whole or in pieces,
+    and printed back unchanged; one that needs decoding, and every key, is decoded as usual."""
+    data = b"QUFB" * 50_000
+    reply = b'{"return": {"count": 150000, "buf-b64": "' + data + b'", "eof": false}}'
+    for pieces in ([reply], [reply[i:i + 4096] for i in range(0, len(reply), 4096)]):
+        streamer = JsonStreamer(raw_strings_from=1024)
+        events = [event for piece in pieces for event in streamer.feed(piece)]
+        assert len(events) == 1 and isinstance(events[0], Value)
+        value = events[0].value
+        assert isinstance(value["return"]["buf-b64"], RawJson) and len(value["return"]["buf-b64"]) == len(data)
+        assert to_json(value) == reply
+        assert any(piece is value["return"]["buf-b64"].text for piece in to_json_pieces(value))  # not copied
+        assert plain(value) == {"return": {"count": 150000, "buf-b64": data.decode(), "eof": False}}
+    escaped = b'"' + b"a" * 2000 + b'\\n"'
+    for text, expected in ((escaped, "a" * 2000 + "\n"), (b'"' + b"\xc3\xa9" * 1000 + b'"', "\u00e9" * 1000),
+                           (b'"' + b"\x7f" * 2000 + b'"', "\x7f" * 2000), (b"'" + b"a" * 2000 + b"'", "a" * 2000)):
+        (event,) = JsonStreamer(raw_strings_from=1024).feed(b"[" + text + b"]")
+        assert event == Value([expected]), text[:20]
+    long_key = "k" * 2000
+    (event,) = JsonStreamer(raw_strings_from=1024).feed(b'{"' + long_key.encode() + b'": 1}')
+    assert event == Value({long_key: 1})
+    deep = [[[RawJson(b'"' + b"A" * 10 + b'"')]]] * 2
+    assert plain(deep) == [[[("A" * 10)]]] * 2 and isinstance(deep[0][0][0], RawJson)  # (copied, not changed)

@@ -19,6 +19,7 @@ from ipc.messages import (
     MAX_FRAME,
     MESSAGE_TYPES,
     OPS,
+    AgentAckOp,
     AgentData,
     AgentWriteOp,
     Broadcast,
@@ -87,6 +88,7 @@ ops = st.one_of(
     st.builds(InputOp, events=st.lists(key_events | pointer_events | wheel_events, max_size=8).map(tuple)),
     st.just(RefreshOp()),
     st.builds(AgentWriteOp, data=st.binary(max_size=64)),
+    st.builds(AgentAckOp, frames=st.integers(1, (1 << 63) - 1)),
     st.builds(ConsoleWriteOp, data=st.binary(max_size=64)),
     st.builds(ClipboardSetOp, text=st.text(max_size=64), source=st.text(max_size=8)),
 )
@@ -361,7 +363,8 @@ SAMPLES: list[Message] = [
     Bye("x"),
 ]
 OP_SAMPLES: list[Op] = [QmpOp("x", {}), InputOp((KeyEvent(True, qcode="a"),), "vnc#1"), ReleaseInputOp("vnc#1"),
-                        RefreshOp(), AgentWriteOp(b""), ConsoleWriteOp(b""), ClipboardSetOp("héllo", "vnc#1")]
+                        RefreshOp(), AgentWriteOp(b""), AgentAckOp(16), ConsoleWriteOp(b""),
+                        ClipboardSetOp("héllo", "vnc#1")]
 KIND_SAMPLES: list[EventBody] = [
     QmpEvent({"event": "X"}), RunStateChanged("running"), Migrating(), Migrated("e"), AgentData(b""),
     DisplayChanged(None, None, None), Shutdown("x"), ConsoleData(b""), VncReload(tls_certs=True),

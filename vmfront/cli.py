@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     agent = _subparser(sub, "agent", help="talk to the guest agent (qemu-ga) through the client's agent proxy",
                        description="COMMAND is a qemu-ga command (e.g. guest-get-time) with optional JSON "
-                       "arguments, or: ping, info, osinfo, time, exec -- CMD ARGS..., copy-to SRC DST, "
+                       "arguments ('-': read them from standard input), or: ping, info, osinfo, time, "
+                       "exec [--input FILE|-] -- CMD ARGS..., copy-to SRC DST, "
                        "copy-from SRC DST (a DST ending in / or naming a directory gets SRC's file name). "
                        "Prints JSON; on failure exits 1 and prints the error class.")
     _add_vm(agent, positional=True)

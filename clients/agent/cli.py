@@ -1,6 +1,7 @@
 """``vmfront agent NAME ...``: a thin client of the agent proxy socket (qemu-ga's wire protocol), plus the
-conveniences built on it: ``exec`` (guest-exec and status polling), ``copy-to``/``copy-from`` (guest-file-* in
-chunks, with progress) and the ``ping``/``info``/``osinfo``/``time`` shorthands.
+conveniences built on it: ``exec`` (guest-exec and status polling, ``--input FILE`` for its stdin),
+``copy-to``/``copy-from`` (guest-file-* in chunks, with progress) and the ``ping``/``info``/``osinfo``/``time``
+shorthands. Arguments may come from standard input (``-``).
 
 Blocking sockets on purpose: it is a one-shot command, with a deadline on every read.
 """
@@ -17,13 +18,17 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, TextIO
 
-from .protocol import NO_REPLY_COMMANDS
-from .service import COMMAND_TIMEOUTS, DEFAULT_TIMEOUT, NO_REPLY_GRACE, SESSION_COMMAND
+from .protocol import DEFAULT_MAX_LINE, NO_REPLY_COMMANDS
+from .proxy import SESSION_COMMAND
+from .service import COMMAND_TIMEOUTS, DEFAULT_TIMEOUT, NO_REPLY_GRACE
 
 SHORTHANDS = {"ping": "guest-ping", "info": "guest-info", "osinfo": "guest-get-osinfo", "time": "guest-get-time"}
-#: File data per guest-file-read/-write (base64 makes it 4/3 larger; a control-channel frame holds 1 MiB).
+#: File data per guest-file-read/-write in copies (base64 makes it 4/3 larger on the wire).
 CHUNK = 512 << 10
-MAX_REPLY = 16 << 20
+#: The longest reply line taken from the proxy: the longest the client takes from the agent, and some.
+MAX_REPLY = DEFAULT_MAX_LINE + (64 << 10)
+#: Bytes read from the proxy at a time.
+_RECV = 1 << 20
 
 
 class AgentCliError(Exception):
@@ -53,7 +58,7 @@ class ProxyClient:
             self.sock.close()
             raise AgentCliError("AgentUnavailable", f"cannot reach the agent proxy at {path} ({exc}); is "
                                 "`vmfront client` running for this VM?") from exc
-        self._buf = b""
+        self._buf = bytearray()
         options: dict[str, Any] = {"wait": wait, "stateful": stateful}
         if timeout is not None:
             options["timeout"] = timeout
@@ -74,18 +79,29 @@ class ProxyClient:
             request["arguments"] = arguments
         default = NO_REPLY_GRACE if command in NO_REPLY_COMMANDS else COMMAND_TIMEOUTS.get(command, DEFAULT_TIMEOUT)
         limit = (self.timeout or default) + 5.0
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        data = json.dumps(request).encode() + b"\n"
         if command in NO_REPLY_COMMANDS:
+            # qemu-ga answers these only when they fail: a guest-sync behind it is answered once the proxy has
+            # seen it done (the guest shut down or suspended, or no error within the grace period).
+            marker = int.from_bytes(os.urandom(4), "big")
+            self.sock.sendall(data + json.dumps({"execute": "guest-sync", "arguments": {"id": marker}}).encode()
+                              + b"\n")
             try:
                 reply = self._read_line(limit)
             except ProxyClosed:
                 return None  # the VM ended, and the client serving the proxy with it (vmfront run)
-            except AgentCliError as exc:
-                if exc.error_class == "AgentTimeout":
-                    return None  # no answer is qemu-ga's success for these
-                raise
+            if reply.get("return") == marker:
+                return None
         else:
-            reply = self._read_line(limit)
+            self.sock.sendall(data)
+            try:
+                reply = self._read_line(limit)
+            except AgentCliError as exc:
+                if command == "guest-file-read":
+                    raise AgentCliError(exc.error_class, f"{exc.desc}; the guest may have read up to "
+                                        f"{(arguments or {}).get('count', 4096)} bytes, and its file position "
+                                        "moved past them") from exc
+                raise
         if "error" in reply:
             error = reply["error"] if isinstance(reply["error"], dict) else {}
             raise AgentCliError(str(error.get("class", "GenericError")), str(error.get("desc", "")))
@@ -95,13 +111,15 @@ class ProxyClient:
 
     def _read_line(self, limit: float) -> dict[str, Any]:
         deadline = time.monotonic() + limit
-        while b"\n" not in self._buf:
+        searched = 0
+        while (end := self._buf.find(b"\n", searched)) < 0:
+            searched = len(self._buf)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AgentCliError("AgentTimeout", f"no answer from the agent proxy within {limit:g} s")
             self.sock.settimeout(remaining)
             try:
-                chunk = self.sock.recv(1 << 20)
+                chunk = self.sock.recv(_RECV)
             except TimeoutError:
                 continue
             if not chunk:
@@ -109,7 +127,8 @@ class ProxyClient:
             self._buf += chunk
             if len(self._buf) > MAX_REPLY:
                 raise AgentCliError("AgentProtocolError", f"reply over {MAX_REPLY} bytes")
-        line, _, self._buf = self._buf.partition(b"\n")
+        line = self._buf[:end]
+        del self._buf[:end + 1]
         try:
             message = json.loads(line.lstrip(b"\xff"))
         except ValueError as exc:
@@ -259,9 +278,13 @@ def main(socket_path: Path, command: str, args: list[str], *, wait: bool, timeou
     """What ``vmfront agent`` runs; prints results (JSON) or ``vmfront agent: CLASS: desc`` and returns 1."""
     try:
         if command == "exec":
+            stdin = None
+            if args[:1] == ["--input"] and len(args) > 1:  # the command's standard input, from a file or "-"
+                stdin = sys.stdin.buffer.read() if args[1] == "-" else Path(args[1]).read_bytes()
+                args = args[2:]
             argv = args[1:] if args[:1] == ["--"] else args
             with ProxyClient(socket_path, wait=wait) as client:
-                return run_exec(client, argv, timeout=timeout or 60.0)
+                return run_exec(client, argv, timeout=timeout or 60.0, stdin=stdin)
         if command in ("copy-to", "copy-from"):
             if len(args) != 2:
                 raise AgentCliError("GenericError", f"usage: vmfront agent NAME {command} SRC DST")
@@ -276,8 +299,8 @@ def main(socket_path: Path, command: str, args: list[str], *, wait: bool, timeou
         if args:
             if len(args) > 1:
                 raise AgentCliError("GenericError", "give the arguments as one JSON object")
-            try:
-                arguments = json.loads(args[0])
+            try:  # "-": from standard input (an argument holds at most 128 KiB; a guest-file-write, 64 MiB)
+                arguments = json.loads(sys.stdin.buffer.read() if args[0] == "-" else args[0])
             except ValueError as exc:
                 raise AgentCliError("GenericError", f"arguments are not JSON: {exc}") from exc
             if not isinstance(arguments, dict):

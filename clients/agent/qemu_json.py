@@ -20,6 +20,12 @@ input exactly where qemu-ga does, with qemu-ga's error texts:
 :func:`to_json` prints like QEMU's ``qobject_to_json`` (``", "`` and ``": "``, ``\\uXXXX`` in upper case for
 everything outside printable ASCII, ``%.17g`` doubles). Feeding never raises, whatever the bytes; memory is
 bounded by the token size and count limits.
+
+Big strings (a ``guest-file-write``'s data, a ``guest-file-read``'s reply: up to 64 MiB) can stay as they were
+read: with ``raw_strings_from`` set, a string token at least that long that is already printed the way
+:func:`to_json` prints it (double quotes, printable ASCII, no escapes: base64 is) becomes a :class:`RawJson`,
+which keeps the token's bytes and is printed back as they are. Decoding such a string and printing it again
+would cost the event loop about a second per 64 MiB; keeping it costs a few checks at C speed.
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ _RECOVERY_SKIP = re.compile(rb"[^\x00-\x08\x0a-\x1f\xfe\xff\[\]{}:,]*")
 # Inside a string, the bytes that end the plain run: the quote, a backslash, or a byte the lexer refuses.
 _STRING_SPECIAL = {ord('"'): re.compile(rb'["\\\x00-\x1f\xfe\xff]'),
                    ord("'"): re.compile(rb"['\\\x00-\x1f\xfe\xff]")}
+#: The same as translation tables that map those bytes to 0 (and no other byte): on a long run of plain bytes
+#: (base64 data), ``translate`` and ``find`` are several times faster than the regular expression.
+_STRING_SPECIAL_TABLE = {quote: bytes(0 if byte < 0x20 or byte in (quote, 0x5C, 0xFE, 0xFF) else byte
+                                      for byte in range(256)) for quote in (ord('"'), ord("'"))}
 _NONCHARACTER = re.compile("[\ufdd0-\ufdef\ufffe\uffff" + "".join(
     chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(1, 17)) + "]")
 _SIMPLE_ESCAPES = {ord('"'): '"', ord("'"): "'", ord("\\"): "\\", ord("/"): "/", ord("b"): "\b", ord("f"): "\f",
@@ -61,13 +71,15 @@ _NONCHARACTER_HINTS = (b"\xef\xb7", b"\xbf\xbe", b"\xbf\xbf")
 # The common tokens whole, in one match (a fast path: anything else goes through the state machine): a
 # structural character, a string without escapes, an integer, a double, a keyword, each with the byte after it
 # when the lexer needs that byte to know the token ended (a byte that might continue it: the state machine).
-# "0e5" is no double here: after "0" QEMU's lexer takes no "e".
+# "0e5" is no double here: after "0" QEMU's lexer takes no "e". Runs are possessive and numbers and keywords
+# short: a long run of digits or letters goes to the state machine in one scan, never rescanned by backtracking.
 _SIMPLE_TOKEN = re.compile(rb'''[ \t\r\n]*+(?:
     (\{) | (\}) | (\[) | (\]) | (:) | (,)
-  | ("[^"\\\x00-\x1f\xfe\xff]*")
-  | (-?(?:0|[1-9][0-9]*))(?=[^0-9.eE+\-])
-  | (-?(?:0\.[0-9]+(?:[eE][-+]?[0-9]+)?|[1-9][0-9]*(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)))(?=[^0-9.eE+\-])
-  | ([a-z]+)(?=[^a-z])
+  | ("[^"\\\x00-\x1f\xfe\xff]*+")
+  | (-?(?:0|[1-9][0-9]{0,63}+))(?=[^0-9.eE+\-])
+  | (-?(?:0\.[0-9]{1,64}+(?:[eE][-+]?[0-9]{1,64}+)?
+        |[1-9][0-9]{0,63}+(?:\.[0-9]{1,64}+(?:[eE][-+]?[0-9]{1,64}+)?|[eE][-+]?[0-9]{1,64}+)))(?=[^0-9.eE+\-])
+  | ([a-z]{1,8}+)(?=[^a-z])
 )''', re.VERBOSE)
 # Token kind by group number.
 _GROUP_KIND = (-1, _LCURLY, _RCURLY, _LSQUARE, _RSQUARE, _COLON, _COMMA, _STRING, _INTEGER, _FLOAT, _KEYWORD)
@@ -76,6 +88,60 @@ _STRUCTURAL_TEXT = {_LCURLY: b"{", _RCURLY: b"}", _LSQUARE: b"[", _RSQUARE: b"]"
 # Bytes that are a lexical error at the start of a token and end error recovery at once: each is one error.
 _RESYNC_RUN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]+")
 _ONE_BYTE = [bytes([i]) for i in range(256)]
+
+
+class RawJson:
+    """A JSON string kept as the bytes it was read as, quotes included: already in :func:`to_json`'s form.
+
+    ``text`` is owned by this object (the reader hands over its buffer rather than copy 64 MiB).
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: bytes | bytearray) -> None:
+        self.text = text
+
+    def __len__(self) -> int:
+        """The string's length in characters (one byte each: it is ASCII)."""
+        return len(self.text) - 2
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RawJson) and self.text == other.text
+
+    __hash__ = None  # type: ignore[assignment]  # mutable bytes inside
+
+    def __repr__(self) -> str:
+        return f"RawJson({len(self)} characters)"
+
+    def decode(self) -> str:
+        return self.text[1:-1].decode("ascii")
+
+
+def _printed_as_read(token: bytes | bytearray) -> bool:
+    """Whether a string token from the lexer (which refuses control characters in strings) is what
+    :func:`to_json` prints for its value: double quotes, ASCII, no escapes, no DEL (checked at C speed)."""
+    return token[0] == 0x22 and token.isascii() and b"\\" not in token and b"\x7f" not in token
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every :class:`RawJson` decoded to a ``str``, for callers that want plain Python values
+    (containers are copied; iterative: values nest as deep as the reader allows)."""
+    if isinstance(value, RawJson):
+        return value.decode()
+    holder = [value]
+    todo: list[tuple[Any, Any]] = [(holder, 0)]
+    while todo:
+        container, key = todo.pop()
+        item = container[key]
+        if isinstance(item, RawJson):
+            container[key] = item.decode()
+        elif isinstance(item, dict):
+            container[key] = item = dict(item)
+            todo.extend((item, name) for name in item)
+        elif isinstance(item, list):
+            container[key] = item = list(item)
+            todo.extend((item, index) for index in range(len(item)))
+    return holder[0]
 
 
 @dataclass(frozen=True)
@@ -106,8 +172,15 @@ class JsonStreamer:
     """
 
     def __init__(self, *, max_token_size: int = QEMU_MAX_TOKEN_SIZE, max_token_count: int = QEMU_MAX_TOKEN_COUNT,
-                 max_nesting: int = QEMU_MAX_NESTING) -> None:
+                 max_nesting: int = QEMU_MAX_NESTING, raw_strings_from: int | None = None,
+                 max_scalar: int | None = None) -> None:
+        """``max_scalar``: a number or keyword longer than this is refused at once (not QEMU's rule, which lets
+        them grow to the token size limit: for reading what an agent sends, where 64 MiB of ``xxx...`` is
+        garbage to say early, not a token to keep)."""
         self.max_token_size = max_token_size
+        self._scalar_limit = min(max_token_size, max_scalar) if max_scalar is not None else max_token_size
+        #: String tokens this long or longer that need no decoding stay :class:`RawJson` (None: never).
+        self.raw_strings_from = raw_strings_from
         self.max_token_count = max_token_count
         self.max_nesting = max_nesting
         # Lexer: unread bytes start at the current token (or at the read position between tokens).
@@ -118,7 +191,7 @@ class JsonStreamer:
         self._scan = 0         # where the string/number/keyword scan resumes, relative to the token's start
         # Streamer: the tokens of the value being read.
         self._types = bytearray()
-        self._texts: list[bytes] = []
+        self._texts: list[bytes | bytearray] = []
         self._token_size = 0
         self._braces = 0
         self._brackets = 0
@@ -128,7 +201,7 @@ class JsonStreamer:
         """Bytes held for the value being read (its tokens, and the token being lexed)."""
         return self._token_size + len(self._buf)
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes; returns what they complete. Never raises for any input."""
         events: list[Event] = []
         buf = self._buf
@@ -174,12 +247,14 @@ class JsonStreamer:
             # Inside a token that starts at buf[0].
             if state == _IN_STRING:
                 pos = self._lex_string(buf, pos, limit, events)
+                buf = self._buf  # (a big string takes the buffer with it)
             elif state == _IN_NUMBER:
-                pos = self._lex_number(buf, pos, limit, events)
+                pos = self._lex_number(buf, pos, self._scalar_limit, events)
             else:
-                run_end = _KEYWORD_RUN.match(buf, pos).end()  # type: ignore[union-attr]  # always matches
-                if run_end > limit:
-                    pos = self._overlong(limit, events)
+                # (the scan stops past the limit: a long run is refused without being read to its end)
+                run_end = _KEYWORD_RUN.match(buf, pos, self._scalar_limit + 1).end()  # type: ignore[union-attr]
+                if run_end > self._scalar_limit:
+                    pos = self._overlong(self._scalar_limit, events)
                 elif run_end < end:
                     self._token(_KEYWORD, bytes(buf[:run_end]), events)
                     pos = self._end_token(run_end)
@@ -209,17 +284,23 @@ class JsonStreamer:
         return self._end_token(limit + 1)
 
     def _lex_string(self, buf: bytearray, pos: int, limit: int, events: list[Event]) -> int:
-        special = _STRING_SPECIAL[self._quote]
         end = len(buf)
         while True:
-            found = special.search(buf, pos, min(end, limit + 1))
-            if found is None:
+            at = _find_special(buf, pos, min(end, limit + 1), self._quote)
+            if at < 0:
                 if end <= limit:
                     return end  # the rest of the string has not arrived
                 return self._overlong(limit, events)  # the byte at the limit is a plain one
-            at = found.start()
             byte = buf[at]
             if byte == self._quote:
+                if self.raw_strings_from is not None and at + 1 >= self.raw_strings_from:
+                    # A big string: the token takes the buffer itself (no copy of up to 64 MiB), the bytes
+                    # after it move to a new one.
+                    self._buf = buf[at + 1:]
+                    del buf[at + 1:]
+                    self._state = _IN_START
+                    self._token(_STRING, buf, events)
+                    return 0
                 self._token(_STRING, bytes(buf[:at + 1]), events)
                 return self._end_token(at + 1)
             if byte < 0x20 or byte >= 0xFE:  # refused inside a string: the error token includes it
@@ -248,7 +329,7 @@ class JsonStreamer:
         while pos < end:
             sub = self._sub
             if sub in (_DIGITS, _MANTISSA_DIGITS, _EXP_DIGITS):
-                run_end = _DIGITS_RUN.match(buf, pos).end()  # type: ignore[union-attr]  # always matches
+                run_end = _DIGITS_RUN.match(buf, pos, limit + 1).end()  # type: ignore[union-attr]  # always matches
                 if run_end > limit:
                     return self._overlong(limit, events)
                 pos = run_end
@@ -304,7 +385,7 @@ class JsonStreamer:
         self._braces = 0
         self._brackets = 0
 
-    def _token(self, kind: int, text: bytes, events: list[Event]) -> None:
+    def _token(self, kind: int, text: bytes | bytearray, events: list[Event]) -> None:
         """json_message_process_token(): count, check the limits, keep the token, parse a complete value."""
         if kind == _LCURLY:
             self._braces += 1
@@ -330,7 +411,7 @@ class JsonStreamer:
         if (self._braces > 0 or self._brackets > 0) and self._braces >= 0 and self._brackets >= 0:
             return
         try:
-            events.append(Value(_parse(self._types, self._texts)))
+            events.append(Value(_parse(self._types, self._texts, self.raw_strings_from)))
         except _Failed as exc:
             events.append(ParseError(str(exc)))
         self._reset_value()
@@ -379,6 +460,15 @@ class JsonStreamer:
 # -- parser (json-parser.c) ---------------------------------------------------------------------------------------
 
 
+def _find_special(buf: bytearray, pos: int, stop: int, quote: int) -> int:
+    """Where in ``buf[pos:stop]`` a string's plain run ends (its quote, a backslash, a refused byte), or -1."""
+    if stop - pos < 4096:
+        found = _STRING_SPECIAL[quote].search(buf, pos, stop)
+        return -1 if found is None else found.start()
+    at = buf[pos:stop].translate(_STRING_SPECIAL_TABLE[quote]).find(0)
+    return -1 if at < 0 else pos + at
+
+
 def _fail(message: str) -> _Failed:
     """parse_error(): the message goes through a 1024-byte buffer first."""
     raw = message.encode()
@@ -387,8 +477,9 @@ def _fail(message: str) -> _Failed:
     return _Failed(f"JSON parse error, {message}")
 
 
-def _parse(types: bytearray, texts: list[bytes]) -> Any:
-    """One value from a balanced token list, iteratively (nesting may reach the streamer's limit)."""
+def _parse(types: bytearray, texts: list[bytes | bytearray], raw_from: int | None = None) -> Any:
+    """One value from a balanced token list, iteratively (nesting may reach the streamer's limit); string values
+    of ``raw_from`` bytes or more that need no decoding stay :class:`RawJson` (keys are always decoded)."""
     count = len(types)
     i = 0
     # Open containers: [dict, pending key or None] or [list].
@@ -410,10 +501,15 @@ def _parse(types: bytearray, texts: list[bytes]) -> Any:
                 stack.append([{}, None] if kind == _LCURLY else [[]])
                 continue  # the first key, or the first element
         elif kind == _STRING:
-            value = _parse_string(texts[i])
+            text = texts[i]
+            if raw_from is not None and len(text) >= raw_from and _printed_as_read(text) and not (
+                    stack and len(stack[-1]) == 2 and stack[-1][1] is None):  # (not in a key's place)
+                value = RawJson(text)
+            else:
+                value = _parse_string(text)
             i += 1
         elif kind in (_INTEGER, _FLOAT):
-            value = _parse_number(texts[i], kind == _INTEGER)
+            value = _parse_number(bytes(texts[i]), kind == _INTEGER)  # (only big strings are bytearrays)
             i += 1
         elif kind == _KEYWORD:
             word = texts[i]
@@ -477,8 +573,9 @@ def _parse_number(text: bytes, integer: bool) -> int | float:
     return float(text)
 
 
-def _parse_string(token: bytes) -> str:
+def _parse_string(token: bytes | bytearray) -> str:
     """json-parser.c parse_string(): escapes, modified UTF-8, no noncharacters or surrogates."""
+    token = bytes(token)
     body = token[1:-1]
     if b"\\" not in body:
         return _decode_plain(body)
@@ -626,10 +723,17 @@ def _quote(text: str) -> str:
 
 
 def to_json(value: Any) -> bytes:
-    """``value`` printed as qobject_to_json prints it (dicts in their own order: see :func:`qdict_ordered`).
+    """``value`` printed as qobject_to_json prints it (dicts in their own order: see :func:`qdict_ordered`)."""
+    return b"".join(to_json_pieces(value))
+
+
+def to_json_pieces(value: Any) -> list[bytes | bytearray]:
+    """:func:`to_json` in pieces, :class:`RawJson` strings among them as they are (write them one by one and
+    a 64 MiB string is never copied into one big result).
 
     Iterative: an echoed ``id`` may be nested as deep as the reader allows, deeper than Python's recursion.
     """
+    pieces: list[bytes | bytearray] = []
     out: list[str] = []
     todo: list[tuple[bool, Any]] = [(False, value)]  # (is printed text, item), last first
     while todo:
@@ -638,6 +742,10 @@ def to_json(value: Any) -> bytes:
             out.append(item)
         elif isinstance(item, str):
             out.append(_quote(item))
+        elif isinstance(item, RawJson):
+            pieces.append("".join(out).encode())
+            out.clear()
+            pieces.append(item.text)
         elif item is None or item is True or item is False:
             out.append("null" if item is None else "true" if item else "false")
         elif isinstance(item, int):
@@ -666,4 +774,5 @@ def to_json(value: Any) -> bytes:
                     todo.append((True, ", "))
         else:
             raise TypeError(f"cannot print {type(item).__name__} as JSON")
-    return "".join(out).encode()
+    pieces.append("".join(out).encode())
+    return pieces
