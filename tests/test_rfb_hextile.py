@@ -12,13 +12,17 @@ bytes are in turn decoded by the spec viewer of test_rfb_encodings and by vncdot
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from test_rfb_encodings import FORMATS, SpecViewer
 
 from rfb import pixels
@@ -45,9 +49,19 @@ def converted(view: Frame, fmt: PixelFormat) -> npt.NDArray[np.generic] | bytes:
     return pixels.convert(np.ascontiguousarray(view).tobytes(), fmt)
 
 
-def assert_same_as_reference(frame: Frame, rects: int = 40, seed: int = 0) -> None:
+def guest_screen(vm: str, run_dir: Path, path: Path) -> Frame:
+    """A running VM's screen as the shared segment holds it (``vmfront screendump``), as a BGRX array."""
+    subprocess.run([sys.executable, "-m", "vmfront", "screendump", vm, "--run-dir", str(run_dir), str(path)],
+                   check=True, timeout=30, capture_output=True)
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    return np.frombuffer(rgb.tobytes("raw", "BGRX"), np.uint32).reshape(rgb.height, rgb.width)
+
+
+def assert_same_as_reference(frame: Frame, rects: int = 40, seed: int = 0) -> set[str]:
     """C and reference agree on ``frame`` (a (height, width) BGRX array, e.g. a guest's screen): the whole
-    frame and ``rects`` random rectangles of it, in every pixel format of test_rfb_encodings."""
+    frame and ``rects`` random rectangles of it, in every pixel format of test_rfb_encodings. Returns the
+    kinds of tile the whole frame took (see :func:`tile_kinds`), for the caller to check what was covered."""
     height, width = frame.shape
     rng = random.Random(seed)
     boxes = [(0, 0, width, height)]
@@ -58,6 +72,7 @@ def assert_same_as_reference(frame: Frame, rects: int = 40, seed: int = 0) -> No
         for x, y, w, h in boxes if name == "bgrx" else boxes[: 1 + rects // 4]:
             ours, reference = both(converted(frame[y : y + h, x : x + w], fmt), w, h, fmt)
             assert ours == reference, f"{name} {w}x{h}+{x}+{y}: C and reference differ"
+    return tile_kinds(HextileEncoder().encode(frame, width, height, BGRX8888), width, height, 4)
 
 
 # --- random tiles -------------------------------------------------------------------------------------------
