@@ -286,10 +286,30 @@ def dump_seeds() -> dict[str, bytes]:
     }
 
 
+def hextile_seeds() -> dict[str, bytes]:
+    """Inputs of fuzz.targets.hextile_frame: header (pixel size, raw values, offset; width, height, palette size)
+    then the palette and index bytes, or the pixels."""
+    def head(bpp_code: int, raw: bool, pad: int, width: int, height: int, colours: int) -> bytes:
+        return bytes((bpp_code | (4 if raw else 0) | pad << 3, width - 1, height - 1, colours - 1))
+
+    text = bytes(1 if (x // 3 + y) % 7 == 0 else 0 for y in range(24) for x in range(40))
+    return {
+        "text-32bpp": head(2, False, 0, 40, 24, 2) + bytes((0xC0, 0xC0, 0xC0, 0, 0, 0, 0x80, 0)) + text,
+        "text-8bpp-offset": head(0, False, 5, 40, 24, 2) + bytes((7, 200)) + text,
+        "three-colours-16bpp": head(1, False, 3, 33, 17, 3) + bytes(range(6)) + bytes(i % 3 for i in range(33 * 17)),
+        "sixteen-colours": head(2, False, 0, 16, 16, 16) + bytes(range(64)) + bytes((i * 7) % 16 for i in range(256)),
+        "seventeen-colours": head(2, False, 0, 16, 16, 17) + bytes(range(68)) + bytes(i % 17 for i in range(256)),
+        "noise-32bpp": head(2, True, 1, 35, 20, 1) + bytes((i * 97 + 13) % 251 for i in range(35 * 20 * 4)),
+        "solid-edge": head(2, False, 0, 17, 33, 1) + bytes((1, 2, 3, 0)),
+        "one-pixel": head(0, True, 0, 1, 1, 1) + b"\x05",
+    }
+
+
 def main() -> None:
     for target, seeds in (("qmp", qmp_seeds()), ("rfb_client", rfb_client_seeds()),
                           ("rfb_server", rfb_server_seeds()), ("clipboard", clipboard_seeds()), ("ipc", ipc_seeds()),
-                          ("agent", agent_seeds()), ("monitor", monitor_seeds()), ("dump", dump_seeds())):
+                          ("agent", agent_seeds()), ("monitor", monitor_seeds()), ("dump", dump_seeds()),
+                          ("hextile", hextile_seeds())):
         folder = SEEDS / target
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in seeds.items():

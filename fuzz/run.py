@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 SEEDS = ROOT / "tests" / "fuzz_corpus"
 CRASHES = SEEDS / "crashes"
-TARGET_NAMES = ("qmp", "rfb_client", "rfb_server", "clipboard", "ipc", "agent", "monitor", "dump")
+TARGET_NAMES = ("qmp", "rfb_client", "rfb_server", "clipboard", "ipc", "agent", "monitor", "dump", "hextile")
 
 
 def save_crash(target: str, data: bytes, exc: BaseException) -> Path:
@@ -48,7 +48,7 @@ def load_seeds(target: str) -> list[bytes]:
 def run_atheris(target: str, seconds: int, corpus: Path | None) -> int:
     import atheris  # type: ignore[import-not-found, unused-ignore]
 
-    with atheris.instrument_imports(include=["clients", "core_daemon", "ipc", "fuzz"]):
+    with atheris.instrument_imports(include=["clients", "core_daemon", "ipc", "rfb", "fuzz"]):
         from fuzz.targets import TARGETS
     func = TARGETS[target]
 

@@ -1,4 +1,5 @@
-"""Fuzz targets: one function per parser that sees bytes from outside the process.
+"""Fuzz targets: one function per parser that sees bytes from outside the process (and one encoder: Hextile's C
+part, fed the guest's pixels).
 
 Each target takes arbitrary bytes, feeds them to a fresh parser (whole, and again split at points derived from
 the data, so a crash always reproduces from the same bytes), and lets only the parser's documented exception
@@ -22,6 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from clients.agent.protocol import AgentConnection, AgentServerConnection, Answer, ConnState
 from clients.monitor import commands as monitor_commands
 from core_daemon.guest_reads import parse_cpu_states
@@ -42,10 +45,14 @@ from rfb.client import (
     RfbClient,
 )
 from rfb.client import State as RfbClientState
+from rfb.encodings import HextileEncoder
+from rfb.encodings.base import Arena
+from rfb.encodings.hextile_reference import ReferenceHextileEncoder
 from rfb.errors import ProtocolError as RfbServerProtocolError
 from rfb.events import TlsRequested
 from rfb.server import RfbServerConnection
 from rfb.server import State as RfbServerState
+from rfb.wire import ENCODING_HEXTILE, RECT_HEADER, PixelFormat, rect_header
 
 #: ``FUZZ_SKIP_KNOWN=1`` (``fuzz/run.py --skip-known``) steps over the reported, not yet fixed bugs listed in
 #: tests/test_fuzz_targets.py KNOWN_CRASHES, so a long run goes on looking for new ones.
@@ -347,6 +354,57 @@ def fuzz_dump(data: bytes) -> None:
         assert all(0 <= cpu[seg]["selector"] < 1 << 32 for seg in ("cs", "ss", "gdt"))
 
 
+# --- guest pixels encoded as Hextile (rfb/encodings/_hextile.c against rfb/encodings/hextile_reference.py) ------
+
+#: A pixel format of each size the encoders take (the bytes only serve as identities to Hextile).
+_HEXTILE_FORMATS = {1: PixelFormat(8, 8, False, True, 7, 7, 3, 0, 3, 6),
+                    2: PixelFormat(16, 16, False, True, 31, 63, 31, 11, 5, 0),
+                    4: PixelFormat(32, 24, False, True, 255, 255, 255, 16, 8, 0)}
+
+
+def hextile_frame(data: bytes) -> tuple[np.ndarray[Any, Any], int]:
+    """(a (height, width) view inside a wider array, bytes per pixel) from fuzz bytes.
+
+    Byte 0: bits 0-1 the pixel size (1, 2, else 4), bit 2 raw pixel values (else palette indices), bits 3-7
+    how many pixels the view starts into its row. Byte 1 and 2: width and height - 1 (modulo 64). Byte 3: the
+    palette's size - 1 (modulo 20). Then the palette's pixels and one index byte per pixel (or the pixels),
+    repeated as needed.
+    """
+    head = data[:4].ljust(4, b"\x00")
+    bpp = {0: 1, 1: 2}.get(head[0] & 3, 4)
+    raw_values, pad = bool(head[0] & 4), head[0] >> 3
+    width, height, colours = 1 + head[1] % 64, 1 + head[2] % 64, 1 + head[3] % 20
+    body = data[4:] or b"\x00"
+    dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32}[bpp]
+    count = width * height
+    if raw_values:
+        values = np.frombuffer((body * (count * bpp // len(body) + 1))[: count * bpp], dtype=dtype)
+    else:
+        palette_bytes = (body * (colours * bpp // len(body) + 1))[: colours * bpp]
+        palette = np.frombuffer(palette_bytes, dtype=dtype)
+        rest = body[colours * bpp :] or b"\x00"
+        indices = np.frombuffer((rest * (count // len(rest) + 1))[:count], dtype=np.uint8) % colours
+        values = palette[indices]
+    whole = np.zeros((height, pad + width), dtype=dtype)
+    whole[:, pad:] = values.reshape(height, width)
+    return whole[:, pad:], bpp
+
+
+def fuzz_hextile(data: bytes) -> None:
+    """The C Hextile encoder writes exactly the reference's bytes, for any pixels of any size, from a strided
+    view, to the heap and into a worker's arena; nothing raises."""
+    view, bpp = hextile_frame(data)
+    height, width = view.shape
+    fmt = _HEXTILE_FORMATS[bpp]
+    reference = ReferenceHextileEncoder().encode(view, width, height, fmt)
+    assert HextileEncoder().encode(view, width, height, fmt) == reference, "C and reference Hextile differ"
+    encoder = HextileEncoder()
+    encoder.arena = Arena(memoryview(bytearray(64 + RECT_HEADER.size + width * height * (bpp + 1))), 64)
+    [piece], _ = encoder.pieces(1, 2, width, height, view, fmt)
+    assert bytes(piece) == rect_header(1, 2, width, height, ENCODING_HEXTILE) + reference
+    assert encoder.arena.offset == 64 + len(piece), "the arena was not used as it should"
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "qmp": fuzz_qmp,
     "rfb_client": fuzz_rfb_client,
@@ -356,4 +414,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "agent": fuzz_agent,
     "monitor": fuzz_monitor,
     "dump": fuzz_dump,
+    "hextile": fuzz_hextile,
 }

@@ -34,6 +34,7 @@ from PIL import Image
 from test_agent_client import qga_script
 from test_client import ClientProcess, client_pids
 from test_migration_e2e import agent_call, set_bandwidth, wait_migration_status
+from test_rfb_hextile import assert_same_as_reference, guest_screen
 from vnclib import ROOT, free_port, vncdo
 
 pytestmark = [pytest.mark.linux_guest, pytest.mark.timeout(400)]  # a boot under TCG, then the test itself
@@ -199,6 +200,18 @@ def test_a_vnc_viewer_types_into_a_shell_on_the_guest_console(guest: BootedGuest
         with Image.open(work / "console.png") as console:
             assert console.size == (720, 400)  # Linux's VGA text console, 80x25 cells of 9x16
             assert len(console.convert("L").getcolors(1 << 16) or []) > 1, "the viewer saw a blank screen"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_hextile_in_c_matches_the_reference_on_the_linux_console(guest: BootedGuest) -> None:
+    """Linux's VGA text console (its boot log, the shell): the Hextile encoder's C part writes the reference's
+    bytes (tests/test_rfb_hextile.py), whole screen and rectangles of it, in every pixel format."""
+    work = short_tmpdir()
+    try:
+        screen = guest_screen("lg", guest.run_dir, work / "console.png")
+        assert screen.shape == (400, 720)
+        assert {"solid", "foreground", "several subrects"} <= assert_same_as_reference(screen, rects=80)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -43,6 +43,7 @@ from rfb.encodings import (
     qemu_pointer_motion_change_rect,
 )
 from rfb.encodings.base import Encoder, pack_indices
+from rfb.encodings.hextile_reference import ReferenceHextileEncoder
 from rfb.server import RfbServerConnection
 from rfb.wire import (
     BGRX8888,
@@ -408,7 +409,8 @@ def roundtrip(encoder: Encoder, image: bytes, width: int, height: int, fmt: Pixe
     return viewer
 
 
-LOSSLESS = [RawEncoder, HextileEncoder, ZlibEncoder, ZrleEncoder, TightEncoder]
+# The Hextile reference (what the C encoder must reproduce) is decoded here like the encoders the product uses.
+LOSSLESS = [RawEncoder, HextileEncoder, ReferenceHextileEncoder, ZlibEncoder, ZrleEncoder, TightEncoder]
 IMAGES: dict[str, Callable[[int, int], bytes]] = {
     "solid": lambda w, h: solid(w, h),
     "desktop": desktop,

@@ -27,6 +27,7 @@ from corelib import CoreProcess, RawQmpPeer, pid_alive, running_core, wait_for
 from guestlib import is_demo_text_screen
 from PIL import Image, ImageChops
 from test_rfb_encodings import SpecViewer
+from test_rfb_hextile import assert_same_as_reference, guest_screen
 from test_vnc import Paused, find
 from vnclib import ZLIB, MiniViewer, VncClientProcess, end_process, free_port, screenshot, vncdo, xvfb
 
@@ -117,6 +118,13 @@ def test_1080p_zlib_decodes_to_the_segment(hd: CoreProcess, client: VncClientPro
     assert ImageChops.difference(decoded, dump).getbbox() is None
 
 
+def test_hextile_in_c_matches_the_reference_on_the_1080p_animation(hd: CoreProcess, tmp_path: Path) -> None:
+    for k in range(2):  # two moments of the animation
+        frame = guest_screen(VM, hd.run_dir, tmp_path / f"hd{k}.png")
+        assert frame.shape == (1080, 1920)
+        assert "raw" in assert_same_as_reference(frame, rects=20, seed=k)
+
+
 def tigervnc(display: str, port: int, home: Path, *options: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["vncviewer", "-AutoSelect=0", "-FullColour", *options, f"127.0.0.1::{port}"],
                             env={"DISPLAY": display, "HOME": str(home), "PATH": "/usr/bin:/bin"},
@@ -176,6 +184,19 @@ def test_tigervnc_follows_scrolling_text_by_copyrect(core: CoreProcess, tmp_path
         assert copyrects(client, "127.0.0.1") > 0, "no scroll was sent as CopyRect"
     finally:
         client.stop()
+
+
+def test_hextile_in_c_matches_the_reference_on_text_screens(core: CoreProcess, tmp_path: Path) -> None:
+    """The demo guest's text screen, still and while it scrolls (F4)."""
+    kinds = assert_same_as_reference(guest_screen(VM, core.run_dir, tmp_path / "text.png"), rects=80)
+    assert {"solid", "foreground", "several subrects"} <= kinds
+    send_key(core, "f4")
+    try:
+        for k in range(3):
+            time.sleep(0.5)
+            assert_same_as_reference(guest_screen(VM, core.run_dir, tmp_path / f"scroll{k}.png"), seed=k + 1)
+    finally:
+        send_key(core, "f4")
 
 
 NOVNC = Path("/usr/share/novnc")

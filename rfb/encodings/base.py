@@ -41,6 +41,17 @@ class Arena:
         self.offset += size
         return array
 
+    def room(self, size: int) -> memoryview | None:
+        """A writable view of the ``size`` bytes after the previous ones, or None if the buffer is full; they
+        are not taken until :meth:`keep` says how many were used (an encoder writing at most ``size``)."""
+        if self.offset + size > len(self.buffer):
+            return None
+        return self.buffer[self.offset : self.offset + size]
+
+    def keep(self, used: int) -> None:
+        """Take the first ``used`` bytes of the last :meth:`room`."""
+        self.offset += used
+
 
 def output_array(shape: tuple[int, ...], arena: Arena | None) -> PixelArray:
     """An uninitialised uint8 array for encoded bytes: from ``arena`` when there is room, else the heap."""
