@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,10 +49,38 @@ class ClientConfig:
     services: list[Service] = field(default_factory=list)
     #: Write one line here once every listener is bound (and privileges are dropped), then close it.
     ready_fd: int | None = None
+    #: How this client introduces itself to the core (``state.json``'s ``clients[].name``).
+    client_name: str = CLIENT_NAME
+    #: Make the run directory if it is missing (a client started before its core); a fleet client never does.
+    make_run_dir: bool = True
 
     @property
     def endpoint(self) -> str:
         return self.core_endpoint or ipc_endpoint(self.run_dir.control_socket)
+
+
+class DisplayDemand:
+    """How many consumers (VNC viewers, a screendump in progress) need live pixels. While none do, the client
+    tells the core, which then refreshes the segment only about once a second (docs/display.md, pacing): an idle
+    VM whose screen never rests costs next to nothing in either process."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.on_change: Callable[[bool], None] | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.count > 0
+
+    def acquire(self) -> None:
+        self.count += 1
+        if self.count == 1 and self.on_change is not None:
+            self.on_change(True)
+
+    def release(self) -> None:
+        self.count = max(0, self.count - 1)
+        if self.count == 0 and self.on_change is not None:
+            self.on_change(False)
 
 
 @dataclass
@@ -63,16 +92,32 @@ class ClientContext:
     display: DisplaySubscription | None = None
     #: Every service of this client, so one can describe another (the monitor's ``info vnc``).
     services: list[Service] = field(default_factory=list)
+    demand: DisplayDemand = field(default_factory=DisplayDemand)
+
+    async def fresh_display(self) -> DisplaySubscription | None:
+        """The display, made current first if the core was pacing it (for a one-off read: a screendump)."""
+        display = self.display
+        if display is None or not display.paced or display.hello.pacing is None:
+            return display
+        self.demand.acquire()  # the core answers a reader turning live with the whole frame
+        try:
+            await display.next_wakeup(display.hello.pacing + 1.0)
+        finally:
+            self.demand.release()
+        return self.display
 
 
 class Client:
-    """``await Client(config).run()`` serves until SIGTERM/SIGINT; returns the exit status."""
+    """One VM's client. ``await Client(config).run()`` is the whole process (``vmfront client --name``): it
+    serves until SIGTERM/SIGINT and returns the exit status. A fleet client (clients/fleet.py) runs many in one
+    process with ``open``, ``start``, ``serve``, ``stop`` and ``close``."""
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.ctx = ClientContext(config)
         self.services = list(config.services)
         self.ctx.services = self.services
+        self.ctx.demand.on_change = self._demand_changed
         self._stop = asyncio.Event()
         self._display_task: asyncio.Task[None] | None = None
         self._display_socket: str | None = None
@@ -86,21 +131,45 @@ class Client:
         identity: Identity | None = None
         if self.config.user is not None:
             identity = resolve_user(self.config.user, self.config.group)
-        self._make_run_dir()
-        for service in self.services:
-            await service.bind(self.ctx)
+        await self.open()
         if identity is not None:
             drop_privileges(identity)
-        for service in self.services:
-            await service.start()
+        await self.start()
         self._ready()
         try:
-            await self._attach_first()
-            if not self._stop.is_set():
-                await self._stop.wait()
+            await self.serve()
         finally:
-            await self._shutdown()
+            await self.close()
         return 0
+
+    async def open(self) -> None:
+        """Bind every service's listeners (while the process may still be root)."""
+        if self.config.make_run_dir:
+            self._make_run_dir()
+        for service in self.services:
+            await service.bind(self.ctx)
+
+    async def start(self) -> None:
+        for service in self.services:
+            await service.start()
+
+    async def serve(self) -> None:
+        """Attach (waiting for the core if need be), then serve until :meth:`stop`."""
+        await self._attach_first()
+        if not self._stop.is_set():
+            await self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def channel_endpoint(self) -> str:
+        """The core this client is attached to or waits for (where a migration took the guest, once followed)."""
+        return self.ctx.channel.endpoint if self.ctx.channel is not None else self.config.endpoint
+
+    def _demand_changed(self, live: bool) -> None:
+        if self.ctx.display is not None:
+            self.ctx.display.set_live(live)
 
     def _make_run_dir(self) -> None:
         """A client may start before its core: its sockets in the run directory need the directory (made as the
@@ -159,7 +228,7 @@ class Client:
             if endpoint != self.config.endpoint and said != endpoint:
                 log.info("VM %r migrated to the core at %s: attaching there", self.config.name, endpoint)
                 said = endpoint
-            channel = ClientChannel(endpoint, name=f"{CLIENT_NAME}:{self.config.name}",
+            channel = ClientChannel(endpoint, name=f"{self.config.client_name}:{self.config.name}",
                                     on_reattached=self._attached, on_detached=self._detached,
                                     on_event=self._event, endpoints=self.endpoints(),
                                     capabilities=self._capabilities())
@@ -227,6 +296,7 @@ class Client:
                 log.warning("cannot subscribe to the display at %s: %s", path, exc)
             return
         self.ctx.display = sub
+        sub.set_live(self.ctx.demand.live)
         log.info("display: mapped %s read-only", sub.hello.shm)
         # A fresh subscription starts with a full repaint for every service.
         self._dispatch(Overrun(0))
@@ -240,8 +310,8 @@ class Client:
         for service in self.services:
             service.display_records(records)
 
-    async def _shutdown(self) -> None:
-        log.info("client stopping")
+    async def close(self) -> None:
+        log.info("client of VM %r stopping", self.config.name)
         for service in self.services:
             with contextlib.suppress(Exception):
                 await service.close()

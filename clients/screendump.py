@@ -81,7 +81,7 @@ def screendump(display_socket: Path, path: Path, *, timeout_s: float = 5.0) -> t
     """
     fmt = image_format(path)
     try:
-        hello = read_hello(display_socket, timeout_s=timeout_s)
+        hello = read_hello(display_socket, timeout_s=timeout_s, fresh=True)
     except FileNotFoundError:
         raise ScreendumpError(f"no display socket at {display_socket}: is the core running with a display?") from None
     except (HelloError, DisplayClosed, OSError) as exc:

@@ -651,7 +651,8 @@ class Viewer:
                 del frame
                 self.encoders.advance(after)
                 return [bytes(p) for p in pieces], count
-            request = EncodeRequest("copy" if copy is not None else "segment", reader.name, mode.width,
+            request = EncodeRequest("copy" if copy is not None else "segment",
+                                    str(copy.key) if copy is not None else reader.name, mode.width,
                                     mode.height, mode.stride, fmt, settings, tuple(damaged))
             before = (fmt, mode, self.size)
             self.in_flight = list(damaged)
@@ -703,11 +704,15 @@ class VncService:
 
     name = "vnc"
 
-    def __init__(self, listen: str = DEFAULT_LISTEN, *, password: str | None = None,
+    def __init__(self, listen: str | None = DEFAULT_LISTEN, *, password: str | None = None,
                  websocket: str | None = None, max_viewers: int = MAX_VIEWERS,
-                 display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None) -> None:
-        self.listen = parse_listen(listen, display_numbers=True)
+                 display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None,
+                 pool: EncoderPool | None = None, websocket_url: str | None = None) -> None:
+        """``listen`` None: no listener of its own (viewers come through a fleet client's WebSocket router, which
+        ``websocket_url`` names for state.json); ``pool``: encoder workers shared with other VMs' services."""
+        self.listen = parse_listen(listen, display_numbers=True) if listen is not None else None
         self.websocket = parse_listen(websocket) if websocket else None
+        self.websocket_url = websocket_url
         self.password = password
         self.max_viewers = max_viewers
         self.display_wait_s = display_wait_s
@@ -717,6 +722,7 @@ class VncService:
         self.viewers: set[Viewer] = set()
         self._mode_known = asyncio.Event()
         self._socks: list[socket.socket] = []
+        self._sock_kinds: list[str] = []  # "vnc" or "websocket", for each of _socks
         self._servers: list[Any] = []
         self._handlers: set[asyncio.Task[None]] = set()
         #: Viewers keep their picture: the display after a migration is still QEMU's placeholder (see ``attached``).
@@ -724,6 +730,7 @@ class VncService:
         self._hold_timer: asyncio.TimerHandle | None = None
         self._following_migration = False
         self.encoder_workers = encoder_workers
+        self._shared_pool = pool
         self.pool: EncoderPool | None = None
         self.frame_copy: FrameCopy | None = None
 
@@ -741,7 +748,7 @@ class VncService:
                         "auth": auth}
             return {"host": name, "service": "", "family": "unix", "websocket": websocket, "auth": auth}
 
-        servers = [address(sock, index > 0) for index, sock in enumerate(self._socks)]
+        servers = [address(sock, kind == "websocket") for sock, kind in zip(self._socks, self._sock_kinds, strict=True)]
         clients = []
         for viewer in sorted(self.viewers, key=lambda v: v.peer):
             websocket = viewer.peer.startswith("ws:")
@@ -752,35 +759,45 @@ class VncService:
 
     def endpoints(self) -> dict[str, str]:
         """Where viewers connect (for ``state.json`` and ``vmfront list``), once bound."""
-        return {name: describe(sock) for name, sock in zip(("vnc", "websocket"), self._socks, strict=False)}
+        found = {kind: describe(sock) for kind, sock in zip(self._sock_kinds, self._socks, strict=True)}
+        if self.websocket_url is not None:
+            found["websocket"] = self.websocket_url
+        return found
 
     async def bind(self, ctx: ClientContext) -> None:
         self.ctx = ctx
         self.vm_name = ctx.config.name
-        for address, what in ((self.listen, "VNC"), (self.websocket, "VNC over WebSocket")):
+        for address, kind in ((self.listen, "vnc"), (self.websocket, "websocket")):
             if address is None:
                 continue
             if address.host is not None and not is_loopback(address.host):
                 log.warning("%s listens on %s, not only on loopback: whoever reaches it sees and controls the guest "
-                            "(no encryption; %s)", what, address,
+                            "(no encryption; %s)", "VNC" if kind == "vnc" else "VNC over WebSocket", address,
                             "VNC authentication on" if self.password else "no password")
             self._socks.append(bind_socket(address))
+            self._sock_kinds.append(kind)
 
     async def start(self) -> None:
         self.frame_copy = FrameCopy()
-        self.pool = EncoderPool(self.encoder_workers, copy_fd=self.frame_copy.fd)
-        self.pool.start()
-        sock = self._socks[0]
-        if sock.family == socket.AF_UNIX:
-            server = await asyncio.start_unix_server(self._on_stream, sock=sock)
+        if self._shared_pool is not None:
+            self.pool = self._shared_pool
         else:
-            server = await asyncio.start_server(self._on_stream, sock=sock)
-        self._servers.append(server)
-        log.info("VNC: listening on %s%s", describe(sock), " (VNC authentication)" if self.password else "")
-        if self.websocket is not None:
+            self.pool = EncoderPool(self.encoder_workers)
+            self.pool.start()
+        self.pool.add_copy(self.frame_copy.key, self.frame_copy.fd)
+        socks = dict(zip(self._sock_kinds, self._socks, strict=True))
+        if "vnc" in socks:
+            sock = socks["vnc"]
+            if sock.family == socket.AF_UNIX:
+                server = await asyncio.start_unix_server(self._on_stream, sock=sock)
+            else:
+                server = await asyncio.start_server(self._on_stream, sock=sock)
+            self._servers.append(server)
+            log.info("VNC: listening on %s%s", describe(sock), " (VNC authentication)" if self.password else "")
+        if "websocket" in socks:
             from websockets.asyncio.server import serve
 
-            ws_sock = self._socks[1]
+            ws_sock = socks["websocket"]
             logging.getLogger("websockets").setLevel(max(logging.INFO, log.getEffectiveLevel()))
             ws_server = await serve(self._on_websocket, sock=ws_sock, select_subprotocol=_binary_subprotocol,
                                     compression=None, max_size=1 << 20, ping_interval=None)
@@ -911,7 +928,7 @@ class VncService:
     async def close(self) -> None:
         if self._hold_timer is not None:
             self._hold_timer.cancel()
-        if self.pool is not None:
+        if self.pool is not None and self.pool is not self._shared_pool:
             await self.pool.close()
         for server in self._servers:
             server.close()
@@ -925,6 +942,8 @@ class VncService:
                     os.unlink(sock.getsockname())
             sock.close()
         if self.frame_copy is not None:
+            if self.pool is not None:
+                self.pool.forget_copy(self.frame_copy.key)
             self.frame_copy.close()
 
     # --- helpers for viewers --------------------------------------------------------------------------
@@ -972,6 +991,10 @@ class VncService:
     async def _on_websocket(self, ws: Any) -> None:
         await self._serve(WebSocketTransport(ws))
 
+    async def serve_transport(self, transport: Transport) -> None:
+        """Serve a viewer whose connection arrived elsewhere (a fleet client's WebSocket router)."""
+        await self._serve(transport)
+
     async def _serve(self, transport: Transport) -> None:
         task = asyncio.current_task()
         if task is not None:
@@ -998,10 +1021,17 @@ class VncService:
         viewer = Viewer(self, transport)
         log.info("viewer %s: connection", viewer.peer)
         self.viewers.add(viewer)
+        if self.pool is not None:
+            self.pool.start()  # a lazy (fleet) pool starts its workers with the first viewer
+        demand = self.ctx.demand if self.ctx is not None else None
+        if demand is not None:
+            demand.acquire()  # a viewer needs live pixels: the core stops pacing its capture
         try:
             await viewer.run()
         finally:
             self.viewers.discard(viewer)
+            if demand is not None:
+                demand.release()
 
 
 def service_from_args(listen: str | None, password_file: Path | None, websocket: str | None) -> VncService | None:
