@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import signal
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 CLIENT_NAME = "vmfront-client"
 #: Backoff between attach attempts while no core answers.
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
+#: The VM a log line is about, in a process that fronts many (clients/fleet.py sets it in each VM's tasks).
+current_vm: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_vm", default=None)
 CLIENT_GROUP_HINT = ("start the core with --client-group set to a group of this client's user (vmfront run does; "
                      "the systemd units use the group vmfront)")
 

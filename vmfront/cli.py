@@ -230,8 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
     client = _subparser(sub, "client", help="start the unprivileged client alone (VNC, monitor, console, agent)",
                         description="Serve VNC, the monitor, the console and the agent proxy, and attach to the "
                         "VM's core (waiting for it if needed). Started as root, it binds its listeners and then "
-                        f"runs as --user (default {CLIENT_USER}).")
-    _add_vm(client, positional=False)
+                        f"runs as --user (default {CLIENT_USER}). With --all (or --name given more than once) one "
+                        "process serves every VM whose core runs under the run root, picking cores up as they "
+                        "appear and letting go as they stop: each VM gets its own port from --vnc-ports, its "
+                        "sockets in its run directory, and one --websocket port serves them all at /vnc/NAME "
+                        "(docs/fleet.md).")
+    client.add_argument("--name", action="append", metavar="NAME",
+                        help="VM name; repeat it to serve several VMs from one process")
+    client.add_argument("--all", action="store_true", help="serve every VM whose core runs under the run root")
+    client.add_argument("--run-dir", type=Path, help="run directory of the one VM (default: /run/vmfront/NAME as "
+                        "root, else $XDG_RUNTIME_DIR/vmfront/NAME, else a per-user tmp dir)")
+    client.add_argument("--run-root", type=Path, metavar="DIR",
+                        help="with --all or several --name: the directory holding the VMs' run directories "
+                        "(default: /run/vmfront as root, else $XDG_RUNTIME_DIR/vmfront)")
+    client.add_argument("--vnc-ports", metavar="FIRST-LAST",
+                        help="with --all: give each VM its own VNC port from this range (kept while it lives, and "
+                        "across restarts of this client when it can record them)")
+    client.add_argument("--vnc-host", default="127.0.0.1", metavar="HOST",
+                        help="with --vnc-ports: the address the VMs' ports listen on (default 127.0.0.1)")
+    client.add_argument("--websocket-tokens", type=Path, metavar="FILE",
+                        help="with --all: VNC over WebSocket needs ?token=T, one 'TOKEN: VMNAME [EXPIRES]' a line "
+                        "in FILE (re-read when it changes); required when --websocket is not on loopback")
+    client.add_argument("--socket-dir", type=Path, metavar="DIR",
+                        help="with --all: each VM's monitor, console and agent sockets in DIR/NAME/ instead of its "
+                        "run directory (for a client that may not write there, e.g. the systemd unit)")
     client.add_argument("--core", metavar="ENDPOINT", help="control channel endpoint (default: "
                         "ipc://RUN_DIR/control.sock)")
     client.add_argument("--user", help=f"when started as root: bind listeners, then become this user for good "
@@ -245,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--vnc-password-file", type=Path, metavar="FILE",
                         help="VNC authentication with the first line of FILE (else $VMFRONT_VNC_PASSWORD if set)")
     client.add_argument("--websocket", metavar="HOST:PORT|unix:PATH",
-                        help="also serve VNC over WebSocket (noVNC); an empty HOST is 127.0.0.1")
+                        help="also serve VNC over WebSocket (noVNC); an empty HOST is 127.0.0.1; with --all one "
+                        "port for every VM, at ws://HOST:PORT/vnc/NAME")
     client.add_argument("--monitor", nargs="?", const="unix:", metavar="unix:PATH|HOST:PORT",
                         help="serve the text monitor here (bare --monitor: unix:RUN_DIR/monitor.sock, mode 0600)")
     client.add_argument("--console", nargs="?", const="", metavar="PATH",
@@ -393,6 +416,18 @@ def _client_user(user: str | None, as_root: bool, *, flag: str) -> str | None:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    if args.all or len(args.name or ()) > 1:
+        return _fleet_client(args)
+    if not args.name:
+        print("vmfront client: error: give --name NAME (or --all)", file=sys.stderr)
+        return 2
+    fleet_only = [flag for flag, value in (("--vnc-ports", args.vnc_ports), ("--run-root", args.run_root),
+                                           ("--websocket-tokens", args.websocket_tokens),
+                                           ("--socket-dir", args.socket_dir)) if value is not None]
+    if fleet_only:
+        print(f"vmfront client: error: {', '.join(fleet_only)} go with --all (or several --name)", file=sys.stderr)
+        return 2
+    args.name = args.name[0]
     from clients.main import Client, ClientConfig
     from clients.privileges import PrivilegeError
     from clients.vnc.service import VncError, service_from_args
@@ -426,6 +461,49 @@ def cmd_client(args: argparse.Namespace) -> int:
         print(f"vmfront client: error: {exc}", file=sys.stderr)
         code = 1
     log.info("client exiting, status %d", code)
+    return code
+
+
+def _fleet_client(args: argparse.Namespace) -> int:
+    """``vmfront client --all``: one process for every VM under the run root (clients/fleet.py)."""
+    from clients.fleet import FleetClient, FleetConfig, FleetError, parse_port_range
+    from clients.privileges import PrivilegeError
+    from clients.tokens import TokenFile, TokenFileError
+    from clients.vnc.service import VncError, read_password
+    from ipc.rundir import default_run_root
+
+    single = [flag for flag, wrong in (("--run-dir", args.run_dir is not None), ("--core", args.core is not None),
+                                       ("--vnc", args.vnc is not None),
+                                       ("--monitor ADDRESS", args.monitor not in (None, "unix:")),
+                                       ("--console PATH", args.console not in (None, "")),
+                                       ("--agent-proxy PATH", args.agent_proxy not in (None, "none"))) if wrong]
+    if single:
+        print(f"vmfront client: error: {', '.join(single)} name one VM's endpoint; with --all each VM gets its own "
+              "(--vnc-ports, --websocket; bare --monitor/--console; sockets in each run directory or --socket-dir)",
+              file=sys.stderr)
+        return 2
+    if args.all and args.name:
+        print("vmfront client: error: --all serves every VM; leave out --name (or list the VMs with --name)",
+              file=sys.stderr)
+        return 2
+    try:
+        user = _client_user(args.user, args.as_root, flag="--as-root")
+        config = FleetConfig(
+            run_root=Path(os.path.abspath(args.run_root)) if args.run_root else default_run_root(),
+            names=[check_vm_name(n) for n in args.name] if args.name else None,
+            vnc_ports=parse_port_range(args.vnc_ports) if args.vnc_ports else None, vnc_host=args.vnc_host,
+            password=read_password(args.vnc_password_file), websocket=args.websocket,
+            tokens=TokenFile(args.websocket_tokens) if args.websocket_tokens else None,
+            monitor=args.monitor is not None, console=args.console is not None, agent=args.agent_proxy != "none",
+            socket_dir=args.socket_dir, user=user, group=args.group, ready_fd=args.ready_fd)
+        if user is not None and config.socket_dir is None and os.geteuid() == 0:
+            # Run directories are root's: sockets of VMs found after the privilege drop could not be made there.
+            config.socket_dir = Path("/run/vmfront-fleet")
+        code = run_async(FleetClient(config).run())
+    except (FleetError, PrivilegeError, VncError, TokenFileError, RunDirError) as exc:
+        print(f"vmfront client: error: {exc}", file=sys.stderr)
+        code = 1
+    log.info("fleet client exiting, status %d", code)
     return code
 
 

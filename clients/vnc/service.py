@@ -707,10 +707,13 @@ class VncService:
     def __init__(self, listen: str | None = DEFAULT_LISTEN, *, password: str | None = None,
                  websocket: str | None = None, max_viewers: int = MAX_VIEWERS,
                  display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None,
-                 pool: EncoderPool | None = None, websocket_url: str | None = None) -> None:
-        """``listen`` None: no listener of its own (viewers come through a fleet client's WebSocket router, which
-        ``websocket_url`` names for state.json); ``pool``: encoder workers shared with other VMs' services."""
+                 pool: EncoderPool | None = None, websocket_url: str | None = None,
+                 listen_socket: socket.socket | None = None) -> None:
+        """``listen`` None: no listener of its own, or ``listen_socket`` (bound by a fleet client, from its port
+        range); viewers may also come through a fleet client's WebSocket router, which ``websocket_url`` names for
+        state.json. ``pool``: encoder workers shared with other VMs' services."""
         self.listen = parse_listen(listen, display_numbers=True) if listen is not None else None
+        self._listen_socket = listen_socket
         self.websocket = parse_listen(websocket) if websocket else None
         self.websocket_url = websocket_url
         self.password = password
@@ -767,6 +770,9 @@ class VncService:
     async def bind(self, ctx: ClientContext) -> None:
         self.ctx = ctx
         self.vm_name = ctx.config.name
+        if self._listen_socket is not None:
+            self._socks.append(self._listen_socket)
+            self._sock_kinds.append("vnc")
         for address, kind in ((self.listen, "vnc"), (self.websocket, "websocket")):
             if address is None:
                 continue
