@@ -123,6 +123,7 @@ class PortBook:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.ports: dict[str, int] = {}
+        self._dirty = False
         if path is not None:
             with contextlib.suppress(OSError, ValueError):
                 data = json.loads(path.read_text())
@@ -130,9 +131,14 @@ class PortBook:
                     self.ports = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, int)}
 
     def remember(self, name: str, port: int) -> None:
-        if self.ports.get(name) == port or self.path is None:
+        if self.ports.get(name) != port:
+            self.ports[name] = port
+            self._dirty = True
+
+    def save(self) -> None:
+        if not self._dirty or self.path is None:
             return
-        self.ports[name] = port
+        self._dirty = False
         temp = self.path.with_name(f"{self.path.name}.{os.getpid()}")
         try:
             temp.write_text(json.dumps(self.ports, sort_keys=True))
@@ -278,6 +284,7 @@ class FleetClient:
             if state is None or state.get("state") in NOT_SERVED or not vm_alive(run_dir):
                 continue
             self._serve(name, run_dir)
+        self._ports.save()
 
     def _serve(self, name: str, run_dir: RunDir) -> None:
         sockets = run_dir.root if self.config.socket_dir is None else self.config.socket_dir / name

@@ -21,8 +21,8 @@ from core_daemon.readiness import sd_notify, write_ready_fd
 from ipc.channel import ChannelError, ClientChannel, ipc_endpoint
 from ipc.messages import ALL_CAPABILITIES, Capability, DisplayChanged, EventBody, Migrated, Shutdown, Welcome
 from ipc.rundir import RunDir, follow_migrations, socket_access_problem
-from shm import Overrun, Record
-from shm.notify import DisplayClosed, DisplaySubscription
+from shm import LayoutError, Overrun, Record
+from shm.notify import DisplayClosed, DisplaySubscription, HelloError
 
 from .privileges import Identity, drop_privileges, resolve_user
 from .service import Service
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 CLIENT_NAME = "vmfront-client"
 #: Backoff between attach attempts while no core answers.
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
+#: How long one attach attempt waits for the welcome (ZeroMQ connects as soon as the core's socket is there; a
+#: fleet client attaching to tens of cores at once may take a while to read every welcome).
+ATTACH_TIMEOUT_S = 5.0
 #: The VM a log line is about, in a process that fronts many (clients/fleet.py sets it in each VM's tasks).
 current_vm: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_vm", default=None)
 CLIENT_GROUP_HINT = ("start the core with --client-group set to a group of this client's user (vmfront run does; "
@@ -236,7 +239,7 @@ class Client:
                                     on_event=self._event, endpoints=self.endpoints(),
                                     capabilities=self._capabilities())
             try:
-                welcome = await channel.connect(timeout_s=max(delay, 1.0))
+                welcome = await channel.connect(timeout_s=max(delay, ATTACH_TIMEOUT_S))
             except ChannelError as exc:
                 log.debug("no core for VM %r at %s yet (%s); retrying in %.1f s", self.config.name,
                           self.config.endpoint, exc, delay)
@@ -291,7 +294,7 @@ class Client:
     async def _display_loop(self, path: Path) -> None:
         try:
             sub = await DisplaySubscription.connect(path)
-        except (OSError, DisplayClosed, ValueError) as exc:
+        except (OSError, DisplayClosed, ValueError, HelloError, LayoutError) as exc:
             problem = socket_access_problem(path) if isinstance(exc, PermissionError) else None
             if problem is not None:
                 log.warning("no display: %s: %s", problem, CLIENT_GROUP_HINT)
@@ -308,6 +311,8 @@ class Client:
                 self._dispatch(await sub.read())
         except DisplayClosed:
             log.info("display closed by the core")
+        except (LayoutError, TimeoutError) as exc:  # a segment that is not what a core writes: this VM's alone
+            log.warning("display of VM %r unusable: %s", self.config.name, exc)
 
     def _dispatch(self, records: list[Record] | Overrun) -> None:
         for service in self.services:
