@@ -6,6 +6,7 @@ The file (``--websocket-tokens FILE``) holds one token a line::
     # TOKEN: VMNAME [EXPIRES]
     3q8Vd0m...: web1
     Zk1x7s...: db2 2026-12-01T18:00:00Z      # ISO 8601 (UTC if no zone), or seconds since the epoch
+    Qw3rt9...: *                             # every VM (an operator's token, for the web overview)
 
 It is read again whenever it changes (its inode, size or modification time), so tokens are issued and
 withdrawn by rewriting it, with no restart. Tokens are compared in constant time against every entry, and are
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: A larger file is refused (a token a line: a hundred thousand tokens fit).
 MAX_FILE = 8 << 20
+#: The VM name that grants every VM.
+ANY_VM = "*"
 #: Shortest token accepted: anything shorter is guessable.
 MIN_TOKEN = 16
 MAX_TOKEN = 256
@@ -73,7 +76,7 @@ def parse_tokens(text: str, source: str = "token file") -> list[Grant]:
             problem = f"a token is {MIN_TOKEN} to {MAX_TOKEN} printable ASCII characters"
         else:
             try:
-                vm = check_vm_name(fields[0])
+                vm = fields[0] if fields[0] == ANY_VM else check_vm_name(fields[0])
                 expires = parse_expiry(fields[1]) if len(fields) == 2 else None
             except (RunDirError, ValueError) as exc:
                 problem = str(exc)
@@ -115,20 +118,25 @@ class TokenFile:
         self._identity = identity
         log.info("token file %s: %d tokens", self.path, len(self._grants))
 
-    def allows(self, token: str, vm: str, *, now: float | None = None) -> bool:
-        """Whether ``token`` opens ``vm``'s console now. Every entry is compared (in constant time), so the
-        time taken says nothing about how close a guess came."""
+    def opens(self, token: str, *, now: float | None = None) -> frozenset[str]:
+        """The VMs ``token`` opens now (``*``: every VM). Every entry is compared (in constant time), so the time
+        taken says nothing about how close a guess came."""
         clock = time.monotonic()
         if clock - self._checked >= self.recheck_s:
             self._checked = clock
             self._load()
         wall = time.time() if now is None else now
         offered = token.encode("utf-8", "replace")
-        granted = False
+        opened = set()
         for grant in self._grants:
-            match = hmac.compare_digest(grant.token, offered)
-            granted |= match and grant.vm == vm and (grant.expires is None or wall < grant.expires)
-        return granted
+            if hmac.compare_digest(grant.token, offered) and (grant.expires is None or wall < grant.expires):
+                opened.add(grant.vm)
+        return frozenset(opened)
+
+    def allows(self, token: str, vm: str, *, now: float | None = None) -> bool:
+        """Whether ``token`` opens ``vm``'s console now."""
+        opened = self.opens(token, now=now)
+        return vm in opened or ANY_VM in opened
 
 
-__all__ = ["Grant", "TokenFile", "TokenFileError", "parse_expiry", "parse_tokens"]
+__all__ = ["ANY_VM", "Grant", "TokenFile", "TokenFileError", "parse_expiry", "parse_tokens"]
