@@ -28,10 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 from core_daemon.readiness import sd_notify, write_ready_fd
 from ipc.channel import ipc_endpoint
+from ipc.messages import EventBody, Welcome
 from ipc.rundir import RunDir, RunDirError, check_vm_name, read_state
+from shm import Overrun, Record
 from shm.naming import pid_alive
 
-from .main import Client, ClientConfig, current_vm
+from .main import Client, ClientConfig, ClientContext, current_vm
 from .privileges import Identity, drop_privileges, resolve_user
 from .service import Service
 
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from .vnc.encoder_pool import EncoderPool
     from .vnc.service import VncService
     from .vnc.websocket_router import WebSocketRouter
+    from .web.server import VmView, WebServer
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,8 @@ class FleetConfig:
     vnc_host: str = "127.0.0.1"
     password: str | None = None
     websocket: str | None = None
+    #: The web console (overview, screens, noVNC) for every VM, on HOST:PORT.
+    web: str | None = None
     tokens: TokenFile | None = None
     monitor: bool = False
     console: bool = False
@@ -169,6 +174,9 @@ class FleetClient:
         self._failed: dict[str, float] = {}  # VM name -> when to try again (loop time)
         self._pool: EncoderPool | None = None
         self.router: WebSocketRouter | None = None
+        self.web: WebServer | None = None
+        #: VMs served before and let go (their core stopped): the web overview still shows them, as stopped.
+        self._gone: dict[str, RunDir] = {}
         book_dir = config.socket_dir or config.run_root
         self._ports = PortBook(book_dir / PORTS_FILE)
 
@@ -192,6 +200,15 @@ class FleetClient:
                 self.router.bind()
             except (RouterError, VncError) as exc:
                 raise FleetError(str(exc)) from exc
+        if self.config.web is not None:
+            from .vnc.service import VncError, parse_listen
+            from .web.server import WebError, WebServer
+
+            try:
+                self.web = WebServer(parse_listen(self.config.web), self, self.config.tokens)
+                self.web.bind()
+            except (WebError, VncError) as exc:
+                raise FleetError(str(exc)) from exc
         if self.config.socket_dir is not None:
             self._make_socket_dir(identity)
         if identity is not None:
@@ -202,6 +219,8 @@ class FleetClient:
         try:
             if self.router is not None:
                 await self.router.start()
+            if self.web is not None:
+                await self.web.start()
             await self._scan()
             for served in list(self.served.values()):
                 with contextlib.suppress(TimeoutError):
@@ -230,6 +249,8 @@ class FleetClient:
         sd_notify(f"READY=1\nSTATUS=serving {len(self.served)} VMs")
         if self.config.ready_fd is not None:
             endpoints = {"websocket": self.router.where} if self.router is not None else {}
+            if self.web is not None:
+                endpoints["web"] = self.web.url()
             write_ready_fd(self.config.ready_fd, f"READY {json.dumps(endpoints)}")
 
     async def _shutdown(self) -> None:
@@ -238,8 +259,20 @@ class FleetClient:
                              return_exceptions=True)
         if self.router is not None:
             await self.router.close()
+        if self.web is not None:
+            await self.web.close()
         if self._pool is not None:
             await self._pool.close()
+
+    def vms(self) -> list[VmView]:
+        """For the web console: the VMs served now, and those let go while this client ran (as stopped)."""
+        from .web.server import VmView
+
+        for name in [n for n, d in self._gone.items() if not d.root.exists()]:
+            del self._gone[name]
+        views = [VmView(s.name, s.run_dir, s.client.ctx) for s in self.served.values()]
+        views += [VmView(name, run_dir, None) for name, run_dir in self._gone.items() if name not in self.served]
+        return sorted(views, key=lambda view: view.name)
 
     def vnc_service(self, name: str) -> VncService | None:
         served = self.served.get(name)
@@ -292,6 +325,8 @@ class FleetClient:
         vnc, port = self._vnc_for(name)
         if vnc is not None:
             services.append(vnc)
+        if self.web is not None:
+            services.append(Endpoints({"web": self.web.url(f"/vm/{name}/console")}))
         if self.config.monitor:
             from .monitor.service import MonitorAddress, MonitorService
 
@@ -308,6 +343,7 @@ class FleetClient:
                               make_run_dir=False)
         served = _Served(name, run_dir, Client(config), vnc, port)
         self.served[name] = served
+        self._gone.pop(name, None)
         context = contextvars.copy_context()
         context.run(current_vm.set, name)
         served.task = asyncio.get_running_loop().create_task(self._run_vm(served, sockets), name=f"vm-{name}",
@@ -317,7 +353,7 @@ class FleetClient:
     def _vnc_for(self, name: str) -> tuple[VncService | None, int | None]:
         """The VM's VNC service: its own port from the range (the one it had before, if free), and the
         shared WebSocket router."""
-        if self.config.vnc_ports is None and self.router is None:
+        if self.config.vnc_ports is None and self.router is None and self.web is None:
             return None, None
         from .vnc.service import VncError, VncService, bind_socket, parse_listen
 
@@ -368,6 +404,7 @@ class FleetClient:
         served = self.served.pop(name, None)
         if served is None:
             return
+        self._gone[name] = served.run_dir
         log.info("letting go of VM %r (%s)", name, why)
         served.client.stop()
         if served.task is not None:
@@ -384,6 +421,40 @@ class FleetClient:
     def describe(self) -> dict[str, Any]:
         return {name: {"run_dir": str(s.run_dir.root), "vnc_port": s.port, "attached": bool(
             s.client.ctx.channel is not None and s.client.ctx.channel.attached)} for name, s in self.served.items()}
+
+
+class Endpoints:
+    """A service that serves nothing itself and tells the core where this VM is also reached (the web console's
+    page for it), so state.json lists it with the VM's other endpoints."""
+
+    name = "endpoints"
+
+    def __init__(self, where: dict[str, str]) -> None:
+        self.where = where
+
+    def endpoints(self) -> dict[str, str]:
+        return dict(self.where)
+
+    async def bind(self, ctx: ClientContext) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    def attached(self, welcome: Welcome) -> None:
+        pass
+
+    def detached(self, reason: str) -> None:
+        pass
+
+    def display_records(self, records: list[Record] | Overrun) -> None:
+        pass
+
+    def event(self, body: EventBody) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
 
 def _tag_log_lines() -> None:

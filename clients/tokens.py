@@ -36,7 +36,7 @@ MIN_TOKEN = 16
 MAX_TOKEN = 256
 
 
-class TokenFileError(Exception):
+class TokenFileError(ValueError):
     """The token file cannot be read at all (an unreadable or oversized file, at start)."""
 
 

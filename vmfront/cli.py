@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vnc", default="127.0.0.1:5900", metavar="HOST:PORT|:DISPLAY|unix:PATH",
                      help="where the client serves VNC (default 127.0.0.1:5900; :N is display N, 127.0.0.1:5900+N)")
     run.add_argument("--websocket", metavar="HOST:PORT", help="also serve VNC over WebSocket (noVNC)")
+    run.add_argument("--web", default="127.0.0.1:0", metavar="HOST:PORT|none",
+                     help="the web console: the VM's screen and noVNC in a browser (default: a free port on "
+                     "127.0.0.1; 'none': no web console)")
     run.add_argument("--agent", action="store_true", help="give the guest a qemu-ga channel (see core --agent)")
     run.add_argument("--serial", action="store_true",
                      help="give the guest a serial port, reachable with `vmfront console NAME`")
@@ -251,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--websocket-tokens", type=Path, metavar="FILE",
                         help="with --all: VNC over WebSocket needs ?token=T, one 'TOKEN: VMNAME [EXPIRES]' a line "
                         "in FILE (re-read when it changes); required when --websocket is not on loopback")
+    client.add_argument("--web", metavar="HOST:PORT",
+                        help="serve the web console here: an overview of the VMs with live thumbnails, each VM's "
+                        "screen and noVNC (docs/web.md); tokens (--websocket-tokens) are required off loopback")
     client.add_argument("--socket-dir", type=Path, metavar="DIR",
                         help="with --all: each VM's monitor, console and agent sockets in DIR/NAME/ instead of its "
                         "run directory (for a client that may not write there, e.g. the systemd unit)")
@@ -422,7 +428,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         print("vmfront client: error: give --name NAME (or --all)", file=sys.stderr)
         return 2
     fleet_only = [flag for flag, value in (("--vnc-ports", args.vnc_ports), ("--run-root", args.run_root),
-                                           ("--websocket-tokens", args.websocket_tokens),
+                                           ("--websocket-tokens", args.websocket_tokens if not args.web else None),
                                            ("--socket-dir", args.socket_dir)) if value is not None]
     if fleet_only:
         print(f"vmfront client: error: {', '.join(fleet_only)} go with --all (or several --name)", file=sys.stderr)
@@ -438,8 +444,18 @@ def cmd_client(args: argparse.Namespace) -> int:
                               core_endpoint=args.core, group=args.group, ready_fd=args.ready_fd,
                               user=_client_user(args.user, args.as_root, flag="--as-root"))
         vnc = service_from_args(args.vnc, args.vnc_password_file, args.websocket)
+        if vnc is None and args.web is not None:  # viewers only through the web console's WebSocket
+            from clients.vnc.service import VncService, read_password
+
+            vnc = VncService(None, password=read_password(args.vnc_password_file))
         if vnc is not None:
             config.services.append(vnc)
+        if args.web is not None:
+            from clients.tokens import TokenFile
+            from clients.web.server import WebService
+
+            config.services.append(WebService(args.web, TokenFile(args.websocket_tokens)
+                                              if args.websocket_tokens else None))
         if args.monitor is not None:
             from clients.monitor.service import MonitorService, parse_monitor_address
 
@@ -492,7 +508,7 @@ def _fleet_client(args: argparse.Namespace) -> int:
             run_root=Path(os.path.abspath(args.run_root)) if args.run_root else default_run_root(),
             names=[check_vm_name(n) for n in args.name] if args.name else None,
             vnc_ports=parse_port_range(args.vnc_ports) if args.vnc_ports else None, vnc_host=args.vnc_host,
-            password=read_password(args.vnc_password_file), websocket=args.websocket,
+            password=read_password(args.vnc_password_file), websocket=args.websocket, web=args.web,
             tokens=TokenFile(args.websocket_tokens) if args.websocket_tokens else None,
             monitor=args.monitor is not None, console=args.console is not None, agent=args.agent_proxy != "none",
             socket_dir=args.socket_dir, user=user, group=args.group, ready_fd=args.ready_fd)
@@ -520,6 +536,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = RunConfig(name=check_vm_name(args.name), run_dir=args.run_dir, qemu_args=qemu_args,
                            client_user=user, client_group=resolve_user(user).gid if user else None,
                            verbose=args.verbose, vnc=args.vnc, websocket=args.websocket, agent=args.agent,
+                           web=None if args.web == "none" else args.web,
                            serial=args.serial, accel=args.accel, on_core_death=args.on_core_death)
     except (RunDirError, PrivilegeError) as exc:
         print(f"vmfront run: error: {exc}", file=sys.stderr)
