@@ -28,14 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 from core_daemon.readiness import sd_notify, write_ready_fd
 from ipc.channel import ipc_endpoint
-from ipc.messages import EventBody, Welcome
 from ipc.rundir import RunDir, RunDirError, check_vm_name, read_state
-from shm import Overrun, Record
 from shm.naming import pid_alive
 
-from .main import Client, ClientConfig, ClientContext, current_vm
+from .main import Client, ClientConfig, current_vm
 from .privileges import Identity, drop_privileges, resolve_user
-from .service import Service
+from .service import QuietService, Service
 
 if TYPE_CHECKING:
     from .tokens import TokenFile
@@ -423,7 +421,7 @@ class FleetClient:
             s.client.ctx.channel is not None and s.client.ctx.channel.attached)} for name, s in self.served.items()}
 
 
-class Endpoints:
+class Endpoints(QuietService):
     """A service that serves nothing itself and tells the core where this VM is also reached (the web console's
     page for it), so state.json lists it with the VM's other endpoints."""
 
@@ -434,27 +432,6 @@ class Endpoints:
 
     def endpoints(self) -> dict[str, str]:
         return dict(self.where)
-
-    async def bind(self, ctx: ClientContext) -> None:
-        pass
-
-    async def start(self) -> None:
-        pass
-
-    def attached(self, welcome: Welcome) -> None:
-        pass
-
-    def detached(self, reason: str) -> None:
-        pass
-
-    def display_records(self, records: list[Record] | Overrun) -> None:
-        pass
-
-    def event(self, body: EventBody) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
 
 def _tag_log_lines() -> None:

@@ -995,10 +995,11 @@ class VncService:
         await self._serve(StreamTransport(reader, writer))
 
     async def _on_websocket(self, ws: Any) -> None:
-        await self._serve(WebSocketTransport(ws))
+        await self.serve_transport(WebSocketTransport(ws))
 
     async def serve_transport(self, transport: Transport) -> None:
-        """Serve a viewer whose connection arrived elsewhere (a fleet client's WebSocket router)."""
+        """Serve a viewer whose connection arrived elsewhere too (a fleet client's WebSocket router, the web
+        console)."""
         await self._serve(transport)
 
     async def _serve(self, transport: Transport) -> None:

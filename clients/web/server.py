@@ -28,12 +28,12 @@ from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
 from clients.screendump import ScreendumpError, frame_image
+from clients.service import QuietService
 from clients.tokens import ANY_VM
 from clients.vnc.service import ListenAddress, bind_socket, describe, is_loopback
-from ipc.messages import EventBody, Welcome
 from ipc.rundir import RunDir, RunDirError, check_vm_name
 from rfb import ProtocolError
-from shm import LayoutError, Overrun, Record
+from shm import LayoutError
 
 from . import pages
 
@@ -243,11 +243,12 @@ class WebServer:
     async def _login(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
         token = form.get("token")
-        if not isinstance(token, str) or self.tokens is None or not self.tokens.opens(token):
-            if self.tokens is not None:
-                log.warning("web: login from %s refused: not a valid token", request.remote)
-            return web.Response(status=401, text=pages.login(self.tokens is not None), content_type="text/html")
         response = web.Response(status=303, headers={"Location": "/"})
+        if self.tokens is None:
+            return response  # nothing to log in to
+        if not isinstance(token, str) or not self.tokens.opens(token):
+            log.warning("web: login from %s refused: not a valid token", request.remote)
+            return web.Response(status=401, text=pages.login(True), content_type="text/html")
         self._set_cookie(response, token)
         return response
 
@@ -360,7 +361,7 @@ def describe_vm(vm: VmView) -> dict[str, Any]:
 
 
 
-class WebService:
+class WebService(QuietService):
     """The web console of a one-VM client (``vmfront client --name NAME --web HOST:PORT``), as a client service."""
 
     name = "web"
@@ -390,18 +391,6 @@ class WebService:
     async def start(self) -> None:
         assert self.server is not None
         await self.server.start()
-
-    def attached(self, welcome: Welcome) -> None:
-        pass
-
-    def detached(self, reason: str) -> None:
-        pass
-
-    def display_records(self, records: list[Record] | Overrun) -> None:
-        pass
-
-    def event(self, body: EventBody) -> None:
-        pass
 
     async def close(self) -> None:
         if self.server is not None:
