@@ -67,8 +67,9 @@ class ClientConfig:
 
 class DisplayDemand:
     """How many consumers (VNC viewers, a screendump in progress) need live pixels. While none do, the client
-    tells the core, which then refreshes the segment only about once a second (docs/display.md, pacing): an idle
-    VM whose screen never rests costs next to nothing in either process."""
+    tells the core, which then stops refreshing the segment (docs/display.md, pacing): an idle VM whose screen
+    never rests costs next to nothing in either process. One-off readers (a screendump, a thumbnail) make it
+    current first: :meth:`ClientContext.fresh_display`."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -101,7 +102,8 @@ class ClientContext:
     demand: DisplayDemand = field(default_factory=DisplayDemand)
 
     async def fresh_display(self) -> DisplaySubscription | None:
-        """The display, made current first if the core was pacing it (for a one-off read: a screendump)."""
+        """The display, made current first if the core was pacing it (for a one-off read: a screendump, a web
+        thumbnail)."""
         display = self.display
         if display is None or not display.paced or display.hello.pacing is None:
             return display

@@ -8,8 +8,8 @@ FramebufferUpdateRequest is kept outstanding (the next goes out as soon as an up
 changes at its own refresh rate (every 30 ms while the screen changes, backing off to 3 s when it does not)
 and nothing at all while nothing changes. Readers are told once per batch of input that produced records.
 While no reader needs live pixels (``set_live(False)``: no viewer anywhere), the next request waits
-``pacing`` seconds: a guest whose screen never rests (the demo guest's counter) then costs one update a second,
-not eighteen. A reader turning live gets a full update at once.
+``pacing`` seconds, or (0, the default) is not sent at all: a guest whose screen never rests (the demo guest's
+counter) then costs nothing, not eighteen updates a second. A reader turning live gets the whole frame at once.
 
 If the VNC connection drops while the core runs, the capture reconnects with backoff and, after the new
 connection's first update, appends one full-frame damage record so every reader repaints.
@@ -36,8 +36,8 @@ MAX_DAMAGE_RECTS = 32
 READ_SIZE = 256 << 10
 XK_SHIFT_L = 0xFFE1  # the keysym input_hint releases
 HINT_INTERVAL = 0.01  # at most one input hint per 10 ms: QEMU's base refresh interval is 30 ms
-#: Seconds between updates requested from QEMU while no reader is live.
-PACING_S = 1.0
+#: Seconds between updates requested from QEMU while no reader is live; 0: none until a reader turns live.
+PACING_S = 0.0
 ENCODINGS = (rfb.ENCODING_RAW, rfb.ENCODING_DESKTOP_SIZE, rfb.ENCODING_CURSOR)
 
 Rect = tuple[int, int, int, int]
@@ -94,6 +94,7 @@ class DisplayCapture:
         self.pacing = pacing
         self.live = True  # until the display socket says no reader is
         self._paced_request: asyncio.TimerHandle | None = None
+        self._waiting_for_live = False  # no request outstanding: the next goes out when a reader turns live
         self.writer = writer
         self.socket_path = socket_path
         self.connect_timeout = connect_timeout
@@ -176,6 +177,7 @@ class DisplayCapture:
         if self._paced_request is not None:
             self._paced_request.cancel()
             self._paced_request = None
+        self._waiting_for_live = False
         if self._transport is not None:
             self._transport.close()
         self._transport = None
@@ -215,7 +217,10 @@ class DisplayCapture:
             self.updates += 1
             self._damage(list(event.rects))
             if not self.live:
-                self._paced_request = asyncio.get_running_loop().call_later(self.pacing, self._request_update)
+                if self.pacing > 0:
+                    self._paced_request = asyncio.get_running_loop().call_later(self.pacing, self._request_update)
+                else:
+                    self._waiting_for_live = True
                 return b""
             return conn.framebuffer_update_request(0, 0, conn.width, conn.height, incremental=True)
         elif isinstance(event, rfb.DesktopSize):
@@ -257,12 +262,14 @@ class DisplayCapture:
         """Whether some reader needs live pixels. Turning live, a paced capture asks QEMU for the whole frame now
         (a reader that just attached reads a current frame after its first wake-up)."""
         self.live = live
-        if live and self._paced_request is not None:
-            self._paced_request.cancel()
+        if live and (self._paced_request is not None or self._waiting_for_live):
+            if self._paced_request is not None:
+                self._paced_request.cancel()
             self._request_update(incremental=False)
 
     def _request_update(self, incremental: bool = True) -> None:
         self._paced_request = None
+        self._waiting_for_live = False
         conn = self._conn
         if self.connected and conn is not None and self._transport is not None:
             self._transport.write(conn.framebuffer_update_request(0, 0, conn.width, conn.height,

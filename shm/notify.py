@@ -10,17 +10,18 @@ core is gone. docs/display.md documents the format and why eventfd was chosen.
 Hello, version 1 (UTF-8 JSON object, at most ``MAX_HELLO`` bytes, unknown members ignored)::
 
     {"type": "vmfront-display", "version": 1, "shm": "/vmfront.NAME.PID.TOKEN", "layout": 1,
-     "notify": "eventfd", "pacing": 1.0, "paced": false}
+     "notify": "eventfd", "pacing": 0, "paced": false}
 
 ``version`` changes when a member changes meaning or the exchange changes; a reader refuses versions it does
 not speak. ``layout`` is the shm layout version (the segment's header says it too).
 
 Pacing (optional: only with a core whose hello has ``pacing``): while no reader needs live pixels, the core
-refreshes the segment only every ``pacing`` seconds (an idle demo guest would otherwise cost the core a QEMU
-update every 55 ms). A reader is live when it attaches; it may send one message ``idle`` (no viewer of its
-own is looking) and later ``live`` again. ``paced`` says whether the capture was paced when the hello was sent:
-a one-shot reader then waits for its first wake-up (the core refreshes the whole frame when a reader turns
-live) before reading. Any other message from a reader is a protocol error; the core drops that reader.
+refreshes the segment only every ``pacing`` seconds, or (0) not at all (an idle demo guest would otherwise cost
+the core a QEMU update every 55 ms). A reader is live when it attaches; it may send one message ``idle`` (no
+viewer of its own is looking) and later ``live`` again. ``paced`` says whether the capture was paced when the
+hello was sent: a one-shot reader then waits for its first wake-up (the core fetches the whole frame when a
+reader turns live, within QEMU's refresh interval) before reading. Any other message from a reader is a
+protocol error; the core drops that reader.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Hello:
     shm: str
     layout: int
     notify: str
-    #: Seconds between refreshes while no reader is live (None: a core that does not pace, or take ``idle``).
+    #: Seconds between refreshes while no reader is live, 0: none (None: a core that does not pace or take ``idle``).
     pacing: float | None = None
     #: The capture was paced when this hello was sent: the segment may be up to ``pacing`` seconds old.
     paced: bool = False
@@ -89,7 +90,7 @@ def decode_hello(data: bytes) -> Hello:
     if not isinstance(shm, str) or not isinstance(layout, int) or notify != "eventfd":
         raise HelloError(f"malformed display hello: {message!r}")
     pacing, paced = message.get("pacing"), message.get("paced", False)
-    if pacing is not None and (isinstance(pacing, bool) or not isinstance(pacing, int | float) or pacing <= 0):
+    if pacing is not None and (isinstance(pacing, bool) or not isinstance(pacing, int | float) or pacing < 0):
         raise HelloError(f"malformed display hello: pacing {pacing!r}")
     return Hello(version, shm, layout, notify, float(pacing) if pacing is not None else None, paced is True)
 
@@ -118,8 +119,8 @@ def receive_hello(sock: socket.socket) -> tuple[Hello, int]:
 
 def read_hello(path: Path | str, *, timeout_s: float = 5.0, fresh: bool = False) -> Hello:
     """The hello of a running core (blocking; for one-shot tools such as ``vmfront screendump``). With ``fresh``,
-    if the core's capture was paced, wait (up to its pacing interval and ``timeout_s``) until it refreshed the
-    segment for this (live) reader."""
+    if the core's capture was paced, wait (up to a second past its pacing interval, and ``timeout_s``) until it
+    refreshed the segment for this (live) reader."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout_s)
         sock.connect(os.fspath(path))

@@ -287,12 +287,13 @@ class WebServer:
             if not 16 <= width <= MAX_WIDTH:
                 raise web.HTTPBadRequest(text=f"400: width is 16 to {MAX_WIDTH} pixels\n")
         display = vm.ctx.display if vm.ctx is not None else None
-        if display is None:
+        if vm.ctx is None or display is None:
             raise web.HTTPNotFound(text="404: no screen (the VM is not running, or has no display)\n")
         key = (vm.name, width)
         cached = self._pngs.get(key)
         now = time.monotonic()
         if cached is None or now - cached[0] > PNG_CACHE_S:
+            display = await vm.ctx.fresh_display() or display  # nobody watching: the core fetches the frame now
             try:
                 image = frame_image(display.reader, width)
             except (ScreendumpError, LayoutError, TimeoutError) as exc:
