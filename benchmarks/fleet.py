@@ -101,7 +101,8 @@ def per_vm_clients(fleet: Fleet, cores: list[CoreProcess]) -> list[subprocess.Po
             client_command(core.name, core.run_dir, "--vnc", f"127.0.0.1:{free_port()}", "--monitor",
                            verbose=False), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, cwd=ROOT)))
-    wait_for(lambda: all(core.state().get("clients") for core in cores), 120, "every per-VM client to attach")
+    wait_for(lambda: all(core.state().get("clients") for core in cores), 60 + 10 * len(cores),
+             "every per-VM client to attach")
     return procs
 
 
@@ -116,18 +117,18 @@ def end(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait(timeout=10)
 
 
-def row(label: str, m: dict[str, float]) -> str:
+def row(label: str, m: dict[str, float], timings: str = "- | - |") -> str:
     return (f"| {label} | {m['core_pss']:.1f} | {m['client_pss']:.1f} | {m['client_pss_total']:.1f} | "
-            f"{m['core_cpu']:.2f} | {m['client_cpu']:.2f} | {m['core_cpu'] + m['client_cpu']:.2f} |")
+            f"{m['core_cpu']:.2f} | {m['client_cpu']:.2f} | {m['core_cpu'] + m['client_cpu']:.2f} | {timings}")
 
 
 def footprint(counts: list[int], seconds: float, settle: float) -> None:
     print(f"Idle demo VMs; CPU over {seconds:.0f} s after {settle:.0f} s, % of the host ({CPUS} CPUs); PSS in MiB.")
     print()
     print("| VMs, clients | core PSS / VM | client PSS / VM | client PSS total | cores CPU % | clients CPU % | "
-          "vmfront CPU % |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    timings: list[str] = []
+          "vmfront CPU % | new core served after s | after SIGKILL all served after s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    loads: list[str] = []
     for n in counts:
         with Fleet() as fleet:
             cores = start_cores(fleet, [f"f{i:02d}" for i in range(n)], within=120 + 6 * n)
@@ -151,21 +152,15 @@ def footprint(counts: list[int], seconds: float, settle: float) -> None:
             again.wait_serving(cores, within=120)
             restart = time.monotonic() - started
             again.stop()
-            timings.append(f"| {n} | {pickup:.2f} | {restart:.2f} |")
         print(row(f"{n}, one per VM", a))
-        print(row(f"{n}, one --all", b))
+        print(row(f"{n}, one --all", b, f"{pickup:.2f} | {restart:.2f} |"))
         ratio = {k: b[k] / a[k] if a[k] else float("nan") for k in a}
         print(f"| {n}, (b)/(a) | {ratio['core_pss']:.2f} | {ratio['client_pss']:.2f} | "
               f"{ratio['client_pss_total']:.2f} | {ratio['core_cpu']:.2f} | {ratio['client_cpu']:.2f} | "
-              f"{(b['core_cpu'] + b['client_cpu']) / max(a['core_cpu'] + a['client_cpu'], 1e-9):.2f} |")
+              f"{(b['core_cpu'] + b['client_cpu']) / max(a['core_cpu'] + a['client_cpu'], 1e-9):.2f} | | |")
+        loads.append(f"{n} VMs: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
         sys.stdout.flush()
-    print()
-    print("One --all client: seconds until a core started later is served, and until every VM is served again by a "
-          "new client after a SIGKILL (load average now: " + ", ".join(f"{x:.1f}" for x in os.getloadavg()) + ").")
-    print()
-    print("| VMs | core started later: served after s | SIGKILL, restart: all served after s |")
-    print("| --- | ---: | ---: |")
-    print("\n".join(timings))
+    print(f"\nLoad average (1, 5, 15 min) after each: {'; '.join(loads)} (the machine is shared).")
 
 
 # --- isolation ----------------------------------------------------------------------------------------------------
