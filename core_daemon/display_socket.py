@@ -96,6 +96,7 @@ class DisplaySocket:
         if live != self._live:
             self._live = live
             log.debug("display: %s", "a reader is live: capturing at QEMU's pace" if live
+                      else "no live reader: capture paused" if not self.pacing
                       else f"no live reader: refreshing every {self.pacing} s")
             if self.on_demand is not None:
                 self.on_demand(live)
