@@ -39,7 +39,6 @@ from corelib import CoreProcess, Fleet, RawQmpPeer, client_command, wait_for  # 
 from fleetlib import FleetClientProcess, fleet_client_of, start_cores, vnc_port  # noqa: E402
 from vnclib import ZRLE, MiniViewer, free_port  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPUS = os.cpu_count() or 1
 MIB = 1024
 
@@ -71,12 +70,14 @@ def pss_kib(pids: list[int]) -> int:
 
 
 def cpu_s(pids: list[int]) -> float:
+    """CPU seconds of the live threads of ``pids`` (schedstat: nanoseconds, not clock ticks)."""
     total = 0
     for pid in pids:
-        with contextlib.suppress(OSError, IndexError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def measure(cores: list[int], clients: list[int], seconds: float) -> dict[str, float]:
