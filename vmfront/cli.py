@@ -620,7 +620,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  clients:   {len(clients)}")
     for client in clients:
         served = ", ".join(f"{k} {v}" for k, v in (client.get("endpoints") or {}).items())
-        print(f"    pid {client.get('pid')} uid {client.get('uid')}{': ' + served if served else ''}")
+        print(f"    {client.get('name') or 'client'} (pid {client.get('pid')} uid {client.get('uid')})"
+              f"{': ' + served if served else ''}")
     went = state.get("migrated_to")
     if isinstance(went, str):
         where = follow_migrations(went, Path(went.removeprefix("ipc://")).parent / "state.json")
