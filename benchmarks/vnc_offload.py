@@ -93,7 +93,8 @@ async def main() -> int:
     frame = copy.array(MODE)
     frame[...] = animation_frame()
     copy.mode = MODE
-    pool = EncoderPool(1, copy_fd=copy.fd)
+    pool = EncoderPool(1)
+    pool.add_copy(copy.key, copy.fd)
     pool.start()
     await pool.wait_ready(30)  # the worker imports numpy etc.
     threads = concurrent.futures.ThreadPoolExecutor(1)
@@ -112,7 +113,8 @@ async def main() -> int:
                 await loop.run_in_executor(threads, encode_frame_rects, settings, BGRX8888, frame, rects)
 
             async def in_process(settings: EncoderSettings = settings) -> None:
-                await pool.encode(EncodeRequest("copy", "", WIDTH, HEIGHT, WIDTH * 4, BGRX8888, settings, rects))
+                await pool.encode(EncodeRequest("copy", str(copy.key), WIDTH, HEIGHT, WIDTH * 4, BGRX8888, settings,
+                                                rects))
 
             await in_process()  # the worker is up and warm
             for where, encode in (("loop", in_loop), ("thread", in_thread), ("process", in_process)):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +21,8 @@ from core_daemon.readiness import sd_notify, write_ready_fd
 from ipc.channel import ChannelError, ClientChannel, ipc_endpoint
 from ipc.messages import ALL_CAPABILITIES, Capability, DisplayChanged, EventBody, Migrated, Shutdown, Welcome
 from ipc.rundir import RunDir, follow_migrations, socket_access_problem
-from shm import Overrun, Record
-from shm.notify import DisplayClosed, DisplaySubscription
+from shm import LayoutError, Overrun, Record
+from shm.notify import DisplayClosed, DisplaySubscription, HelloError
 
 from .privileges import Identity, drop_privileges, resolve_user
 from .service import Service
@@ -30,6 +32,11 @@ log = logging.getLogger(__name__)
 CLIENT_NAME = "vmfront-client"
 #: Backoff between attach attempts while no core answers.
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
+#: How long one attach attempt waits for the welcome (ZeroMQ connects as soon as the core's socket is there; a
+#: fleet client attaching to tens of cores at once may take a while to read every welcome).
+ATTACH_TIMEOUT_S = 5.0
+#: The VM a log line is about, in a process that fronts many (clients/fleet.py sets it in each VM's tasks).
+current_vm: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_vm", default=None)
 CLIENT_GROUP_HINT = ("start the core with --client-group set to a group of this client's user (vmfront run does; "
                      "the systemd units use the group vmfront)")
 
@@ -48,10 +55,39 @@ class ClientConfig:
     services: list[Service] = field(default_factory=list)
     #: Write one line here once every listener is bound (and privileges are dropped), then close it.
     ready_fd: int | None = None
+    #: How this client introduces itself to the core (``state.json``'s ``clients[].name``).
+    client_name: str = CLIENT_NAME
+    #: Make the run directory if it is missing (a client started before its core); a fleet client never does.
+    make_run_dir: bool = True
 
     @property
     def endpoint(self) -> str:
         return self.core_endpoint or ipc_endpoint(self.run_dir.control_socket)
+
+
+class DisplayDemand:
+    """How many consumers (VNC viewers, a screendump in progress) need live pixels. While none do, the client
+    tells the core, which then stops refreshing the segment (docs/display.md, pacing): an idle VM whose screen
+    never rests costs next to nothing in either process. One-off readers (a screendump, a thumbnail) make it
+    current first: :meth:`ClientContext.fresh_display`."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.on_change: Callable[[bool], None] | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.count > 0
+
+    def acquire(self) -> None:
+        self.count += 1
+        if self.count == 1 and self.on_change is not None:
+            self.on_change(True)
+
+    def release(self) -> None:
+        self.count = max(0, self.count - 1)
+        if self.count == 0 and self.on_change is not None:
+            self.on_change(False)
 
 
 @dataclass
@@ -63,16 +99,39 @@ class ClientContext:
     display: DisplaySubscription | None = None
     #: Every service of this client, so one can describe another (the monitor's ``info vnc``).
     services: list[Service] = field(default_factory=list)
+    demand: DisplayDemand = field(default_factory=DisplayDemand)
+
+    async def acquire_live(self) -> None:
+        """Count a reader that needs live pixels (a viewer: release with ``demand.release()``). If the core was
+        pacing the display, return once it delivered the whole current frame (it answers a reader turning live
+        with one), so that the reader's first picture is not an old one."""
+        display = self.display
+        paced = display is not None and display.paced and display.hello.pacing is not None
+        self.demand.acquire()
+        if paced and display is not None and display.hello.pacing is not None:
+            await display.next_wakeup(display.hello.pacing + 1.0)
+
+    async def fresh_display(self) -> DisplaySubscription | None:
+        """The display, made current first if the core was pacing it (for a one-off read: a screendump, a web
+        thumbnail)."""
+        try:
+            await self.acquire_live()
+        finally:
+            self.demand.release()
+        return self.display
 
 
 class Client:
-    """``await Client(config).run()`` serves until SIGTERM/SIGINT; returns the exit status."""
+    """One VM's client. ``await Client(config).run()`` is the whole process (``vmfront client --name``): it
+    serves until SIGTERM/SIGINT and returns the exit status. A fleet client (clients/fleet.py) runs many in one
+    process with ``open``, ``start``, ``serve``, ``stop`` and ``close``."""
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.ctx = ClientContext(config)
         self.services = list(config.services)
         self.ctx.services = self.services
+        self.ctx.demand.on_change = self._demand_changed
         self._stop = asyncio.Event()
         self._display_task: asyncio.Task[None] | None = None
         self._display_socket: str | None = None
@@ -87,21 +146,45 @@ class Client:
         identity: Identity | None = None
         if self.config.user is not None:
             identity = resolve_user(self.config.user, self.config.group)
-        self._make_run_dir()
-        for service in self.services:
-            await service.bind(self.ctx)
+        await self.open()
         if identity is not None:
             drop_privileges(identity)
-        for service in self.services:
-            await service.start()
+        await self.start()
         self._ready()
         try:
-            await self._attach_first()
-            if not self._stop.is_set():
-                await self._stop.wait()
+            await self.serve()
         finally:
-            await self._shutdown()
+            await self.close()
         return 0
+
+    async def open(self) -> None:
+        """Bind every service's listeners (while the process may still be root)."""
+        if self.config.make_run_dir:
+            self._make_run_dir()
+        for service in self.services:
+            await service.bind(self.ctx)
+
+    async def start(self) -> None:
+        for service in self.services:
+            await service.start()
+
+    async def serve(self) -> None:
+        """Attach (waiting for the core if need be), then serve until :meth:`stop`."""
+        await self._attach_first()
+        if not self._stop.is_set():
+            await self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def channel_endpoint(self) -> str:
+        """The core this client is attached to or waits for (where a migration took the guest, once followed)."""
+        return self.ctx.channel.endpoint if self.ctx.channel is not None else self.config.endpoint
+
+    def _demand_changed(self, live: bool) -> None:
+        if self.ctx.display is not None:
+            self.ctx.display.set_live(live)
 
     def _make_run_dir(self) -> None:
         """A client may start before its core: its sockets in the run directory need the directory (made as the
@@ -178,12 +261,12 @@ class Client:
             if endpoint != self.config.endpoint and said != endpoint:
                 log.info("VM %r migrated to the core at %s: attaching there", self.config.name, endpoint)
                 said = endpoint
-            channel = ClientChannel(endpoint, name=f"{CLIENT_NAME}:{self.config.name}",
+            channel = ClientChannel(endpoint, name=f"{self.config.client_name}:{self.config.name}",
                                     on_reattached=self._attached, on_detached=self._detached,
                                     on_event=self._event, endpoints=self.endpoints(), warnings=self.warnings(),
                                     capabilities=self._capabilities())
             try:
-                welcome = await channel.connect(timeout_s=max(delay, 1.0))
+                welcome = await channel.connect(timeout_s=max(delay, ATTACH_TIMEOUT_S))
             except ChannelError as exc:
                 log.debug("no core for VM %r at %s yet (%s); retrying in %.1f s", self.config.name,
                           self.config.endpoint, exc, delay)
@@ -238,7 +321,7 @@ class Client:
     async def _display_loop(self, path: Path) -> None:
         try:
             sub = await DisplaySubscription.connect(path)
-        except (OSError, DisplayClosed, ValueError) as exc:
+        except (OSError, DisplayClosed, ValueError, HelloError, LayoutError) as exc:
             problem = socket_access_problem(path) if isinstance(exc, PermissionError) else None
             if problem is not None:
                 log.warning("no display: %s: %s", problem, CLIENT_GROUP_HINT)
@@ -246,6 +329,7 @@ class Client:
                 log.warning("cannot subscribe to the display at %s: %s", path, exc)
             return
         self.ctx.display = sub
+        sub.set_live(self.ctx.demand.live)
         log.info("display: mapped %s read-only", sub.hello.shm)
         # A fresh subscription starts with a full repaint for every service.
         self._dispatch(Overrun(0))
@@ -254,13 +338,15 @@ class Client:
                 self._dispatch(await sub.read())
         except DisplayClosed:
             log.info("display closed by the core")
+        except (LayoutError, TimeoutError) as exc:  # a segment that is not what a core writes: this VM's alone
+            log.warning("display of VM %r unusable: %s", self.config.name, exc)
 
     def _dispatch(self, records: list[Record] | Overrun) -> None:
         for service in self.services:
             service.display_records(records)
 
-    async def _shutdown(self) -> None:
-        log.info("client stopping")
+    async def close(self) -> None:
+        log.info("client of VM %r stopping", self.config.name)
         for service in self.services:
             with contextlib.suppress(Exception):
                 await service.close()

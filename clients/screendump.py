@@ -37,6 +37,15 @@ def _consistent_frame(reader: ShmReader) -> tuple[Mode, bytes]:
     raise ScreendumpError(f"the display mode kept changing during {_ATTEMPTS} attempts")
 
 
+def frame_image(reader: ShmReader, width: int | None = None) -> Image.Image:
+    """The current frame as an RGB image, scaled down to ``width`` pixels across (aspect kept) if narrower."""
+    mode, frame = _consistent_frame(reader)
+    image = Image.frombytes("RGB", (mode.width, mode.height), frame, "raw", "BGRX")
+    if width is not None and width < mode.width:
+        image = image.resize((width, max(1, round(mode.height * width / mode.width))), Image.Resampling.BILINEAR)
+    return image
+
+
 def image_format(path: Path) -> str:
     """The Pillow format a file name asks for (``.png``, ``.jpg``, ``.ppm``, ``.bmp``...); PNG without a suffix."""
     if not path.suffix:
@@ -81,7 +90,7 @@ def screendump(display_socket: Path, path: Path, *, timeout_s: float = 5.0) -> t
     """
     fmt = image_format(path)
     try:
-        hello = read_hello(display_socket, timeout_s=timeout_s)
+        hello = read_hello(display_socket, timeout_s=timeout_s, fresh=True)
     except FileNotFoundError:
         raise ScreendumpError(f"no display socket at {display_socket}: is the core running with a display?") from None
     except (HelloError, DisplayClosed, OSError) as exc:

@@ -39,3 +39,31 @@ class Service(Protocol):
 
     async def close(self) -> None:
         """Close listeners and peers."""
+
+
+class QuietService:
+    """No-op defaults for a service that does not care about the core's comings and goings or the display (a
+    web console, a list of endpoints): subclasses fill in what they serve."""
+
+    name = "quiet"
+
+    async def bind(self, ctx: ClientContext) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    def attached(self, welcome: Welcome) -> None:
+        pass
+
+    def detached(self, reason: str) -> None:
+        pass
+
+    def display_records(self, records: list[Record] | Overrun) -> None:
+        pass
+
+    def event(self, body: EventBody) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass

@@ -7,6 +7,9 @@ becomes a damage record; a DesktopSize becomes a mode record, a cursor a cursor-
 FramebufferUpdateRequest is kept outstanding (the next goes out as soon as an update ends), so QEMU sends
 changes at its own refresh rate (every 30 ms while the screen changes, backing off to 3 s when it does not)
 and nothing at all while nothing changes. Readers are told once per batch of input that produced records.
+While no reader needs live pixels (``set_live(False)``: no viewer anywhere), the next request waits
+``pacing`` seconds, or (0, the default) is not sent at all: a guest whose screen never rests (the demo guest's
+counter) then costs nothing, not eighteen updates a second. A reader turning live gets the whole frame at once.
 
 If the VNC connection drops while the core runs, the capture reconnects with backoff and, after the new
 connection's first update, appends one full-frame damage record so every reader repaints.
@@ -46,6 +49,8 @@ ENCODINGS = (rfb.ENCODING_RAW, rfb.ENCODING_DESKTOP_SIZE, rfb.ENCODING_CURSOR, r
              rfb.ENCODING_EXTENDED_CLIPBOARD)
 #: Clipboard text QEMU takes (its inflate stops at 1 MiB, the 4-byte size word included).
 MAX_CLIPBOARD_TO_QEMU = extclip.DEFAULT_MAX_SIZE - 4
+#: Seconds between updates requested from QEMU while no reader is live; 0: none until a reader turns live.
+PACING_S = 0.0
 
 Rect = tuple[int, int, int, int]
 
@@ -101,7 +106,12 @@ class DisplayCapture:
         connect_timeout: float = 30.0,
         max_backoff: float = 5.0,
         name: str = "display",
+        pacing: float = PACING_S,
     ) -> None:
+        self.pacing = pacing
+        self.live = True  # until the display socket says no reader is
+        self._paced_request: asyncio.TimerHandle | None = None
+        self._waiting_for_live = False  # no request outstanding: the next goes out when a reader turns live
         self.writer = writer
         self.socket_path = socket_path
         self.connect_timeout = connect_timeout
@@ -185,6 +195,10 @@ class DisplayCapture:
             delay = min(delay * 2, self.max_backoff)
 
     def _drop_transport(self) -> None:
+        if self._paced_request is not None:
+            self._paced_request.cancel()
+            self._paced_request = None
+        self._waiting_for_live = False
         if self._transport is not None:
             self._transport.close()
         self._transport = None
@@ -223,6 +237,12 @@ class DisplayCapture:
         elif isinstance(event, rfb.UpdateDone):
             self.updates += 1
             self._damage(list(event.rects))
+            if not self.live:
+                if self.pacing > 0:
+                    self._paced_request = asyncio.get_running_loop().call_later(self.pacing, self._request_update)
+                else:
+                    self._waiting_for_live = True
+                return b""
             return conn.framebuffer_update_request(0, 0, conn.width, conn.height, incremental=True)
         elif isinstance(event, rfb.DesktopSize):
             self.log.info("guest display is now %dx%d", event.width, event.height)
@@ -306,6 +326,23 @@ class DisplayCapture:
         if self.connected and self._transport is not None and self._conn is not None and now >= self._next_hint:
             self._next_hint = now + HINT_INTERVAL
             self._transport.write(self._conn.key_event(XK_SHIFT_L, False))
+
+    def set_live(self, live: bool) -> None:
+        """Whether some reader needs live pixels. Turning live, a paced capture asks QEMU for the whole frame now
+        (a reader that just attached reads a current frame after its first wake-up)."""
+        self.live = live
+        if live and (self._paced_request is not None or self._waiting_for_live):
+            if self._paced_request is not None:
+                self._paced_request.cancel()
+            self._request_update(incremental=False)
+
+    def _request_update(self, incremental: bool = True) -> None:
+        self._paced_request = None
+        self._waiting_for_live = False
+        conn = self._conn
+        if self.connected and conn is not None and self._transport is not None:
+            self._transport.write(conn.framebuffer_update_request(0, 0, conn.width, conn.height,
+                                                                  incremental=incremental))
 
     def request_refresh(self) -> None:
         """Publish a full-frame damage record now (a client re-attached or overran its ring).

@@ -4,7 +4,9 @@ The wire format (one SOCK_SEQPACKET message: JSON hello + one descriptor) lives 
 gets an eventfd of its own, so a reader can only ever disturb itself: writing to its eventfd wakes nobody
 else, and a reader that saturates its counter only loses its own wake-ups (the core's writes are
 non-blocking). ``notify()`` costs one ``write(2)`` per reader and never blocks. The reader's socket stays open
-while it is attached; when it closes (the client exited or was killed) the core closes the eventfd.
+while it is attached; when it closes (the client exited or was killed) the core closes the eventfd. A reader may
+say on it that it needs no live pixels (``idle``) or does again (``live``): while no reader is live, the capture
+is paced (``on_demand``).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ipc.rundir import listen_unix
-from shm.notify import encode_hello
+from shm.notify import IDLE, LIVE, encode_hello
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class _Reader:
     eventfd: int
     pid: int | None
     peer: str  # "pid N uid N", for log lines
+    live: bool = True  # needs live pixels (every reader starts so; it may say ``idle``)
 
 
 def _peer(sock: socket.socket) -> tuple[int | None, str]:
@@ -54,12 +58,18 @@ class DisplaySocket:
     """Serves display.sock for one shm segment. ``start()`` binds; ``notify()`` wakes every reader once."""
 
     def __init__(self, path: Path, shm_name: str, *, mode: int = 0o660, group: int | None = None,
-                 max_readers: int = DEFAULT_MAX_READERS) -> None:
+                 max_readers: int = DEFAULT_MAX_READERS, pacing: float | None = None,
+                 on_demand: Callable[[bool], None] | None = None) -> None:
         self.path = path
         self.mode = mode
         self.group = group
         self.max_readers = max_readers
-        self._hello = encode_hello(shm_name)
+        self.shm_name = shm_name
+        #: Seconds between refreshes while no reader is live (told in the hello); None: readers may not say idle.
+        self.pacing = pacing
+        #: Called with True when the first reader turns live, False when the last live reader goes or turns idle.
+        self.on_demand = on_demand
+        self._live = False
         self._listener: socket.socket | None = None
         self._readers: dict[int, _Reader] = {}  # by socket fd
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -75,6 +85,21 @@ class DisplaySocket:
     @property
     def readers(self) -> int:
         return len(self._readers)
+
+    @property
+    def live(self) -> bool:
+        """Some reader needs live pixels."""
+        return any(reader.live for reader in self._readers.values())
+
+    def _demand_changed(self) -> None:
+        live = self.live
+        if live != self._live:
+            self._live = live
+            log.debug("display: %s", "a reader is live: capturing at QEMU's pace" if live
+                      else "no live reader: capture paused" if not self.pacing
+                      else f"no live reader: refreshing every {self.pacing} s")
+            if self.on_demand is not None:
+                self.on_demand(live)
 
     def notify(self) -> None:
         """Add 1 to every reader's eventfd: one wake-up per batch, coalesced by the counter while unread."""
@@ -123,9 +148,10 @@ class DisplaySocket:
             log.error("display reader %s refused: cannot create an eventfd: %s", peer, exc)
             conn.close()
             return
+        hello = encode_hello(self.shm_name, pacing=self.pacing, paced=not self._live)
         try:
             conn.setblocking(False)
-            conn.sendmsg([self._hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [eventfd]))])
+            conn.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [eventfd]))])
         except OSError as exc:
             log.warning("display reader %s: sending the hello failed: %s", peer, exc)
             os.close(eventfd)
@@ -136,6 +162,7 @@ class DisplaySocket:
         assert self._loop is not None
         self._loop.add_reader(conn.fileno(), self._on_readable, reader)
         log.info("display reader %s attached (%d readers)", peer, len(self._readers))
+        self._demand_changed()
 
     def _on_readable(self, reader: _Reader) -> None:
         try:
@@ -145,10 +172,15 @@ class DisplaySocket:
         except OSError as exc:
             log.info("display reader %s: %s", reader.peer, exc)
             data = b""
+        if data in (LIVE, IDLE) and self.pacing is not None:
+            reader.live = data == LIVE
+            self._demand_changed()
+            return
         if data:
-            log.warning("display reader %s sent data, which the protocol does not allow; dropping it", reader.peer)
+            log.warning("display reader %s sent data the protocol does not allow; dropping it", reader.peer)
         self._drop(reader)
         log.info("display reader %s detached (%d readers)", reader.peer, len(self._readers))
+        self._demand_changed()
 
     def _drop(self, reader: _Reader) -> None:
         fd = reader.sock.fileno()

@@ -14,7 +14,7 @@ from typing import Any
 
 from shm import ShmWriter, reclaim_stale_segments, segment_name
 
-from .display import DEFAULT_MAX_HEIGHT, DEFAULT_MAX_WIDTH, DisplayCapture
+from .display import DEFAULT_MAX_HEIGHT, DEFAULT_MAX_WIDTH, PACING_S, DisplayCapture
 from .display_socket import DisplaySocket
 from .input import KEY_DELAY_S, GuestInput, QmpExecute
 
@@ -47,11 +47,13 @@ class GuestDisplay:
         if reclaimed:
             log.info("reclaimed shared-memory segments of dead cores: %s", ", ".join(reclaimed))
         self.shm = ShmWriter(segment_name(self.vm_name), *self.max_size, group=self.group)
-        self.notifier = DisplaySocket(self.display_socket_path, self.shm.name, group=self.group)
-        self.notifier.start()
+        self.notifier = DisplaySocket(self.display_socket_path, self.shm.name, group=self.group, pacing=PACING_S)
         self.capture = DisplayCapture(self.shm, self.vnc_socket, notify=self.notifier.notify,
                                       on_clipboard=self._on_clipboard, connect_timeout=connect_timeout,
                                       name=self.vm_name)
+        self.notifier.on_demand = self.capture.set_live
+        self.capture.live = False  # no reader yet
+        self.notifier.start()
         await self.capture.start()
         capture = self.capture
         self.input = GuestInput(self._execute, lambda: capture.screen_size, on_input=capture.input_hint,

@@ -3,17 +3,25 @@
 ``RUN_DIR/display.sock`` is a unix SOCK_SEQPACKET socket served by the core. A reader connects and receives one
 message: the hello below (JSON) with one file descriptor attached (SCM_RIGHTS), an eventfd of its own. The
 core adds 1 to every reader's eventfd once per batch of records; an eventfd is a counter, so any number of
-batches that happen while a reader is busy become one wake-up. The reader sends nothing; closing its end of
-the socket (or dying) is how the core learns it is gone, and the core then closes that eventfd. EOF on the
-socket tells the reader the core is gone. docs/display.md documents the format and why eventfd was chosen.
+batches that happen while a reader is busy become one wake-up. Closing its end of the socket (or dying) is how
+the core learns a reader is gone, and the core then closes that eventfd. EOF on the socket tells the reader the
+core is gone. docs/display.md documents the format and why eventfd was chosen.
 
 Hello, version 1 (UTF-8 JSON object, at most ``MAX_HELLO`` bytes, unknown members ignored)::
 
     {"type": "vmfront-display", "version": 1, "shm": "/vmfront.NAME.PID.TOKEN", "layout": 1,
-     "notify": "eventfd"}
+     "notify": "eventfd", "pacing": 0, "paced": false}
 
 ``version`` changes when a member changes meaning or the exchange changes; a reader refuses versions it does
 not speak. ``layout`` is the shm layout version (the segment's header says it too).
+
+Pacing (optional: only with a core whose hello has ``pacing``): while no reader needs live pixels, the core
+refreshes the segment only every ``pacing`` seconds, or (0) not at all (an idle demo guest would otherwise cost
+the core a QEMU update every 55 ms). A reader is live when it attaches; it may send one message ``idle`` (no
+viewer of its own is looking) and later ``live`` again. ``paced`` says whether the capture was paced when the
+hello was sent: a one-shot reader then waits for its first wake-up (the core fetches the whole frame when a
+reader turns live, within QEMU's refresh interval) before reading. Any other message from a reader is a
+protocol error; the core drops that reader.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import array
 import asyncio
 import json
 import os
+import select
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +42,8 @@ from .reader import ShmReader
 HELLO_TYPE = "vmfront-display"
 HELLO_VERSION = 1
 MAX_HELLO = 4096
+#: What a reader may send (one SOCK_SEQPACKET message each): it needs live pixels, or it does not.
+LIVE, IDLE = b"live", b"idle"
 _MAX_FDS = 4  # room to notice (and close) extra descriptors a confused server might send
 
 
@@ -50,11 +61,18 @@ class Hello:
     shm: str
     layout: int
     notify: str
+    #: Seconds between refreshes while no reader is live, 0: none (None: a core that does not pace or take ``idle``).
+    pacing: float | None = None
+    #: The capture was paced when this hello was sent: the segment may be up to ``pacing`` seconds old.
+    paced: bool = False
 
 
-def encode_hello(shm_name: str) -> bytes:
-    data = json.dumps({"type": HELLO_TYPE, "version": HELLO_VERSION, "shm": shm_name, "layout": LAYOUT_VERSION,
-                       "notify": "eventfd"}, separators=(",", ":")).encode()
+def encode_hello(shm_name: str, *, pacing: float | None = None, paced: bool = False) -> bytes:
+    fields: dict[str, object] = {"type": HELLO_TYPE, "version": HELLO_VERSION, "shm": shm_name,
+                                 "layout": LAYOUT_VERSION, "notify": "eventfd"}
+    if pacing is not None:
+        fields.update(pacing=pacing, paced=paced)
+    data = json.dumps(fields, separators=(",", ":")).encode()
     assert len(data) <= MAX_HELLO
     return data
 
@@ -71,7 +89,10 @@ def decode_hello(data: bytes) -> Hello:
         raise HelloError(f"display hello version {version!r} is not supported (this reader speaks {HELLO_VERSION})")
     if not isinstance(shm, str) or not isinstance(layout, int) or notify != "eventfd":
         raise HelloError(f"malformed display hello: {message!r}")
-    return Hello(version, shm, layout, notify)
+    pacing, paced = message.get("pacing"), message.get("paced", False)
+    if pacing is not None and (isinstance(pacing, bool) or not isinstance(pacing, int | float) or pacing < 0):
+        raise HelloError(f"malformed display hello: pacing {pacing!r}")
+    return Hello(version, shm, layout, notify, float(pacing) if pacing is not None else None, paced is True)
 
 
 def receive_hello(sock: socket.socket) -> tuple[Hello, int]:
@@ -96,13 +117,19 @@ def receive_hello(sock: socket.socket) -> tuple[Hello, int]:
     return hello, fds[0]
 
 
-def read_hello(path: Path | str, *, timeout_s: float = 5.0) -> Hello:
-    """The hello of a running core (blocking; for one-shot tools such as ``vmfront screendump``)."""
+def read_hello(path: Path | str, *, timeout_s: float = 5.0, fresh: bool = False) -> Hello:
+    """The hello of a running core (blocking; for one-shot tools such as ``vmfront screendump``). With ``fresh``,
+    if the core's capture was paced, wait (up to a second past its pacing interval, and ``timeout_s``) until it
+    refreshed the segment for this (live) reader."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout_s)
         sock.connect(os.fspath(path))
         hello, fd = receive_hello(sock)
-        os.close(fd)
+        try:
+            if fresh and hello.paced and hello.pacing is not None:
+                select.select([fd], [], [], min(timeout_s, hello.pacing + 1.0))
+        finally:
+            os.close(fd)
         return hello
 
 
@@ -137,6 +164,8 @@ class DisplaySubscription:
         self._loop = asyncio.get_running_loop()
         self._signal = asyncio.Event()
         self._closed: str | None = None
+        self._live = True  # as every reader starts
+        self._wakeup_waiters: list[asyncio.Future[None]] = []
         os.set_blocking(eventfd, False)
         self._loop.add_reader(eventfd, self._on_eventfd)
         self._loop.add_reader(sock.fileno(), self._on_socket)
@@ -172,6 +201,35 @@ class DisplaySubscription:
             return  # already read
         self.wakeups += 1
         self._signal.set()
+        waiters, self._wakeup_waiters = self._wakeup_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @property
+    def paced(self) -> bool:
+        """This reader told the core it needs no live pixels (and the core paces its capture then)."""
+        return not self._live
+
+    def set_live(self, live: bool) -> None:
+        """Tell the core whether this reader needs live pixels (only to a core that paces; only on change)."""
+        if live == self._live or self.hello.pacing is None or self._closed is not None:
+            return
+        try:
+            self._sock.send(LIVE if live else IDLE)
+        except OSError:
+            return  # the core is going away: the socket's EOF says so in a moment
+        self._live = live
+
+    async def next_wakeup(self, timeout_s: float) -> bool:
+        """Wait for the next notification from the core (False after ``timeout_s``)."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._wakeup_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     def _on_socket(self) -> None:
         try:
@@ -239,6 +297,8 @@ class DisplaySubscription:
 
 __all__ = [
     "HELLO_VERSION",
+    "IDLE",
+    "LIVE",
     "MAX_HELLO",
     "DisplayClosed",
     "DisplaySubscription",

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vnc", default="127.0.0.1:5900", metavar="HOST:PORT|:DISPLAY|unix:PATH",
                      help="where the client serves VNC (default 127.0.0.1:5900; :N is display N, 127.0.0.1:5900+N)")
     run.add_argument("--websocket", metavar="HOST:PORT", help="also serve VNC over WebSocket (noVNC)")
+    run.add_argument("--web", default="127.0.0.1:0", metavar="HOST:PORT|none",
+                     help="the web console: the VM's screen and noVNC in a browser (default: a free port on "
+                     "127.0.0.1; 'none': no web console)")
     run.add_argument("--agent", action="store_true", help="give the guest a qemu-ga channel (see core --agent)")
     run.add_argument("--serial", action="store_true",
                      help="give the guest a serial port, reachable with `vmfront console NAME`")
@@ -237,8 +240,33 @@ def build_parser() -> argparse.ArgumentParser:
     client = _subparser(sub, "client", help="start the unprivileged client alone (VNC, monitor, console, agent)",
                         description="Serve VNC, the monitor, the console and the agent proxy, and attach to the "
                         "VM's core (waiting for it if needed). Started as root, it binds its listeners and then "
-                        f"runs as --user (default {CLIENT_USER}).")
-    _add_vm(client, positional=False)
+                        f"runs as --user (default {CLIENT_USER}). With --all (or --name given more than once) one "
+                        "process serves every VM whose core runs under the run root, picking cores up as they "
+                        "appear and letting go as they stop: each VM gets its own port from --vnc-ports, its "
+                        "sockets in its run directory, and one --websocket port serves them all at /vnc/NAME "
+                        "(docs/fleet.md).")
+    client.add_argument("--name", action="append", metavar="NAME",
+                        help="VM name; repeat it to serve several VMs from one process")
+    client.add_argument("--all", action="store_true", help="serve every VM whose core runs under the run root")
+    client.add_argument("--run-dir", type=Path, help="run directory of the one VM (default: /run/vmfront/NAME as "
+                        "root, else $XDG_RUNTIME_DIR/vmfront/NAME, else a per-user tmp dir)")
+    client.add_argument("--run-root", type=Path, metavar="DIR",
+                        help="with --all or several --name: the directory holding the VMs' run directories "
+                        "(default: /run/vmfront as root, else $XDG_RUNTIME_DIR/vmfront)")
+    client.add_argument("--vnc-ports", metavar="FIRST-LAST",
+                        help="with --all: give each VM its own VNC port from this range (kept while it lives, and "
+                        "across restarts of this client when it can record them)")
+    client.add_argument("--vnc-host", default="127.0.0.1", metavar="HOST",
+                        help="with --vnc-ports: the address the VMs' ports listen on (default 127.0.0.1)")
+    client.add_argument("--websocket-tokens", type=Path, metavar="FILE",
+                        help="with --all: VNC over WebSocket needs ?token=T, one 'TOKEN: VMNAME [EXPIRES]' a line "
+                        "in FILE (re-read when it changes); required when --websocket is not on loopback")
+    client.add_argument("--web", metavar="HOST:PORT",
+                        help="serve the web console here: an overview of the VMs with live thumbnails, each VM's "
+                        "screen and noVNC (docs/web.md); tokens (--websocket-tokens) are required off loopback")
+    client.add_argument("--socket-dir", type=Path, metavar="DIR",
+                        help="with --all: each VM's monitor, console and agent sockets in DIR/NAME/ instead of its "
+                        "run directory (for a client that may not write there, e.g. the systemd unit)")
     client.add_argument("--core", metavar="ENDPOINT", help="control channel endpoint (default: "
                         "ipc://RUN_DIR/control.sock)")
     client.add_argument("--user", help=f"when started as root: bind listeners, then become this user for good "
@@ -253,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="VNC authentication with the first line of FILE (else $VMFRONT_VNC_PASSWORD if set)")
     client.add_argument("--websocket", metavar="HOST:PORT|unix:PATH",
                         help="also serve VNC over WebSocket (noVNC); an empty HOST is 127.0.0.1; with "
-                        "--vnc-tls-creds it is wss://")
+                        "--vnc-tls-creds it is wss://; with --all one port for every VM, at ws://HOST:PORT/vnc/NAME")
     client.add_argument("--vnc-tls-creds", type=Path, metavar="DIR",
                         help="VeNCrypt X.509 TLS with DIR/ca-cert.pem, server-cert.pem and server-key.pem (QEMU's "
                         "tls-creds-x509 layout; the key must not be group/world readable); VNC in the clear is then "
@@ -415,6 +443,18 @@ def _client_user(user: str | None, as_root: bool, *, flag: str) -> str | None:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    if args.all or len(args.name or ()) > 1:
+        return _fleet_client(args)
+    if not args.name:
+        print("vmfront client: error: give --name NAME (or --all)", file=sys.stderr)
+        return 2
+    fleet_only = [flag for flag, value in (("--vnc-ports", args.vnc_ports), ("--run-root", args.run_root),
+                                           ("--websocket-tokens", args.websocket_tokens if not args.web else None),
+                                           ("--socket-dir", args.socket_dir)) if value is not None]
+    if fleet_only:
+        print(f"vmfront client: error: {', '.join(fleet_only)} go with --all (or several --name)", file=sys.stderr)
+        return 2
+    args.name = args.name[0]
     from clients.main import Client, ClientConfig
     from clients.privileges import PrivilegeError
     from clients.vnc.service import VncError, service_from_args
@@ -431,8 +471,18 @@ def cmd_client(args: argparse.Namespace) -> int:
         tls = TlsSettings(creds_dir=args.vnc_tls_creds, verify_peer=args.vnc_tls_verify_peer,
                           anonymous=args.vnc_tls_anon, plain_too=args.vnc_tls_plain_too)
         vnc = service_from_args(args.vnc, args.vnc_password_file, args.websocket, tls)
+        if vnc is None and args.web is not None:  # viewers only through the web console's WebSocket
+            from clients.vnc.service import VncService, read_password
+
+            vnc = VncService(None, password=read_password(args.vnc_password_file), tls=tls)
         if vnc is not None:
             config.services.append(vnc)
+        if args.web is not None:
+            from clients.tokens import TokenFile
+            from clients.web.server import WebService
+
+            config.services.append(WebService(args.web, TokenFile(args.websocket_tokens)
+                                              if args.websocket_tokens else None))
         if args.monitor is not None:
             from clients.monitor.service import MonitorService, parse_monitor_address
 
@@ -457,6 +507,49 @@ def cmd_client(args: argparse.Namespace) -> int:
     return code
 
 
+def _fleet_client(args: argparse.Namespace) -> int:
+    """``vmfront client --all``: one process for every VM under the run root (clients/fleet.py)."""
+    from clients.fleet import FleetClient, FleetConfig, FleetError, parse_port_range
+    from clients.privileges import PrivilegeError
+    from clients.tokens import TokenFile, TokenFileError
+    from clients.vnc.service import VncError, read_password
+    from ipc.rundir import default_run_root
+
+    single = [flag for flag, wrong in (("--run-dir", args.run_dir is not None), ("--core", args.core is not None),
+                                       ("--vnc", args.vnc is not None),
+                                       ("--monitor ADDRESS", args.monitor not in (None, "unix:")),
+                                       ("--console PATH", args.console not in (None, "")),
+                                       ("--agent-proxy PATH", args.agent_proxy not in (None, "none"))) if wrong]
+    if single:
+        print(f"vmfront client: error: {', '.join(single)} name one VM's endpoint; with --all each VM gets its own "
+              "(--vnc-ports, --websocket; bare --monitor/--console; sockets in each run directory or --socket-dir)",
+              file=sys.stderr)
+        return 2
+    if args.all and args.name:
+        print("vmfront client: error: --all serves every VM; leave out --name (or list the VMs with --name)",
+              file=sys.stderr)
+        return 2
+    try:
+        user = _client_user(args.user, args.as_root, flag="--as-root")
+        config = FleetConfig(
+            run_root=Path(os.path.abspath(args.run_root)) if args.run_root else default_run_root(),
+            names=[check_vm_name(n) for n in args.name] if args.name else None,
+            vnc_ports=parse_port_range(args.vnc_ports) if args.vnc_ports else None, vnc_host=args.vnc_host,
+            password=read_password(args.vnc_password_file), websocket=args.websocket, web=args.web,
+            tokens=TokenFile(args.websocket_tokens) if args.websocket_tokens else None,
+            monitor=args.monitor is not None, console=args.console is not None, agent=args.agent_proxy != "none",
+            socket_dir=args.socket_dir, user=user, group=args.group, ready_fd=args.ready_fd)
+        if user is not None and config.socket_dir is None and os.geteuid() == 0:
+            # Run directories are root's: sockets of VMs found after the privilege drop could not be made there.
+            config.socket_dir = Path("/run/vmfront-fleet")
+        code = run_async(FleetClient(config).run())
+    except (FleetError, PrivilegeError, VncError, TokenFileError, RunDirError) as exc:
+        print(f"vmfront client: error: {exc}", file=sys.stderr)
+        code = 1
+    log.info("fleet client exiting, status %d", code)
+    return code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from clients.privileges import PrivilegeError, resolve_user
 
@@ -470,6 +563,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = RunConfig(name=check_vm_name(args.name), run_dir=args.run_dir, qemu_args=qemu_args,
                            client_user=user, client_group=resolve_user(user).gid if user else None,
                            verbose=args.verbose, vnc=args.vnc, websocket=args.websocket, agent=args.agent,
+                           web=None if args.web == "none" else args.web,
                            serial=args.serial, clipboard=args.clipboard, accel=args.accel,
                            on_core_death=args.on_core_death)
     except (RunDirError, PrivilegeError) as exc:
@@ -554,7 +648,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  clients:   {len(clients)}")
     for client in clients:
         served = ", ".join(f"{k} {v}" for k, v in (client.get("endpoints") or {}).items())
-        print(f"    pid {client.get('pid')} uid {client.get('uid')}{': ' + served if served else ''}")
+        print(f"    {client.get('name') or 'client'} (pid {client.get('pid')} uid {client.get('uid')})"
+              f"{': ' + served if served else ''}")
         for warning in client.get("warnings") or []:
             print(f"      WARNING: {warning}")
     went = state.get("migrated_to")

@@ -52,6 +52,7 @@ class RunConfig:
     verbose: int = 0
     vnc: str = "127.0.0.1:5900"
     websocket: str | None = None
+    web: str | None = None
     agent: bool = False
     serial: bool = False
     clipboard: bool = False
@@ -84,6 +85,8 @@ class RunConfig:
         argv = [*self.base("client"), "--vnc", self.vnc, "--monitor"]
         if self.websocket:
             argv += ["--websocket", self.websocket]
+        if self.web:
+            argv += ["--web", self.web]
         if self.serial:
             argv.append("--console")
         argv += ["--user", self.client_user] if self.client_user else ["--as-root"] if os.geteuid() == 0 else []
@@ -236,6 +239,8 @@ class Runner:
                  f"  VNC:     {viewer}  (or any VNC viewer)"]
         if "websocket" in self.endpoints:
             lines.append(f"  noVNC:   ws://{self.endpoints['websocket']}")
+        if "web" in self.endpoints:
+            lines.append(f"  web:     {self.endpoints['web']}  (overview; the console at vm/{name}/console)")
         lines.append(f"  monitor: vmfront monitor {name}{where}")
         if self.config.serial:
             lines.append(f"  console: vmfront console {name}{where}  (Ctrl-] leaves it)")

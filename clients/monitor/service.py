@@ -99,7 +99,7 @@ class _ClientBackend:
         return await channel.qmp(command, arguments, timeout_s=QMP_TIMEOUT)
 
     async def screendump(self, path: Path, image_format: str) -> None:
-        display = self.ctx.display
+        display = await self.ctx.fresh_display()  # current, even if no viewer is looking (the core paces then)
         if display is None:
             raise MonitorError("no display: the core is not capturing one (or the client is not attached)")
         # A few milliseconds of PNG encoding: done on the loop rather than in a thread (no threads here).

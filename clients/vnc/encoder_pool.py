@@ -1,9 +1,12 @@
 """Encoder worker processes for the VNC service: encoding never runs on the client's event loop.
 
 A few worker processes (clients/vnc/encoder_worker.py, at most one per CPU, two by default) map the shared
-framebuffer segment and the service's frame copy read-only; the loop sends each a small request (which
+framebuffer segments and the services' frame copies read-only; the loop sends each a small request (which
 framebuffer, which rectangles, the viewer's pixel format and EncoderSettings) and gets back a memfd holding the
-encoded rectangles, which it maps read-only and hands to the viewer's socket as it is. Neither pixels nor
+encoded rectangles, which it maps read-only and hands to the viewer's socket as it is. A client that fronts
+many VMs (clients/fleet.py) shares one pool between them; its workers start with the first request. Each viewer
+has at most one update in flight, and a request goes to the least busy worker, so a VM whose screen never rests
+holds at most one worker per viewer of its own while everyone else's updates go on. Neither pixels nor
 encoded bytes are copied by the loop. Encoders keep no state between updates (see
 rfb.encodings.zlibraw.ZlibStream), so any worker can serve any viewer, and a crashed worker costs only the
 updates it had in hand: their viewers get a repaint from another worker, the dead one is replaced.
@@ -57,7 +60,7 @@ class EncodeRequest:
     """Rectangles of one framebuffer (the shared segment by name, or the service's copy) for one viewer."""
 
     source: str  # "segment" or "copy"
-    segment: str
+    segment: str  # the segment's name, or (source "copy") the FrameCopy's key as text
     width: int
     height: int
     stride: int
@@ -82,13 +85,19 @@ class _Worker:
     pending: dict[int, tuple[asyncio.Future[EncodeResult], EncodeRequest]] = field(default_factory=dict)
     gone: bool = False
     ready: bool = False
+    copies: set[int] = field(default_factory=set)  # keys of the frame copies this worker was handed
 
 
 class EncoderPool:
-    def __init__(self, workers: int | None = None, copy_fd: int | None = None) -> None:
+    """``lazy``: no worker runs until the first request (or :meth:`start`), so an idle client costs none."""
+
+    def __init__(self, workers: int | None = None, *, lazy: bool = False) -> None:
         cpus = len(os.sched_getaffinity(0))
         self.size = max(1, min(workers or DEFAULT_WORKERS, cpus))
-        self.copy_fd = copy_fd
+        self.lazy = lazy
+        self.started = False
+        #: Frame copies by key: their memfds go to a worker with the first request that names them.
+        self._copy_fds: dict[int, int] = {}
         self._workers: list[_Worker | None] = [None] * self.size
         self._ids = itertools.count(1)
         self._closing = False
@@ -98,8 +107,24 @@ class EncoderPool:
         self.crashes = 0
 
     def start(self) -> None:
+        if self.started or self._closing:
+            return
+        self.started = True
         for index in range(self.size):
             self._spawn(index)
+
+    def add_copy(self, key: int, fd: int) -> None:
+        """A frame copy requests may name by ``key`` (its memfd stays the caller's: kept open until forget)."""
+        self._copy_fds[key] = fd
+
+    def forget_copy(self, key: int) -> None:
+        """The copy is going away: workers drop their mapping of it."""
+        self._copy_fds.pop(key, None)
+        for worker in self._workers:
+            if worker is not None and key in worker.copies:
+                worker.copies.discard(key)
+                with contextlib.suppress(OSError):
+                    worker.sock.send(msgpack.packb({"forget_copy": key}))
 
     @property
     def ready(self) -> bool:
@@ -118,9 +143,6 @@ class EncoderPool:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [sys.executable, "-m", "clients.vnc.encoder_worker", str(child.fileno()), str(os.getpid())]
         fds = [child.fileno()]
-        if self.copy_fd is not None:
-            argv.append(str(self.copy_fd))
-            fds.append(self.copy_fd)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=fds, close_fds=True)
         finally:
@@ -133,6 +155,8 @@ class EncoderPool:
 
     async def encode(self, request: EncodeRequest) -> EncodeResult:
         """Encode on the least busy worker; raises EncoderUnavailable if that worker dies meanwhile."""
+        if not self.started:
+            self.start()
         live = [w for w in self._workers if w is not None]
         if self._closing or not live:
             raise EncoderUnavailable("no encoder worker running")
@@ -141,8 +165,11 @@ class EncoderPool:
             raise EncoderNotReady("the encoder workers are still starting")
         worker = min(live, key=lambda w: len(w.pending))
         request_id = next(self._ids)
+        copy_key = int(request.segment) if request.source == "copy" else None
+        copy_fd = self._copy_fds.get(copy_key) if copy_key is not None and copy_key not in worker.copies else None
         body = msgpack.packb({
-            "id": request_id, "source": request.source, "segment": request.segment, "width": request.width,
+            "id": request_id, "source": request.source, "segment": request.segment, "copy": copy_key,
+            "width": request.width,
             "height": request.height, "stride": request.stride, "format": request.fmt.pack(),
             "encoding": request.settings.encoding, "level": request.settings.level,
             "quality": request.settings.quality, "started": list(request.settings.started),
@@ -151,7 +178,11 @@ class EncoderPool:
         future: asyncio.Future[EncodeResult] = asyncio.get_running_loop().create_future()
         worker.pending[request_id] = (future, request)
         try:
-            await asyncio.get_running_loop().sock_sendall(worker.sock, body)
+            if copy_fd is not None and copy_key is not None:
+                await self._send_with_fd(worker, body, copy_fd)
+                worker.copies.add(copy_key)
+            else:
+                await asyncio.get_running_loop().sock_sendall(worker.sock, body)
         except OSError as exc:
             worker.pending.pop(request_id, None)
             raise EncoderUnavailable(f"encoder worker {worker.proc.pid}: {exc}") from exc
@@ -159,6 +190,26 @@ class EncoderPool:
             return await future
         finally:
             worker.pending.pop(request_id, None)
+
+    async def _send_with_fd(self, worker: _Worker, body: bytes, fd: int) -> None:
+        """One packet with a descriptor (SCM_RIGHTS); waits while the socket is full."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                socket.send_fds(worker.sock, [body], [fd])
+                return
+            except BlockingIOError:
+                writable: asyncio.Future[None] = loop.create_future()
+
+                def wake(done: asyncio.Future[None] = writable) -> None:
+                    if not done.done():
+                        done.set_result(None)
+
+                loop.add_writer(worker.sock.fileno(), wake)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(worker.sock.fileno())
 
     def _on_readable(self, worker: _Worker) -> None:
         """Every reply waiting on the worker's socket (one packet each, a memfd with the payload)."""

@@ -1,8 +1,9 @@
-"""An encoder worker process: ``python -m clients.vnc.encoder_worker FD PARENT_PID [COPY_FD]``.
+"""An encoder worker process: ``python -m clients.vnc.encoder_worker FD PARENT_PID``.
 
-Started by clients/vnc/encoder_pool.py with one end of a SOCK_SEQPACKET socketpair (FD). It maps the shared
-framebuffer segment read-only by name (shm.ShmReader) and, when given one, the VNC service's frame copy (a
-memfd) read-only, and answers encode requests one at a time. Pixels never travel over the socket: a request is
+Started by clients/vnc/encoder_pool.py with one end of a SOCK_SEQPACKET socketpair (FD). It maps shared
+framebuffer segments read-only by name (shm.ShmReader; a few kept, for a client that fronts many VMs) and the
+VNC services' frame copies (memfds, each sent once with the first request that names it, by its key) read-only,
+and answers encode requests one at a time. Pixels never travel over the socket: a request is
 a few rectangles and an encoder's settings; the encoded rectangles are written to a new memfd whose descriptor
 goes back with the reply (SCM_RIGHTS), so the client maps them and hands the mapping to the viewer's socket
 without copying them itself.
@@ -49,6 +50,10 @@ MAX_IOV = 512
 HEADROOM = 4096
 #: Output memfds a worker keeps for reuse (replies the client still holds, plus one being written).
 MAX_SLOTS = 4
+#: Segments kept mapped (a fleet client's workers serve many VMs; mapping one costs a few system calls).
+MAX_SEGMENTS = 8
+#: Frame copies a worker may hold (one per VM whose viewers take CopyRect; the client says when one goes).
+MAX_COPIES = 1024
 PR_SET_PDEATHSIG = 1
 NICENESS = 19
 
@@ -165,26 +170,40 @@ def send_reply(sock: socket.socket, meta: dict[str, Any], pieces: Sequence[Buffe
 
 
 class Sources:
-    """The framebuffers a request may name: the shared segment (by name) and the service's copy."""
+    """The framebuffers a request may name: shared segments (by name) and the services' copies (by key)."""
 
-    def __init__(self, copy_fd: int | None) -> None:
-        self.reader: ShmReader | None = None
-        self.copy = mmap.mmap(copy_fd, 0, prot=mmap.PROT_READ) if copy_fd is not None else None
+    def __init__(self) -> None:
+        self.readers: dict[str, ShmReader] = {}  # least recently used first
+        self.copies: dict[int, mmap.mmap] = {}
 
     def segment(self, name: str) -> ShmReader:
-        if self.reader is None or self.reader.name != name:
-            if self.reader is not None:
-                self.reader.close()
-                self.reader = None
-            self.reader = ShmReader(name)
-        return self.reader
+        reader = self.readers.pop(name, None)
+        if reader is None:
+            while len(self.readers) >= MAX_SEGMENTS:
+                self.readers.pop(next(iter(self.readers))).close()
+            reader = ShmReader(name)
+        self.readers[name] = reader
+        return reader
+
+    def add_copy(self, key: int, fd: int) -> None:
+        if key in self.copies or len(self.copies) >= MAX_COPIES:
+            raise ValueError(f"frame copy {key}: already known, or too many copies")
+        self.copies[key] = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+
+    def forget_copy(self, key: int) -> None:
+        mapping = self.copies.pop(key, None)
+        if mapping is not None:
+            with contextlib.suppress(BufferError):
+                mapping.close()
 
     def frame(self, request: dict[str, Any]) -> Any:
         mode = Mode(0, request["width"], request["height"], request["stride"], 1)
         if request["source"] == "copy":
-            if self.copy is None:
-                raise LayoutError("no frame copy was handed to this worker")
-            return frame_array(self.copy, mode)
+            key = request.get("copy")
+            copy = self.copies.get(key) if isinstance(key, int) else None
+            if copy is None:
+                raise LayoutError(f"frame copy {key!r} was not handed to this worker")
+            return frame_array(copy, mode)
         return frame_array(self.segment(request["segment"]).framebuffer, mode)
 
 
@@ -202,12 +221,22 @@ def handle(sources: Sources, request: dict[str, Any], output: Output) -> tuple[d
 def serve(sock: socket.socket, sources: Sources) -> None:
     slots = Slots()
     while True:
-        body = sock.recv(MAX_PACKET)
+        body, fds, _flags, _addr = socket.recv_fds(sock, MAX_PACKET, 1)
         if not body:
+            for fd in fds:
+                os.close(fd)
             return
         request = msgpack.unpackb(body)
+        if fds:  # a frame copy, sent once with the first request that names it
+            try:
+                sources.add_copy(int(request["copy"]), fds[0])
+            finally:
+                os.close(fds[0])
         if "release" in request:
             slots.release(int(request["release"]))
+            continue
+        if "forget_copy" in request:
+            sources.forget_copy(int(request["forget_copy"]))
             continue
         pixels = sum(r[2] * r[3] for r in request.get("rects", ()) if isinstance(r, list) and len(r) == 4)
         slot, output = slots.get(pixels * 5 + (64 << 10))
@@ -227,14 +256,13 @@ def serve(sock: socket.socket, sources: Sources) -> None:
 
 def main(argv: list[str]) -> int:
     fd, parent_pid = int(argv[0]), int(argv[1])
-    copy_fd = int(argv[2]) if len(argv) > 2 else None
     die_with_parent(parent_pid)
     os.nice(NICENESS)
     logging.basicConfig(level=logging.WARNING, format="vnc encoder worker %(process)d: %(message)s")
     sock = socket.socket(fileno=fd)
     try:
         sock.send(msgpack.packb({"ready": True}))  # imports done: requests are answered from now on
-        serve(sock, Sources(copy_fd))
+        serve(sock, Sources())
     except (ConnectionError, BrokenPipeError):
         pass
     finally:

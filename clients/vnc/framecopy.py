@@ -17,6 +17,7 @@ so they cost nothing extra.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
 from dataclasses import dataclass
@@ -105,10 +106,15 @@ def find_move(old: Frame, new: Frame) -> tuple[int, int, int] | None:
     return int(starts[best]) + offset, length, dy
 
 
+_copy_keys = itertools.count(1)
+
+
 class FrameCopy:
-    """The service's copy of the guest framebuffer in a memfd, written only in the event loop."""
+    """The service's copy of the guest framebuffer in a memfd, written only in the event loop. ``key`` names it
+    to the encoder workers (one pool may serve the copies of many VMs)."""
 
     def __init__(self, size: int = COPY_SIZE) -> None:
+        self.key = next(_copy_keys)
         self.size = size
         self.fd = os.memfd_create("vmfront-vnc-frame", os.MFD_CLOEXEC)
         try:

@@ -752,7 +752,8 @@ class Viewer:
                 del frame
                 self.encoders.advance(after)
                 return [bytes(p) for p in pieces], count
-            request = EncodeRequest("copy" if copy is not None else "segment", reader.name, mode.width,
+            request = EncodeRequest("copy" if copy is not None else "segment",
+                                    str(copy.key) if copy is not None else reader.name, mode.width,
                                     mode.height, mode.stride, fmt, settings, tuple(damaged))
             before = (fmt, mode, self.size)
             self.in_flight = list(damaged)
@@ -806,12 +807,19 @@ class VncService:
     #: Asked for in the hello beyond the defaults: vnc_reload broadcasts, and clipboard broadcasts (up to 1 MiB).
     capabilities = (Capability.VNC, Capability.CLIPBOARD)
 
-    def __init__(self, listen: str = DEFAULT_LISTEN, *, password: str | None = None,
+    def __init__(self, listen: str | None = DEFAULT_LISTEN, *, password: str | None = None,
                  websocket: str | None = None, max_viewers: int = MAX_VIEWERS,
                  display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None,
-                 tls: TlsSettings | None = None, max_clipboard: int = DEFAULT_MAX_CLIPBOARD) -> None:
-        self.listen = parse_listen(listen, display_numbers=True)
+                 tls: TlsSettings | None = None, max_clipboard: int = DEFAULT_MAX_CLIPBOARD,
+                 pool: EncoderPool | None = None, websocket_url: str | None = None,
+                 listen_socket: socket.socket | None = None) -> None:
+        """``listen`` None: no listener of its own, or ``listen_socket`` (bound by a fleet client, from its port
+        range); viewers may also come through a fleet client's WebSocket router, which ``websocket_url`` names for
+        state.json. ``pool``: encoder workers shared with other VMs' services."""
+        self.listen = parse_listen(listen, display_numbers=True) if listen is not None else None
+        self._listen_socket = listen_socket
         self.websocket = parse_listen(websocket) if websocket else None
+        self.websocket_url = websocket_url
         self.password = password
         self.tls_settings = tls or TlsSettings()
         self.tls = TlsCredentials(self.tls_settings) if self.tls_settings.enabled else None
@@ -823,6 +831,7 @@ class VncService:
         self.viewers: set[Viewer] = set()
         self._mode_known = asyncio.Event()
         self._socks: list[socket.socket] = []
+        self._sock_kinds: list[str] = []  # "vnc" or "websocket", for each of _socks
         self._servers: list[Any] = []
         self._handlers: set[asyncio.Task[None]] = set()
         #: Viewers keep their picture: the display after a migration is still QEMU's placeholder (see ``attached``).
@@ -830,6 +839,7 @@ class VncService:
         self._hold_timer: asyncio.TimerHandle | None = None
         self._following_migration = False
         self.encoder_workers = encoder_workers
+        self._shared_pool = pool
         self.pool: EncoderPool | None = None
         self.frame_copy: FrameCopy | None = None
         self.max_clipboard = max_clipboard
@@ -855,7 +865,7 @@ class VncService:
                 return {"host": name[0], "service": str(name[1]), "family": family, "websocket": websocket, **kind}
             return {"host": name, "service": "", "family": "unix", "websocket": websocket, **kind}
 
-        servers = [address(sock, index > 0) for index, sock in enumerate(self._socks)]
+        servers = [address(sock, kind == "websocket") for sock, kind in zip(self._socks, self._sock_kinds, strict=True)]
         clients = []
         for viewer in sorted(self.viewers, key=lambda v: v.peer):
             websocket = viewer.peer.startswith("ws:")
@@ -869,7 +879,10 @@ class VncService:
 
     def endpoints(self) -> dict[str, str]:
         """Where viewers connect (for ``state.json`` and ``vmfront list``), once bound."""
-        return {name: describe(sock) for name, sock in zip(("vnc", "websocket"), self._socks, strict=False)}
+        found = {kind: describe(sock) for kind, sock in zip(self._sock_kinds, self._socks, strict=True)}
+        if self.websocket_url is not None:
+            found["websocket"] = self.websocket_url
+        return found
 
     def warnings(self) -> list[str]:
         """What makes this VNC server unsafe where it listens (logged at start; ``vmfront status`` shows them)."""
@@ -903,9 +916,13 @@ class VncService:
                 raise VncError(str(exc)) from exc
         for warning in self.warnings():
             log.warning("%s", warning)
-        for address in (self.listen, self.websocket):
+        if self._listen_socket is not None:
+            self._socks.append(self._listen_socket)
+            self._sock_kinds.append("vnc")
+        for address, kind in ((self.listen, "vnc"), (self.websocket, "websocket")):
             if address is not None:
                 self._socks.append(bind_socket(address))
+                self._sock_kinds.append(kind)
 
     def reload(self) -> str | None:
         """Re-read the TLS certificates (QMP display-reload, SIGHUP): None if done, else why not. Connected
@@ -922,20 +939,26 @@ class VncService:
         assert self.ctx is not None
         self.clipboard.start(self.ctx)
         self.frame_copy = FrameCopy()
-        self.pool = EncoderPool(self.encoder_workers, copy_fd=self.frame_copy.fd)
-        self.pool.start()
-        sock = self._socks[0]
-        if sock.family == socket.AF_UNIX:
-            server = await asyncio.start_unix_server(self._on_stream, sock=sock)
+        if self._shared_pool is not None:
+            self.pool = self._shared_pool
         else:
-            server = await asyncio.start_server(self._on_stream, sock=sock)
-        self._servers.append(server)
-        log.info("VNC: listening on %s (%s)", describe(sock), self.describe_vnc_servers()[0].get("vencrypt")
-                 or ("VNC authentication" if self.password else "no authentication"))
-        if self.websocket is not None:
+            self.pool = EncoderPool(self.encoder_workers)
+            self.pool.start()
+        self.pool.add_copy(self.frame_copy.key, self.frame_copy.fd)
+        socks = dict(zip(self._sock_kinds, self._socks, strict=True))
+        if "vnc" in socks:
+            sock = socks["vnc"]
+            if sock.family == socket.AF_UNIX:
+                server = await asyncio.start_unix_server(self._on_stream, sock=sock)
+            else:
+                server = await asyncio.start_server(self._on_stream, sock=sock)
+            self._servers.append(server)
+            log.info("VNC: listening on %s (%s)", describe(sock), self.describe_vnc_servers()[0].get("vencrypt")
+                     or ("VNC authentication" if self.password else "no authentication"))
+        if "websocket" in socks:
             from websockets.asyncio.server import serve
 
-            ws_sock = self._socks[1]
+            ws_sock = socks["websocket"]
             logging.getLogger("websockets").setLevel(max(logging.INFO, log.getEffectiveLevel()))
             context = self._websocket_tls()
             tls: dict[str, Any] = {"ssl": context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S} if context else {}
@@ -1094,7 +1117,7 @@ class VncService:
         await self.clipboard.close()
         if self._hold_timer is not None:
             self._hold_timer.cancel()
-        if self.pool is not None:
+        if self.pool is not None and self.pool is not self._shared_pool:
             await self.pool.close()
         for server in self._servers:
             server.close()
@@ -1108,6 +1131,8 @@ class VncService:
                     os.unlink(sock.getsockname())
             sock.close()
         if self.frame_copy is not None:
+            if self.pool is not None:
+                self.pool.forget_copy(self.frame_copy.key)
             self.frame_copy.close()
 
     # --- helpers for viewers --------------------------------------------------------------------------
@@ -1153,7 +1178,12 @@ class VncService:
         await self._serve(StreamTransport(reader, writer))
 
     async def _on_websocket(self, ws: Any) -> None:
-        await self._serve(WebSocketTransport(ws))
+        await self.serve_transport(WebSocketTransport(ws))
+
+    async def serve_transport(self, transport: Transport) -> None:
+        """Serve a viewer whose connection arrived elsewhere too (a fleet client's WebSocket router, the web
+        console)."""
+        await self._serve(transport)
 
     async def _serve(self, transport: Transport) -> None:
         task = asyncio.current_task()
@@ -1183,11 +1213,18 @@ class VncService:
         log.info("viewer %s: connection%s", viewer.peer, f" (TLS: {tls.version()})" if tls is not None else "")
         self.viewers.add(viewer)
         self.clipboard.viewers.add(viewer.clipboard)
+        if self.pool is not None:
+            self.pool.start()  # a lazy (fleet) pool starts its workers with the first viewer
+        demand = self.ctx.demand if self.ctx is not None else None
         try:
+            if self.ctx is not None:
+                await self.ctx.acquire_live()  # the core stops pacing its capture; the first picture is current
             await viewer.run()
         finally:
             self.viewers.discard(viewer)
             self.clipboard.viewers.discard(viewer.clipboard)
+            if demand is not None:
+                demand.release()
 
 
 def service_from_args(listen: str | None, password_file: Path | None, websocket: str | None,
