@@ -47,6 +47,11 @@ MAX_SOURCE = 64
 MAX_AGENT_CHUNK = 1 << 20
 MAX_CONSOLE_CHUNK = 64 << 10
 MAX_ENDPOINTS = 16
+#: VNC listeners one client reports, and viewers (a client closes its VNC connections beyond its own limit).
+MAX_VNC_SERVERS = 16
+MAX_VNC_VIEWERS = 4096
+#: The VNC authentication challenge and response (RFC 6143 7.2.2).
+VNC_CHALLENGE_SIZE = 16
 MAX_ID = (1 << 63) - 1
 #: Pointer coordinates are framebuffer pixels (shm allows up to 16384) and wheel steps clicks.
 MAX_COORDINATE = 0xFFFF
@@ -68,6 +73,7 @@ class Capability(StrEnum):
     DISPLAY = "display"  # the ``refresh`` op and ``display`` broadcasts
     AGENT = "agent"  # the ``agent_write`` op and ``agent_data`` broadcasts
     CONSOLE = "console"  # the ``console_write`` op and ``console_data`` broadcasts
+    VNC = "vnc"  # the ``vnc_*`` ops and ``vnc_settings`` broadcasts: the client serves VNC for the core
 
 
 ALL_CAPABILITIES = frozenset(Capability)
@@ -187,7 +193,66 @@ class ConsoleWriteOp:
     data: bytes
 
 
-Op = QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp | ConsoleWriteOp
+@dataclass(frozen=True)
+class VncAddress:
+    """A VNC listener or a viewer's address, as QAPI's ``VncBasicInfo`` has it: ``host`` and ``service`` as
+    numbers (a unix socket: empty host, the path as service), ``family`` one of ``ipv4 ipv6 unix unknown``."""
+
+    host: str
+    service: str
+    family: str
+    websocket: bool = False
+
+
+@dataclass(frozen=True)
+class VncViewer:
+    """One connection to the client's VNC server: ``id`` is the client's own number for it, ``server`` the index
+    of the listener it came in on (in the client's ``vnc_state``), ``initialized`` whether it passed the
+    handshake and authentication (QEMU's VNC_INITIALIZED)."""
+
+    id: int
+    address: VncAddress
+    server: int = 0
+    initialized: bool = False
+
+
+#: What a ``vnc_viewer`` request reports, as QEMU's events: VNC_CONNECTED, VNC_INITIALIZED, VNC_DISCONNECTED.
+VNC_VIEWER_EVENTS = ("connected", "initialized", "disconnected")
+
+
+@dataclass(frozen=True)
+class VncStateOp:
+    """The client's VNC server as it is now: its listeners and every viewer. Replaces what the core knew of this
+    client (sent after each attach and whenever a listener changes); raises no events."""
+
+    OP: ClassVar[str] = "vnc_state"
+    servers: tuple[VncAddress, ...]
+    viewers: tuple[VncViewer, ...] = ()
+
+
+@dataclass(frozen=True)
+class VncViewerOp:
+    """A viewer connected, passed authentication, or left: the core tells QMP peers (VNC_* events)."""
+
+    OP: ClassVar[str] = "vnc_viewer"
+    event: str
+    viewer: VncViewer
+
+
+@dataclass(frozen=True)
+class VncAuthOp:
+    """Check a viewer's VNC authentication response against the credentials the core holds (the password never
+    leaves the core). The result is a map: ``ok`` (bool) and ``reason`` (str, for the viewer when not ok)."""
+
+    OP: ClassVar[str] = "vnc_auth"
+    viewer: int
+    host: str
+    challenge: bytes
+    response: bytes
+
+
+Op = (QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp | ConsoleWriteOp | VncStateOp | VncViewerOp
+      | VncAuthOp)
 
 #: The capability a client must have been granted to use an op.
 OP_CAPABILITY: dict[str, Capability] = {
@@ -197,6 +262,9 @@ OP_CAPABILITY: dict[str, Capability] = {
     RefreshOp.OP: Capability.DISPLAY,
     AgentWriteOp.OP: Capability.AGENT,
     ConsoleWriteOp.OP: Capability.CONSOLE,
+    VncStateOp.OP: Capability.VNC,
+    VncViewerOp.OP: Capability.VNC,
+    VncAuthOp.OP: Capability.VNC,
 }
 
 
@@ -269,7 +337,18 @@ class ConsoleData:
     data: bytes
 
 
-EventBody = QmpEvent | RunStateChanged | Migrating | Migrated | AgentData | DisplayChanged | Shutdown | ConsoleData
+@dataclass(frozen=True)
+class VncSettings:
+    """How the client's VNC server is to authenticate viewers, decided by the core (which holds the credentials):
+    ``auth`` is ``none`` or ``vnc`` (QEMU's VncPrimaryAuth names). Sent to a client when it attaches and to every
+    client when it changes; a client serves no viewer before it has heard it."""
+
+    KIND: ClassVar[str] = "vnc_settings"
+    auth: str
+
+
+EventBody = (QmpEvent | RunStateChanged | Migrating | Migrated | AgentData | DisplayChanged | Shutdown | ConsoleData
+             | VncSettings)
 
 #: Broadcasts of these kinds go only to clients granted the capability; the others go to every client.
 KIND_CAPABILITY: dict[str, Capability] = {
@@ -277,6 +356,7 @@ KIND_CAPABILITY: dict[str, Capability] = {
     AgentData.KIND: Capability.AGENT,
     DisplayChanged.KIND: Capability.DISPLAY,
     ConsoleData.KIND: Capability.CONSOLE,
+    VncSettings.KIND: Capability.VNC,
 }
 
 
@@ -487,7 +567,25 @@ def _op_args(body: Op) -> dict[str, Any]:
         return {"source": body.source}
     if isinstance(body, AgentWriteOp | ConsoleWriteOp):
         return {"data": bytes(body.data)}
+    if isinstance(body, VncStateOp):
+        return {"servers": [_vnc_address_map(a) for a in body.servers],
+                "viewers": [_vnc_viewer_map(v) for v in body.viewers]}
+    if isinstance(body, VncViewerOp):
+        return {"event": body.event, "viewer": _vnc_viewer_map(body.viewer)}
+    if isinstance(body, VncAuthOp):
+        return {"viewer": body.viewer, "host": body.host, "challenge": bytes(body.challenge),
+                "response": bytes(body.response)}
     return {}
+
+
+def _vnc_address_map(address: VncAddress) -> dict[str, Any]:
+    return {"host": address.host, "service": address.service, "family": address.family,
+            "websocket": address.websocket}
+
+
+def _vnc_viewer_map(viewer: VncViewer) -> dict[str, Any]:
+    return {"id": viewer.id, **_vnc_address_map(viewer.address), "server": viewer.server,
+            "initialized": viewer.initialized}
 
 
 def _event_data(body: EventBody) -> dict[str, Any]:
@@ -503,6 +601,8 @@ def _event_data(body: EventBody) -> dict[str, Any]:
         return {"shm": body.shm, "shm_generation": body.shm_generation, "display_socket": body.display_socket}
     if isinstance(body, Shutdown):
         return {"reason": _clip(body.reason)}
+    if isinstance(body, VncSettings):
+        return {"auth": body.auth}
     return {}
 
 
@@ -797,6 +897,47 @@ def _parse_input_op(a: _Fields) -> Op:
         source=a.string("source", MAX_SOURCE, optional=True) or "")
 
 
+#: Families a VNC address may name (QAPI's NetworkAddressFamily, less vsock, which VNC never listens on).
+VNC_FAMILIES = ("ipv4", "ipv6", "unix", "unknown")
+
+
+def _parse_vnc_address(f: _Fields) -> VncAddress:
+    family = f.string("family", 16)
+    if family not in VNC_FAMILIES:
+        f.fail(ErrorCode.INVALID, f"field 'family' must be one of {', '.join(VNC_FAMILIES)}")
+    return VncAddress(host=f.string("host", MAX_TEXT), service=f.string("service", MAX_TEXT), family=family,
+                      websocket=f.boolean("websocket"))
+
+
+def _parse_vnc_viewer(f: _Fields, item: Any, where: str) -> VncViewer:
+    v = f.sub(item, where)
+    return VncViewer(id=v.integer("id", 0, MAX_ID), address=_parse_vnc_address(v),
+                     server=v.integer("server", 0, MAX_VNC_SERVERS - 1), initialized=v.boolean("initialized"))
+
+
+def _parse_vnc_state_op(a: _Fields) -> Op:
+    servers = a.array("servers", MAX_VNC_SERVERS)
+    viewers = a.array("viewers", MAX_VNC_VIEWERS, optional=True)
+    return VncStateOp(servers=tuple(_parse_vnc_address(a.sub(item, f"servers[{i}]"))
+                                    for i, item in enumerate(servers)),
+                      viewers=tuple(_parse_vnc_viewer(a, item, f"viewers[{i}]") for i, item in enumerate(viewers)))
+
+
+def _parse_vnc_viewer_op(a: _Fields) -> Op:
+    event = a.string("event", 32)
+    if event not in VNC_VIEWER_EVENTS:
+        a.fail(ErrorCode.INVALID, f"field 'event' must be one of {', '.join(VNC_VIEWER_EVENTS)}")
+    return VncViewerOp(event=event, viewer=_parse_vnc_viewer(a, a.get("viewer", optional=False), "viewer"))
+
+
+def _parse_vnc_auth_op(a: _Fields) -> Op:
+    challenge, response = a.binary("challenge", VNC_CHALLENGE_SIZE), a.binary("response", VNC_CHALLENGE_SIZE)
+    if len(challenge) != VNC_CHALLENGE_SIZE or len(response) != VNC_CHALLENGE_SIZE:
+        a.fail(ErrorCode.INVALID, f"fields 'challenge' and 'response' must be {VNC_CHALLENGE_SIZE} bytes each")
+    return VncAuthOp(viewer=a.integer("viewer", 0, MAX_ID), host=a.string("host", MAX_TEXT), challenge=challenge,
+                     response=response)
+
+
 _OP_PARSERS: dict[str, Callable[[_Fields], Op]] = {
     QmpOp.OP: _parse_qmp_op,
     InputOp.OP: _parse_input_op,
@@ -804,6 +945,9 @@ _OP_PARSERS: dict[str, Callable[[_Fields], Op]] = {
     RefreshOp.OP: lambda a: RefreshOp(),
     AgentWriteOp.OP: lambda a: AgentWriteOp(data=a.binary("data", MAX_AGENT_CHUNK)),
     ConsoleWriteOp.OP: lambda a: ConsoleWriteOp(data=a.binary("data", MAX_CONSOLE_CHUNK)),
+    VncStateOp.OP: _parse_vnc_state_op,
+    VncViewerOp.OP: _parse_vnc_viewer_op,
+    VncAuthOp.OP: _parse_vnc_auth_op,
 }
 
 
@@ -844,6 +988,7 @@ _KIND_PARSERS: dict[str, Callable[[_Fields], EventBody]] = {
         shm_generation=d.integer("shm_generation", 0, MAX_GENERATION, optional=True),
         display_socket=d.string("display_socket", MAX_TEXT, optional=True)),
     Shutdown.KIND: lambda d: Shutdown(reason=d.string("reason", MAX_TEXT)),
+    VncSettings.KIND: lambda d: VncSettings(auth=d.string("auth", 32, nonempty=True)),
 }
 
 
@@ -873,9 +1018,10 @@ _PARSERS: dict[str, Callable[[_Fields], Message]] = {
 
 #: Wire names, for docs and tests.
 MESSAGE_TYPES: tuple[type[Message], ...] = (Hello, Welcome, Heartbeat, Request, Reply, Broadcast, ErrorFrame, Bye)
-OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp, ConsoleWriteOp)
+OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp, ConsoleWriteOp, VncStateOp,
+                             VncViewerOp, VncAuthOp)
 EVENT_KINDS: tuple[type[EventBody], ...] = (
-    QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown, ConsoleData)
+    QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown, ConsoleData, VncSettings)
 
 __all__ = [
     "ALL_CAPABILITIES", "EVENT_KINDS", "KIND_CAPABILITY", "MAX_FRAME", "MESSAGE_TYPES", "OPS", "OP_CAPABILITY",
@@ -884,5 +1030,6 @@ __all__ = [
     "DisplayChanged", "EncodeError", "ErrorCode", "ErrorFrame", "ErrorInfo", "EventBody", "Heartbeat", "Hello",
     "InputEvent", "InputOp", "KeyEvent", "Message", "Migrated", "Migrating", "Op", "PointerEvent", "ProtocolError",
     "QmpEvent", "QmpOp", "RefreshOp", "ReleaseInputOp", "Reply", "Request", "RunStateChanged", "Shutdown",
-    "Welcome", "WheelEvent", "choose_version", "decode",
+    "VncAddress", "VncAuthOp", "VncSettings", "VncStateOp", "VncViewer", "VncViewerOp", "Welcome", "WheelEvent",
+    "choose_version", "decode",
 ]

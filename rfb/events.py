@@ -24,6 +24,15 @@ class SecurityNegotiated:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthResponse:
+    """A viewer's VNC authentication response, for the owner to check (``external_auth``): answer with
+    ``auth_result``. ``challenge`` is what the viewer was sent."""
+
+    challenge: bytes
+    response: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class AuthFailed:
     """VNC authentication failed; the failure result is in ``data_to_send()`` and the connection is closed."""
 
@@ -135,6 +144,6 @@ class Fence:
 
 
 Event = (
-    SecurityNegotiated | AuthFailed | ClientInitReceived | PixelFormatChanged | EncodingsSet | UpdateRequested
-    | Key | ExtendedKey | Pointer | CutText | ContinuousUpdates | DesktopSizeRequested | Fence
+    SecurityNegotiated | AuthResponse | AuthFailed | ClientInitReceived | PixelFormatChanged | EncodingsSet
+    | UpdateRequested | Key | ExtendedKey | Pointer | CutText | ContinuousUpdates | DesktopSizeRequested | Fence
 )

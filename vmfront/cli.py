@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vnc", default="127.0.0.1:5900", metavar="HOST:PORT|:DISPLAY|unix:PATH",
                      help="where the client serves VNC (default 127.0.0.1:5900; :N is display N, 127.0.0.1:5900+N)")
     run.add_argument("--websocket", metavar="HOST:PORT", help="also serve VNC over WebSocket (noVNC)")
+    run.add_argument("--vnc-password-file", type=Path, metavar="FILE",
+                     help="VNC authentication with the first line of FILE (see core --vnc-password-file)")
+    run.add_argument("--keymap", metavar="LANG|PATH", help="keysym viewers' keyboard layout (see client --keymap)")
     run.add_argument("--agent", action="store_true", help="give the guest a qemu-ga channel (see core --agent)")
     run.add_argument("--serial", action="store_true",
                      help="give the guest a serial port, reachable with `vmfront console NAME`")
@@ -223,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_argument("--key-delay-ms", type=float, default=10.0, metavar="MS",  # core_daemon.input.KEY_DELAY_S
                       help="pause after each key event sent to the guest, so its keyboard buffer does not overflow "
                       "when keys arrive in bulk (default: %(default)g, as QEMU's own VNC server; 0: no pause)")
+    core.add_argument("--vnc-password-file", type=Path, metavar="FILE",
+                      help="VNC viewers must authenticate with the first line of FILE (else $VMFRONT_VNC_PASSWORD if "
+                      "set); the core holds it for every client; QMP set_password changes it at run time")
+    core.add_argument("--vnc-auth", choices=("none", "vnc"),
+                      help="how VNC viewers authenticate (default: vnc with a password, else none); vnc without a "
+                      "password lets nobody in until QMP set_password sets one, as QEMU's -vnc password=on")
     core.add_argument("--no-display", action="store_true",
                       help="do not capture the guest display into shared memory (no private VNC for QEMU)")
     core.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
@@ -242,8 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--vnc", nargs="?", const="127.0.0.1:5900", metavar="HOST:PORT|:DISPLAY|unix:PATH",
                         help="serve VNC viewers here (bare --vnc: 127.0.0.1:5900; :N is display N, port 5900+N on "
                         "127.0.0.1)")
-    client.add_argument("--vnc-password-file", type=Path, metavar="FILE",
-                        help="VNC authentication with the first line of FILE (else $VMFRONT_VNC_PASSWORD if set)")
+    client.add_argument("--vnc-password-file", type=Path, metavar="FILE", help=argparse.SUPPRESS)
+    client.add_argument("--vnc-share", choices=("allow-exclusive", "force-shared", "ignore"),
+                        default="allow-exclusive",
+                        help="what a viewer's shared flag does, as QEMU's -vnc share=: allow-exclusive (default: a "
+                        "viewer asking for exclusive use disconnects the others, and shared viewers are refused "
+                        "while it is there), force-shared (exclusive requests are refused), ignore (all share)")
+    client.add_argument("--vnc-connections", type=int, default=32, metavar="N",
+                        help="VNC connections still in handshake or authentication at once (default 32, as QEMU's "
+                        "-vnc connections=): beyond, the oldest of them is closed, so a flood cannot lock viewers "
+                        "out")
+    client.add_argument("--vnc-handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="a VNC connection that has not finished its handshake and authentication this long "
+                        "after it connected is closed (default 10)")
+    client.add_argument("--keymap", metavar="LANG|PATH",
+                        help="keyboard layout for viewers that send keysyms only (vncdotool, scripts): one of "
+                        "QEMU's keymap files, as QEMU's -k (default en-us); viewers with QEMU's extended key "
+                        "event send the physical key and need none")
     client.add_argument("--websocket", metavar="HOST:PORT|unix:PATH",
                         help="also serve VNC over WebSocket (noVNC); an empty HOST is 127.0.0.1")
     client.add_argument("--monitor", nargs="?", const="unix:", metavar="unix:PATH|HOST:PORT",
@@ -295,6 +319,7 @@ def _demo_guest_args() -> list[str]:
 def cmd_core(args: argparse.Namespace) -> int:
     from core_daemon.policy import PolicyError, load_policy
     from core_daemon.supervisor import Core, CoreConfig, CoreError
+    from core_daemon.vnc_state import AUTH_NONE, AUTH_VNC, Credentials, VncStateError, read_password
 
     qemu_args = list(args.qemu_args)
     if qemu_args[:1] == ["--"]:
@@ -304,6 +329,11 @@ def cmd_core(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy)
         if not qemu_args and args.attach is None:
             qemu_args = _demo_guest_args()
+        password = read_password(args.vnc_password_file)
+        if password is not None and args.vnc_auth == AUTH_NONE:
+            raise CliError("--vnc-auth none contradicts a VNC password (--vnc-password-file, $VMFRONT_VNC_PASSWORD)")
+        credentials = Credentials(auth=args.vnc_auth or (AUTH_VNC if password is not None else AUTH_NONE),
+                                  password=password)
         config = CoreConfig(
             name=args.name, run_dir=RunDir.for_vm(args.name, args.run_dir), qemu_args=qemu_args,
             qemu_binary=args.qemu_binary, accel=args.accel, attach=args.attach, qmp_socket=args.qmp_socket,
@@ -313,9 +343,10 @@ def cmd_core(args: argparse.Namespace) -> int:
             client_group=_group_id(args.client_group) if args.client_group else None,
             agent=args.agent or args.agent_socket is not None, agent_socket=args.agent_socket,
             incoming=args.incoming, serial=args.serial, migrated_linger=args.migrated_linger,
+            vnc_credentials=credentials,
         )
         code = run_async(Core(config).run())
-    except (CoreError, PolicyError, RunDirError, CliError) as exc:
+    except (CoreError, PolicyError, RunDirError, CliError, VncStateError) as exc:
         print(f"vmfront core: error: {exc}", file=sys.stderr)
         code = exc.exit_status if isinstance(exc, CoreError) else 1
     log.info("core exiting, status %d", code)
@@ -399,10 +430,14 @@ def cmd_client(args: argparse.Namespace) -> int:
     from ipc.channel import ChannelError
 
     try:
+        if args.vnc_password_file is not None:
+            raise CliError("--vnc-password-file is an option of `vmfront core` (and `vmfront run`) now: the core "
+                           "holds the VNC credentials, so they outlive any client")
         config = ClientConfig(name=check_vm_name(args.name), run_dir=RunDir.for_vm(args.name, args.run_dir),
                               core_endpoint=args.core, group=args.group, ready_fd=args.ready_fd,
                               user=_client_user(args.user, args.as_root, flag="--as-root"))
-        vnc = service_from_args(args.vnc, args.vnc_password_file, args.websocket)
+        vnc = service_from_args(args.vnc, args.websocket, share=args.vnc_share, connections=args.vnc_connections,
+                                handshake_timeout=args.vnc_handshake_timeout, keymap=args.keymap)
         if vnc is not None:
             config.services.append(vnc)
         if args.monitor is not None:
@@ -422,7 +457,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                                                 else config.run_dir.root / "agent.sock",
                                                 proxy_required=bool(args.agent_proxy)))
         code = run_async(Client(config).run())
-    except (RunDirError, PrivilegeError, VncError, ValueError, ChannelError) as exc:
+    except (RunDirError, PrivilegeError, VncError, ValueError, ChannelError, CliError) as exc:
         print(f"vmfront client: error: {exc}", file=sys.stderr)
         code = 1
     log.info("client exiting, status %d", code)
@@ -442,6 +477,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = RunConfig(name=check_vm_name(args.name), run_dir=args.run_dir, qemu_args=qemu_args,
                            client_user=user, client_group=resolve_user(user).gid if user else None,
                            verbose=args.verbose, vnc=args.vnc, websocket=args.websocket, agent=args.agent,
+                           vnc_password_file=args.vnc_password_file, keymap=args.keymap,
                            serial=args.serial, accel=args.accel, on_core_death=args.on_core_death)
     except (RunDirError, PrivilegeError) as exc:
         print(f"vmfront run: error: {exc}", file=sys.stderr)

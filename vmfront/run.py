@@ -52,6 +52,9 @@ class RunConfig:
     verbose: int = 0
     vnc: str = "127.0.0.1:5900"
     websocket: str | None = None
+    #: Given to the core, which holds the VNC credentials; the keymap to the client, which maps keysyms.
+    vnc_password_file: Path | None = None
+    keymap: str | None = None
     agent: bool = False
     serial: bool = False
     accel: str | None = None
@@ -72,6 +75,8 @@ class RunConfig:
             argv.append("--serial")
         if self.accel:
             argv += ["--accel", self.accel]
+        if self.vnc_password_file is not None:
+            argv += ["--vnc-password-file", str(self.vnc_password_file)]
         if self.client_group is not None:
             # The unprivileged client must be able to open control.sock, display.sock and the segment.
             argv += ["--client-group", str(self.client_group)]
@@ -81,6 +86,8 @@ class RunConfig:
         argv = [*self.base("client"), "--vnc", self.vnc, "--monitor"]
         if self.websocket:
             argv += ["--websocket", self.websocket]
+        if self.keymap:
+            argv += ["--keymap", self.keymap]
         if self.serial:
             argv.append("--console")
         argv += ["--user", self.client_user] if self.client_user else ["--as-root"] if os.geteuid() == 0 else []

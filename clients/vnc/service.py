@@ -6,8 +6,14 @@ flight: it is built only when the viewer asked for one, and only once the transp
 written before, so a slow viewer skips frames instead of buffering them) and the input sender (batches of
 input events to the core, one request at a time). Updates are encoded by worker processes
 (encoder_pool.py), never on this loop; only Raw in the framebuffer's own format is copied here. Viewers that
-take CopyRect are served from the service's frame copy, where scrolls are found (framecopy.py). See
-docs/vnc.md.
+take CopyRect are served from the service's frame copy, where scrolls are found (framecopy.py).
+
+The core holds VNC's credentials and tells the service how viewers authenticate (``vnc_settings``); a viewer's
+VNC authentication response is checked by the core. Every connection is reported to the core (``vnc_viewer``:
+connected, initialized, disconnected), which answers QMP's ``query-vnc*`` and emits the ``VNC_*`` events. Like
+QEMU's VNC server: the shared flag follows ``share``, at most ``connections`` connections may be in their
+handshake (a newcomer evicts the oldest of them) and as many viewers share the screen; and unlike it, a
+handshake that is not done within ``handshake_timeout`` is closed. See docs/vnc.md.
 """
 
 from __future__ import annotations
@@ -19,12 +25,27 @@ import itertools
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ipc.channel import ChannelError
-from ipc.messages import MAX_SOURCE, InputEvent, KeyEvent, Migrated, PointerEvent, Welcome, WheelEvent
+from ipc.messages import (
+    MAX_SOURCE,
+    MAX_VNC_SERVERS,
+    InputEvent,
+    Migrated,
+    PointerEvent,
+    VncAddress,
+    VncAuthOp,
+    VncSettings,
+    VncStateOp,
+    VncViewer,
+    VncViewerOp,
+    Welcome,
+    WheelEvent,
+)
 from ipc.messages import EventBody as CoreEvent
 from ipc.rundir import listen_unix
 from rfb import ProtocolError, RfbServerConnection, Screen, State
@@ -54,7 +75,8 @@ from shm import CursorShapeRecord, DamageRecord, LayoutError, Mode, ModeRecord, 
 
 from .encoder_pool import EncodeRequest, EncoderPool, EncoderUnavailable
 from .framecopy import Frame, FrameCopy, Move, frame_array
-from .keymap import qcode_for, scancode_for
+from .keyboard import Keyboard
+from .keymap import Keymap, KeymapError, scancode_for
 from .region import DirtyRegion, Rect, contains, intersect
 
 if TYPE_CHECKING:
@@ -63,9 +85,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:5900"
-PASSWORD_ENV = "VMFRONT_VNC_PASSWORD"
-#: How long a viewer that connects before the display exists waits for it before being closed.
-DISPLAY_WAIT_S = 10.0
+#: Connections in their handshake at once, and viewers sharing the screen (QEMU's -vnc connections= default).
+DEFAULT_CONNECTIONS = 32
+#: A connection that has not finished its handshake and authentication this long after it came is closed (a
+#: viewer that connects before the display exists, or before the core said how to authenticate, waits within it).
+HANDSHAKE_TIMEOUT_S = 10.0
+#: How viewers authenticate (the core's ``vnc_settings``; QEMU's VncPrimaryAuth names).
+AUTH_NONE, AUTH_VNC = "none", "vnc"
+#: QEMU's -vnc share= policies.
+SHARE_POLICIES = ("allow-exclusive", "force-shared", "ignore")
+#: Reports to the core waiting to be sent; beyond, the next attach's full state puts the core right.
+MAX_PENDING_REPORTS = 1024
+#: How long the core may take to check a VNC authentication response.
+AUTH_TIMEOUT_S = 5.0
 #: After following a migration: how long viewers keep the last picture while the destination shows QEMU's
 #: placeholder instead of the guest's display (see ``VncService.attached``).
 HOLD_MAX_S = 1.0
@@ -76,7 +108,6 @@ READ_CHUNK = 64 * 1024
 INPUT_FLUSH_S = 60.0
 #: Input events queued per viewer while the core is busy with the previous batch; beyond, input is dropped.
 MAX_PENDING_INPUT = 4096
-MAX_VIEWERS = 64
 #: Protocol replies (not updates) queued for a viewer that does not read them; beyond, it is disconnected.
 MAX_OUTBOX = 1 << 20
 SINGLE_SCREEN_ID = 0
@@ -88,7 +119,7 @@ IN_LOOP_PIXELS = 64 * 64
 
 
 class VncError(Exception):
-    """The VNC service cannot start (bad listen address, port taken, unreadable password file)."""
+    """The VNC service cannot start (bad listen address, port taken, unreadable keymap)."""
 
 
 # --- listen addresses and passwords ------------------------------------------------------------------------
@@ -137,26 +168,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_password(path: Path | None, env: dict[str, str] | None = None) -> str | None:
-    """The VNC password: first line of ``path`` if given, else ``$VMFRONT_VNC_PASSWORD``, else None."""
-    env = dict(os.environ) if env is None else env
-    if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise VncError(f"cannot read the VNC password file {path}: {exc}") from exc
-        password = text[0] if text else ""
-    elif env.get(PASSWORD_ENV):
-        password = env[PASSWORD_ENV]
-    else:
-        return None
-    if not password:
-        raise VncError("the VNC password is empty (that would let anyone in)")
-    if len(password.encode()) > 8:
-        log.warning("VNC authentication uses only the first 8 bytes of the password")
-    return password
-
-
 def bind_socket(address: ListenAddress) -> socket.socket:
     try:
         if address.path is not None:
@@ -178,11 +189,25 @@ def describe(sock: socket.socket) -> str:
     return f"unix:{name}" if sock.family == socket.AF_UNIX else f"{name[0]}:{name[1]}"
 
 
+def vnc_address(family: int, address: Any, websocket: bool = False) -> VncAddress:
+    """A socket address as QAPI's VncBasicInfo has it: numeric host and port; a unix socket's path as the
+    service, with an empty host (as QEMU)."""
+    if family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple):
+        return VncAddress(str(address[0]), str(address[1]), "ipv6" if family == socket.AF_INET6 else "ipv4",
+                          websocket)
+    if family == socket.AF_UNIX:
+        path = address.decode(errors="replace") if isinstance(address, bytes) else str(address or "")
+        return VncAddress("", path, "unix", websocket)
+    return VncAddress("", "", "unknown", websocket)
+
+
 # --- transports --------------------------------------------------------------------------------------------
 
 
 class Transport(Protocol):
     peer: str
+    #: The viewer's address, as QMP shows it.
+    address: VncAddress
 
     async def recv(self) -> bytes:
         """Bytes from the viewer; b"" at the end."""
@@ -208,6 +233,7 @@ class StreamTransport:
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"unix:{peer or '?'}"
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         sock = writer.get_extra_info("socket")
+        self.address = vnc_address(sock.family if sock is not None else -1, peer)
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -237,6 +263,8 @@ class WebSocketTransport:
         self._ws = ws
         peer = ws.remote_address
         self.peer = f"ws:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "ws:unix"
+        sock = ws.transport.get_extra_info("socket") if getattr(ws, "transport", None) is not None else None
+        self.address = vnc_address(sock.family if sock is not None else -1, peer, websocket=True)
 
     async def recv(self) -> bytes:
         from websockets.exceptions import ConnectionClosed
@@ -294,19 +322,43 @@ def raw_pieces(framebuffer: memoryview, mode: Mode, rects: list[Rect]) -> list[b
     return pieces
 
 
-_viewer_numbers = itertools.count(1)
+_connection_numbers = itertools.count(1)
+
+
+class Connection:
+    """One VNC connection from accept to close: what the core is told about (so QMP shows it), and what the
+    connection limit, the share policy and the handshake deadline act on, before and while a Viewer serves it."""
+
+    def __init__(self, transport: Transport, server: int) -> None:
+        self.id = next(_connection_numbers)
+        self.transport = transport
+        self.server = server  # index of the listener it came in on
+        self.since = time.monotonic()
+        self.initialized = False  # handshake and authentication done (QEMU's VNC_INITIALIZED)
+        self.exclusive = False
+        self.closed = asyncio.Event()
+        self.reason = ""
+
+    def close(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.reason = reason
+            self.closed.set()
+
+    def report(self) -> VncViewer:
+        return VncViewer(self.id, self.transport.address, self.server, self.initialized)
 
 
 class Viewer:
-    def __init__(self, service: VncService, transport: Transport) -> None:
+    def __init__(self, service: VncService, connection: Connection) -> None:
         self.service = service
-        self.transport = transport
-        self.peer = transport.peer
+        self.connection = connection
+        self.transport = connection.transport
+        self.peer = self.transport.peer
         #: Names this viewer's input at the core, which tracks what it holds and releases that when it goes.
-        self.source = f"vnc#{next(_viewer_numbers)} {self.peer}"[:MAX_SOURCE]
+        self.source = f"vnc#{connection.id} {self.peer}"[:MAX_SOURCE]
         mode = service.mode
         self.conn = RfbServerConnection(width=mode.width if mode else 0, height=mode.height if mode else 0,
-                                        name=service.vm_name, password=service.password)
+                                        name=service.vm_name, external_auth=service.auth == AUTH_VNC)
         self.encoders = NegotiatedEncoders()
         self.dirty = DirtyRegion()
         self.size: tuple[int, int] | None = None  # what the viewer was last told
@@ -328,7 +380,6 @@ class Viewer:
         self.copy_source = False  # served from the service's frame copy (the viewer takes CopyRect)
         self.pending_copy: Move | None = None  # a scroll to send as CopyRect before the dirty region
         self.in_flight: list[Rect] = []  # rectangles of the update being encoded
-        self.closed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def __repr__(self) -> str:
@@ -344,12 +395,12 @@ class Viewer:
         self._wake.set()
         reason = "viewer closed the connection"
         reader = loop.create_task(self._read_loop())
-        closer = loop.create_task(self.closed.wait())
+        closer = loop.create_task(self.connection.closed.wait())
         try:
             done, _ = await asyncio.wait([reader, closer, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is closer:
-                    reason = "disconnected by the server"
+                    reason = self.connection.reason or "disconnected by the server"
                 elif not task.cancelled() and task.exception() is not None:
                     exc = task.exception()
                     if isinstance(exc, ProtocolError):
@@ -372,11 +423,12 @@ class Viewer:
                 await self._flush_input()
             input_loop.cancel()
             await self.service.release_input(self.source, self.peer)
+            self.service.keyboard.viewer_gone(self.source)
             log.info("viewer %s gone (%s; %d updates sent, %d scrolls by CopyRect)", self.peer, reason,
                      self.updates_sent, self.copyrects_sent)
 
-    def disconnect(self) -> None:
-        self.closed.set()
+    def disconnect(self, reason: str = "disconnected by the server") -> None:
+        self.connection.close(reason)
 
     # --- reading --------------------------------------------------------------------------------------
 
@@ -387,11 +439,18 @@ class Viewer:
                 return
             events = self.conn.receive_data(data)
             batch: list[InputEvent] = []
-            for event in events:
-                self._handle(event, batch)
+            while events:
+                event = events.pop(0)
+                if isinstance(event, ev.AuthResponse):  # checked by the core, which holds the password
+                    ok, reason = await self.service.check_auth(self.connection, event.challenge, event.response)
+                    events += self.conn.auth_result(ok, reason)
+                else:
+                    self._handle(event, batch)
+            if self.connection.closed.is_set():  # refused at ClientInit (share policy, too many viewers)
+                return
             if self.conn.closed:  # refused (auth failure): the reason is queued
                 self.transport.write_nowait(self.conn.data_to_send())
-                self.disconnect()
+                self.disconnect("authentication failed")
                 return
             self._outbox += self.conn.data_to_send()
             if len(self._outbox) > MAX_OUTBOX:
@@ -423,12 +482,15 @@ class Viewer:
             self.full = True  # updates after this are in the new format; repaint with it
             log.debug("viewer %s: pixel format %s", self.peer, event.fmt)
         elif isinstance(event, ev.ClientInitReceived):
+            refused = self.service.admit_viewer(self.connection, event.shared)
+            if refused is not None:
+                log.warning("viewer %s refused: %s", self.peer, refused)
+                self.disconnect(refused)
+                return
             self.size = (self.conn.width, self.conn.height)
             self.full = True
             log.info("viewer %s: connected (RFB %d.%d, %s, %dx%d)", self.peer, *(self.conn.version or (0, 0)),
                      "shared" if event.shared else "exclusive", *self.size)
-            if not event.shared:
-                self.service.disconnect_others(self)
         elif isinstance(event, ev.DesktopSizeRequested):
             if self.conn.supports(ENCODING_EXTENDED_DESKTOP_SIZE) and self.size is not None:
                 w, h = self.size
@@ -461,18 +523,16 @@ class Viewer:
             self.eds_answer = self.conn.supports(ENCODING_EXTENDED_DESKTOP_SIZE)
 
     def _on_key(self, event: ev.Key | ev.ExtendedKey, batch: list[InputEvent]) -> None:
-        key: KeyEvent | None = None
+        """Keys by the physical key (Extended Key Event) or through the keymap, with QEMU's lock-key sync
+        (keyboard.py). A viewer that takes the LED state pseudo-encoding would keep the locks in step itself, but
+        this server does not send the LED state (yet), so every viewer gets the sync."""
+        keyboard = self.service.keyboard
         if isinstance(event, ev.ExtendedKey):
             code = scancode_for(event.keycode)
             if code is not None:
-                key = KeyEvent(down=event.down, scancode=code)
-        if key is None:
-            qcode = qcode_for(event.keysym)
-            if qcode is None:
-                log.debug("viewer %s: no key for keysym %#x", self.peer, event.keysym)
+                batch += keyboard.scancode(event.keysym, code, event.down, self.source)
                 return
-            key = KeyEvent(down=event.down, qcode=qcode)
-        batch.append(key)
+        batch += keyboard.key(event.keysym, event.down, self.source)
 
     def _on_pointer(self, event: ev.Pointer, batch: list[InputEvent]) -> None:
         pressed = event.buttons & ~self._buttons
@@ -703,22 +763,39 @@ class VncService:
 
     name = "vnc"
 
-    def __init__(self, listen: str = DEFAULT_LISTEN, *, password: str | None = None,
-                 websocket: str | None = None, max_viewers: int = MAX_VIEWERS,
-                 display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None) -> None:
+    def __init__(self, listen: str = DEFAULT_LISTEN, *, websocket: str | None = None,
+                 share: str = "allow-exclusive", connections: int = DEFAULT_CONNECTIONS,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT_S, keymap: str | None = None,
+                 encoder_workers: int | None = None) -> None:
         self.listen = parse_listen(listen, display_numbers=True)
         self.websocket = parse_listen(websocket) if websocket else None
-        self.password = password
-        self.max_viewers = max_viewers
-        self.display_wait_s = display_wait_s
+        if share not in SHARE_POLICIES:
+            raise VncError(f"unknown share policy {share!r} (known: {', '.join(SHARE_POLICIES)})")
+        if connections < 1 or handshake_timeout <= 0:
+            raise VncError("the connection limit and the handshake timeout must be positive")
+        self.share = share
+        self.connections_limit = connections
+        self.handshake_timeout = handshake_timeout
+        try:
+            self.keyboard = Keyboard(Keymap.load(keymap))
+        except KeymapError as exc:
+            raise VncError(str(exc)) from exc
         self.ctx: ClientContext | None = None
         self.vm_name = "vmfront"
         self.mode: Mode | None = None
+        #: How viewers authenticate, as the core last said (None: not heard yet, so nobody is served).
+        self.auth: str | None = None
+        self._settings_known = asyncio.Event()
+        #: Every connection from accept to close, in the order they came (viewers are those being served).
+        self.connections: dict[int, Connection] = {}
         self.viewers: set[Viewer] = set()
         self._mode_known = asyncio.Event()
         self._socks: list[socket.socket] = []
         self._servers: list[Any] = []
         self._handlers: set[asyncio.Task[None]] = set()
+        #: Reports for the core, sent in order by one task (see _report_loop).
+        self._reports: asyncio.Queue[VncViewerOp | VncStateOp] = asyncio.Queue(MAX_PENDING_REPORTS)
+        self._reporter: asyncio.Task[None] | None = None
         #: Viewers keep their picture: the display after a migration is still QEMU's placeholder (see ``attached``).
         self.holding = False
         self._hold_timer: asyncio.TimerHandle | None = None
@@ -728,27 +805,6 @@ class VncService:
         self.frame_copy: FrameCopy | None = None
 
     # --- Service protocol -----------------------------------------------------------------------------
-
-    def describe_vnc_servers(self) -> list[dict[str, Any]]:
-        """Our VNC server and its viewers, in QMP ``query-vnc-servers`` shape (the monitor's ``info vnc``)."""
-        auth = "vnc" if self.password else "none"
-
-        def address(sock: socket.socket, websocket: bool) -> dict[str, Any]:
-            name = sock.getsockname()
-            if isinstance(name, tuple):
-                family = "ipv6" if sock.family == socket.AF_INET6 else "ipv4"
-                return {"host": name[0], "service": str(name[1]), "family": family, "websocket": websocket,
-                        "auth": auth}
-            return {"host": name, "service": "", "family": "unix", "websocket": websocket, "auth": auth}
-
-        servers = [address(sock, index > 0) for index, sock in enumerate(self._socks)]
-        clients = []
-        for viewer in sorted(self.viewers, key=lambda v: v.peer):
-            websocket = viewer.peer.startswith("ws:")
-            host, _, port = viewer.peer.removeprefix("ws:").rpartition(":")
-            clients.append({"host": host or viewer.peer, "service": port, "websocket": websocket,
-                            "family": "unix" if viewer.peer.startswith(("unix:", "ws:unix")) else "ipv4"})
-        return [{"id": "default", "server": servers, "clients": clients, "auth": auth}]
 
     def endpoints(self) -> dict[str, str]:
         """Where viewers connect (for ``state.json`` and ``vmfront list``), once bound."""
@@ -762,8 +818,7 @@ class VncService:
                 continue
             if address.host is not None and not is_loopback(address.host):
                 log.warning("%s listens on %s, not only on loopback: whoever reaches it sees and controls the guest "
-                            "(no encryption; %s)", what, address,
-                            "VNC authentication on" if self.password else "no password")
+                            "unless the core asks for a VNC password (no encryption either)", what, address)
             self._socks.append(bind_socket(address))
 
     async def start(self) -> None:
@@ -776,7 +831,9 @@ class VncService:
         else:
             server = await asyncio.start_server(self._on_stream, sock=sock)
         self._servers.append(server)
-        log.info("VNC: listening on %s%s", describe(sock), " (VNC authentication)" if self.password else "")
+        self._reporter = asyncio.get_running_loop().create_task(self._report_loop(), name="vnc-reports")
+        log.info("VNC: listening on %s (%d connections in handshake at most, %s)", describe(sock),
+                 self.connections_limit, f"share policy {self.share}")
         if self.websocket is not None:
             from websockets.asyncio.server import serve
 
@@ -794,6 +851,7 @@ class VncService:
         # So they keep the last picture until the guest's own display arrives there (a later mode generation),
         # or HOLD_MAX_S passed (a guest whose mode has the placeholder's size brings no new generation).
         self._release_hold()
+        self._resend_state()  # this core may be new: it learns our listeners and viewers, without events
         followed, self._following_migration = self._following_migration, False
         if (followed or welcome.run_state == "incoming") and self.mode is not None:
             log.info("VNC: the guest arrives from a migration: viewers keep their picture until its display is there")
@@ -806,6 +864,66 @@ class VncService:
     def event(self, body: CoreEvent) -> None:
         if isinstance(body, Migrated):
             self._following_migration = True  # the next attach is to the destination core
+        elif isinstance(body, VncSettings):
+            if body.auth not in (AUTH_NONE, AUTH_VNC):
+                log.error("VNC: the core asks for authentication %r, which this client cannot do: serving no "
+                          "viewer", body.auth)
+                self.auth = None
+                self._settings_known.clear()
+                return
+            if body.auth != self.auth:
+                log.info("VNC: viewers authenticate with %s", "a VNC password" if body.auth == AUTH_VNC else "none")
+            self.auth = body.auth
+            self._settings_known.set()
+
+    # --- what the core is told ------------------------------------------------------------------------
+
+    def servers(self) -> tuple[VncAddress, ...]:
+        return tuple(vnc_address(sock.family, sock.getsockname(), websocket=index > 0)
+                     for index, sock in enumerate(self._socks[:MAX_VNC_SERVERS]))
+
+    def _resend_state(self) -> None:
+        """Whatever was still queued is superseded: the core gets our whole VNC server as it is now."""
+        while not self._reports.empty():
+            self._reports.get_nowait()
+        viewers = tuple(c.report() for c in self.connections.values())
+        self._reports.put_nowait(VncStateOp(self.servers(), viewers))
+
+    def _report(self, event: str, connection: Connection) -> None:
+        try:
+            self._reports.put_nowait(VncViewerOp(event, connection.report()))
+        except asyncio.QueueFull:
+            log.warning("VNC: the core does not take reports; sending it the whole state instead")
+            self._resend_state()
+
+    async def _report_loop(self) -> None:
+        """One report at a time, in order; none while detached (the next attach sends the whole state)."""
+        while True:
+            report = await self._reports.get()
+            channel = self.ctx.channel if self.ctx is not None else None
+            if channel is None or not channel.attached:
+                continue
+            try:
+                await channel.request(report, timeout_s=10.0)
+            except ChannelError as exc:
+                log.debug("VNC: report %s not delivered: %s", report.OP, exc)
+
+    async def check_auth(self, connection: Connection, challenge: bytes, response: bytes) -> tuple[bool, str]:
+        """The core's verdict on a VNC authentication response: (accepted, what to tell the viewer)."""
+        channel = self.ctx.channel if self.ctx is not None else None
+        if channel is None or not channel.attached:
+            log.warning("viewer %s: cannot authenticate it: the core is not attached", connection.transport.peer)
+            return False, "Authentication unavailable, try again later"
+        try:
+            result = await channel.request(VncAuthOp(connection.id, connection.transport.address.host, challenge,
+                                                     response), timeout_s=AUTH_TIMEOUT_S)
+        except ChannelError as exc:
+            log.warning("viewer %s: authentication check failed: %s", connection.transport.peer, exc)
+            return False, "Authentication unavailable, try again later"
+        if not isinstance(result, dict) or result.get("ok") is not True:
+            reason = result.get("reason") if isinstance(result, dict) else None
+            return False, str(reason or "Authentication failed")
+        return True, ""
 
     def _release_hold(self, repaint: bool = False) -> None:
         if self._hold_timer is not None:
@@ -915,8 +1033,10 @@ class VncService:
             await self.pool.close()
         for server in self._servers:
             server.close()
-        for viewer in list(self.viewers):
-            viewer.disconnect()
+        for connection in list(self.connections.values()):
+            connection.close("the client is stopping")
+        if self._reporter is not None:
+            self._reporter.cancel()
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=2.0)
         for sock in self._socks:
@@ -937,12 +1057,28 @@ class VncService:
         self.mode = mode
         self._mode_known.set()
 
-    def disconnect_others(self, keep: Viewer) -> None:
-        others = [v for v in self.viewers if v is not keep]
-        if others:
-            log.info("viewer %s asked for exclusive use: disconnecting %d other viewers", keep.peer, len(others))
-        for viewer in others:
-            viewer.disconnect()
+    def admit_viewer(self, connection: Connection, shared: bool) -> str | None:
+        """A viewer finished its handshake (ClientInit): may it stay, by the share policy and the viewer limit?
+        Returns why not, or None (it is then initialised, and the core told). As QEMU's protocol_client_init."""
+        others = [c for c in self.connections.values() if c.initialized and c is not connection]
+        exclusive = not shared
+        if self.share == "allow-exclusive":
+            if exclusive:
+                if others:
+                    log.info("viewer %s asked for exclusive use: disconnecting %d other viewers",
+                             connection.transport.peer, len(others))
+                for other in others:
+                    other.close("another viewer asked for exclusive use")
+                others = []
+            elif any(c.exclusive for c in others):
+                return "a viewer has exclusive use (share policy allow-exclusive)"
+        elif self.share == "force-shared" and exclusive:
+            return "exclusive use is not allowed (share policy force-shared)"
+        if shared and sum(not c.exclusive for c in others) >= self.connections_limit:
+            return f"{self.connections_limit} viewers share the screen already"
+        connection.initialized, connection.exclusive = True, exclusive
+        self._report("initialized", connection)
+        return None
 
     async def send_input(self, events: list[InputEvent], peer: str, source: str) -> None:
         channel = self.ctx.channel if self.ctx is not None else None
@@ -967,46 +1103,77 @@ class VncService:
     # --- connections ----------------------------------------------------------------------------------
 
     async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._serve(StreamTransport(reader, writer))
+        await self._serve(StreamTransport(reader, writer), 0)
 
     async def _on_websocket(self, ws: Any) -> None:
-        await self._serve(WebSocketTransport(ws))
+        await self._serve(WebSocketTransport(ws), 1)
 
-    async def _serve(self, transport: Transport) -> None:
+    async def _serve(self, transport: Transport, server: int) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
+        connection = Connection(transport, server)
+        self._make_room(connection)
+        self.connections[connection.id] = connection
+        self._report("connected", connection)
+        deadline = asyncio.get_running_loop().call_later(self.handshake_timeout, self._handshake_overdue,
+                                                         connection)
         try:
-            await self._serve_viewer(transport)
+            if await self._ready_for(connection):
+                viewer = Viewer(self, connection)
+                self.viewers.add(viewer)
+                try:
+                    await viewer.run()
+                finally:
+                    self.viewers.discard(viewer)
         finally:
+            deadline.cancel()
+            transport.close()
+            del self.connections[connection.id]
+            self._report("disconnected", connection)
             if task is not None:
                 self._handlers.discard(task)
 
-    async def _serve_viewer(self, transport: Transport) -> None:
-        if len(self.viewers) >= self.max_viewers:
-            log.warning("viewer %s refused: already %d viewers", transport.peer, len(self.viewers))
-            transport.close()
-            return
-        if self.mode is None:
-            log.info("viewer %s: waiting up to %.0f s for the guest display", transport.peer, self.display_wait_s)
-            try:
-                await asyncio.wait_for(self._mode_known.wait(), self.display_wait_s)
-            except TimeoutError:
-                log.warning("viewer %s refused: no guest display yet", transport.peer)
-                transport.close()
-                return
-        viewer = Viewer(self, transport)
-        log.info("viewer %s: connection", viewer.peer)
-        self.viewers.add(viewer)
-        try:
-            await viewer.run()
-        finally:
-            self.viewers.discard(viewer)
+    def _make_room(self, newcomer: Connection) -> None:
+        """At the limit of connections in their handshake, the oldest of them goes (as QEMU's VNC): a flood of
+        connections that never speak cannot keep a real viewer out, and viewers being served are never evicted."""
+        waiting = [c for c in self.connections.values() if not c.initialized and not c.closed.is_set()]
+        if len(waiting) >= self.connections_limit:
+            oldest = min(waiting, key=lambda c: c.since)
+            log.warning("viewer %s: closed to make room for %s (%d connections in handshake)",
+                        oldest.transport.peer, newcomer.transport.peer, len(waiting))
+            oldest.close("evicted: too many connections in handshake")
+
+    def _handshake_overdue(self, connection: Connection) -> None:
+        if not connection.initialized:
+            log.info("viewer %s: no handshake within %.0f s; closing it", connection.transport.peer,
+                     self.handshake_timeout)
+            connection.close(f"handshake not done within {self.handshake_timeout:.0f} s")
+
+    async def _ready_for(self, connection: Connection) -> bool:
+        """Wait (within the handshake deadline) until there is a display and the core said how viewers
+        authenticate; False if the connection was closed first."""
+        for known, what in ((self._settings_known, "the core's VNC settings"), (self._mode_known, "the display")):
+            if known.is_set():
+                continue
+            log.info("viewer %s: waiting for %s", connection.transport.peer, what)
+            closed = asyncio.ensure_future(connection.closed.wait())
+            ready = asyncio.ensure_future(known.wait())
+            await asyncio.wait((closed, ready), return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            ready.cancel()
+            if connection.closed.is_set():
+                log.warning("viewer %s refused: %s (still waiting for %s)", connection.transport.peer,
+                            connection.reason, what)
+                return False
+        return True
 
 
-def service_from_args(listen: str | None, password_file: Path | None, websocket: str | None) -> VncService | None:
+def service_from_args(listen: str | None, websocket: str | None, *, share: str = "allow-exclusive",
+                      connections: int = DEFAULT_CONNECTIONS, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+                      keymap: str | None = None) -> VncService | None:
     """Build the service from the client's command line (None when neither --vnc nor --websocket is given)."""
     if listen is None and websocket is None:
         return None
-    return VncService(listen or DEFAULT_LISTEN, password=read_password(password_file), websocket=websocket)
-
+    return VncService(listen or DEFAULT_LISTEN, websocket=websocket, share=share, connections=connections,
+                      handshake_timeout=handshake_timeout, keymap=keymap)
