@@ -5,11 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# QEMU and the demo guest's assembler; the rest are the real peers the tests drive (qemu-ga, TigerVNC under
-# Xvfb, noVNC in headless Chromium, socat for the monitor, tmux for interactive sessions; cpio builds the Linux
-# test guest's initramfs).
+# QEMU (its keymaps come with it: qemu-system-data) and the demo guest's assembler; the rest are the real peers the
+# tests drive (qemu-ga, TigerVNC and remote-viewer (virt-viewer, gtk-vnc) under Xvfb, noVNC in headless Chromium,
+# socat for the monitor, tmux for interactive sessions; cpio builds the Linux test guest's initramfs).
 APT_PACKAGES=(qemu-system-x86 qemu-utils nasm socat qemu-guest-agent tigervnc-viewer tigervnc-tools xvfb
-              imagemagick chromium novnc tmux cpio)
+              imagemagick chromium novnc tmux cpio virt-viewer)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
