@@ -23,6 +23,7 @@ from test_monitor import Monitor
 from vnclib import (
     VncClientProcess,
     closed_by_server,
+    end_process,
     free_port,
     screenshot,
     vnc_login,
@@ -217,11 +218,7 @@ def test_qemus_own_vnc_events_never_reach_peers(tmp_path: Path) -> None:
     finally:
         os.close(read_fd)
         early.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        end_process(proc)
         kill_pid(qemu_pid)
 
 
@@ -298,15 +295,6 @@ def test_failed_passwords_back_off_per_address(tmp_path: Path, fleet: Fleet) -> 
 # --- real viewers under Xvfb -------------------------------------------------------------------------------------
 
 
-def _end(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 @pytest.mark.skipif(shutil.which("remote-viewer") is None or shutil.which("Xvfb") is None,
                     reason="needs virt-viewer and xvfb")
 def test_remote_viewer_and_tigervnc_under_xvfb(tmp_path: Path, fleet: Fleet) -> None:
@@ -341,5 +329,5 @@ def test_remote_viewer_and_tigervnc_under_xvfb(tmp_path: Path, fleet: Fleet) -> 
 
         wait_for(shows_the_guest, 20, "remote-viewer's window to show the guest")
         assert remote.poll() is None, (tmp_path / "rv.log").read_text()
-        _end(remote)
-        _end(tiger)
+        end_process(remote)
+        end_process(tiger)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from corelib import Fleet, RawQmpPeer, wait_for
+from guestlib import text_screen
 from test_agent_linux_guest import BOOT_TIMEOUT, LinuxGuestImage, build_image
 from vnclib import VncClientProcess, free_port, vncdo, wait_port
 
@@ -33,18 +34,6 @@ PLAIN = "echo Hello, World. MiXeD cAsE 123 [x] = y/z a-b"
 SHIFTED = "echo 'Say \"Hi\" <x> & $y {z} (w) ~!@#%^*_+?:|'"
 
 
-def screen(peer: RawQmpPeer, scratch: Path) -> list[str]:
-    """The guest's 80x25 text screen, read from guest memory."""
-    path = scratch / f"vram-{time.monotonic_ns()}.bin"
-    reply = peer.execute("pmemsave", arguments={"val": 0xB8000, "size": 80 * 25 * 2, "filename": str(path)})
-    assert "return" in reply, reply
-    try:
-        cells = path.read_bytes()[::2]
-    finally:
-        path.unlink(missing_ok=True)
-    return [cells[r * 80:(r + 1) * 80].decode("cp437").rstrip() for r in range(25)]
-
-
 class Guest:
     def __init__(self, name: str, qmp: Path, vnc_port: int, scratch: Path) -> None:
         self.name, self.vnc_port, self.scratch = name, vnc_port, scratch
@@ -52,7 +41,7 @@ class Guest:
         self.peer = RawQmpPeer(qmp).negotiate()
 
     def rows(self) -> list[str]:
-        return screen(self.peer, self.scratch)
+        return text_screen(self.peer, self.scratch)
 
     def wait_shell(self) -> None:
         wait_for(lambda: any(is_prompt(row) for row in self.rows()), 2 * BOOT_TIMEOUT, f"{self.name}'s shell")

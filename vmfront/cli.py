@@ -319,7 +319,7 @@ def _demo_guest_args() -> list[str]:
 def cmd_core(args: argparse.Namespace) -> int:
     from core_daemon.policy import PolicyError, load_policy
     from core_daemon.supervisor import Core, CoreConfig, CoreError
-    from core_daemon.vnc_state import AUTH_NONE, AUTH_VNC, Credentials, VncStateError, read_password
+    from core_daemon.vnc_state import AUTH_NONE, AUTH_VNC, PASSWORD_ENV, Credentials, VncStateError, read_password
 
     qemu_args = list(args.qemu_args)
     if qemu_args[:1] == ["--"]:
@@ -330,6 +330,7 @@ def cmd_core(args: argparse.Namespace) -> int:
         if not qemu_args and args.attach is None:
             qemu_args = _demo_guest_args()
         password = read_password(args.vnc_password_file)
+        os.environ.pop(PASSWORD_ENV, None)  # QEMU, our child, has no use for it
         if password is not None and args.vnc_auth == AUTH_NONE:
             raise CliError("--vnc-auth none contradicts a VNC password (--vnc-password-file, $VMFRONT_VNC_PASSWORD)")
         credentials = Credentials(auth=args.vnc_auth or (AUTH_VNC if password is not None else AUTH_NONE),
