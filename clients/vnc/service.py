@@ -422,8 +422,9 @@ class Viewer:
             if not input_loop.done():
                 await self._flush_input()
             input_loop.cancel()
-            await self.service.release_input(self.source, self.peer)
+            # Forgotten here as the release is sent: a later viewer's keys queue behind it at the core.
             self.service.keyboard.viewer_gone(self.source)
+            await self.service.release_input(self.source, self.peer)
             log.info("viewer %s gone (%s; %d updates sent, %d scrolls by CopyRect)", self.peer, reason,
                      self.updates_sent, self.copyrects_sent)
 
