@@ -235,7 +235,7 @@ def test_three_hundred_idle_connections_do_not_lock_a_viewer_out(fleet: Fleet) -
         assert (core.run_dir.parent / "seen.png").stat().st_size > 0
         # Evicted or timed out: every idle connection is closed by the server, none lingers.
         started = time.monotonic()
-        still_open = [s for s in idle if not closed_by_server(s, within=max(0.1, 8 - (time.monotonic() - started)))]
+        still_open = [s for s in idle if not closed_by_server(s, within=max(0.1, 30 - (time.monotonic() - started)))]
         assert still_open == [], f"{len(still_open)} idle connections still open"
         text = client.text()
         assert "closed to make room" in text and "no handshake within 4 s" in text

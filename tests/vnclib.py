@@ -52,9 +52,9 @@ class VncClientProcess(LoggedProcess):
             self.proc = subprocess.Popen(
                 client_command(name, run_dir, "--vnc", f"127.0.0.1:{port}", *extra, verbose=verbose),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT, env={**os.environ, **(env or {})})
-        try:
-            wait_port(port)
-            wait_for(lambda: "VNC: display mode" in self.text(), 15, "the client to see the display")
+        try:  # generous: a loaded 2-core machine takes seconds just to start Python with numpy
+            wait_port(port, 60)
+            wait_for(lambda: "VNC: display mode" in self.text(), 60, "the client to see the display")
         except BaseException:
             self.stop()
             raise
