@@ -5,14 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# QEMU and the demo guest's assembler; a C compiler and Python's headers for the one compiled module (the
-# Hextile encoder, rfb/encodings/_hextile.c, built by pip install -e . below); the rest are the real peers the
-# tests drive (qemu-ga, TigerVNC under Xvfb, noVNC in headless Chromium, socat for the monitor, tmux for
-# interactive sessions; cpio builds the Linux test guest's initramfs; openssl makes the VNC TLS tests' CAs,
-# gvncviewer is gtk-vnc's viewer with client certificates; xclip and spice-vdagent go into the test guest's
-# graphical tier, xclip also reads viewers' clipboards).
+# QEMU (its keymaps come with it: qemu-system-data) and the demo guest's assembler; a C compiler and Python's
+# headers for the one compiled module (the Hextile encoder, rfb/encodings/_hextile.c, built by pip install -e .
+# below); the rest are the real peers the tests drive (qemu-ga, TigerVNC and remote-viewer (virt-viewer, gtk-vnc)
+# under Xvfb, noVNC in headless Chromium, socat for the monitor, tmux for interactive sessions; cpio builds the
+# Linux test guest's initramfs; openssl makes the VNC TLS tests' CAs, gvncviewer is gtk-vnc's viewer with client
+# certificates; xclip and spice-vdagent go into the test guest's graphical tier, xclip also reads viewers'
+# clipboards).
 APT_PACKAGES=(qemu-system-x86 qemu-utils nasm gcc libc6-dev python3-dev socat qemu-guest-agent tigervnc-viewer
-              tigervnc-tools xvfb imagemagick chromium novnc tmux cpio openssl gvncviewer xclip spice-vdagent)
+              tigervnc-tools xvfb imagemagick chromium novnc tmux cpio openssl gvncviewer xclip spice-vdagent
+              virt-viewer)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

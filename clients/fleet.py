@@ -91,7 +91,11 @@ class FleetConfig:
     names: list[str] | None = None
     vnc_ports: range | None = None
     vnc_host: str = "127.0.0.1"
-    password: str | None = None
+    #: Each VM's VNC server as ``client --vnc-share/--vnc-connections/--vnc-handshake-timeout/--keymap``.
+    vnc_share: str = "allow-exclusive"
+    vnc_connections: int = 32
+    vnc_handshake_timeout: float = 10.0
+    keymap: str | None = None
     websocket: str | None = None
     #: The web console (overview, screens, noVNC) for every VM, on HOST:PORT.
     web: str | None = None
@@ -376,7 +380,10 @@ class FleetClient:
             else:
                 log.warning("VM %r: every port of %d-%d is taken; no VNC port of its own", name,
                             self.config.vnc_ports.start, self.config.vnc_ports.stop - 1)
-        service = VncService(None, password=self.config.password, pool=self._pool, listen_socket=sock,
+        config = self.config
+        service = VncService(None, pool=self._pool, listen_socket=sock, share=config.vnc_share,
+                             connections=config.vnc_connections, handshake_timeout=config.vnc_handshake_timeout,
+                             keymap=config.keymap,
                              websocket_url=self.router.url(name) if self.router is not None else None)
         return service, port
 

@@ -37,6 +37,10 @@ from ipc.messages import (
     ReleaseInputOp,
     RunStateChanged,
     Shutdown,
+    VncAuthOp,
+    VncSettings,
+    VncStateOp,
+    VncViewerOp,
     WheelEvent,
 )
 
@@ -47,6 +51,7 @@ from .guest_reads import COMMANDS as GUEST_READ_COMMANDS
 from .input import InputError
 from .policy import Policy
 from .qmp_server import Executor
+from .vnc_state import VncState
 
 log = logging.getLogger(__name__)
 #: Heartbeats both ways between the core and its clients. A dead peer is noticed at once anyway (its connection
@@ -68,9 +73,10 @@ class ControlService:
 
     def __init__(self, vm_name: str, path: Path, execute: Executor, policy: Policy, *,
                  display: Callable[[], GuestDisplay | None], run_state: Callable[[], tuple[str, str | None]],
-                 on_clients_changed: Callable[[list[dict[str, Any]]], None], group: int | None = None,
-                 migrated_to: Callable[[], str | None] = lambda: None) -> None:
+                 on_clients_changed: Callable[[list[dict[str, Any]]], None], vnc: VncState,
+                 group: int | None = None, migrated_to: Callable[[], str | None] = lambda: None) -> None:
         self.path = path
+        self._vnc = vnc
         #: Where the guest went, once it left (clients that attach later are sent there at once).
         self._migrated_to = migrated_to
         self._execute = execute
@@ -122,8 +128,17 @@ class ControlService:
         return CoreStatus(run_state=state, shm=display.shm.name, shm_generation=display.shm.mode.generation,
                           display_socket=str(display.display_socket_path), capabilities=frozenset(offered))
 
+    def vnc_settings_changed(self) -> None:
+        """The credentials now ask clients to offer another auth scheme: tell every VNC-serving client."""
+        self.broadcast(self._vnc_settings())
+
+    def _vnc_settings(self) -> VncSettings:
+        return VncSettings(auth=self._vnc.credentials.auth)
+
     def _clients_changed(self, client: ClientInfo) -> None:
         self._on_clients_changed(self.channel.describe_clients())
+        if Capability.VNC in client.capabilities:  # before any viewer may be served: how they authenticate
+            self.channel.send_event(client, self._vnc_settings())
         target = self._migrated_to()
         if target is not None:  # a client (re)attaching to a source whose guest left: send it after the guest
             self.channel.send_event(client, Migrated(target))
@@ -139,6 +154,7 @@ class ControlService:
     async def _client_gone(self, client: ClientInfo) -> None:
         if self._agent_owner is client:
             self._set_agent_owner(None)
+        self._vnc.client_gone(client)
         display = self._display()
         if display is not None and display.input is not None:
             try:
@@ -192,6 +208,17 @@ class ControlService:
         if isinstance(op, ClipboardSetOp):
             self._set_clipboard(client, op)
             return None
+        if isinstance(op, VncStateOp):
+            self._vnc.report_state(client, client.name, op.servers, op.viewers)
+            return None
+        if isinstance(op, VncViewerOp):
+            refused = self._vnc.report_viewer(client, client.name, op.event, op.viewer)
+            if refused is not None:
+                raise RequestError("GenericError", refused)
+            return None
+        if isinstance(op, VncAuthOp):
+            ok, reason = self._vnc.authenticate(op.host, op.challenge, op.response)
+            return {"ok": ok, "reason": reason}
         raise RequestError("CommandNotFound", f"unknown request {op_name!r}")
 
     def guest_clipboard(self, text: str) -> None:

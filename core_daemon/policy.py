@@ -111,6 +111,9 @@ CLIENT_ALLOWED = (
     "query-dump", "query-display-options", "query-migrate", "query-migrate-capabilities",
     "query-migrate-parameters", "query-vnc", "query-vnc-servers", "query-commands", "query-command-line-options",
     "query-qmp-schema",
+    # The monitor's `change vnc password`, `set_password vnc`, `expire_password vnc`: the core answers them for the
+    # clients' own VNC server (never QEMU's), which a client serves anyway (see the argument rules).
+    "change-vnc-password", "set_password", "expire_password",
     # The text of QEMU's own `info usb`, `info irq`, `info numa`: read-only, guest devices only.
     "x-query-usb", "x-query-irq", "x-query-numa",
     # vmfront's reads of the guest where QMP has none (core_daemon/guest_reads.py): memory (x, xp), registers
@@ -148,6 +151,10 @@ CLIENT_ARGUMENTS: dict[str, dict[str, tuple[str, ...]]] = {
     "device_add": {"driver": CLIENT_DEVICES, "@only": CLIENT_DEVICE_ARGUMENTS},
     # The walk follows child<> properties only, so it stays under the path it starts from.
     "__org.vmfront_qom-tree": {"path": ("/machine", "/machine/*")},
+    # VNC only: the core answers these for the clients' VNC; SPICE's password would go to QEMU.
+    "set_password": {"protocol": ("vnc",), "@only": ("protocol", "password", "connected", "display")},
+    "expire_password": {"protocol": ("vnc",), "@only": ("protocol", "time", "display")},
+    "change-vnc-password": {"@only": ("password",)},
 }
 
 #: Write this in a policy list to mean every command of HOST_ACCESS_COMMANDS (or of CLIENT_ALLOWED).

@@ -201,7 +201,7 @@ def reserved_problem(name: str, arguments: dict[str, Any] | None) -> str | None:
     """Why a command would cut one of the core's own links to QEMU, or None.
 
     The core's QMP connection, its display capture (QEMU's VNC server on a private socket) and the agent's
-    channel are the core's, not the VM's: removing, yanking or re-passwording them would end supervision or lock
+    channel are the core's, not the VM's: removing, yanking or re-addressing them would end supervision or lock
     the core out of the display. (A peer with ``human-monitor-command`` can still do so through HMP; the core then
     reconnects to QEMU's monitor.)"""
     args = arguments or {}
@@ -211,9 +211,7 @@ def reserved_problem(name: str, arguments: dict[str, Any] | None) -> str | None:
         for instance in args.get("instances") or ():
             if isinstance(instance, dict) and str(instance.get("id", "")).startswith(RESERVED_ID_PREFIX):
                 return f"'{instance['id']}' is the core's own link to QEMU"
-    display = (name in ("change-vnc-password", "display-update")
-               or (name in ("set_password", "expire_password") and args.get("protocol") == "vnc")
-               or (name == "display-reload" and args.get("type") == "vnc"))
-    if display:
+    # (The VNC password commands never get here: the core answers them, core_daemon/vnc_state.py.)
+    if name == "display-update" or (name == "display-reload" and args.get("type") == "vnc"):
         return "QEMU's VNC server is the core's private display capture (the VNC viewers use is the client's)"
     return None

@@ -64,6 +64,7 @@ from .qmp_values import COMMAND_NAME, arguments_problem, reserved_problem
 from .readiness import sd_notify, write_ready_fd
 from .state import RunState, StateFile, read_state, run_state_from_qemu_status
 from .vnc_reload import display_reload
+from .vnc_state import Credentials, VncState
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,8 @@ class CoreConfig:
     serial: bool = False
     #: Give the guest QEMU's spice-vdagent peer (qemu-vdagent chardev): clipboard sharing with its spice-vdagent.
     clipboard: bool = False
+    #: How viewers of the clients' VNC authenticate (the core holds the credentials, see vnc_state.py).
+    vnc_credentials: Credentials = field(default_factory=Credentials)
 
     @property
     def qmp_socket_path(self) -> Path:
@@ -218,6 +221,8 @@ class Core:
         self._refreshes: set[asyncio.Task[None]] = set()
         #: vmfront's own QMP commands that read the guest through files only the core sees (core_daemon/guest_reads.py).
         self._guest_reads = GuestReads(self._execute, self.run_dir.private)
+        #: The VNC viewers use is the clients'; its QMP commands, credentials and events are kept here.
+        self.vnc = VncState(config.vnc_credentials, emit=self._emit_event, settings_changed=self._vnc_settings_changed)
 
     # -- start-up -------------------------------------------------------------------------------------------
 
@@ -363,7 +368,8 @@ class Core:
             cfg.name, self.run_dir.control_socket, self._execute, cfg.policy, display=lambda: self.display,
             run_state=lambda: (str(self.state.data.get("state")), self.state.data.get("qemu_status")),
             migrated_to=lambda: self.migration.announced if self.migration.left else None,
-            on_clients_changed=lambda clients: self.state.update(clients=clients), group=cfg.client_group)
+            on_clients_changed=lambda clients: self.state.update(clients=clients), vnc=self.vnc,
+            group=cfg.client_group)
         await self.control.start()
         endpoints["control"] = str(self.run_dir.control_socket)
         agent_path = cfg.agent_socket or (self.run_dir.agent_socket if cfg.agent and cfg.attach is None else None)
@@ -545,7 +551,10 @@ class Core:
         reload = display_reload(name, arguments, self.control)
         if reload is not None:
             return reload
-        problem = arguments_problem(arguments) or reserved_problem(name, arguments)
+        problem = arguments_problem(arguments)
+        if problem is None and self.vnc.answers(name, arguments):
+            return self.vnc.execute(name, arguments)
+        problem = problem or reserved_problem(name, arguments)
         if problem:
             log.info("refused %r before QEMU: %s", name, problem)
             return _error("GenericError", f"'{name}' not sent to QEMU: {problem}")
@@ -678,15 +687,27 @@ class Core:
             self._linger.cancel()
             self._linger = None
 
+    def _emit_event(self, event: dict[str, Any]) -> None:
+        """An event to every QMP peer and every client, as QEMU's own are."""
+        if self.server is not None:
+            self.server.broadcast_event(event)
+        if self.control is not None:
+            self.control.qmp_event(event)
+
+    def _vnc_settings_changed(self) -> None:
+        if self.control is not None:
+            self.control.vnc_settings_changed()
+
     async def _pump_events(self) -> None:
-        """Forward every QEMU event to the peers, and follow the ones that change the run state."""
+        """Forward every QEMU event to the peers, and follow the ones that change the run state. QEMU's VNC_*
+        events are about the core's private capture connection, never a viewer: they stay here."""
         assert self.server is not None
         async for event in self.qmp.events:
             payload = dict(event)
-            self.server.broadcast_event(payload)
-            if self.control is not None:
-                self.control.qmp_event(payload)
             name = payload.get("event")
+            if isinstance(name, str) and name.startswith("VNC_"):
+                continue
+            self._emit_event(payload)
             if name == "SHUTDOWN":
                 data = payload.get("data")
                 self._shutdown_reason = str(data.get("reason", "shutdown") if isinstance(data, dict) else "shutdown")

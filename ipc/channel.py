@@ -64,6 +64,9 @@ from .messages import (
     ReleaseInputOp,
     Reply,
     Request,
+    VncAuthOp,
+    VncStateOp,
+    VncViewerOp,
     Welcome,
     choose_version,
     decode,
@@ -81,9 +84,10 @@ SEND_HWM = 1000
 #: Requests of one client waiting in the core; more are answered with a ``busy`` error at once.
 MAX_QUEUED_REQUESTS = 256
 #: A client's requests run in lanes: in order within a lane, lanes side by side. Input is paced (keys 10 ms
-#: apart), so a viewer typing a long text must not hold up the monitor's QMP or a guest-agent call.
+#: apart), so a viewer typing a long text must not hold up the monitor's QMP or a guest-agent call. VNC reports
+#: and authentication checks keep their order (a viewer's connect before its disconnect) in a lane of their own.
 LANES = {InputOp.OP: "input", ReleaseInputOp.OP: "input", AgentWriteOp.OP: "agent", AgentAckOp.OP: "agent-ack",
-         ClipboardSetOp.OP: "clipboard"}
+         ClipboardSetOp.OP: "clipboard", VncStateOp.OP: "vnc", VncViewerOp.OP: "vnc", VncAuthOp.OP: "vnc"}
 DEFAULT_LANE = "control"
 #: Attached clients per core; a hello beyond is answered ``busy`` (those attached stay).
 MAX_CLIENTS = 64

@@ -54,6 +54,11 @@ MAX_CLIPBOARD = 1 << 20
 MAX_ENDPOINTS = 16
 #: Warnings a client gives about how it is exposed (e.g. VNC on a public address without TLS or a password).
 MAX_WARNINGS = 16
+#: VNC listeners one client reports, and viewers (a client closes its VNC connections beyond its own limit).
+MAX_VNC_SERVERS = 16
+MAX_VNC_VIEWERS = 4096
+#: The VNC authentication challenge and response (RFC 6143 7.2.2).
+VNC_CHALLENGE_SIZE = 16
 MAX_ID = (1 << 63) - 1
 #: Pointer coordinates are framebuffer pixels (shm allows up to 16384) and wheel steps clicks.
 MAX_COORDINATE = 0xFFFF
@@ -75,7 +80,7 @@ class Capability(StrEnum):
     DISPLAY = "display"  # the ``refresh`` op and ``display`` broadcasts
     AGENT = "agent"  # the ``agent_write`` op and ``agent_data`` broadcasts
     CONSOLE = "console"  # the ``console_write`` op and ``console_data`` broadcasts
-    VNC = "vnc"  # ``vnc_reload`` broadcasts (a client serving VNC asks for it)
+    VNC = "vnc"  # the ``vnc_*`` ops, ``vnc_settings`` and ``vnc_reload`` broadcasts: the client serves VNC
     CLIPBOARD = "clipboard"  # the ``clipboard_set`` op and ``clipboard`` broadcasts
 
 
@@ -215,7 +220,70 @@ class ClipboardSetOp:
     source: str = ""
 
 
-Op = QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp | AgentAckOp | ConsoleWriteOp | ClipboardSetOp
+@dataclass(frozen=True)
+class VncAddress:
+    """A VNC listener or a viewer's address, as QAPI's ``VncBasicInfo`` has it: ``host`` and ``service`` as
+    numbers (a unix socket: empty host, the path as service), ``family`` one of ``ipv4 ipv6 unix unknown``."""
+
+    host: str
+    service: str
+    family: str
+    websocket: bool = False
+    #: A listener that requires VeNCrypt: its sub-auth as QAPI names it (``x509-vnc``...); "" in the clear.
+    vencrypt: str = ""
+
+
+@dataclass(frozen=True)
+class VncViewer:
+    """One connection to the client's VNC server: ``id`` is the client's own number for it, ``server`` the index
+    of the listener it came in on (in the client's ``vnc_state``), ``initialized`` whether it passed the
+    handshake and authentication (QEMU's VNC_INITIALIZED)."""
+
+    id: int
+    address: VncAddress
+    server: int = 0
+    initialized: bool = False
+    #: The subject of its verified client certificate (QAPI's ``x509_dname``), "" without one.
+    x509_dname: str = ""
+
+
+#: What a ``vnc_viewer`` request reports, as QEMU's events: VNC_CONNECTED, VNC_INITIALIZED, VNC_DISCONNECTED.
+VNC_VIEWER_EVENTS = ("connected", "initialized", "disconnected")
+
+
+@dataclass(frozen=True)
+class VncStateOp:
+    """The client's VNC server as it is now: its listeners and every viewer. Replaces what the core knew of this
+    client (sent after each attach and whenever a listener changes); raises no events."""
+
+    OP: ClassVar[str] = "vnc_state"
+    servers: tuple[VncAddress, ...]
+    viewers: tuple[VncViewer, ...] = ()
+
+
+@dataclass(frozen=True)
+class VncViewerOp:
+    """A viewer connected, passed authentication, or left: the core tells QMP peers (VNC_* events)."""
+
+    OP: ClassVar[str] = "vnc_viewer"
+    event: str
+    viewer: VncViewer
+
+
+@dataclass(frozen=True)
+class VncAuthOp:
+    """Check a viewer's VNC authentication response against the credentials the core holds (the password never
+    leaves the core). The result is a map: ``ok`` (bool) and ``reason`` (str, for the viewer when not ok)."""
+
+    OP: ClassVar[str] = "vnc_auth"
+    viewer: int
+    host: str
+    challenge: bytes
+    response: bytes
+
+
+Op = (QmpOp | InputOp | ReleaseInputOp | RefreshOp | AgentWriteOp | AgentAckOp | ConsoleWriteOp | ClipboardSetOp
+      | VncStateOp | VncViewerOp | VncAuthOp)
 
 #: The capability a client must have been granted to use an op.
 OP_CAPABILITY: dict[str, Capability] = {
@@ -227,6 +295,9 @@ OP_CAPABILITY: dict[str, Capability] = {
     AgentAckOp.OP: Capability.AGENT,
     ConsoleWriteOp.OP: Capability.CONSOLE,
     ClipboardSetOp.OP: Capability.CLIPBOARD,
+    VncStateOp.OP: Capability.VNC,
+    VncViewerOp.OP: Capability.VNC,
+    VncAuthOp.OP: Capability.VNC,
 }
 
 
@@ -318,8 +389,18 @@ class ClipboardChanged:
     origin: str = ""
 
 
+@dataclass(frozen=True)
+class VncSettings:
+    """How the client's VNC server is to authenticate viewers, decided by the core (which holds the credentials):
+    ``auth`` is ``none`` or ``vnc`` (QEMU's VncPrimaryAuth names). Sent to a client when it attaches and to every
+    client when it changes; a client serves no viewer before it has heard it."""
+
+    KIND: ClassVar[str] = "vnc_settings"
+    auth: str
+
+
 EventBody = (QmpEvent | RunStateChanged | Migrating | Migrated | AgentData | DisplayChanged | Shutdown | ConsoleData
-             | VncReload | ClipboardChanged)
+             | VncReload | ClipboardChanged | VncSettings)
 
 #: Broadcasts of these kinds go only to clients granted the capability; the others go to every client.
 KIND_CAPABILITY: dict[str, Capability] = {
@@ -329,6 +410,7 @@ KIND_CAPABILITY: dict[str, Capability] = {
     ConsoleData.KIND: Capability.CONSOLE,
     VncReload.KIND: Capability.VNC,
     ClipboardChanged.KIND: Capability.CLIPBOARD,
+    VncSettings.KIND: Capability.VNC,
 }
 
 
@@ -547,7 +629,25 @@ def _op_args(body: Op) -> dict[str, Any]:
         return {"text": body.text, "source": body.source}
     if isinstance(body, AgentAckOp):
         return {"frames": body.frames}
+    if isinstance(body, VncStateOp):
+        return {"servers": [_vnc_address_map(a) for a in body.servers],
+                "viewers": [_vnc_viewer_map(v) for v in body.viewers]}
+    if isinstance(body, VncViewerOp):
+        return {"event": body.event, "viewer": _vnc_viewer_map(body.viewer)}
+    if isinstance(body, VncAuthOp):
+        return {"viewer": body.viewer, "host": body.host, "challenge": bytes(body.challenge),
+                "response": bytes(body.response)}
     return {}
+
+
+def _vnc_address_map(address: VncAddress) -> dict[str, Any]:
+    return {"host": address.host, "service": address.service, "family": address.family,
+            "websocket": address.websocket, "vencrypt": address.vencrypt}
+
+
+def _vnc_viewer_map(viewer: VncViewer) -> dict[str, Any]:
+    return {"id": viewer.id, **_vnc_address_map(viewer.address), "server": viewer.server,
+            "initialized": viewer.initialized, "x509_dname": viewer.x509_dname}
 
 
 def _event_data(body: EventBody) -> dict[str, Any]:
@@ -567,6 +667,8 @@ def _event_data(body: EventBody) -> dict[str, Any]:
         return {"tls_certs": body.tls_certs}
     if isinstance(body, ClipboardChanged):
         return {"text": body.text, "origin": body.origin}
+    if isinstance(body, VncSettings):
+        return {"auth": body.auth}
     return {}
 
 
@@ -894,6 +996,48 @@ def _parse_input_op(a: _Fields) -> Op:
         source=a.string("source", MAX_SOURCE, optional=True) or "")
 
 
+#: Families a VNC address may name (QAPI's NetworkAddressFamily, less vsock, which VNC never listens on).
+VNC_FAMILIES = ("ipv4", "ipv6", "unix", "unknown")
+
+
+def _parse_vnc_address(f: _Fields) -> VncAddress:
+    family = f.string("family", 16)
+    if family not in VNC_FAMILIES:
+        f.fail(ErrorCode.INVALID, f"field 'family' must be one of {', '.join(VNC_FAMILIES)}")
+    return VncAddress(host=f.string("host", MAX_TEXT), service=f.string("service", MAX_TEXT), family=family,
+                      websocket=f.boolean("websocket"), vencrypt=f.string("vencrypt", 32, optional=True) or "")
+
+
+def _parse_vnc_viewer(f: _Fields, item: Any, where: str) -> VncViewer:
+    v = f.sub(item, where)
+    return VncViewer(id=v.integer("id", 0, MAX_ID), address=_parse_vnc_address(v),
+                     server=v.integer("server", 0, MAX_VNC_SERVERS - 1), initialized=v.boolean("initialized"),
+                     x509_dname=v.string("x509_dname", MAX_TEXT, optional=True) or "")
+
+
+def _parse_vnc_state_op(a: _Fields) -> Op:
+    servers = a.array("servers", MAX_VNC_SERVERS)
+    viewers = a.array("viewers", MAX_VNC_VIEWERS, optional=True)
+    return VncStateOp(servers=tuple(_parse_vnc_address(a.sub(item, f"servers[{i}]"))
+                                    for i, item in enumerate(servers)),
+                      viewers=tuple(_parse_vnc_viewer(a, item, f"viewers[{i}]") for i, item in enumerate(viewers)))
+
+
+def _parse_vnc_viewer_op(a: _Fields) -> Op:
+    event = a.string("event", 32)
+    if event not in VNC_VIEWER_EVENTS:
+        a.fail(ErrorCode.INVALID, f"field 'event' must be one of {', '.join(VNC_VIEWER_EVENTS)}")
+    return VncViewerOp(event=event, viewer=_parse_vnc_viewer(a, a.get("viewer", optional=False), "viewer"))
+
+
+def _parse_vnc_auth_op(a: _Fields) -> Op:
+    challenge, response = a.binary("challenge", VNC_CHALLENGE_SIZE), a.binary("response", VNC_CHALLENGE_SIZE)
+    if len(challenge) != VNC_CHALLENGE_SIZE or len(response) != VNC_CHALLENGE_SIZE:
+        a.fail(ErrorCode.INVALID, f"fields 'challenge' and 'response' must be {VNC_CHALLENGE_SIZE} bytes each")
+    return VncAuthOp(viewer=a.integer("viewer", 0, MAX_ID), host=a.string("host", MAX_TEXT), challenge=challenge,
+                     response=response)
+
+
 _OP_PARSERS: dict[str, Callable[[_Fields], Op]] = {
     QmpOp.OP: _parse_qmp_op,
     InputOp.OP: _parse_input_op,
@@ -904,6 +1048,9 @@ _OP_PARSERS: dict[str, Callable[[_Fields], Op]] = {
     ConsoleWriteOp.OP: lambda a: ConsoleWriteOp(data=a.binary("data", MAX_CONSOLE_CHUNK)),
     ClipboardSetOp.OP: lambda a: ClipboardSetOp(text=a.clipboard_text("text"),
                                                 source=a.string("source", MAX_SOURCE, optional=True) or ""),
+    VncStateOp.OP: _parse_vnc_state_op,
+    VncViewerOp.OP: _parse_vnc_viewer_op,
+    VncAuthOp.OP: _parse_vnc_auth_op,
 }
 
 
@@ -947,6 +1094,7 @@ _KIND_PARSERS: dict[str, Callable[[_Fields], EventBody]] = {
     VncReload.KIND: lambda d: VncReload(tls_certs=d.boolean("tls_certs")),
     ClipboardChanged.KIND: lambda d: ClipboardChanged(
         text=d.clipboard_text("text"), origin=d.string("origin", MAX_TEXT, optional=True) or ""),
+    VncSettings.KIND: lambda d: VncSettings(auth=d.string("auth", 32, nonempty=True)),
 }
 
 
@@ -977,10 +1125,10 @@ _PARSERS: dict[str, Callable[[_Fields], Message]] = {
 #: Wire names, for docs and tests.
 MESSAGE_TYPES: tuple[type[Message], ...] = (Hello, Welcome, Heartbeat, Request, Reply, Broadcast, ErrorFrame, Bye)
 OPS: tuple[type[Op], ...] = (QmpOp, InputOp, ReleaseInputOp, RefreshOp, AgentWriteOp, AgentAckOp, ConsoleWriteOp,
-                             ClipboardSetOp)
+                             ClipboardSetOp, VncStateOp, VncViewerOp, VncAuthOp)
 EVENT_KINDS: tuple[type[EventBody], ...] = (
     QmpEvent, RunStateChanged, Migrating, Migrated, AgentData, DisplayChanged, Shutdown, ConsoleData, VncReload,
-    ClipboardChanged)
+    ClipboardChanged, VncSettings)
 
 __all__ = [
     "AGENT_WINDOW", "ALL_CAPABILITIES", "EVENT_KINDS", "KIND_CAPABILITY", "MAX_FRAME", "MESSAGE_TYPES", "OPS",
@@ -989,5 +1137,6 @@ __all__ = [
     "DisplayChanged", "EncodeError", "ErrorCode", "ErrorFrame", "ErrorInfo", "EventBody", "Heartbeat", "Hello",
     "InputEvent", "InputOp", "KeyEvent", "Message", "Migrated", "Migrating", "Op", "PointerEvent", "ProtocolError",
     "QmpEvent", "QmpOp", "RefreshOp", "ReleaseInputOp", "Reply", "Request", "RunStateChanged", "Shutdown",
-    "VncReload", "Welcome", "WheelEvent", "choose_version", "decode",
+    "VncAddress", "VncAuthOp", "VncReload", "VncSettings", "VncStateOp", "VncViewer", "VncViewerOp", "Welcome",
+    "WheelEvent", "choose_version", "decode",
 ]

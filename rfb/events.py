@@ -34,6 +34,15 @@ class TlsRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthResponse:
+    """A viewer's VNC authentication response, for the owner to check (``external_auth``): answer with
+    ``auth_result``. ``challenge`` is what the viewer was sent."""
+
+    challenge: bytes
+    response: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class AuthFailed:
     """VNC authentication failed; the failure result is in ``data_to_send()`` and the connection is closed."""
 
@@ -202,7 +211,8 @@ class Fence:
 
 
 Event = (
-    SecurityNegotiated | TlsRequested | AuthFailed | ClientInitReceived | PixelFormatChanged | EncodingsSet
-    | UpdateRequested | Key | ExtendedKey | Pointer | CutText | ContinuousUpdates | DesktopSizeRequested | Fence
-    | CutTextTooLarge | ClipboardCaps | ClipboardRequest | ClipboardPeek | ClipboardNotify | ClipboardProvide
+    SecurityNegotiated | TlsRequested | AuthResponse | AuthFailed | ClientInitReceived | PixelFormatChanged
+    | EncodingsSet | UpdateRequested | Key | ExtendedKey | Pointer | CutText | ContinuousUpdates
+    | DesktopSizeRequested | Fence | CutTextTooLarge | ClipboardCaps | ClipboardRequest | ClipboardPeek
+    | ClipboardNotify | ClipboardProvide
 )

@@ -4,12 +4,14 @@ messages, get bytes.
 Handshake (RFC 6143 section 7.1-7.3): the server offers 3.8 and speaks 3.3, 3.7 or 3.8, mapping other versions
 to the nearest one the way the community spec asks (3.4-3.6, e.g. the 3.5 some old viewers send, speak 3.3;
 3.9 and up, e.g. Apple's 3.889, speak 3.8; below 3.3 or a major version under 3 is refused with a reason).
-Security is None, or VNC Authentication when the owner gives a password, or VeNCrypt (rfb.vencrypt) when the
-owner offers its subtypes: then the connection stops at ``TlsRequested`` while the owner runs the TLS handshake
-on its transport, and goes on (in the clear no more) once it calls :meth:`tls_established`. Then ClientInit /
-ServerInit and
-the client messages: SetPixelFormat, SetEncodings, FramebufferUpdateRequest, KeyEvent, PointerEvent,
-ClientCutText, EnableContinuousUpdates, ClientFence, SetDesktopSize and QEMU's Extended Key Event.
+Security is None, or VNC Authentication (checked here against a password the owner gives, or by the owner:
+``external_auth``, the response comes out as an :class:`AuthResponse` event and the owner answers with
+:meth:`RfbServerConnection.auth_result`, e.g. after asking whoever holds the password), or VeNCrypt
+(rfb.vencrypt) when the owner offers its subtypes: then the connection stops at ``TlsRequested`` while the owner
+runs the TLS handshake on its transport, and goes on (in the clear no more) once it calls
+:meth:`tls_established`. Then ClientInit / ServerInit and the client messages: SetPixelFormat, SetEncodings,
+FramebufferUpdateRequest, KeyEvent, PointerEvent, ClientCutText, EnableContinuousUpdates, ClientFence,
+SetDesktopSize and QEMU's Extended Key Event.
 
 The viewer is not trusted: every message is checked and bounded before anything is buffered, and anything
 RFB does not allow raises :class:`ProtocolError` (never another exception type), after which the connection
@@ -42,6 +44,7 @@ from rfb.encodings.update import framebuffer_update_message, update_header
 from rfb.errors import LocalProtocolError, ProtocolError
 from rfb.events import (
     AuthFailed,
+    AuthResponse,
     ClientInitReceived,
     ContinuousUpdates,
     CutText,
@@ -137,6 +140,7 @@ class State(Enum):
     VENCRYPT_SUBTYPE = "vencrypt-subtype"  # the viewer's choice from our VeNCrypt subtypes
     TLS_HANDSHAKE = "tls-handshake"  # the owner runs the TLS handshake: no RFB bytes until tls_established()
     VNC_AUTH = "vnc-auth"  # the 16-byte challenge response
+    AUTH_PENDING = "auth-pending"  # the owner's verdict on the response (external_auth)
     CLIENT_INIT = "client-init"  # the shared flag
     NORMAL = "normal"  # client messages; the owner may send updates
     CLOSED = "closed"  # failed or closed: nothing more is read or sent
@@ -179,10 +183,12 @@ class RfbServerConnection:
         challenge: bytes | None = None,
         vencrypt_subtypes: tuple[int, ...] = (),
         plain_too: bool = False,
+        external_auth: bool = False,
     ) -> None:
         """``width``/``height``/``name`` go into ServerInit (update them if the mode changes before ClientInit).
 
-        A ``password`` turns on VNC Authentication (and is then the only type offered). ``continuous_updates``
+        A ``password`` turns on VNC Authentication (and is then the only type offered); so does ``external_auth``,
+        with the owner checking the response (no password here). ``continuous_updates``
         and ``fences`` announce those extensions to a viewer that asks for them (EndOfContinuousUpdates /
         a ServerFence queued after its SetEncodings); the owner must then honour them. ``clipboard`` announces
         the Extended Clipboard (our caps, queued after a SetEncodings that lists it): from then on the viewer's
@@ -198,20 +204,25 @@ class RfbServerConnection:
             raise ValueError("an empty VNC password would let anyone in; use password=None for no authentication")
         if not 0 <= max_cut_text <= 0xFFFF_FFFF or not 0 <= max_encodings <= 0xFFFF:
             raise ValueError("limits out of range")
+        if external_auth and password is not None:
+            raise ValueError("external_auth checks responses outside: give no password")
         if challenge is not None and len(challenge) != VNC_AUTH_CHALLENGE_SIZE:
             raise ValueError(f"challenge must be {VNC_AUTH_CHALLENGE_SIZE} bytes")
         for subtype in vencrypt_subtypes:
             if subtype not in vencrypt.SUBTYPES:
                 raise ValueError(f"VeNCrypt subtype {subtype} is not supported")
-            if (subtype in vencrypt.WITH_VNC_AUTH) != (password is not None):
+            if (subtype in vencrypt.WITH_VNC_AUTH) != (password is not None or external_auth):
                 raise ValueError(f"VeNCrypt {vencrypt.describe(subtype)} " +
-                                 ("needs a password" if password is None else "would skip the password"))
+                                 ("would skip the password" if subtype not in vencrypt.WITH_VNC_AUTH
+                                  else "needs a password or external_auth"))
         self.width = width
         self.height = height
         self.name = name
         self.max_cut_text = max_cut_text
         self.max_encodings = max_encodings
         self._password = password
+        self._external_auth = external_auth
+        self._vnc_auth = password is not None or external_auth
         self._announce_continuous_updates = continuous_updates
         self._announce_fences = fences
         self._announce_clipboard = clipboard
@@ -242,7 +253,7 @@ class RfbServerConnection:
     @property
     def security_types(self) -> tuple[int, ...]:
         """What the server offers, in preference order."""
-        plain = (SECURITY_VNC_AUTH,) if self._password is not None else (SECURITY_NONE,)
+        plain = (SECURITY_VNC_AUTH,) if self._vnc_auth else (SECURITY_NONE,)
         secure = (SECURITY_VENCRYPT,) if self._vencrypt_subtypes else ()
         return secure + plain if self._plain else secure
 
@@ -262,6 +273,9 @@ class RfbServerConnection:
         if self.state is State.CLOSED:
             return []
         self._buffer += data
+        return self._process()
+
+    def _process(self) -> list[Event]:
         events: list[Event] = []
         pos = 0
         try:
@@ -300,6 +314,8 @@ class RfbServerConnection:
             if self._need(pos, 1):  # a viewer waits for our accept byte: these would be plaintext spliced into TLS
                 raise ProtocolError("bytes in the clear after the VeNCrypt subtype, before the TLS handshake")
             return 0
+        if self.state is State.AUTH_PENDING:
+            return 0  # what the viewer sends meanwhile waits for the verdict
         if self.state is State.CLIENT_INIT:
             return self._read_client_init(pos, events)
         return self._read_message(pos, events)
@@ -414,15 +430,36 @@ class RfbServerConnection:
         if not self._need(pos, VNC_AUTH_CHALLENGE_SIZE):
             return 0
         response = bytes(self._buffer[pos : pos + VNC_AUTH_CHALLENGE_SIZE])
+        if self._external_auth:
+            self.state = State.AUTH_PENDING
+            events.append(AuthResponse(self._challenge, response))
+            return VNC_AUTH_CHALLENGE_SIZE
         assert self._password is not None
-        if auth.check_response(self._password, self._challenge, response):
+        self._auth_verdict(auth.check_response(self._password, self._challenge, response), _AUTH_FAILED_REASON,
+                           events)
+        return VNC_AUTH_CHALLENGE_SIZE
+
+    def _auth_verdict(self, ok: bool, reason: str, events: list[Event]) -> None:
+        if ok:
             self._outbox += U32.pack(SECURITY_RESULT_OK)
             self._security_done(events)
         else:
-            self._queue_security_failure(_AUTH_FAILED_REASON)
+            self._queue_security_failure(reason)
             self.state = State.CLOSED
-            events.append(AuthFailed(_AUTH_FAILED_REASON))
-        return VNC_AUTH_CHALLENGE_SIZE
+            events.append(AuthFailed(reason))
+
+    def auth_result(self, ok: bool, reason: str = _AUTH_FAILED_REASON) -> list[Event]:
+        """The owner's verdict on an :class:`AuthResponse` (``external_auth``); returns the events it completes:
+        SecurityNegotiated and what the viewer sent meanwhile, or AuthFailed (the failure is then queued in
+        ``data_to_send()`` and the connection closed)."""
+        if self.state is not State.AUTH_PENDING:
+            raise LocalProtocolError(f"no authentication response is waiting (state {self.state.value})")
+        events: list[Event] = []
+        self._auth_verdict(ok, reason or _AUTH_FAILED_REASON, events)
+        if self.closed:
+            self._buffer.clear()
+            return events
+        return events + self._process()
 
     def _read_client_init(self, pos: int, events: list[Event]) -> int:
         if not self._need(pos, 1):

@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 QEMU_BINARY = "qemu-system-x86_64"
 
 
-def text_row(peer: RawQmpPeer, row: int, scratch: Path) -> str:
-    """One row of the guest's text screen, read from guest memory (what the guest wrote, not how it renders)."""
+def text_screen(peer: RawQmpPeer, scratch: Path) -> list[str]:
+    """The guest's 80x25 text screen, read from guest memory (what the guest wrote, not how it renders), row by
+    row without trailing blanks."""
     path = scratch / f"vram-{time.monotonic_ns()}.bin"
     reply = peer.execute("pmemsave", arguments={"val": 0xB8000, "size": 80 * 25 * 2, "filename": str(path)})
     assert "return" in reply, reply
@@ -57,7 +58,12 @@ def text_row(peer: RawQmpPeer, row: int, scratch: Path) -> str:
         cells = path.read_bytes()[::2]
     finally:
         path.unlink(missing_ok=True)
-    return cells[row * 80:(row + 1) * 80].decode("cp437").rstrip()
+    return [cells[row * 80:(row + 1) * 80].decode("cp437").rstrip() for row in range(25)]
+
+
+def text_row(peer: RawQmpPeer, row: int, scratch: Path) -> str:
+    """One row of the guest's text screen (see text_screen)."""
+    return text_screen(peer, scratch)[row]
 
 
 Box = tuple[int, int, int, int]

@@ -52,7 +52,13 @@ from ipc.messages import (
     Request,
     RunStateChanged,
     Shutdown,
+    VncAddress,
+    VncAuthOp,
     VncReload,
+    VncSettings,
+    VncStateOp,
+    VncViewer,
+    VncViewerOp,
     Welcome,
     WheelEvent,
     choose_version,
@@ -91,6 +97,15 @@ ops = st.one_of(
     st.builds(AgentAckOp, frames=st.integers(1, (1 << 63) - 1)),
     st.builds(ConsoleWriteOp, data=st.binary(max_size=64)),
     st.builds(ClipboardSetOp, text=st.text(max_size=64), source=st.text(max_size=8)),
+    st.builds(VncStateOp, servers=st.lists(st.builds(
+        VncAddress, host=names, service=names, family=st.sampled_from(messages.VNC_FAMILIES),
+        websocket=st.booleans()), max_size=3).map(tuple)),
+    st.builds(VncViewerOp, event=st.sampled_from(messages.VNC_VIEWER_EVENTS), viewer=st.builds(
+        VncViewer, id=st.integers(0, 2**63 - 1), address=st.builds(
+            VncAddress, host=names, service=names, family=st.sampled_from(messages.VNC_FAMILIES)),
+        server=st.integers(0, 15), initialized=st.booleans())),
+    st.builds(VncAuthOp, viewer=st.integers(0, 2**63 - 1), host=names, challenge=st.binary(min_size=16, max_size=16),
+              response=st.binary(min_size=16, max_size=16)),
 )
 qmp_events = st.builds(
     lambda name, data: {"event": name, "data": data, "timestamp": {"seconds": 1, "microseconds": 2}},
@@ -107,6 +122,7 @@ event_bodies = st.one_of(
     st.builds(Shutdown, reason=names),
     st.builds(ConsoleData, data=st.binary(max_size=64)),
     st.builds(ClipboardChanged, text=st.text(max_size=64), origin=st.text(max_size=8)),
+    st.builds(VncSettings, auth=nonempty),
 )
 all_messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, id=ids, versions=st.lists(st.integers(1, 0xFFFF), min_size=1, max_size=16).map(tuple),
@@ -362,13 +378,16 @@ SAMPLES: list[Message] = [
     ErrorFrame("malformed", "x", 1),
     Bye("x"),
 ]
+VNC_VIEWER = VncViewer(3, VncAddress("127.0.0.1", "50112", "ipv4"), 0, True)
 OP_SAMPLES: list[Op] = [QmpOp("x", {}), InputOp((KeyEvent(True, qcode="a"),), "vnc#1"), ReleaseInputOp("vnc#1"),
                         RefreshOp(), AgentWriteOp(b""), AgentAckOp(16), ConsoleWriteOp(b""),
-                        ClipboardSetOp("héllo", "vnc#1")]
+                        ClipboardSetOp("héllo", "vnc#1"),
+                        VncStateOp((VncAddress("127.0.0.1", "5900", "ipv4"),), (VNC_VIEWER,)),
+                        VncViewerOp("connected", VNC_VIEWER), VncAuthOp(3, "127.0.0.1", bytes(16), bytes(16))]
 KIND_SAMPLES: list[EventBody] = [
     QmpEvent({"event": "X"}), RunStateChanged("running"), Migrating(), Migrated("e"), AgentData(b""),
     DisplayChanged(None, None, None), Shutdown("x"), ConsoleData(b""), VncReload(tls_certs=True),
-    ClipboardChanged("héllo", "abc/vnc#1")]
+    ClipboardChanged("héllo", "abc/vnc#1"), VncSettings("vnc")]
 
 
 def test_docs_list_every_message_type_and_field() -> None:

@@ -28,8 +28,9 @@ def test_defaults_management_full_client_an_allow_list() -> None:
                     "query-sev-launch-measure", "some-command-qemu-adds-next-year"):
         assert not DEFAULT_POLICY.allows("client", command), command
     # Only with their argument rules (and x-query-* only by name: the x-* pattern is for deny lists).
-    assert set(HOST_ACCESS_COMMANDS) & set(CLIENT_ALLOWED) == {"migrate", "device_add"}
-    assert all(name in CLIENT_ARGUMENTS for name in ("migrate", "device_add"))
+    guarded = {"migrate", "device_add", "set_password", "expire_password", "change-vnc-password"}
+    assert set(HOST_ACCESS_COMMANDS) & set(CLIENT_ALLOWED) == guarded
+    assert all(name in CLIENT_ARGUMENTS for name in guarded)
     assert DEFAULT_POLICY.host_access_allowed("client") == []
 
 
@@ -40,6 +41,9 @@ def test_client_argument_rules() -> None:
           ("migrate", {"uri": "unix:/run/vmfront/dst/migration.sock", "detach": True}),
           ("snapshot-save", {"job-id": "vmfront-savevm-1", "tag": "t", "vmstate": "d", "devices": ["d"]}),
           ("job-dismiss", {"id": "vmfront-savevm-1"}),
+          ("set_password", {"protocol": "vnc", "password": "x", "connected": "keep"}),
+          ("expire_password", {"protocol": "vnc", "time": "+60"}),
+          ("change-vnc-password", {"password": "x"}),
           ("query-status", None)]
     for command, arguments in ok:
         assert policy.refusal("client", command, arguments) is None, (command, arguments)
@@ -53,6 +57,9 @@ def test_client_argument_rules() -> None:
               ("migrate", {"uri": "unix:/run/vmfront/dst/migration.sock", "blk": True}, "argument 'blk'"),
               ("snapshot-save", {"job-id": "mgmt-job", "tag": "t"}, "job-id"),
               ("job-dismiss", {"id": 1}, "id 1"),
+              # SPICE's password is QEMU's SPICE server's, not the client's VNC.
+              ("set_password", {"protocol": "spice", "password": "x"}, "protocol \"spice\""),
+              ("expire_password", {"protocol": "spice", "time": "now"}, "protocol"),
               ("yank", {"instances": []}, "")]
     for command, arguments, why in denied:
         refusal = policy.refusal("client", command, arguments)

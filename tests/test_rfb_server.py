@@ -21,6 +21,7 @@ from rfb.encodings import desktop_size_rect
 from rfb.errors import LocalProtocolError, ProtocolError
 from rfb.events import (
     AuthFailed,
+    AuthResponse,
     ClientInitReceived,
     ContinuousUpdates,
     CutText,
@@ -111,6 +112,36 @@ def test_vnc_auth_correct_password(version: bytes) -> None:
     assert conn.data_to_send() == b"\x00\x00\x00\x00"
     assert conn.receive_data(b"\x01") == [ClientInitReceived(True)]
     assert conn.data_to_send() == SERVER_INIT_64x32
+
+
+def test_external_auth_waits_for_the_owners_verdict() -> None:
+    """The response goes to the owner (the client asks the core, which holds the password); what the viewer
+    sends meanwhile waits, and is read once the verdict is in."""
+    conn = server(external_auth=True)
+    conn.receive_data(b"RFB 003.008\n")
+    assert conn.data_to_send() == b"\x01\x02"
+    conn.receive_data(b"\x02")
+    assert conn.data_to_send() == CHALLENGE
+    response = auth.response_for("anything", CHALLENGE)
+    assert conn.receive_data(response + b"\x01") == [AuthResponse(CHALLENGE, response)]
+    assert conn.state is State.AUTH_PENDING and conn.data_to_send() == b""
+    assert conn.receive_data(b"\x03\x01\x00\x00\x00\x00\x00\x40\x00\x20") == []  # queued, not read
+    events = conn.auth_result(True)
+    assert events[:2] == [SecurityNegotiated((3, 8), (3, 8), 2), ClientInitReceived(True)]
+    assert len(events) == 3 and conn.state is State.NORMAL
+    assert conn.data_to_send() == b"\x00\x00\x00\x00" + SERVER_INIT_64x32
+    with pytest.raises(LocalProtocolError):
+        conn.auth_result(True)
+
+    refused = server(external_auth=True)
+    refused.receive_data(b"RFB 003.008\n\x02")
+    refused.data_to_send()
+    refused.receive_data(bytes(16))
+    assert refused.auth_result(False, "Too many tries") == [AuthFailed("Too many tries")]
+    assert refused.data_to_send() == b"\x00\x00\x00\x01" + struct.pack(">I", 14) + b"Too many tries"
+    assert refused.closed
+    with pytest.raises(ValueError):
+        server(external_auth=True, password="x")
 
 
 @pytest.mark.parametrize("version", [b"003.003", b"003.007", b"003.008"])

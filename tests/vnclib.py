@@ -52,9 +52,9 @@ class VncClientProcess(LoggedProcess):
             self.proc = subprocess.Popen(
                 client_command(name, run_dir, "--vnc", f"127.0.0.1:{port}", *extra, verbose=verbose),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT, env={**os.environ, **(env or {})})
-        try:
-            wait_port(port)
-            wait_for(lambda: "VNC: display mode" in self.text(), 15, "the client to see the display")
+        try:  # generous: a loaded 2-core machine takes seconds just to start Python with numpy
+            wait_port(port, 60)
+            wait_for(lambda: "VNC: display mode" in self.text(), 60, "the client to see the display")
         except BaseException:
             self.stop()
             raise
@@ -68,13 +68,15 @@ import sys
 from vncdotool import api, rfb
 from vncdotool.client import VNCDoToolClient, VNCDoToolFactory
 
-server, password, encoding, out, text = sys.argv[1:6]
+server, password, encoding, out, text, force_caps = sys.argv[1:7]
 
 class Client(VNCDoToolClient):
     encoding = getattr(rfb.Encoding, encoding.upper())
 
 class Factory(VNCDoToolFactory):
     protocol = Client
+
+Factory.force_caps = force_caps == "1"  # vncdotool --force-caps: Shift sent for capitals and shifted punctuation
 
 c = api.connect(server, password=password or None, factory_class=Factory, timeout=20)
 try:
@@ -91,9 +93,81 @@ finally:
 
 
 def vncdo(port: int, *, capture: Path | None = None, type_text: str = "", encoding: str = "raw",
-          password: str = "", timeout: float = 40.0) -> None:
+          password: str = "", timeout: float = 40.0, force_caps: bool = False) -> None:
+    """vncdotool, which sends keysyms only (no QEMU extended key event): ``type_text`` as its ``type`` does, one
+    keyPress per character (a newline is Enter)."""
     subprocess.run([sys.executable, "-c", _VNCDO_SCRIPT, f"127.0.0.1::{port}", password, encoding,
-                    str(capture or ""), type_text], check=True, timeout=timeout, cwd=ROOT)
+                    str(capture or ""), type_text, "1" if force_caps else "0"], check=True, timeout=timeout,
+                   cwd=ROOT)
+
+
+def vncdo_refused(port: int, password: str = "", within: float = 10.0) -> bool:
+    """Whether vncdotool fails to get in (it does not exit when refused: it fails or times out)."""
+    try:
+        vncdo(port, password=password, timeout=within)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return True
+    return False
+
+
+def vnc_login(port: int, password: str | None = None, *, shared: bool = True,
+              timeout: float = 10.0) -> tuple[str, socket.socket | None]:
+    """A scripted RFB 3.8 handshake (a hostile or impatient viewer: what no real viewer can be made to do on cue):
+    ("ok", the open socket after ServerInit) or (the server's failure reason, None). VNC authentication uses
+    the password, or an empty response without one."""
+    from rfb.auth import response_for
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def take(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+            data += chunk
+        return data
+
+    def failure() -> str:
+        (length,) = struct.unpack(">I", take(4))
+        return take(length).decode(errors="replace")
+
+    try:
+        assert take(12).startswith(b"RFB ")
+        sock.sendall(b"RFB 003.008\n")
+        types = take(take(1)[0])
+        if 2 in types:
+            sock.sendall(b"\x02")
+            challenge = take(16)
+            sock.sendall(response_for(password, challenge) if password is not None else bytes(16))
+        else:
+            sock.sendall(b"\x01")
+        if struct.unpack(">I", take(4))[0] != 0:
+            reason = failure()
+            sock.close()
+            return reason, None
+        sock.sendall(b"\x01" if shared else b"\x00")
+        take(20)
+        take(struct.unpack(">I", take(4))[0])
+    except (OSError, ConnectionError) as exc:
+        sock.close()
+        return f"closed: {exc}", None
+    return "ok", sock
+
+
+def closed_by_server(sock: socket.socket, within: float = 10.0) -> bool:
+    """Whether the server closes ``sock`` within the time (reading and dropping whatever it sends)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            if not sock.recv(65536):
+                return True
+        except TimeoutError:
+            return False
+        except OSError:
+            return True
+    return False
 
 
 # --- a minimal viewer ------------------------------------------------------------------------------------------
@@ -119,7 +193,7 @@ class MiniViewer:
 
     @classmethod
     async def connect(cls, port: int, encoding: int = RAW, *, rcvbuf: int | None = None,
-                      extra: tuple[int, ...] = ()) -> MiniViewer:
+                      extra: tuple[int, ...] = (), shared: bool = True) -> MiniViewer:
         sock = socket.socket()
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -127,10 +201,10 @@ class MiniViewer:
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
         viewer = cls(reader, writer)
-        await asyncio.wait_for(viewer._handshake(encoding, extra), 10)
+        await asyncio.wait_for(viewer._handshake(encoding, extra, shared), 10)
         return viewer
 
-    async def _handshake(self, encoding: int, extra: tuple[int, ...]) -> None:
+    async def _handshake(self, encoding: int, extra: tuple[int, ...], shared: bool = True) -> None:
         r, w = self.reader, self.writer
         assert (await r.readexactly(12)).startswith(b"RFB ")
         w.write(b"RFB 003.008\n")
@@ -139,7 +213,7 @@ class MiniViewer:
         assert 1 in types, types
         w.write(b"\x01")
         assert await r.readexactly(4) == b"\0\0\0\0"
-        w.write(b"\x01")  # shared
+        w.write(b"\x01" if shared else b"\x00")  # the shared flag
         self.width, self.height = struct.unpack(">HH", await r.readexactly(4))
         await r.readexactly(16)
         (name_len,) = struct.unpack(">I", await r.readexactly(4))

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--web", default="127.0.0.1:0", metavar="HOST:PORT|none",
                      help="the web console: the VM's screen and noVNC in a browser (default: a free port on "
                      "127.0.0.1; 'none': no web console)")
+    run.add_argument("--vnc-password-file", type=Path, metavar="FILE",
+                     help="VNC authentication with the first line of FILE (see core --vnc-password-file)")
+    run.add_argument("--keymap", metavar="LANG|PATH", help="keysym viewers' keyboard layout (see client --keymap)")
     run.add_argument("--agent", action="store_true", help="give the guest a qemu-ga channel (see core --agent)")
     run.add_argument("--serial", action="store_true",
                      help="give the guest a serial port, reachable with `vmfront console NAME`")
@@ -233,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_argument("--key-delay-ms", type=float, default=10.0, metavar="MS",  # core_daemon.input.KEY_DELAY_S
                       help="pause after each key event sent to the guest, so its keyboard buffer does not overflow "
                       "when keys arrive in bulk (default: %(default)g, as QEMU's own VNC server; 0: no pause)")
+    core.add_argument("--vnc-password-file", type=Path, metavar="FILE",
+                      help="VNC viewers must authenticate with the first line of FILE (else $VMFRONT_VNC_PASSWORD if "
+                      "set); the core holds it for every client; QMP set_password changes it at run time")
+    core.add_argument("--vnc-auth", choices=("none", "vnc"),
+                      help="how VNC viewers authenticate (default: vnc with a password, else none); vnc without a "
+                      "password lets nobody in until QMP set_password sets one, as QEMU's -vnc password=on")
     core.add_argument("--no-display", action="store_true",
                       help="do not capture the guest display into shared memory (no private VNC for QEMU)")
     core.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU_ARGS")
@@ -277,8 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--vnc", nargs="?", const="127.0.0.1:5900", metavar="HOST:PORT|:DISPLAY|unix:PATH",
                         help="serve VNC viewers here (bare --vnc: 127.0.0.1:5900; :N is display N, port 5900+N on "
                         "127.0.0.1)")
-    client.add_argument("--vnc-password-file", type=Path, metavar="FILE",
-                        help="VNC authentication with the first line of FILE (else $VMFRONT_VNC_PASSWORD if set)")
+    client.add_argument("--vnc-password-file", type=Path, metavar="FILE", help=argparse.SUPPRESS)
+    client.add_argument("--vnc-share", choices=("allow-exclusive", "force-shared", "ignore"),
+                        default="allow-exclusive",
+                        help="what a viewer's shared flag does, as QEMU's -vnc share=: allow-exclusive (default: a "
+                        "viewer asking for exclusive use disconnects the others, and shared viewers are refused "
+                        "while it is there), force-shared (exclusive requests are refused), ignore (all share)")
+    client.add_argument("--vnc-connections", type=int, default=32, metavar="N",
+                        help="VNC connections still in handshake or authentication at once (default 32, as QEMU's "
+                        "-vnc connections=): beyond, the oldest of them is closed, so a flood cannot lock viewers "
+                        "out")
+    client.add_argument("--vnc-handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="a VNC connection that has not finished its handshake and authentication this long "
+                        "after it connected is closed (default 10)")
+    client.add_argument("--keymap", metavar="LANG|PATH",
+                        help="keyboard layout for viewers that send keysyms only (vncdotool, scripts): one of "
+                        "QEMU's keymap files, as QEMU's -k (default en-us); viewers with QEMU's extended key "
+                        "event send the physical key and need none")
     client.add_argument("--websocket", metavar="HOST:PORT|unix:PATH",
                         help="also serve VNC over WebSocket (noVNC); an empty HOST is 127.0.0.1; with "
                         "--vnc-tls-creds it is wss://; with --all one port for every VM, at ws://HOST:PORT/vnc/NAME")
@@ -344,6 +368,7 @@ def _demo_guest_args() -> list[str]:
 def cmd_core(args: argparse.Namespace) -> int:
     from core_daemon.policy import PolicyError, load_policy
     from core_daemon.supervisor import Core, CoreConfig, CoreError
+    from core_daemon.vnc_state import AUTH_NONE, AUTH_VNC, PASSWORD_ENV, Credentials, VncStateError, read_password
 
     qemu_args = list(args.qemu_args)
     if qemu_args[:1] == ["--"]:
@@ -353,6 +378,12 @@ def cmd_core(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy)
         if not qemu_args and args.attach is None:
             qemu_args = _demo_guest_args()
+        password = read_password(args.vnc_password_file)
+        os.environ.pop(PASSWORD_ENV, None)  # QEMU, our child, has no use for it
+        if password is not None and args.vnc_auth == AUTH_NONE:
+            raise CliError("--vnc-auth none contradicts a VNC password (--vnc-password-file, $VMFRONT_VNC_PASSWORD)")
+        credentials = Credentials(auth=args.vnc_auth or (AUTH_VNC if password is not None else AUTH_NONE),
+                                  password=password)
         config = CoreConfig(
             name=args.name, run_dir=RunDir.for_vm(args.name, args.run_dir), qemu_args=qemu_args,
             qemu_binary=args.qemu_binary, accel=args.accel, attach=args.attach, qmp_socket=args.qmp_socket,
@@ -363,9 +394,10 @@ def cmd_core(args: argparse.Namespace) -> int:
             agent=args.agent or args.agent_socket is not None, agent_socket=args.agent_socket,
             incoming=args.incoming, serial=args.serial, migrated_linger=args.migrated_linger,
             clipboard=args.clipboard,
+            vnc_credentials=credentials,
         )
         code = run_async(Core(config).run())
-    except (CoreError, PolicyError, RunDirError, CliError) as exc:
+    except (CoreError, PolicyError, RunDirError, CliError, VncStateError) as exc:
         print(f"vmfront core: error: {exc}", file=sys.stderr)
         code = exc.exit_status if isinstance(exc, CoreError) else 1
     log.info("core exiting, status %d", code)
@@ -443,6 +475,10 @@ def _client_user(user: str | None, as_root: bool, *, flag: str) -> str | None:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    if args.vnc_password_file is not None:
+        print("vmfront client: error: --vnc-password-file is an option of `vmfront core` (and `vmfront run`) now: "
+              "the core holds the VNC credentials, so they outlive any client", file=sys.stderr)
+        return 2
     if args.all or len(args.name or ()) > 1:
         return _fleet_client(args)
     if not args.name:
@@ -470,11 +506,9 @@ def cmd_client(args: argparse.Namespace) -> int:
             raise ValueError("--vnc-tls-verify-peer needs --vnc-tls-creds, --vnc-tls-plain-too needs TLS")
         tls = TlsSettings(creds_dir=args.vnc_tls_creds, verify_peer=args.vnc_tls_verify_peer,
                           anonymous=args.vnc_tls_anon, plain_too=args.vnc_tls_plain_too)
-        vnc = service_from_args(args.vnc, args.vnc_password_file, args.websocket, tls)
-        if vnc is None and args.web is not None:  # viewers only through the web console's WebSocket
-            from clients.vnc.service import VncService, read_password
-
-            vnc = VncService(None, password=read_password(args.vnc_password_file), tls=tls)
+        vnc = service_from_args(args.vnc, args.websocket, share=args.vnc_share, connections=args.vnc_connections,
+                                handshake_timeout=args.vnc_handshake_timeout, keymap=args.keymap, tls=tls,
+                                web_console=args.web is not None)
         if vnc is not None:
             config.services.append(vnc)
         if args.web is not None:
@@ -500,7 +534,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                                                 else config.run_dir.root / "agent.sock",
                                                 proxy_required=bool(args.agent_proxy)))
         code = run_async(Client(config).run())
-    except (RunDirError, PrivilegeError, VncError, ValueError, ChannelError) as exc:
+    except (RunDirError, PrivilegeError, VncError, ValueError, ChannelError, CliError) as exc:
         print(f"vmfront client: error: {exc}", file=sys.stderr)
         code = 1
     log.info("client exiting, status %d", code)
@@ -512,11 +546,13 @@ def _fleet_client(args: argparse.Namespace) -> int:
     from clients.fleet import FleetClient, FleetConfig, FleetError, parse_port_range
     from clients.privileges import PrivilegeError
     from clients.tokens import TokenFile, TokenFileError
-    from clients.vnc.service import VncError, read_password
+    from clients.vnc.service import VncError
     from ipc.rundir import default_run_root
 
     single = [flag for flag, wrong in (("--run-dir", args.run_dir is not None), ("--core", args.core is not None),
                                        ("--vnc", args.vnc is not None),
+                                       ("--vnc-tls-creds/--vnc-tls-anon (TLS is per VM: one client per VM)",
+                                        args.vnc_tls_creds is not None or args.vnc_tls_anon),
                                        ("--monitor ADDRESS", args.monitor not in (None, "unix:")),
                                        ("--console PATH", args.console not in (None, "")),
                                        ("--agent-proxy PATH", args.agent_proxy not in (None, "none"))) if wrong]
@@ -535,7 +571,9 @@ def _fleet_client(args: argparse.Namespace) -> int:
             run_root=Path(os.path.abspath(args.run_root)) if args.run_root else default_run_root(),
             names=[check_vm_name(n) for n in args.name] if args.name else None,
             vnc_ports=parse_port_range(args.vnc_ports) if args.vnc_ports else None, vnc_host=args.vnc_host,
-            password=read_password(args.vnc_password_file), websocket=args.websocket, web=args.web,
+            vnc_share=args.vnc_share, vnc_connections=args.vnc_connections,
+            vnc_handshake_timeout=args.vnc_handshake_timeout, keymap=args.keymap,
+            websocket=args.websocket, web=args.web,
             tokens=TokenFile(args.websocket_tokens) if args.websocket_tokens else None,
             monitor=args.monitor is not None, console=args.console is not None, agent=args.agent_proxy != "none",
             socket_dir=args.socket_dir, user=user, group=args.group, ready_fd=args.ready_fd)
@@ -564,6 +602,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                            client_user=user, client_group=resolve_user(user).gid if user else None,
                            verbose=args.verbose, vnc=args.vnc, websocket=args.websocket, agent=args.agent,
                            web=None if args.web == "none" else args.web,
+                           vnc_password_file=args.vnc_password_file, keymap=args.keymap,
                            serial=args.serial, clipboard=args.clipboard, accel=args.accel,
                            on_core_death=args.on_core_death)
     except (RunDirError, PrivilegeError) as exc:

@@ -53,6 +53,9 @@ class RunConfig:
     vnc: str = "127.0.0.1:5900"
     websocket: str | None = None
     web: str | None = None
+    #: Given to the core, which holds the VNC credentials; the keymap to the client, which maps keysyms.
+    vnc_password_file: Path | None = None
+    keymap: str | None = None
     agent: bool = False
     serial: bool = False
     clipboard: bool = False
@@ -76,6 +79,8 @@ class RunConfig:
             argv.append("--clipboard")
         if self.accel:
             argv += ["--accel", self.accel]
+        if self.vnc_password_file is not None:
+            argv += ["--vnc-password-file", str(self.vnc_password_file)]
         if self.client_group is not None:
             # The unprivileged client must be able to open control.sock, display.sock and the segment.
             argv += ["--client-group", str(self.client_group)]
@@ -87,6 +92,8 @@ class RunConfig:
             argv += ["--websocket", self.websocket]
         if self.web:
             argv += ["--web", self.web]
+        if self.keymap:
+            argv += ["--keymap", self.keymap]
         if self.serial:
             argv.append("--console")
         argv += ["--user", self.client_user] if self.client_user else ["--as-root"] if os.geteuid() == 0 else []

@@ -105,14 +105,6 @@ class _ClientBackend:
         # A few milliseconds of PNG encoding: done on the loop rather than in a thread (no threads here).
         _write_image(display.hello.shm, path, image_format)
 
-    def vnc_servers(self) -> list[dict[str, Any]]:
-        for service in self.ctx.services:
-            describe = getattr(service, "describe_vnc_servers", None)
-            if describe is not None:
-                servers: list[dict[str, Any]] = describe()
-                return servers
-        return []
-
 
 def _write_image(shm_name: str, path: Path, image_format: str) -> None:
     import posix_ipc

@@ -7,7 +7,15 @@ written before, so a slow viewer skips frames instead of buffering them) and the
 input events to the core, one request at a time). Updates are encoded by worker processes
 (encoder_pool.py), never on this loop; only Raw in the framebuffer's own format is copied here. Viewers that
 take CopyRect are served from the service's frame copy, where scrolls are found (framecopy.py). The clipboard
-(clipboard.py) and the guest's keyboard LEDs (QEMU LED State) come from the core. See docs/vnc.md.
+(clipboard.py) and the guest's keyboard LEDs (QEMU LED State) come from the core.
+
+The core holds VNC's credentials and tells the service how viewers authenticate (``vnc_settings``); a viewer's
+VNC authentication response (in the clear or inside VeNCrypt's TLS) is checked by the core. Every connection is
+reported to the core (``vnc_viewer``: connected, initialized, disconnected), which answers QMP's ``query-vnc*``
+and emits the ``VNC_*`` events. Like QEMU's VNC server: the shared flag follows ``share``, at most
+``connections`` connections may be in their handshake (a newcomer evicts the oldest of them) and as many viewers
+share the screen; and unlike it, a handshake that is not done within ``handshake_timeout`` is closed. See
+docs/vnc.md.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,12 +36,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ipc.channel import ChannelError
 from ipc.messages import (
     MAX_SOURCE,
+    MAX_VNC_SERVERS,
     Capability,
     InputEvent,
-    KeyEvent,
     Migrated,
     PointerEvent,
+    VncAddress,
+    VncAuthOp,
     VncReload,
+    VncSettings,
+    VncStateOp,
+    VncViewer,
+    VncViewerOp,
     Welcome,
     WheelEvent,
 )
@@ -78,9 +93,11 @@ from shm import (
 from .clipboard import ClipboardHub, ViewerClipboard
 from .encoder_pool import EncodeRequest, EncoderPool, EncoderUnavailable
 from .framecopy import Frame, FrameCopy, Move, frame_array
-from .keymap import qcode_for, scancode_for
+from .keyboard import Keyboard
+from .keymap import Keymap, KeymapError, scancode_for
 from .region import DirtyRegion, Rect, contains, intersect
-from .tls import HANDSHAKE_TIMEOUT_S, TlsCredentials, TlsError, TlsSettings, peer_dname, start_tls
+from .tls import HANDSHAKE_TIMEOUT_S as TLS_HANDSHAKE_TIMEOUT_S
+from .tls import TlsCredentials, TlsError, TlsSettings, peer_dname, start_tls
 
 if TYPE_CHECKING:
     from clients.main import ClientContext
@@ -88,9 +105,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:5900"
-PASSWORD_ENV = "VMFRONT_VNC_PASSWORD"
-#: How long a viewer that connects before the display exists waits for it before being closed.
-DISPLAY_WAIT_S = 10.0
+#: Connections in their handshake at once, and viewers sharing the screen (QEMU's -vnc connections= default).
+DEFAULT_CONNECTIONS = 32
+#: A connection that has not finished its handshake and authentication this long after it came is closed (a
+#: viewer that connects before the display exists, or before the core said how to authenticate, waits within it).
+HANDSHAKE_TIMEOUT_S = 10.0
+#: Bits of the guest keyboard's LED state (QEMU LED State pseudo-encoding; bit 0 is Scroll Lock).
+LED_NUM_LOCK, LED_CAPS_LOCK = 0x2, 0x4
+#: How viewers authenticate (the core's ``vnc_settings``; QEMU's VncPrimaryAuth names).
+AUTH_NONE, AUTH_VNC = "none", "vnc"
+#: QEMU's -vnc share= policies.
+SHARE_POLICIES = ("allow-exclusive", "force-shared", "ignore")
+#: Reports to the core waiting to be sent; beyond, the next attach's full state puts the core right.
+MAX_PENDING_REPORTS = 1024
+#: How long the core may take to check a VNC authentication response.
+AUTH_TIMEOUT_S = 5.0
 #: After following a migration: how long viewers keep the last picture while the destination shows QEMU's
 #: placeholder instead of the guest's display (see ``VncService.attached``).
 HOLD_MAX_S = 1.0
@@ -101,7 +130,6 @@ READ_CHUNK = 64 * 1024
 INPUT_FLUSH_S = 60.0
 #: Input events queued per viewer while the core is busy with the previous batch; beyond, input is dropped.
 MAX_PENDING_INPUT = 4096
-MAX_VIEWERS = 64
 #: Clipboard text a viewer may paste (and we send), as QEMU's VNC: larger pastes are refused and logged.
 DEFAULT_MAX_CLIPBOARD = 1 << 20
 #: Protocol replies (not updates) queued for a viewer that does not read them; beyond, it is disconnected.
@@ -115,7 +143,7 @@ IN_LOOP_PIXELS = 64 * 64
 
 
 class VncError(Exception):
-    """The VNC service cannot start (bad listen address, port taken, unreadable password file)."""
+    """The VNC service cannot start (bad listen address, port taken, unreadable keymap)."""
 
 
 # --- listen addresses and passwords ------------------------------------------------------------------------
@@ -164,26 +192,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_password(path: Path | None, env: dict[str, str] | None = None) -> str | None:
-    """The VNC password: first line of ``path`` if given, else ``$VMFRONT_VNC_PASSWORD``, else None."""
-    env = dict(os.environ) if env is None else env
-    if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise VncError(f"cannot read the VNC password file {path}: {exc}") from exc
-        password = text[0] if text else ""
-    elif env.get(PASSWORD_ENV):
-        password = env[PASSWORD_ENV]
-    else:
-        return None
-    if not password:
-        raise VncError("the VNC password is empty (that would let anyone in)")
-    if len(password.encode()) > 8:
-        log.warning("VNC authentication uses only the first 8 bytes of the password")
-    return password
-
-
 def bind_socket(address: ListenAddress) -> socket.socket:
     try:
         if address.path is not None:
@@ -205,6 +213,18 @@ def describe(sock: socket.socket) -> str:
     return f"unix:{name}" if sock.family == socket.AF_UNIX else f"{name[0]}:{name[1]}"
 
 
+def vnc_address(family: int, address: Any, websocket: bool = False, vencrypt: str = "") -> VncAddress:
+    """A socket address as QAPI's VncBasicInfo has it: numeric host and port; a unix socket's path as the
+    service, with an empty host (as QEMU). ``vencrypt``: the VeNCrypt sub-auth a listener requires."""
+    if family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple):
+        return VncAddress(str(address[0]), str(address[1]), "ipv6" if family == socket.AF_INET6 else "ipv4",
+                          websocket, vencrypt)
+    if family == socket.AF_UNIX:
+        path = address.decode(errors="replace") if isinstance(address, bytes) else str(address or "")
+        return VncAddress("", path, "unix", websocket, vencrypt)
+    return VncAddress("", "", "unknown", websocket, vencrypt)
+
+
 # --- transports --------------------------------------------------------------------------------------------
 
 
@@ -212,6 +232,8 @@ class Transport(Protocol):
     peer: str
     #: Already inside TLS (``wss://``): RFB's own security types are not in the clear.
     encrypted: bool
+    #: The viewer's address, as QMP shows it.
+    address: VncAddress
 
     async def recv(self) -> bytes:
         """Bytes from the viewer; b"" at the end."""
@@ -246,6 +268,7 @@ class StreamTransport:
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._tls: ssl.SSLObject | None = None
         sock = writer.get_extra_info("socket")
+        self.address = vnc_address(sock.family if sock is not None else -1, peer)
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -287,6 +310,8 @@ class WebSocketTransport:
         transport = getattr(ws, "transport", None)
         self._tls: ssl.SSLObject | None = transport.get_extra_info("ssl_object") if transport is not None else None
         self.encrypted = self._tls is not None
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        self.address = vnc_address(sock.family if sock is not None else -1, peer, websocket=True)
 
     async def recv(self) -> bytes:
         from websockets.exceptions import ConnectionClosed
@@ -350,25 +375,51 @@ def raw_pieces(framebuffer: memoryview, mode: Mode, rects: list[Rect]) -> list[b
     return pieces
 
 
-_viewer_numbers = itertools.count(1)
+_connection_numbers = itertools.count(1)
+
+
+class Connection:
+    """One VNC connection from accept to close: what the core is told about (so QMP shows it), and what the
+    connection limit, the share policy and the handshake deadline act on, before and while a Viewer serves it."""
+
+    def __init__(self, transport: Transport, server: int) -> None:
+        self.id = next(_connection_numbers)
+        self.transport = transport
+        self.server = server  # index of the listener it came in on
+        self.since = time.monotonic()
+        self.initialized = False  # handshake and authentication done (QEMU's VNC_INITIALIZED)
+        self.exclusive = False
+        self.closed = asyncio.Event()
+        self.reason = ""
+        #: The subject of the viewer's verified client certificate (QEMU's ``x509_dname``), once known.
+        self.x509_dname: str | None = None
+
+    def close(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.reason = reason
+            self.closed.set()
+
+    def report(self) -> VncViewer:
+        return VncViewer(self.id, self.transport.address, self.server, self.initialized, self.x509_dname or "")
 
 
 class Viewer:
-    def __init__(self, service: VncService, transport: Transport) -> None:
+    def __init__(self, service: VncService, connection: Connection) -> None:
         self.service = service
-        self.transport = transport
-        self.peer = transport.peer
+        self.connection = connection
+        self.transport = connection.transport
+        self.peer = self.transport.peer
         #: Names this viewer's input at the core, which tracks what it holds and releases that when it goes.
-        self.source = f"vnc#{next(_viewer_numbers)} {self.peer}"[:MAX_SOURCE]
+        self.source = f"vnc#{connection.id} {self.peer}"[:MAX_SOURCE]
         mode = service.mode
-        tls = service.tls if not transport.encrypted else None  # inside wss://, RFB's own types are not clear
+        tls = service.tls if not self.transport.encrypted else None  # inside wss://, RFB's own types are not clear
         self.conn = RfbServerConnection(width=mode.width if mode else 0, height=mode.height if mode else 0,
-                                        name=service.vm_name, password=service.password,
-                                        vencrypt_subtypes=tls.subtypes(service.password) if tls is not None else (),
+                                        name=service.vm_name, external_auth=service.auth == AUTH_VNC,
+                                        vencrypt_subtypes=tls.subtypes(service.auth == AUTH_VNC)
+                                        if tls is not None else (),
                                         plain_too=service.tls_settings.plain_too, clipboard=True,
                                         max_cut_text=service.max_clipboard)
-        #: The subject of the viewer's verified client certificate (QEMU's ``x509_dname``), once known.
-        self.x509_dname = peer_dname(transport.ssl_object())
+        connection.x509_dname = peer_dname(self.transport.ssl_object())
         self.encoders = NegotiatedEncoders()
         self.dirty = DirtyRegion()
         self.size: tuple[int, int] | None = None  # what the viewer was last told
@@ -393,7 +444,6 @@ class Viewer:
         self.copy_source = False  # served from the service's frame copy (the viewer takes CopyRect)
         self.pending_copy: Move | None = None  # a scroll to send as CopyRect before the dirty region
         self.in_flight: list[Rect] = []  # rectangles of the update being encoded
-        self.closed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def __repr__(self) -> str:
@@ -409,12 +459,12 @@ class Viewer:
         self._wake.set()
         reason = "viewer closed the connection"
         reader = loop.create_task(self._read_loop())
-        closer = loop.create_task(self.closed.wait())
+        closer = loop.create_task(self.connection.closed.wait())
         try:
             done, _ = await asyncio.wait([reader, closer, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is closer:
-                    reason = "disconnected by the server"
+                    reason = self.connection.reason or "disconnected by the server"
                 elif not task.cancelled() and task.exception() is not None:
                     exc = task.exception()
                     if isinstance(exc, ProtocolError):
@@ -436,12 +486,14 @@ class Viewer:
             if not input_loop.done():
                 await self._flush_input()
             input_loop.cancel()
+            # Forgotten here as the release is sent: a later viewer's keys queue behind it at the core.
+            self.service.keyboard.viewer_gone(self.source)
             await self.service.release_input(self.source, self.peer)
             log.info("viewer %s gone (%s; %d updates sent, %d scrolls by CopyRect)", self.peer, reason,
                      self.updates_sent, self.copyrects_sent)
 
-    def disconnect(self) -> None:
-        self.closed.set()
+    def disconnect(self, reason: str = "disconnected by the server") -> None:
+        self.connection.close(reason)
 
     # --- reading --------------------------------------------------------------------------------------
 
@@ -452,14 +504,20 @@ class Viewer:
                 return
             events = self.conn.receive_data(data)
             batch: list[InputEvent] = []
-            for event in events:
-                self._handle(event, batch)
-                if isinstance(event, ev.TlsRequested):  # always the last event: nothing is read after it
-                    for later in await self._start_tls(event):
-                        self._handle(later, batch)
+            while events:
+                event = events.pop(0)
+                if isinstance(event, ev.AuthResponse):  # checked by the core, which holds the password
+                    ok, reason = await self.service.check_auth(self.connection, event.challenge, event.response)
+                    events += self.conn.auth_result(ok, reason)
+                elif isinstance(event, ev.TlsRequested):  # always the last event: nothing is read after it
+                    events += await self._start_tls(event)
+                else:
+                    self._handle(event, batch)
+            if self.connection.closed.is_set():  # refused at ClientInit (share policy, too many viewers)
+                return
             if self.conn.closed:  # refused (auth failure): the reason is queued
                 self.transport.write_nowait(self.conn.data_to_send())
-                self.disconnect()
+                self.disconnect("authentication failed")
                 return
             self._outbox += self.conn.data_to_send()
             if len(self._outbox) > MAX_OUTBOX:
@@ -477,11 +535,10 @@ class Viewer:
             await self.transport.start_tls(self.service.tls.context_for(event.subtype))
         except (ssl.SSLError, ConnectionError, TimeoutError, TlsError) as exc:
             raise ProtocolError(f"TLS handshake failed: {exc}") from exc
-        self.x509_dname = peer_dname(self.transport.ssl_object())
+        dname = self.connection.x509_dname = peer_dname(self.transport.ssl_object())
         tls = self.transport.ssl_object()
         log.info("viewer %s: TLS (%s, %s%s)", self.peer, vencrypt.describe(event.subtype),
-                 tls.version() if tls is not None else "?",
-                 f", client certificate {self.x509_dname}" if self.x509_dname else "")
+                 tls.version() if tls is not None else "?", f", client certificate {dname}" if dname else "")
         return self.conn.tls_established()
 
     def _handle(self, event: ev.Event, batch: list[InputEvent]) -> None:
@@ -509,12 +566,15 @@ class Viewer:
             self.full = True  # updates after this are in the new format; repaint with it
             log.debug("viewer %s: pixel format %s", self.peer, event.fmt)
         elif isinstance(event, ev.ClientInitReceived):
+            refused = self.service.admit_viewer(self.connection, event.shared)
+            if refused is not None:
+                log.warning("viewer %s refused: %s", self.peer, refused)
+                self.disconnect(refused)
+                return
             self.size = (self.conn.width, self.conn.height)
             self.full = True
             log.info("viewer %s: connected (RFB %d.%d, %s, %dx%d)", self.peer, *(self.conn.version or (0, 0)),
                      "shared" if event.shared else "exclusive", *self.size)
-            if not event.shared:
-                self.service.disconnect_others(self)
         elif isinstance(event, ev.DesktopSizeRequested):
             if self.conn.supports(ENCODING_EXTENDED_DESKTOP_SIZE) and self.size is not None:
                 w, h = self.size
@@ -562,18 +622,17 @@ class Viewer:
             self.eds_answer = self.conn.supports(ENCODING_EXTENDED_DESKTOP_SIZE)
 
     def _on_key(self, event: ev.Key | ev.ExtendedKey, batch: list[InputEvent]) -> None:
-        key: KeyEvent | None = None
+        """Keys by the physical key (Extended Key Event) or through the keymap, with QEMU's lock-key sync
+        (keyboard.py) for viewers that do not take the LED state pseudo-encoding: those that do keep the locks
+        in step themselves (as QEMU: no sync with VNC_FEATURE_LED_STATE)."""
+        keyboard = self.service.keyboard
+        sync = not self.conn.supports(ENCODING_QEMU_LED_STATE)
         if isinstance(event, ev.ExtendedKey):
             code = scancode_for(event.keycode)
             if code is not None:
-                key = KeyEvent(down=event.down, scancode=code)
-        if key is None:
-            qcode = qcode_for(event.keysym)
-            if qcode is None:
-                log.debug("viewer %s: no key for keysym %#x", self.peer, event.keysym)
+                batch += keyboard.scancode(event.keysym, code, event.down, self.source, sync=sync)
                 return
-            key = KeyEvent(down=event.down, qcode=qcode)
-        batch.append(key)
+        batch += keyboard.key(event.keysym, event.down, self.source, sync=sync)
 
     def _on_pointer(self, event: ev.Pointer, batch: list[InputEvent]) -> None:
         pressed = event.buttons & ~self._buttons
@@ -807,12 +866,12 @@ class VncService:
     #: Asked for in the hello beyond the defaults: vnc_reload broadcasts, and clipboard broadcasts (up to 1 MiB).
     capabilities = (Capability.VNC, Capability.CLIPBOARD)
 
-    def __init__(self, listen: str | None = DEFAULT_LISTEN, *, password: str | None = None,
-                 websocket: str | None = None, max_viewers: int = MAX_VIEWERS,
-                 display_wait_s: float = DISPLAY_WAIT_S, encoder_workers: int | None = None,
-                 tls: TlsSettings | None = None, max_clipboard: int = DEFAULT_MAX_CLIPBOARD,
-                 pool: EncoderPool | None = None, websocket_url: str | None = None,
-                 listen_socket: socket.socket | None = None) -> None:
+    def __init__(self, listen: str | None = DEFAULT_LISTEN, *, websocket: str | None = None,
+                 share: str = "allow-exclusive", connections: int = DEFAULT_CONNECTIONS,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT_S, keymap: str | None = None,
+                 encoder_workers: int | None = None, tls: TlsSettings | None = None,
+                 max_clipboard: int = DEFAULT_MAX_CLIPBOARD, pool: EncoderPool | None = None,
+                 websocket_url: str | None = None, listen_socket: socket.socket | None = None) -> None:
         """``listen`` None: no listener of its own, or ``listen_socket`` (bound by a fleet client, from its port
         range); viewers may also come through a fleet client's WebSocket router, which ``websocket_url`` names for
         state.json. ``pool``: encoder workers shared with other VMs' services."""
@@ -820,20 +879,36 @@ class VncService:
         self._listen_socket = listen_socket
         self.websocket = parse_listen(websocket) if websocket else None
         self.websocket_url = websocket_url
-        self.password = password
+        if share not in SHARE_POLICIES:
+            raise VncError(f"unknown share policy {share!r} (known: {', '.join(SHARE_POLICIES)})")
+        if connections < 1 or handshake_timeout <= 0:
+            raise VncError("the connection limit and the handshake timeout must be positive")
+        self.share = share
+        self.connections_limit = connections
+        self.handshake_timeout = handshake_timeout
+        try:
+            self.keyboard = Keyboard(Keymap.load(keymap))
+        except KeymapError as exc:
+            raise VncError(str(exc)) from exc
         self.tls_settings = tls or TlsSettings()
         self.tls = TlsCredentials(self.tls_settings) if self.tls_settings.enabled else None
-        self.max_viewers = max_viewers
-        self.display_wait_s = display_wait_s
         self.ctx: ClientContext | None = None
         self.vm_name = "vmfront"
         self.mode: Mode | None = None
+        #: How viewers authenticate, as the core last said (None: not heard yet, so nobody is served).
+        self.auth: str | None = None
+        self._settings_known = asyncio.Event()
+        #: Every connection from accept to close, in the order they came (viewers are those being served).
+        self.connections: dict[int, Connection] = {}
         self.viewers: set[Viewer] = set()
         self._mode_known = asyncio.Event()
         self._socks: list[socket.socket] = []
         self._sock_kinds: list[str] = []  # "vnc" or "websocket", for each of _socks
         self._servers: list[Any] = []
         self._handlers: set[asyncio.Task[None]] = set()
+        #: Reports for the core, sent in order by one task (see _report_loop).
+        self._reports: asyncio.Queue[VncViewerOp | VncStateOp] = asyncio.Queue(MAX_PENDING_REPORTS)
+        self._reporter: asyncio.Task[None] | None = None
         #: Viewers keep their picture: the display after a migration is still QEMU's placeholder (see ``attached``).
         self.holding = False
         self._hold_timer: asyncio.TimerHandle | None = None
@@ -850,33 +925,6 @@ class VncService:
 
     # --- Service protocol -----------------------------------------------------------------------------
 
-    def describe_vnc_servers(self) -> list[dict[str, Any]]:
-        """Our VNC server and its viewers, in QMP ``query-vnc-servers`` shape (the monitor's ``info vnc``)."""
-        plain = "vnc" if self.password else "none"
-        subtypes = self.tls.subtypes(self.password) if self.tls is not None else ()
-        auth = {"auth": "vencrypt", "vencrypt": vencrypt.describe(subtypes[0])} if subtypes else {"auth": plain}
-
-        def address(sock: socket.socket, websocket: bool) -> dict[str, Any]:
-            name = sock.getsockname()
-            # A wss:// listener runs RFB's own types inside its TLS, as QEMU's WebSocket with tls-creds does.
-            kind = {"auth": plain} if websocket and self._websocket_tls() is not None else auth
-            if isinstance(name, tuple):
-                family = "ipv6" if sock.family == socket.AF_INET6 else "ipv4"
-                return {"host": name[0], "service": str(name[1]), "family": family, "websocket": websocket, **kind}
-            return {"host": name, "service": "", "family": "unix", "websocket": websocket, **kind}
-
-        servers = [address(sock, kind == "websocket") for sock, kind in zip(self._socks, self._sock_kinds, strict=True)]
-        clients = []
-        for viewer in sorted(self.viewers, key=lambda v: v.peer):
-            websocket = viewer.peer.startswith("ws:")
-            host, _, port = viewer.peer.removeprefix("ws:").rpartition(":")
-            client = {"host": host or viewer.peer, "service": port, "websocket": websocket,
-                      "family": "unix" if viewer.peer.startswith(("unix:", "ws:unix")) else "ipv4"}
-            if viewer.x509_dname is not None:
-                client["x509_dname"] = viewer.x509_dname
-            clients.append(client)
-        return [{"id": "default", "server": servers, "clients": clients, **auth}]
-
     def endpoints(self) -> dict[str, str]:
         """Where viewers connect (for ``state.json`` and ``vmfront list``), once bound."""
         found = {kind: describe(sock) for kind, sock in zip(self._sock_kinds, self._socks, strict=True)}
@@ -891,12 +939,10 @@ class VncService:
                                    (self.websocket, "VNC over WebSocket", self._websocket_tls() is not None)):
             if address is None or address.host is None or is_loopback(address.host):
                 continue
-            if not tls and not self.password:
-                found.append(f"{what} listens on {address}, not only on loopback, with neither TLS nor a password: "
-                             "whoever reaches it sees and controls the guest")
-            elif not tls:
-                found.append(f"{what} listens on {address}, not only on loopback, without TLS: the VNC password "
-                             "(8 characters, DES challenge) and every pixel and key cross the network in the clear")
+            if not tls:  # the password, if any, is the core's: it may be set or cleared at any time
+                found.append(f"{what} listens on {address}, not only on loopback, without TLS: unless the core asks "
+                             "for a VNC password (8 characters, DES challenge) whoever reaches it sees and controls "
+                             "the guest, and every pixel and key crosses the network in the clear")
             elif self.tls_settings.plain_too and not self.tls_settings.anonymous:
                 found.append(f"{what} on {address} also offers security types in the clear (--vnc-tls-plain-too): "
                              "anyone on the path can make a viewer use them")
@@ -945,6 +991,7 @@ class VncService:
             self.pool = EncoderPool(self.encoder_workers)
             self.pool.start()
         self.pool.add_copy(self.frame_copy.key, self.frame_copy.fd)
+        self._reporter = asyncio.get_running_loop().create_task(self._report_loop(), name="vnc-reports")
         socks = dict(zip(self._sock_kinds, self._socks, strict=True))
         if "vnc" in socks:
             sock = socks["vnc"]
@@ -953,15 +1000,16 @@ class VncService:
             else:
                 server = await asyncio.start_server(self._on_stream, sock=sock)
             self._servers.append(server)
-            log.info("VNC: listening on %s (%s)", describe(sock), self.describe_vnc_servers()[0].get("vencrypt")
-                     or ("VNC authentication" if self.password else "no authentication"))
+            log.info("VNC: listening on %s (%s; %d connections in handshake at most, share policy %s)",
+                     describe(sock), self._vencrypt_name() or "authentication as the core says",
+                     self.connections_limit, self.share)
         if "websocket" in socks:
             from websockets.asyncio.server import serve
 
             ws_sock = socks["websocket"]
             logging.getLogger("websockets").setLevel(max(logging.INFO, log.getEffectiveLevel()))
             context = self._websocket_tls()
-            tls: dict[str, Any] = {"ssl": context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S} if context else {}
+            tls: dict[str, Any] = {"ssl": context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S} if context else {}
             ws_server = await serve(self._on_websocket, sock=ws_sock, select_subprotocol=_binary_subprotocol,
                                     compression=None, max_size=1 << 20, ping_interval=None, **tls)
             self._servers.append(ws_server)
@@ -975,6 +1023,7 @@ class VncService:
         # or HOLD_MAX_S passed (a guest whose mode has the placeholder's size brings no new generation).
         self.clipboard.attached(welcome)
         self._release_hold()
+        self._resend_state()  # this core may be new: it learns our listeners and viewers, without events
         followed, self._following_migration = self._following_migration, False
         if (followed or welcome.run_state == "incoming") and self.mode is not None:
             log.info("VNC: the guest arrives from a migration: viewers keep their picture until its display is there")
@@ -992,6 +1041,81 @@ class VncService:
         elif isinstance(body, VncReload) and body.tls_certs:
             log.info("VNC: the core asks to reload the TLS certificates (QMP display-reload)")
             self.reload()
+        elif isinstance(body, VncSettings):
+            if body.auth not in (AUTH_NONE, AUTH_VNC):
+                log.error("VNC: the core asks for authentication %r, which this client cannot do: serving no "
+                          "viewer", body.auth)
+                self.auth = None
+                self._settings_known.clear()
+                return
+            changed = body.auth != self.auth
+            if changed:
+                log.info("VNC: viewers authenticate with %s", "a VNC password" if body.auth == AUTH_VNC else "none")
+            self.auth = body.auth
+            self._settings_known.set()
+            if changed and self.tls is not None:
+                self._resend_state()  # the VeNCrypt sub-auth our listeners require changed with it
+
+    # --- what the core is told ------------------------------------------------------------------------
+
+    def _vencrypt_name(self) -> str:
+        """The VeNCrypt sub-auth a plain listener requires (QAPI's name, e.g. ``x509-vnc``), or "" (in the clear
+        allowed)."""
+        subtypes = self.tls.subtypes(self.auth == AUTH_VNC) if self.tls is not None else ()
+        return vencrypt.describe(subtypes[0]) if subtypes and not self.tls_settings.plain_too else ""
+
+    def servers(self) -> tuple[VncAddress, ...]:
+        """Our listeners as the core shows them; a wss:// listener runs RFB's own types inside its TLS, as QEMU's
+        WebSocket with tls-creds does."""
+        found = []
+        for sock, kind in zip(self._socks[:MAX_VNC_SERVERS], self._sock_kinds, strict=False):
+            websocket = kind == "websocket"
+            sub = "" if websocket and self._websocket_tls() is not None else self._vencrypt_name()
+            found.append(vnc_address(sock.family, sock.getsockname(), websocket=websocket, vencrypt=sub))
+        return tuple(found)
+
+    def _resend_state(self) -> None:
+        """Whatever was still queued is superseded: the core gets our whole VNC server as it is now."""
+        while not self._reports.empty():
+            self._reports.get_nowait()
+        viewers = tuple(c.report() for c in self.connections.values())
+        self._reports.put_nowait(VncStateOp(self.servers(), viewers))
+
+    def _report(self, event: str, connection: Connection) -> None:
+        try:
+            self._reports.put_nowait(VncViewerOp(event, connection.report()))
+        except asyncio.QueueFull:
+            log.warning("VNC: the core does not take reports; sending it the whole state instead")
+            self._resend_state()
+
+    async def _report_loop(self) -> None:
+        """One report at a time, in order; none while detached (the next attach sends the whole state)."""
+        while True:
+            report = await self._reports.get()
+            channel = self.ctx.channel if self.ctx is not None else None
+            if channel is None or not channel.attached:
+                continue
+            try:
+                await channel.request(report, timeout_s=10.0)
+            except ChannelError as exc:
+                log.debug("VNC: report %s not delivered: %s", report.OP, exc)
+
+    async def check_auth(self, connection: Connection, challenge: bytes, response: bytes) -> tuple[bool, str]:
+        """The core's verdict on a VNC authentication response: (accepted, what to tell the viewer)."""
+        channel = self.ctx.channel if self.ctx is not None else None
+        if channel is None or not channel.attached:
+            log.warning("viewer %s: cannot authenticate it: the core is not attached", connection.transport.peer)
+            return False, "Authentication unavailable, try again later"
+        try:
+            result = await channel.request(VncAuthOp(connection.id, connection.transport.address.host, challenge,
+                                                     response), timeout_s=AUTH_TIMEOUT_S)
+        except ChannelError as exc:
+            log.warning("viewer %s: authentication check failed: %s", connection.transport.peer, exc)
+            return False, "Authentication unavailable, try again later"
+        if not isinstance(result, dict) or result.get("ok") is not True:
+            reason = result.get("reason") if isinstance(result, dict) else None
+            return False, str(reason or "Authentication failed")
+        return True, ""
 
     def _release_hold(self, repaint: bool = False) -> None:
         if self._hold_timer is not None:
@@ -1065,6 +1189,8 @@ class VncService:
         if leds != self.keyboard_leds:
             log.debug("VNC: guest keyboard LEDs %s", leds)
             self.keyboard_leds = leds
+            if leds is not None:  # what lock-key sync compares a viewer's keysyms with from now on
+                self.keyboard.guest_leds(caps_lock=bool(leds & LED_CAPS_LOCK), num_lock=bool(leds & LED_NUM_LOCK))
             for viewer in self.viewers:
                 viewer.send_leds()
 
@@ -1121,8 +1247,10 @@ class VncService:
             await self.pool.close()
         for server in self._servers:
             server.close()
-        for viewer in list(self.viewers):
-            viewer.disconnect()
+        for connection in list(self.connections.values()):
+            connection.close("the client is stopping")
+        if self._reporter is not None:
+            self._reporter.cancel()
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=2.0)
         for sock in self._socks:
@@ -1145,12 +1273,28 @@ class VncService:
         self.mode = mode
         self._mode_known.set()
 
-    def disconnect_others(self, keep: Viewer) -> None:
-        others = [v for v in self.viewers if v is not keep]
-        if others:
-            log.info("viewer %s asked for exclusive use: disconnecting %d other viewers", keep.peer, len(others))
-        for viewer in others:
-            viewer.disconnect()
+    def admit_viewer(self, connection: Connection, shared: bool) -> str | None:
+        """A viewer finished its handshake (ClientInit): may it stay, by the share policy and the viewer limit?
+        Returns why not, or None (it is then initialised, and the core told). As QEMU's protocol_client_init."""
+        others = [c for c in self.connections.values() if c.initialized and c is not connection]
+        exclusive = not shared
+        if self.share == "allow-exclusive":
+            if exclusive:
+                if others:
+                    log.info("viewer %s asked for exclusive use: disconnecting %d other viewers",
+                             connection.transport.peer, len(others))
+                for other in others:
+                    other.close("another viewer asked for exclusive use")
+                others = []
+            elif any(c.exclusive for c in others):
+                return "a viewer has exclusive use (share policy allow-exclusive)"
+        elif self.share == "force-shared" and exclusive:
+            return "exclusive use is not allowed (share policy force-shared)"
+        if shared and sum(not c.exclusive for c in others) >= self.connections_limit:
+            return f"{self.connections_limit} viewers share the screen already"
+        connection.initialized, connection.exclusive = True, exclusive
+        self._report("initialized", connection)
+        return None
 
     async def send_input(self, events: list[InputEvent], peer: str, source: str) -> None:
         channel = self.ctx.channel if self.ctx is not None else None
@@ -1175,7 +1319,7 @@ class VncService:
     # --- connections ----------------------------------------------------------------------------------
 
     async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._serve(StreamTransport(reader, writer))
+        await self._serve(StreamTransport(reader, writer), 0)
 
     async def _on_websocket(self, ws: Any) -> None:
         await self.serve_transport(WebSocketTransport(ws))
@@ -1183,33 +1327,31 @@ class VncService:
     async def serve_transport(self, transport: Transport) -> None:
         """Serve a viewer whose connection arrived elsewhere too (a fleet client's WebSocket router, the web
         console)."""
-        await self._serve(transport)
+        await self._serve(transport, self._sock_kinds.index("websocket") if "websocket" in self._sock_kinds else 0)
 
-    async def _serve(self, transport: Transport) -> None:
+    async def _serve(self, transport: Transport, server: int) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
+        connection = Connection(transport, server)
+        self._make_room(connection)
+        self.connections[connection.id] = connection
+        self._report("connected", connection)
+        deadline = asyncio.get_running_loop().call_later(self.handshake_timeout, self._handshake_overdue,
+                                                         connection)
         try:
-            await self._serve_viewer(transport)
+            if await self._ready_for(connection):
+                await self._serve_viewer(Viewer(self, connection))
         finally:
+            deadline.cancel()
+            transport.close()
+            del self.connections[connection.id]
+            self._report("disconnected", connection)
             if task is not None:
                 self._handlers.discard(task)
 
-    async def _serve_viewer(self, transport: Transport) -> None:
-        if len(self.viewers) >= self.max_viewers:
-            log.warning("viewer %s refused: already %d viewers", transport.peer, len(self.viewers))
-            transport.close()
-            return
-        if self.mode is None:
-            log.info("viewer %s: waiting up to %.0f s for the guest display", transport.peer, self.display_wait_s)
-            try:
-                await asyncio.wait_for(self._mode_known.wait(), self.display_wait_s)
-            except TimeoutError:
-                log.warning("viewer %s refused: no guest display yet", transport.peer)
-                transport.close()
-                return
-        viewer = Viewer(self, transport)
-        tls = transport.ssl_object()
+    async def _serve_viewer(self, viewer: Viewer) -> None:
+        tls = viewer.transport.ssl_object()
         log.info("viewer %s: connection%s", viewer.peer, f" (TLS: {tls.version()})" if tls is not None else "")
         self.viewers.add(viewer)
         self.clipboard.viewers.add(viewer.clipboard)
@@ -1226,11 +1368,49 @@ class VncService:
             if demand is not None:
                 demand.release()
 
+    def _make_room(self, newcomer: Connection) -> None:
+        """At the limit of connections in their handshake, the oldest of them goes (as QEMU's VNC): a flood of
+        connections that never speak cannot keep a real viewer out, and viewers being served are never evicted."""
+        waiting = [c for c in self.connections.values() if not c.initialized and not c.closed.is_set()]
+        if len(waiting) >= self.connections_limit:
+            oldest = min(waiting, key=lambda c: c.since)
+            log.warning("viewer %s: closed to make room for %s (%d connections in handshake)",
+                        oldest.transport.peer, newcomer.transport.peer, len(waiting))
+            oldest.close("evicted: too many connections in handshake")
 
-def service_from_args(listen: str | None, password_file: Path | None, websocket: str | None,
-                      tls: TlsSettings | None = None) -> VncService | None:
-    """Build the service from the client's command line (None when neither --vnc nor --websocket is given)."""
-    if listen is None and websocket is None:
+    def _handshake_overdue(self, connection: Connection) -> None:
+        if not connection.initialized:
+            log.info("viewer %s: no handshake within %.0f s; closing it", connection.transport.peer,
+                     self.handshake_timeout)
+            connection.close(f"handshake not done within {self.handshake_timeout:.0f} s")
+
+    async def _ready_for(self, connection: Connection) -> bool:
+        """Wait (within the handshake deadline) until there is a display and the core said how viewers
+        authenticate; False if the connection was closed first."""
+        for known, what in ((self._settings_known, "the core's VNC settings"), (self._mode_known, "the display")):
+            if known.is_set():
+                continue
+            log.info("viewer %s: waiting for %s", connection.transport.peer, what)
+            closed = asyncio.ensure_future(connection.closed.wait())
+            ready = asyncio.ensure_future(known.wait())
+            await asyncio.wait((closed, ready), return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            ready.cancel()
+            if connection.closed.is_set():
+                log.warning("viewer %s refused: %s (still waiting for %s)", connection.transport.peer,
+                            connection.reason, what)
+                return False
+        return True
+
+
+def service_from_args(listen: str | None, websocket: str | None, *, share: str = "allow-exclusive",
+                      connections: int = DEFAULT_CONNECTIONS, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+                      keymap: str | None = None, tls: TlsSettings | None = None,
+                      web_console: bool = False) -> VncService | None:
+    """Build the service from the client's command line: None when neither --vnc nor --websocket is given,
+    unless the web console (``web_console``) needs one without a listener of its own."""
+    if listen is None and websocket is None and not web_console:
         return None
-    return VncService(listen or DEFAULT_LISTEN, password=read_password(password_file), websocket=websocket, tls=tls)
-
+    return VncService(listen or (DEFAULT_LISTEN if websocket is not None else None), websocket=websocket,
+                      share=share, connections=connections, handshake_timeout=handshake_timeout, keymap=keymap,
+                      tls=tls)

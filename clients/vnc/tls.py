@@ -167,14 +167,14 @@ class TlsCredentials:
         if self.x509 is not None and context is not self.x509:
             ssl_object.context = self.x509
 
-    def subtypes(self, password: str | None) -> tuple[int, ...]:
-        """The VeNCrypt subtypes to offer, best first: X.509 before anonymous; with a password the VNC
+    def subtypes(self, vnc_auth: bool) -> tuple[int, ...]:
+        """The VeNCrypt subtypes to offer, best first: X.509 before anonymous; with VNC authentication the VNC
         Authentication ones only (the others would skip it)."""
         found: list[int] = []
         if self.x509 is not None:
-            found.append(vencrypt.X509_VNC if password is not None else vencrypt.X509_NONE)
+            found.append(vencrypt.X509_VNC if vnc_auth else vencrypt.X509_NONE)
         if self.anonymous is not None:
-            found.append(vencrypt.TLS_VNC if password is not None else vencrypt.TLS_NONE)
+            found.append(vencrypt.TLS_VNC if vnc_auth else vencrypt.TLS_NONE)
         return tuple(found)
 
     def context_for(self, subtype: int) -> ssl.SSLContext:

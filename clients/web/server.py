@@ -31,7 +31,7 @@ from aiohttp.abc import AbstractAccessLogger
 from clients.screendump import ScreendumpError, frame_image
 from clients.service import QuietService
 from clients.tokens import ANY_VM
-from clients.vnc.service import ListenAddress, bind_socket, describe, is_loopback
+from clients.vnc.service import ListenAddress, bind_socket, describe, is_loopback, vnc_address
 from ipc.rundir import RunDir, RunDirError, check_vm_name
 from rfb import ProtocolError
 from shm import LayoutError
@@ -102,6 +102,8 @@ class AiohttpTransport:
         self._ws = ws
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         self.peer = f"ws:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "ws:unix"
+        sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+        self.address = vnc_address(sock.family if sock is not None else -1, peer, websocket=True)
         tls = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
         self._tls: ssl.SSLObject | None = tls
         self.encrypted = tls is not None
