@@ -21,7 +21,7 @@ from core_daemon.readiness import sd_notify, write_ready_fd
 from ipc.channel import ChannelError, ClientChannel, ipc_endpoint
 from ipc.messages import ALL_CAPABILITIES, Capability, DisplayChanged, EventBody, Migrated, Shutdown, Welcome
 from ipc.rundir import RunDir, follow_migrations, socket_access_problem
-from shm import LayoutError, Overrun, Record
+from shm import DamageRecord, LayoutError, Overrun, Record
 from shm.notify import DisplayClosed, DisplaySubscription, HelloError
 
 from .privileges import Identity, drop_privileges, resolve_user
@@ -65,6 +65,23 @@ class ClientConfig:
         return self.core_endpoint or ipc_endpoint(self.run_dir.control_socket)
 
 
+#: How long past the pacing interval a reader turning live waits for the core's whole frame (QEMU answers within
+#: its refresh interval; a host busy with many guests booting took over a second).
+FRESH_WAIT_S = 5.0
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _fresh_overdue(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        log.warning("display: the core's whole frame did not come within %.0f s of a reader turning live; "
+                    "serving the segment as it is", FRESH_WAIT_S)
+        future.set_result(None)
+
+
 class DisplayDemand:
     """How many consumers (VNC viewers, a screendump in progress) need live pixels. While none do, the client
     tells the core, which then stops refreshing the segment (docs/display.md, pacing): an idle VM whose screen
@@ -100,22 +117,39 @@ class ClientContext:
     #: Every service of this client, so one can describe another (the monitor's ``info vnc``).
     services: list[Service] = field(default_factory=list)
     demand: DisplayDemand = field(default_factory=DisplayDemand)
+    _fresh_waiters: list[asyncio.Future[None]] = field(default_factory=list, init=False, repr=False)
 
-    async def acquire_live(self) -> None:
+    def acquire_live(self) -> asyncio.Future[None] | None:
         """Count a reader that needs live pixels (a viewer: release with ``demand.release()``). If the core was
-        pacing the display, return once it delivered the whole current frame (it answers a reader turning live
-        with one), so that the reader's first picture is not an old one."""
+        pacing the display, returns a future done once the core has written the whole current frame (it answers
+        a reader turning live with one, ending in a damage record), or after the pacing interval and
+        ``FRESH_WAIT_S``: a reader's first picture waits for it, so it is not an old or half-written one."""
         display = self.display
-        paced = display is not None and display.paced and display.hello.pacing is not None
+        fresh: asyncio.Future[None] | None = None
+        if display is not None and display.paced and display.hello.pacing is not None:
+            loop = asyncio.get_running_loop()
+            fresh = loop.create_future()
+            self._fresh_waiters.append(fresh)
+            timer = loop.call_later(display.hello.pacing + FRESH_WAIT_S, _fresh_overdue, fresh)
+            fresh.add_done_callback(lambda _: timer.cancel())
         self.demand.acquire()
-        if paced and display is not None and display.hello.pacing is not None:
-            await display.next_wakeup(display.hello.pacing + 1.0)
+        return fresh
+
+    def display_records(self, records: list[Record] | Overrun) -> None:
+        """Records the display loop read: a damage record (or an overrun) means a frame was written whole."""
+        if self._fresh_waiters and (isinstance(records, Overrun)
+                                    or any(isinstance(record, DamageRecord) for record in records)):
+            waiters, self._fresh_waiters = self._fresh_waiters, []
+            for waiter in waiters:
+                _resolve(waiter)
 
     async def fresh_display(self) -> DisplaySubscription | None:
         """The display, made current first if the core was pacing it (for a one-off read: a screendump, a web
         thumbnail)."""
+        fresh = self.acquire_live()
         try:
-            await self.acquire_live()
+            if fresh is not None:
+                await fresh
         finally:
             self.demand.release()
         return self.display
@@ -344,6 +378,7 @@ class Client:
     def _dispatch(self, records: list[Record] | Overrun) -> None:
         for service in self.services:
             service.display_records(records)
+        self.ctx.display_records(records)
 
     async def close(self) -> None:
         log.info("client of VM %r stopping", self.config.name)

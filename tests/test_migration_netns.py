@@ -111,7 +111,7 @@ class NsClient(LoggedProcess):
 def vncdo_in(ns: str, port: int, *, capture: Path | None = None, type_text: str = "") -> None:
     """vncdotool (a fresh connection: connect, optionally type, optionally capture, disconnect) inside NS."""
     result = subprocess.run(in_ns(ns, sys.executable, "-c", _VNCDO_SCRIPT, f"127.0.0.1::{port}", "", "raw",
-                                  str(capture or ""), type_text),
+                                  str(capture or ""), type_text, "0"),
                             capture_output=True, text=True, timeout=40, cwd=ROOT)
     assert result.returncode == 0, f"vncdotool in {ns}: {result.stderr[-3000:]}"
 

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clients.service import QuietService
 from ipc.channel import ChannelError, NotAttached
-from ipc.messages import EventBody, Welcome
 from ipc.rundir import listen_unix
-from shm import Overrun, Record
 
 from .commands import MonitorError, Session, execute
 
@@ -120,7 +119,7 @@ def _write_image(shm_name: str, path: Path, image_format: str) -> None:
         raise MonitorError(f"failed to open file '{path}': {exc.strerror or exc}") from exc
 
 
-class MonitorService:
+class MonitorService(QuietService):
     name = "monitor"
 
     def __init__(self, address: MonitorAddress, *, mode: int = 0o600) -> None:
@@ -164,18 +163,6 @@ class MonitorService:
     async def start(self) -> None:
         assert self._server is not None
         await self._server.start_serving()
-
-    def attached(self, welcome: Welcome) -> None:
-        pass
-
-    def detached(self, reason: str) -> None:
-        pass
-
-    def display_records(self, records: list[Record] | Overrun) -> None:
-        pass
-
-    def event(self, body: EventBody) -> None:
-        pass
 
     async def close(self) -> None:
         if self._server is not None:

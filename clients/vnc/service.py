@@ -445,6 +445,8 @@ class Viewer:
         self.pending_copy: Move | None = None  # a scroll to send as CopyRect before the dirty region
         self.in_flight: list[Rect] = []  # rectangles of the update being encoded
         self._tasks: list[asyncio.Task[None]] = []
+        #: Done once the display is current (the core was pacing it when this viewer came); None: it is.
+        self.fresh: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"<viewer {self.peer}>"
@@ -725,6 +727,9 @@ class Viewer:
                 data = bytes(self._outbox)
                 self._outbox.clear()
                 await self.transport.send(data)
+            if self.fresh is not None and self.requested is not None:
+                await asyncio.wait([self.fresh])  # the core's fresh frame (or its timeout) before the first update
+                self.fresh = None
             update = await self._build_update()
             if update is not None:
                 self.updates_sent += 1
@@ -1358,13 +1363,15 @@ class VncService:
         if self.pool is not None:
             self.pool.start()  # a lazy (fleet) pool starts its workers with the first viewer
         demand = self.ctx.demand if self.ctx is not None else None
+        # The core stops pacing its capture; the viewer's first update waits for the fresh frame.
+        viewer.fresh = self.ctx.acquire_live() if self.ctx is not None else None
         try:
-            if self.ctx is not None:
-                await self.ctx.acquire_live()  # the core stops pacing its capture; the first picture is current
             await viewer.run()
         finally:
             self.viewers.discard(viewer)
             self.clipboard.viewers.discard(viewer.clipboard)
+            if viewer.fresh is not None:
+                viewer.fresh.cancel()
             if demand is not None:
                 demand.release()
 
