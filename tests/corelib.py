@@ -247,7 +247,11 @@ class Fleet:
 def _end(process: Ended) -> None:
     if isinstance(process, subprocess.Popen):
         if process.poll() is None:
-            process.kill()
+            process.terminate()  # a supervisor (`vmfront run`) ends its children on SIGTERM; SIGKILL would orphan them
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
         process.wait(timeout=10)
     elif hasattr(process, "stop"):
         process.stop()

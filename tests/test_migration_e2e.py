@@ -420,3 +420,103 @@ def test_destination_dies_mid_way(pair: Pair) -> None:
             viewer.stop()
         client.stop()
 
+
+
+class CutTextViewer:
+    """A minimal RFB viewer for the clipboard (legacy cut text, Latin-1): it pastes with ClientCutText and
+    collects every ServerCutText; it asks for no updates."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.received: list[str] = []
+        self.ended: str | None = None
+        take = self._take
+        assert take(12).startswith(b"RFB ")
+        self.sock.sendall(b"RFB 003.008\n")
+        assert 1 in take(take(1)[0])
+        self.sock.sendall(b"\x01")
+        assert take(4) == b"\0\0\0\0"
+        self.sock.sendall(b"\x01")
+        take(20)
+        take(struct.unpack(">I", take(4))[0])
+        self.sock.sendall(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: Raw only (no Extended Clipboard)
+        self.sock.settimeout(None)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _take(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise EOFError("the server closed the connection")
+            data += chunk
+        return data
+
+    def paste(self, text: str) -> None:
+        data = text.encode("latin-1")
+        self.sock.sendall(struct.pack(">BxxxI", 6, len(data)) + data)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                kind = self._take(1)[0]
+                if kind == 3:
+                    (length,) = struct.unpack(">xxxI", self._take(7))
+                    self.received.append(self._take(length).decode("latin-1"))
+                elif kind != 2:  # a bell is all else a viewer that asks for nothing may get
+                    raise AssertionError(f"server message {kind}")
+        except (OSError, EOFError, AssertionError) as exc:
+            self.ended = f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(5)
+
+
+def test_a_paste_during_migration_waits_for_the_destination(pair: Pair) -> None:
+    """A viewer pastes while the guest migrates: the source core never takes it (QEMU's vdagent state does not
+    travel); the client holds it, follows the guest and pastes into the destination's QEMU, whose core tells the
+    other viewers. (No vdagent here: QEMU 7.2 cannot migrate one, and the paste's way through QEMU's clipboard is
+    the same without it.)"""
+    port = free_port()
+    client = VncClientProcess(pair.src_run, "src", port)
+    pasting: CutTextViewer | None = None
+    other: CutTextViewer | None = None
+    watcher = RawQmpPeer(pair.src.qmp_socket).negotiate()
+    migrate: subprocess.Popen[str] | None = None
+    text = "pasted while migrating"
+    try:
+        pasting, other = CutTextViewer(port), CutTextViewer(port)
+        set_bandwidth(watcher, 256 << 10)
+        migrate = start_migrate(pair)
+        wait_migration_status(watcher, {"active"}, 20)
+        wait_for(lambda: "guest migrating: pastes wait" in client.text(), 10, "the client to hear of the migration")
+        pasting.paste(text)
+        time.sleep(1.0)
+        assert "set the guest clipboard" not in pair.src.stderr(), pair.src.stderr()[-3000:]
+        assert not other.received, other.received
+
+        set_bandwidth(watcher, 1 << 34)
+        assert wait_migration_status(watcher, {"completed", "failed", "cancelled"}, 30) == "completed"
+        _, err = migrate.communicate(timeout=30)
+        assert migrate.returncode == 0, err
+        wait_for(lambda: f"pasted {len(text)} characters into the guest clipboard" in client.text(), 30,
+                 "the paste to reach the destination")
+        assert f"set the guest clipboard ({len(text)} characters)" in pair.dst.stderr(), pair.dst.stderr()[-3000:]
+        assert "set the guest clipboard" not in pair.src.stderr()
+        wait_for(lambda: text in other.received, 10, "the other viewer to get the paste")
+        assert text not in pasting.received  # its clipboard holds it already
+        assert pasting.ended is None and other.ended is None, (pasting.ended, other.ended)
+        assert "did not reach the guest" not in client.text()
+    finally:
+        if migrate is not None and migrate.poll() is None:
+            migrate.kill()
+            migrate.wait(timeout=10)
+        watcher.close()
+        for viewer in (pasting, other):
+            if viewer is not None:
+                viewer.close()
+        client.stop()
