@@ -11,8 +11,6 @@ from __future__ import annotations
 import hmac
 import secrets
 
-from Crypto.Cipher import DES
-
 from rfb.wire import VNC_AUTH_CHALLENGE_SIZE
 
 KEY_SIZE = 8
@@ -40,6 +38,10 @@ def response_for(password: str | bytes, challenge: bytes) -> bytes:
     """What a viewer that knows ``password`` answers to ``challenge``."""
     if len(challenge) != VNC_AUTH_CHALLENGE_SIZE:
         raise ValueError(f"VNC challenge must be {VNC_AUTH_CHALLENGE_SIZE} bytes, not {len(challenge)}")
+    # Imported when first needed: pycryptodome brings cffi and pycparser (a few MiB), which a core whose viewers
+    # need no password never uses (docs/fleet.md: the core's memory per VM).
+    from Crypto.Cipher import DES
+
     return DES.new(des_key(password), DES.MODE_ECB).encrypt(challenge)
 
 

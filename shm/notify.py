@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import json
 import os
 import select
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +46,8 @@ HELLO_VERSION = 1
 MAX_HELLO = 4096
 #: What a reader may send (one SOCK_SEQPACKET message each): it needs live pixels, or it does not.
 LIVE, IDLE = b"live", b"idle"
+#: A one-shot reader turning live takes the frame as written once wake-ups pause this long.
+FRESH_QUIET_S = 0.1
 _MAX_FDS = 4  # room to notice (and close) extra descriptors a confused server might send
 
 
@@ -120,14 +124,20 @@ def receive_hello(sock: socket.socket) -> tuple[Hello, int]:
 def read_hello(path: Path | str, *, timeout_s: float = 5.0, fresh: bool = False) -> Hello:
     """The hello of a running core (blocking; for one-shot tools such as ``vmfront screendump``). With ``fresh``,
     if the core's capture was paced, wait (up to a second past its pacing interval, and ``timeout_s``) until it
-    refreshed the segment for this (live) reader."""
+    refreshed the segment for this (live) reader: its first wake-up, then until wake-ups pause for
+    ``FRESH_QUIET_S`` (a whole frame is written in bands, each followed by a wake-up)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout_s)
         sock.connect(os.fspath(path))
         hello, fd = receive_hello(sock)
         try:
             if fresh and hello.paced and hello.pacing is not None:
-                select.select([fd], [], [], min(timeout_s, hello.pacing + 1.0))
+                deadline = time.monotonic() + min(timeout_s, hello.pacing + 1.0)
+                wait = deadline - time.monotonic()
+                while wait > 0 and select.select([fd], [], [], wait)[0]:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(fd)
+                    wait = min(FRESH_QUIET_S, deadline - time.monotonic())
         finally:
             os.close(fd)
         return hello
