@@ -143,13 +143,12 @@ class Viewer:
         self.proc.wait(timeout=10)
 
 
-class PlainViewer:
-    """A minimal RFB viewer on a blocking socket, in a thread, that cannot resize (Raw only, no DesktopSize):
-    it keeps an incremental request outstanding and notes when each update arrived and what ended it."""
+class RawViewer:
+    """A minimal RFB viewer on a blocking socket (RFB 3.8, no authentication, Raw only, no DesktopSize), whose
+    messages a thread reads (``_run``, in subclasses)."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.updates: list[float] = []
         self.ended: str | None = None
         assert self._take(12).startswith(b"RFB ")
         self.sock.sendall(b"RFB 003.008\n")
@@ -161,10 +160,13 @@ class PlainViewer:
         self._take(16)
         self._take(struct.unpack(">I", self._take(4))[0])
         self.sock.sendall(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: Raw only
-        self.sock.sendall(struct.pack(">BBHHHH", 3, 0, 0, 0, self.width, self.height))
+        self._started()
         self.sock.settimeout(None)
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = threading.Thread(target=self._reading, daemon=True)
         self.thread.start()
+
+    def _started(self) -> None:
+        """After the handshake, before the reading thread starts."""
 
     def _take(self, n: int) -> bytes:
         data = b""
@@ -175,28 +177,46 @@ class PlainViewer:
             data += chunk
         return data
 
-    def _run(self) -> None:
+    def _reading(self) -> None:
         try:
-            while True:
-                kind = self._take(1)[0]
-                if kind == 2:
-                    continue
-                assert kind == 0, f"server message {kind}"
-                (count,) = struct.unpack(">xH", self._take(3))
-                for _ in range(count):
-                    _, _, w, h, enc = struct.unpack(">HHHHi", self._take(12))
-                    assert enc == 0, f"encoding {enc}"
-                    self._take(w * h * 4)
-                self.updates.append(time.monotonic())
-                self.sock.sendall(struct.pack(">BBHHHH", 3, 1, 0, 0, self.width, self.height))
+            self._run()
         except (OSError, EOFError, AssertionError) as exc:
             self.ended = f"{type(exc).__name__}: {exc}"
+
+    def _run(self) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(5)
+
+
+class PlainViewer(RawViewer):
+    """A viewer that cannot resize: it keeps an incremental request outstanding and notes when each update
+    arrived and what ended it."""
+
+    def __init__(self, port: int) -> None:
+        self.updates: list[float] = []
+        super().__init__(port)
+
+    def _started(self) -> None:
+        self.sock.sendall(struct.pack(">BBHHHH", 3, 0, 0, 0, self.width, self.height))
+
+    def _run(self) -> None:
+        while True:
+            kind = self._take(1)[0]
+            if kind == 2:
+                continue
+            assert kind == 0, f"server message {kind}"
+            (count,) = struct.unpack(">xH", self._take(3))
+            for _ in range(count):
+                _, _, w, h, enc = struct.unpack(">HHHHi", self._take(12))
+                assert enc == 0, f"encoding {enc}"
+                self._take(w * h * 4)
+            self.updates.append(time.monotonic())
+            self.sock.sendall(struct.pack(">BBHHHH", 3, 1, 0, 0, self.width, self.height))
 
 
 @dataclass
@@ -422,58 +442,26 @@ def test_destination_dies_mid_way(pair: Pair) -> None:
 
 
 
-class CutTextViewer:
-    """A minimal RFB viewer for the clipboard (legacy cut text, Latin-1): it pastes with ClientCutText and
-    collects every ServerCutText; it asks for no updates."""
+class CutTextViewer(RawViewer):
+    """A viewer for the clipboard (legacy cut text, Latin-1): it pastes with ClientCutText and collects every
+    ServerCutText; it asks for no updates."""
 
     def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.received: list[str] = []
-        self.ended: str | None = None
-        take = self._take
-        assert take(12).startswith(b"RFB ")
-        self.sock.sendall(b"RFB 003.008\n")
-        assert 1 in take(take(1)[0])
-        self.sock.sendall(b"\x01")
-        assert take(4) == b"\0\0\0\0"
-        self.sock.sendall(b"\x01")
-        take(20)
-        take(struct.unpack(">I", take(4))[0])
-        self.sock.sendall(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: Raw only (no Extended Clipboard)
-        self.sock.settimeout(None)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _take(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise EOFError("the server closed the connection")
-            data += chunk
-        return data
+        super().__init__(port)
 
     def paste(self, text: str) -> None:
         data = text.encode("latin-1")
         self.sock.sendall(struct.pack(">BxxxI", 6, len(data)) + data)
 
     def _run(self) -> None:
-        try:
-            while True:
-                kind = self._take(1)[0]
-                if kind == 3:
-                    (length,) = struct.unpack(">xxxI", self._take(7))
-                    self.received.append(self._take(length).decode("latin-1"))
-                elif kind != 2:  # a bell is all else a viewer that asks for nothing may get
-                    raise AssertionError(f"server message {kind}")
-        except (OSError, EOFError, AssertionError) as exc:
-            self.ended = f"{type(exc).__name__}: {exc}"
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(5)
+        while True:
+            kind = self._take(1)[0]
+            if kind == 3:
+                (length,) = struct.unpack(">xxxI", self._take(7))
+                self.received.append(self._take(length).decode("latin-1"))
+            elif kind != 2:  # a bell is all else a viewer that asks for nothing may get
+                raise AssertionError(f"server message {kind}")
 
 
 def test_a_paste_during_migration_waits_for_the_destination(pair: Pair) -> None:
