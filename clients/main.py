@@ -114,7 +114,7 @@ class ClientContext:
     config: ClientConfig
     channel: ClientChannel | None = None
     display: DisplaySubscription | None = None
-    #: Every service of this client, so one can describe another (the monitor's ``info vnc``).
+    #: Every service of this client, so one can find another (the web console finds the VNC service).
     services: list[Service] = field(default_factory=list)
     demand: DisplayDemand = field(default_factory=DisplayDemand)
     _fresh_waiters: list[asyncio.Future[None]] = field(default_factory=list, init=False, repr=False)
