@@ -387,16 +387,11 @@ class RfbClient:
             raise RemoteProtocolError(f"unknown server message type {kind}")
 
     def _cut_text(self, events: list[Event]) -> None:
-        _kind, length = CUT_TEXT_HEADER.unpack(self._peek(CUT_TEXT_HEADER.size))
-        extended = length & 0x8000_0000 != 0
-        if extended:
-            if ENCODING_EXTENDED_CLIPBOARD not in self._encodings:
-                raise RemoteProtocolError(f"server cut text of {length} bytes (an Extended Clipboard message, "
-                                          "which was not asked for)")
-            length = (1 << 32) - length
-            limit = extclip.payload_limit(self.max_cut_text)
-        else:
-            limit = self.max_cut_text
+        _kind, field = CUT_TEXT_HEADER.unpack(self._peek(CUT_TEXT_HEADER.size))
+        extended, length, limit = extclip.cut_text_length(field, self.max_cut_text)
+        if extended and ENCODING_EXTENDED_CLIPBOARD not in self._encodings:
+            raise RemoteProtocolError(f"server cut text of {field} bytes (an Extended Clipboard message, "
+                                      "which was not asked for)")
         if length > limit:
             self._take(CUT_TEXT_HEADER.size)
             self._skip = length

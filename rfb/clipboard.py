@@ -65,6 +65,15 @@ def payload_limit(max_size: int) -> int:
     return 4 + max_size + max_size // 1000 + 64
 
 
+def cut_text_length(field: int, max_size: int) -> tuple[bool, int, int]:
+    """A cut-text message's U32 length ``field`` read as the extension says, for either role: (extended, bytes
+    that follow, the most worth reading). A negative S32 is an extended message of ``-field`` bytes; the caller
+    refuses one it did not agree to."""
+    if field & 0x8000_0000:
+        return True, (1 << 32) - field, payload_limit(max_size)
+    return False, field, max_size
+
+
 def parse(payload: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ClipboardEvent | CutTextTooLarge:
     """One extended message's payload (after the 8-byte cut-text header) as an event."""
     if len(payload) < 4:

@@ -574,17 +574,11 @@ class RfbServerConnection:
     def _read_cut_text(self, pos: int, events: list[Event]) -> int:
         if not self._need(pos, CLIENT_CUT_TEXT_HEADER.size):
             return 0
-        length: int = CLIENT_CUT_TEXT_HEADER.unpack_from(self._buffer, pos)[1]
-        extended = length & 0x8000_0000 != 0
-        if extended:
-            # A negative S32: the Extended Clipboard format, allowed once we announced it.
-            if not self.extended_clipboard:
-                raise ProtocolError(f"ClientCutText of {length} bytes (an Extended Clipboard message, which was "
-                                    "not announced)")
-            length = (1 << 32) - length
-            limit = extclip.payload_limit(self.max_cut_text)
-        else:
-            limit = self.max_cut_text
+        field: int = CLIENT_CUT_TEXT_HEADER.unpack_from(self._buffer, pos)[1]
+        extended, length, limit = extclip.cut_text_length(field, self.max_cut_text)
+        if extended and not self.extended_clipboard:  # allowed once we announced it
+            raise ProtocolError(f"ClientCutText of {field} bytes (an Extended Clipboard message, which was "
+                                "not announced)")
         if length > limit:
             self._skip = length
             events.append(CutTextTooLarge(length, limit))

@@ -993,10 +993,7 @@ _info_query("usb", "x-query-usb", fmt.human_readable_text, "show guest USB devic
 _info_query("irq", "x-query-irq", fmt.human_readable_text, "show the interrupts statistics (if available)")
 
 
-@info("vnc", "show the vnc server status", needs=("query-vnc-servers",))
-@_handler
-async def _info_vnc(session: Session, args: dict[str, Any]) -> None:
-    session.write(fmt.info_vnc(await session.backend.qmp("query-vnc-servers")))
+_info_query("vnc", "query-vnc-servers", fmt.info_vnc, "show the vnc server status")
 
 
 @info("cpus", "show infos for each CPU", needs=("query-cpus-fast",))
@@ -1014,10 +1011,7 @@ async def _info_block(session: Session, args: dict[str, Any]) -> None:
     session.write(fmt.info_block(blocks, nodes, args.get("device")))
 
 
-@info("migrate", "show migration status", needs=("query-migrate",))
-@_handler
-async def _info_migrate(session: Session, args: dict[str, Any]) -> None:
-    session.write(fmt.info_migrate(await session.backend.qmp("query-migrate")))
+_info_query("migrate", "query-migrate", fmt.info_migrate, "show migration status")
 
 
 @info("snapshots", "show the currently saved VM snapshots", needs=("query-block",))
