@@ -267,6 +267,17 @@ def running_core(name: str = "t", *extra: str, qemu_args: list[str] | None = Non
         yield fleet.core(name, *extra, run_dir=fleet.root / "run", qemu_args=qemu_args, env=env)
 
 
+def screendump(core: CoreProcess, path: Path, timeout: float = 20.0) -> Any:
+    """The core's shared frame as ``vmfront screendump`` writes it to ``path``, loaded as an RGB Pillow image."""
+    from PIL import Image
+
+    subprocess.run([sys.executable, "-m", "vmfront", "screendump", core.name, "--run-dir", str(core.run_dir),
+                    str(path)], check=True, timeout=timeout, cwd=Path(__file__).resolve().parent.parent,
+                   capture_output=True)
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 class RawQmpPeer:
     """A QMP peer on a plain socket, for what a library client would hide: ids, raw bytes, not reading."""
 

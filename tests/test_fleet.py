@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, Fleet, LoggedProcess, RawQmpPeer, wait_for
+from corelib import CoreProcess, Fleet, LoggedProcess, RawQmpPeer, screendump, wait_for
 from fleetlib import FleetClientProcess, endpoints, start_cores, vnc_port, write_tokens
 from guestlib import TEXT_BOXES, crop, text_row
 from PIL import Image
@@ -88,13 +88,6 @@ def twenty() -> Iterator[Twenty]:
         for name in VMS:  # every guest booted (20 of them at once take a while on a busy machine)
             typed(twenty, name, fleet.root, within=180)
         yield twenty
-
-
-def screendump(core: CoreProcess, path: Path) -> Image.Image:
-    subprocess.run([sys.executable, "-m", "vmfront", "screendump", core.name, "--run-dir", str(core.run_dir),
-                    str(path)], check=True, timeout=20, cwd=ROOT, capture_output=True)
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 @contextlib.contextmanager

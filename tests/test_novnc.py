@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, kill_pid, pid_alive, running_core, wait_for
+from corelib import CoreProcess, RawQmpPeer, kill_pid, pid_alive, running_core, screendump, wait_for
 from guestlib import TEXT_BOXES, crop, is_demo_text_screen
 from PIL import Image
-from vnclib import ROOT, VncClientProcess, end_process, free_port, wait_port
+from vnclib import VncClientProcess, end_process, free_port, wait_port
 
 VM = "nv"
 NOVNC = Path("/usr/share/novnc")
@@ -43,13 +43,6 @@ def core() -> Iterator[CoreProcess]:
         wait_for(lambda: is_demo_text_screen(screendump(running, running.run_dir.parent / "boot.png")), 30,
                  "the demo guest to boot")
         yield running
-
-
-def screendump(core: CoreProcess, path: Path) -> Image.Image:
-    subprocess.run([sys.executable, "-m", "vmfront", "screendump", VM, "--run-dir", str(core.run_dir), str(path)],
-                   check=True, timeout=20, cwd=ROOT, capture_output=True)
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def guest_keys_row(peer: RawQmpPeer, core: CoreProcess) -> str:

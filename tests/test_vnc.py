@@ -15,11 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, running_core
+from corelib import CoreProcess, RawQmpPeer, running_core, screendump
 from guestlib import TEXT_BOXES, crop, is_demo_text_screen
 from PIL import Image, ImageChops
 from vnclib import (
-    ROOT,
     MiniViewer,
     VncClientProcess,
     free_port,
@@ -57,12 +56,6 @@ def client(booted: CoreProcess) -> Iterator[VncClientProcess]:
         yield proc
     finally:
         proc.stop()
-
-
-def screendump(core: CoreProcess, path: Path) -> Image.Image:
-    subprocess.run([sys.executable, "-m", "vmfront", "screendump", VM, "--run-dir", str(core.run_dir), str(path)],
-                   check=True, timeout=20, cwd=ROOT, capture_output=True)
-    return Image.open(path).convert("RGB")
 
 
 class Paused:

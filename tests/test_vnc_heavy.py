@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, pid_alive, running_core, wait_for
+from corelib import CoreProcess, RawQmpPeer, pid_alive, running_core, screendump, wait_for
 from guestlib import is_demo_text_screen
 from PIL import Image, ImageChops
 from test_rfb_encodings import SpecViewer
@@ -40,13 +40,6 @@ TEXT = (720, 400)
 TIGERVNC = shutil.which("vncviewer") is not None and shutil.which("Xvfb") is not None
 
 
-def screendump(core: CoreProcess, path: Path) -> Image.Image:
-    """The shared segment's frame (``vmfront screendump`` reads it), as RGB."""
-    subprocess.run([sys.executable, "-m", "vmfront", "screendump", VM, "--run-dir", str(core.run_dir), str(path)],
-                   check=True, timeout=30, capture_output=True)
-    return Image.open(path).convert("RGB")
-
-
 def send_key(core: CoreProcess, key: str) -> None:
     peer = RawQmpPeer(core.qmp_socket).negotiate()
     try:
@@ -60,7 +53,7 @@ def core() -> Iterator[CoreProcess]:
     # TCG: the 1920x1080 mode draws in protected mode, which nested KVM without unrestricted guest cannot run.
     with running_core(VM, qemu_args=[*demo_qemu_args(demo_image_path()), "-accel", "tcg"]) as running:
         dump = running.run_dir.parent / "boot.png"
-        wait_for(lambda: is_demo_text_screen(screendump(running, dump)), 30, "the demo guest to boot")
+        wait_for(lambda: is_demo_text_screen(screendump(running, dump, timeout=30)), 30, "the demo guest to boot")
         yield running
 
 
@@ -77,12 +70,12 @@ def client(core: CoreProcess) -> Iterator[VncClientProcess]:
 def hd(core: CoreProcess, tmp_path: Path) -> Iterator[CoreProcess]:
     """The guest in its 1920x1080 animation for the test, back in text mode afterwards."""
     send_key(core, "f3")
-    wait_for(lambda: screendump(core, tmp_path / "hd.png").size == HD, 20, "the 1920x1080 mode")
+    wait_for(lambda: screendump(core, tmp_path / "hd.png", timeout=30).size == HD, 20, "the 1920x1080 mode")
     try:
         yield core
     finally:
         send_key(core, "f3")
-        wait_for(lambda: screendump(core, tmp_path / "text.png").size == TEXT, 20, "text mode again")
+        wait_for(lambda: screendump(core, tmp_path / "text.png", timeout=30).size == TEXT, 20, "text mode again")
 
 
 @pytest.mark.parametrize("encoding", ["raw", "hextile", "zrle"])
@@ -90,7 +83,7 @@ def test_1080p_vncdotool_decodes_to_the_segment(hd: CoreProcess, client: VncClie
                                                 encoding: str) -> None:
     with Paused(hd):
         vncdo(client.port, capture=tmp_path / "vnc.png", encoding=encoding, timeout=120)
-        dump = screendump(hd, tmp_path / "dump.png")
+        dump = screendump(hd, tmp_path / "dump.png", timeout=30)
     capture = Image.open(tmp_path / "vnc.png").convert("RGB")
     assert capture.size == dump.size == HD
     assert ImageChops.difference(capture, dump).getbbox() is None
@@ -113,7 +106,7 @@ async def spec_decode(port: int, encoding: int) -> bytes:
 def test_1080p_zlib_decodes_to_the_segment(hd: CoreProcess, client: VncClientProcess, tmp_path: Path) -> None:
     with Paused(hd):
         fb = asyncio.run(spec_decode(client.port, ZLIB))
-        dump = screendump(hd, tmp_path / "dump.png")
+        dump = screendump(hd, tmp_path / "dump.png", timeout=30)
     decoded = Image.frombytes("RGB", HD, fb, "raw", "BGRX")
     assert ImageChops.difference(decoded, dump).getbbox() is None
 
@@ -152,7 +145,7 @@ def test_1080p_tigervnc_shows_the_segment(hd: CoreProcess, client: VncClientProc
         viewer = tigervnc(display, client.port, tmp_path, *options)
         try:
             with Paused(hd):
-                dump = screendump(hd, tmp_path / "dump.png")
+                dump = screendump(hd, tmp_path / "dump.png", timeout=30)
                 wait_for(lambda: shows(display, dump, tmp_path / "screen.png"), 60,
                          "TigerVNC's window to show the 1920x1080 frame")
         finally:
@@ -175,7 +168,7 @@ def test_tigervnc_follows_scrolling_text_by_copyrect(core: CoreProcess, tmp_path
                 wait_for(lambda: "viewer 127.0.0.1" in client.text(), 20, "TigerVNC to connect")
                 scroll(core)
                 with Paused(core):
-                    dump = screendump(core, tmp_path / "dump.png")
+                    dump = screendump(core, tmp_path / "dump.png", timeout=30)
                     wait_for(lambda: shows(display, dump, tmp_path / "screen.png"), 30,
                              "TigerVNC to show the scrolled text exactly")
             finally:
@@ -225,7 +218,7 @@ def test_novnc_follows_scrolling_text_by_copyrect(core: CoreProcess, tmp_path: P
                            30, "noVNC to connect")
             await asyncio.get_running_loop().run_in_executor(None, scroll, core)
             with Paused(core):
-                dump = screendump(core, tmp_path / "dump.png")
+                dump = screendump(core, tmp_path / "dump.png", timeout=30)
                 deadline = time.monotonic() + 30
                 while ImageChops.difference(await canvas_image(cdp, session), dump).getbbox() is not None:
                     assert time.monotonic() < deadline, "noVNC's canvas does not show the scrolled text exactly"

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, running_core, wait_for
+from corelib import CoreProcess, RawQmpPeer, running_core, screendump, wait_for
 from guestlib import is_demo_text_screen
 from PIL import Image
 from test_vnc import Paused, find
@@ -57,12 +57,6 @@ def booted() -> Iterator[CoreProcess]:
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> Ca:
     return make_ca(tmp_path_factory.mktemp("ca"))
-
-
-def screendump(core: CoreProcess, path: Path) -> Image.Image:
-    subprocess.run([sys.executable, "-m", "vmfront", "screendump", VM, "--run-dir", str(core.run_dir), str(path)],
-                   check=True, timeout=20, cwd=ROOT, capture_output=True)
-    return Image.open(path).convert("RGB")
 
 
 def viewer_env(display: str, home: Path) -> dict[str, str]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, Fleet, RawQmpPeer, wait_for
+from corelib import CoreProcess, Fleet, RawQmpPeer, screendump, wait_for
 from fleetlib import FleetClientProcess, endpoints, start_cores, write_tokens
 from guestlib import text_row
 from PIL import Image
@@ -66,13 +66,6 @@ def site() -> Iterator[Site]:
             finally:
                 peer.close()
         yield Site(fleet, cores, client, port)
-
-
-def screendump(core: CoreProcess, path: Path) -> Image.Image:
-    subprocess.run([sys.executable, "-m", "vmfront", "screendump", core.name, "--run-dir", str(core.run_dir),
-                    str(path)], check=True, timeout=20, cwd=ROOT, capture_output=True)
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def status(url: str, *, method: str = "GET", cookie: str | None = None) -> tuple[int, dict[str, str], bytes]:
