@@ -369,10 +369,12 @@ async def hostile_peers(port: int, ca: Ca, proc: VncClientProcess) -> None:
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 def test_renegotiation_is_refused(booted: CoreProcess, ca: Ca, tmp_path: Path) -> None:
     """TLS 1.2 renegotiation asked for by the viewer (``openssl s_client``'s R command, spliced onto a connection
-    past the VeNCrypt bytes) is refused with OpenSSL's no_renegotiation alert, and that connection ends."""
+    past the VeNCrypt bytes) is refused with OpenSSL's no_renegotiation alert, and that connection ends. The
+    connection never gets to ClientInit: a handshake deadline longer than the test keeps a slow machine from
+    closing it first."""
     creds = server_creds(ca, tmp_path / "creds")
     port = free_port()
-    proc = VncClientProcess(booted.run_dir, VM, port, "--vnc-tls-creds", str(creds))
+    proc = VncClientProcess(booted.run_dir, VM, port, "--vnc-tls-creds", str(creds), "--vnc-handshake-timeout", "120")
     try:
         asyncio.run(asyncio.wait_for(renegotiate(port, ca), 60))
         assert proc.proc.poll() is None and "viewer 127.0.0.1" in proc.text()
