@@ -99,11 +99,11 @@ ops = st.one_of(
     st.builds(ClipboardSetOp, text=st.text(max_size=64), source=st.text(max_size=8)),
     st.builds(VncStateOp, servers=st.lists(st.builds(
         VncAddress, host=names, service=names, family=st.sampled_from(messages.VNC_FAMILIES),
-        websocket=st.booleans()), max_size=3).map(tuple)),
+        websocket=st.booleans(), vencrypt=st.sampled_from(("", "x509-vnc", "tls-none"))), max_size=3).map(tuple)),
     st.builds(VncViewerOp, event=st.sampled_from(messages.VNC_VIEWER_EVENTS), viewer=st.builds(
         VncViewer, id=st.integers(0, 2**63 - 1), address=st.builds(
             VncAddress, host=names, service=names, family=st.sampled_from(messages.VNC_FAMILIES)),
-        server=st.integers(0, 15), initialized=st.booleans())),
+        server=st.integers(0, 15), initialized=st.booleans(), x509_dname=names)),
     st.builds(VncAuthOp, viewer=st.integers(0, 2**63 - 1), host=names, challenge=st.binary(min_size=16, max_size=16),
               response=st.binary(min_size=16, max_size=16)),
 )
