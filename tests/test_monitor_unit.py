@@ -252,6 +252,9 @@ def test_memory_dump_and_print_formats() -> None:
         "0x00007e25:  eb f6                    jmp      0x7e1d\n"
         "0x00007e27:  a1 6c 04                 movw     0x46c, %ax\n"
         "0x00007e2a:  89 c3                    movw     %ax, %bx\n")
+    # A sign-extended immediate in long mode reads as QEMU's capstone 4 prints it (capstone 5 prints it unsigned).
+    assert fmt.disassembly(0xFFFFFFFFB7582D25, bytes.fromhex("48c7c7846d3dba"), 1, 64) == (
+        "0xffffffffb7582d25:  48 c7 c7 84 6d 3d ba     movq     $-0x45c2927c, %rdi\n")
 
 
 def test_json_as_qemu_pretty_prints_it() -> None:
