@@ -15,9 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 __all__ = ["DEMO_SOURCE", "DemoGuestError", "demo_image_path", "demo_qemu_args"]
@@ -67,6 +65,9 @@ def _build(image: Path) -> None:
     Concurrent builders each write their own temp file; whichever os.replace runs last
     wins, and since both images come from the same source either result is correct.
     """
+    import shutil  # building is rare (once per source change): the running core does not load these
+    import tempfile
+
     nasm = shutil.which("nasm")
     if nasm is None:
         raise DemoGuestError("nasm not found: install Debian package 'nasm' (./install.sh does)")

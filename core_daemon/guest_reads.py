@@ -31,7 +31,6 @@ import contextlib
 import fnmatch
 import json
 import os
-import secrets
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -107,7 +106,7 @@ class GuestReads:
     def _scratch(self) -> Path:
         """A fresh file name in the private directory (0700, the core's alone: QEMU runs as the core's user)."""
         self._dir.mkdir(mode=0o700, exist_ok=True)
-        return self._dir / f"read-{secrets.token_hex(8)}"
+        return self._dir / f"read-{os.urandom(8).hex()}"
 
     async def _into_file(self, command: str, arguments: dict[str, Any], limit: int) -> bytes:
         """Have QEMU write into a fresh private file (``arguments`` name it through ``{path}``); its bytes."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import posixpath
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,6 +291,8 @@ def _argument_rules(source: str, socket_name: str, table: Any) -> dict[str, dict
 
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
     """Parse a policy document; sockets it does not mention keep their defaults."""
+    import tomllib  # only with a policy file: a core on the defaults does not load it
+
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -20,7 +20,6 @@ import itertools
 import logging
 import os
 import resource
-import secrets
 import socket
 import struct
 import time
@@ -29,12 +28,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iter
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 import zmq.asyncio
-from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils.monitor import parse_monitor_message
+
+if TYPE_CHECKING:
+    from zmq.auth.asyncio import AsyncioAuthenticator
 
 from .messages import (
     ALL_CAPABILITIES,
@@ -368,7 +369,7 @@ class CoreChannel:
         self.endpoint = endpoint
         self.vm_name = vm_name
         #: Changes with every core start: tells a client that the core it talks to is a new one.
-        self.instance = secrets.token_hex(8)
+        self.instance = os.urandom(8).hex()
         self.interval = interval
         self.expiry = EXPIRY_INTERVALS * interval
         self._handler = handler
@@ -414,6 +415,8 @@ class CoreChannel:
                 sock.curve_publickey = self._curve.keys.public
                 sock.curve_server = True
                 if self._curve.authorized is not None:
+                    from zmq.auth.asyncio import AsyncioAuthenticator  # only CURVE listeners: the core stays lean
+
                     self._auth = AsyncioAuthenticator(ctx)
                     self._auth.start()
                     self._auth.configure_curve_callback("*", _AllowedKeys(self._curve.authorized))
@@ -945,7 +948,7 @@ class ClientChannel:
         self.client_version = client_version
         self.capabilities = tuple(capabilities)
         self.versions = tuple(versions)
-        self.instance = secrets.token_hex(8)
+        self.instance = os.urandom(8).hex()
         self.request_timeout = request_timeout
         self._curve = curve
         self._on_reattached = on_reattached

@@ -25,7 +25,6 @@ import os
 import re
 import socket
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +61,8 @@ def default_run_root() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "vmfront"
+    import tempfile  # the last resort only: the core does not load it otherwise
+
     return Path(tempfile.gettempdir()) / f"vmfront-{os.geteuid()}"
 
 

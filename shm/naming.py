@@ -9,7 +9,6 @@ pid from colliding with (or being confused for) the old one.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
@@ -33,7 +32,7 @@ class SegmentName:
 
 def segment_name(vm_name: str, pid: int | None = None, token: str | None = None) -> str:
     """A fresh name for this VM's segment; pid defaults to ours, token to 16 random hex digits."""
-    name = SegmentName(vm_name, os.getpid() if pid is None else pid, secrets.token_hex(8) if token is None else token)
+    name = SegmentName(vm_name, os.getpid() if pid is None else pid, os.urandom(8).hex() if token is None else token)
     if not vm_name or name.pid <= 0 or not name.token.isalnum() or not name.token.isascii():
         raise ValueError(f"bad segment name parts: {name!r}")
     text = str(name)
