@@ -385,6 +385,9 @@ class FleetClient:
                              connections=config.vnc_connections, handshake_timeout=config.vnc_handshake_timeout,
                              keymap=config.keymap,
                              websocket_url=self.router.url(name) if self.router is not None else None)
+        for entry in (self.router, self.web):
+            if entry is not None and entry.listener is not None:
+                service.add_entry(entry.listener)
         return service, port
 
     async def _run_vm(self, served: _Served, sockets: Path) -> None:

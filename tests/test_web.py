@@ -189,6 +189,15 @@ def test_overview_thumbnails_console_and_stop(site: Site, tmp_path: Path) -> Non
                 await type_key(cdp, overview, char)
             wait_for(lambda: typed("w2") == before["w2"] + "web", 10, "the keys to reach w2")
             assert typed("w1") == before["w1"]
+            # Management sees the console as QEMU shows a WebSocket viewer: this port is w2's VNC server, the
+            # browser its client (and not w1's).
+            web_server = {"host": "127.0.0.1", "service": str(site.port), "family": "ipv4", "websocket": True,
+                          "auth": "none"}
+            servers = peers["w2"].execute("query-vnc-servers")["return"]
+            assert [(s["id"], s["server"], [c["websocket"] for c in s["clients"]]) for s in servers] == \
+                [("default", [web_server], [True])], servers
+            assert peers["w1"].execute("query-vnc-servers")["return"][0]["clients"] == []
+            assert peers["w2"].execute("query-vnc")["return"]["service"] == str(site.port)
             assert peers["w2"].execute("stop") == {"return": {}}
             try:
                 dump = screendump(site.cores["w2"], tmp_path / "w2.png")

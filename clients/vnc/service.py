@@ -909,6 +909,9 @@ class VncService:
         self._mode_known = asyncio.Event()
         self._socks: list[socket.socket] = []
         self._sock_kinds: list[str] = []  # "vnc" or "websocket", for each of _socks
+        #: WebSocket ports outside this service that hand it viewers (a fleet client's router, the web console):
+        #: the core lists them with our own listeners, as QEMU lists its WebSocket listener.
+        self._entries: list[socket.socket] = []
         self._servers: list[Any] = []
         self._handlers: set[asyncio.Task[None]] = set()
         #: Reports for the core, sent in order by one task (see _report_loop).
@@ -1069,15 +1072,23 @@ class VncService:
         subtypes = self.tls.subtypes(self.auth == AUTH_VNC) if self.tls is not None else ()
         return vencrypt.describe(subtypes[0]) if subtypes and not self.tls_settings.plain_too else ""
 
+    def add_entry(self, sock: socket.socket) -> None:
+        """A WebSocket port bound elsewhere (the fleet router, the web console) that brings viewers through
+        :meth:`serve_transport`: shown to the core as one of our servers, so management sees those viewers too.
+        Before :meth:`start`, or the core learns it with the next whole state."""
+        if sock not in self._entries:
+            self._entries.append(sock)
+
     def servers(self) -> tuple[VncAddress, ...]:
-        """Our listeners as the core shows them; a wss:// listener runs RFB's own types inside its TLS, as QEMU's
-        WebSocket with tls-creds does."""
+        """Our listeners, then the entries, as the core shows them; a wss:// listener runs RFB's own types inside
+        its TLS, as QEMU's WebSocket with tls-creds does. The entries speak RFB's own security types."""
         found = []
-        for sock, kind in zip(self._socks[:MAX_VNC_SERVERS], self._sock_kinds, strict=False):
+        for sock, kind in zip(self._socks, self._sock_kinds, strict=True):
             websocket = kind == "websocket"
             sub = "" if websocket and self._websocket_tls() is not None else self._vencrypt_name()
             found.append(vnc_address(sock.family, sock.getsockname(), websocket=websocket, vencrypt=sub))
-        return tuple(found)
+        found += [vnc_address(sock.family, sock.getsockname(), websocket=True) for sock in self._entries]
+        return tuple(found[:MAX_VNC_SERVERS])
 
     def _resend_state(self) -> None:
         """Whatever was still queued is superseded: the core gets our whole VNC server as it is now."""
@@ -1329,10 +1340,14 @@ class VncService:
     async def _on_websocket(self, ws: Any) -> None:
         await self.serve_transport(WebSocketTransport(ws))
 
-    async def serve_transport(self, transport: Transport) -> None:
-        """Serve a viewer whose connection arrived elsewhere too (a fleet client's WebSocket router, the web
-        console)."""
-        await self._serve(transport, self._sock_kinds.index("websocket") if "websocket" in self._sock_kinds else 0)
+    async def serve_transport(self, transport: Transport, entry: socket.socket | None = None) -> None:
+        """Serve a viewer whose connection arrived elsewhere: our own WebSocket listener, or ``entry`` (see
+        :meth:`add_entry`). The core's reports name the server it came through."""
+        if entry is not None and entry in self._entries:
+            server = len(self._socks) + self._entries.index(entry)
+        else:
+            server = self._sock_kinds.index("websocket") if "websocket" in self._sock_kinds else 0
+        await self._serve(transport, min(server, MAX_VNC_SERVERS - 1))
 
     async def _serve(self, transport: Transport, server: int) -> None:
         task = asyncio.current_task()

@@ -72,6 +72,11 @@ class WebSocketRouter:
         self._sock = bind_socket(self.address)
 
     @property
+    def listener(self) -> socket.socket | None:
+        """The bound socket (once bound): VNC services list it among their servers (``VncService.add_entry``)."""
+        return self._sock
+
+    @property
     def where(self) -> str:
         return describe(self._sock) if self._sock is not None else str(self.address)
 
@@ -121,7 +126,7 @@ class WebSocketRouter:
             return
         self.connections += 1
         try:
-            await service.serve_transport(WebSocketTransport(ws))
+            await service.serve_transport(WebSocketTransport(ws), self._sock)
         finally:
             self.connections -= 1
 

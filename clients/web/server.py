@@ -160,6 +160,11 @@ class WebServer:
         self._sock = bind_socket(self.address)
 
     @property
+    def listener(self) -> socket.socket | None:
+        """The bound socket (once bound): VNC services list it among their servers (``VncService.add_entry``)."""
+        return self._sock
+
+    @property
     def where(self) -> str:
         return describe(self._sock) if self._sock is not None else str(self.address)
 
@@ -342,7 +347,7 @@ class WebServer:
 
         current_vm.set(vm.name)
         try:
-            await service.serve_transport(AiohttpTransport(ws, request))
+            await service.serve_transport(AiohttpTransport(ws, request), self._sock)
         finally:
             if not ws.closed:
                 await ws.close()
@@ -397,6 +402,9 @@ class WebService(QuietService):
         self._view = VmView(ctx.config.name, ctx.config.run_dir, ctx)
         self.server = WebServer(self.address, self, self.tokens)
         self.server.bind()
+        vnc = self._view.vnc
+        if vnc is not None and self.server.listener is not None:
+            vnc.add_entry(self.server.listener)
 
     def endpoints(self) -> dict[str, str]:
         return {"web": self.server.url()} if self.server is not None else {}
