@@ -99,6 +99,8 @@ class FleetConfig:
     websocket: str | None = None
     #: The web console (overview, screens, noVNC) for every VM, on HOST:PORT.
     web: str | None = None
+    #: HTTPS for the web console: X.509 credentials in QEMU's layout (server-cert.pem, server-key.pem).
+    web_tls_creds: Path | None = None
     tokens: TokenFile | None = None
     monitor: bool = False
     console: bool = False
@@ -188,6 +190,7 @@ class FleetClient:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         _tag_log_lines()
         identity: Identity | None = None
         if self.config.user is not None:
@@ -207,7 +210,8 @@ class FleetClient:
             from .web.server import WebError, WebServer
 
             try:
-                self.web = WebServer(parse_listen(self.config.web), self, self.config.tokens)
+                self.web = WebServer(parse_listen(self.config.web), self, self.config.tokens,
+                                     tls_creds=self.config.web_tls_creds)
                 self.web.bind()
             except (WebError, VncError) as exc:
                 raise FleetError(str(exc)) from exc
@@ -236,6 +240,12 @@ class FleetClient:
         finally:
             await self._shutdown()
         return 0
+
+    def _reload(self) -> None:
+        """SIGHUP: the web console re-reads its TLS certificates (tokens are re-read whenever their file changes)."""
+        log.info("SIGHUP: reloading")
+        if self.web is not None:
+            self.web.reload()
 
     def _make_socket_dir(self, identity: Identity | None) -> None:
         root = self.config.socket_dir

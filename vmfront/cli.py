@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--web", metavar="HOST:PORT",
                         help="serve the web console here: an overview of the VMs with live thumbnails, each VM's "
                         "screen and noVNC (docs/web.md); tokens (--websocket-tokens) are required off loopback")
+    client.add_argument("--web-tls-creds", type=Path, metavar="DIR",
+                        help="serve the web console over HTTPS with the X.509 certificate and key in DIR (QEMU's "
+                        "tls-creds-x509 layout: server-cert.pem, server-key.pem, ca-cert.pem; SIGHUP re-reads them)")
     client.add_argument("--socket-dir", type=Path, metavar="DIR",
                         help="with --all: each VM's monitor, console and agent sockets in DIR/NAME/ instead of its "
                         "run directory (for a client that may not write there, e.g. the systemd unit)")
@@ -479,6 +482,9 @@ def cmd_client(args: argparse.Namespace) -> int:
         print("vmfront client: error: --vnc-password-file is an option of `vmfront core` (and `vmfront run`) now: "
               "the core holds the VNC credentials, so they outlive any client", file=sys.stderr)
         return 2
+    if args.web_tls_creds is not None and args.web is None:
+        print("vmfront client: error: --web-tls-creds goes with --web", file=sys.stderr)
+        return 2
     if args.all or len(args.name or ()) > 1:
         return _fleet_client(args)
     if not args.name:
@@ -516,7 +522,7 @@ def cmd_client(args: argparse.Namespace) -> int:
             from clients.web.server import WebService
 
             config.services.append(WebService(args.web, TokenFile(args.websocket_tokens)
-                                              if args.websocket_tokens else None))
+                                              if args.websocket_tokens else None, args.web_tls_creds))
         if args.monitor is not None:
             from clients.monitor.service import MonitorService, parse_monitor_address
 
@@ -573,7 +579,7 @@ def _fleet_client(args: argparse.Namespace) -> int:
             vnc_ports=parse_port_range(args.vnc_ports) if args.vnc_ports else None, vnc_host=args.vnc_host,
             vnc_share=args.vnc_share, vnc_connections=args.vnc_connections,
             vnc_handshake_timeout=args.vnc_handshake_timeout, keymap=args.keymap,
-            websocket=args.websocket, web=args.web,
+            websocket=args.websocket, web=args.web, web_tls_creds=args.web_tls_creds,
             tokens=TokenFile(args.websocket_tokens) if args.websocket_tokens else None,
             monitor=args.monitor is not None, console=args.console is not None, agent=args.agent_proxy != "none",
             socket_dir=args.socket_dir, user=user, group=args.group, ready_fd=args.ready_fd)

@@ -130,8 +130,10 @@ class TlsCredentials:
     """The contexts handshakes use now. ``reload()`` builds new ones from the files and swaps them in: viewers
     already connected keep their session, every later handshake (VeNCrypt or WebSocket) gets the new ones."""
 
-    def __init__(self, settings: TlsSettings) -> None:
+    def __init__(self, settings: TlsSettings, what: str = "VNC") -> None:
+        """``what``: whose credentials these are, in log lines (the VNC service's, the web console's)."""
         self.settings = settings
+        self.what = what
         self.x509: ssl.SSLContext | None = None
         self.anonymous: ssl.SSLContext | None = None
 
@@ -141,7 +143,8 @@ class TlsCredentials:
             context = x509_context(self.settings.creds_dir, self.settings.verify_peer)
             context.sni_callback = self._use_current
             self.x509 = context
-            log.info("VNC: TLS with the X.509 credentials in %s (server certificate %s)%s", self.settings.creds_dir,
+            log.info("%s: TLS with the X.509 credentials in %s (server certificate %s)%s", self.what,
+                     self.settings.creds_dir,
                      server_certificate_subject(self.settings.creds_dir),
                      "; viewers must present a certificate signed by its CA" if self.settings.verify_peer else "")
         if self.settings.anonymous and self.anonymous is None:
@@ -157,7 +160,7 @@ class TlsCredentials:
         try:
             self.load()
         except TlsError as exc:
-            log.error("VNC: TLS credentials not reloaded, the previous ones stay in use: %s", exc)
+            log.error("%s: TLS credentials not reloaded, the previous ones stay in use: %s", self.what, exc)
             return str(exc)
         return None
 

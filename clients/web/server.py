@@ -32,6 +32,7 @@ from clients.screendump import ScreendumpError, frame_image
 from clients.service import QuietService
 from clients.tokens import ANY_VM
 from clients.vnc.service import ListenAddress, bind_socket, describe, is_loopback, vnc_address
+from clients.vnc.tls import TlsCredentials, TlsError, TlsSettings
 from ipc.rundir import RunDir, RunDirError, check_vm_name
 from rfb import ProtocolError
 from shm import LayoutError
@@ -142,7 +143,9 @@ class AiohttpTransport:
 
 class WebServer:
     def __init__(self, address: ListenAddress, directory: VmDirectory, tokens: TokenFile | None, *,
-                 novnc: Path = NOVNC_DIR) -> None:
+                 novnc: Path = NOVNC_DIR, tls_creds: Path | None = None) -> None:
+        """``tls_creds``: serve HTTPS (and wss://) with the X.509 server certificate and key of that directory
+        (QEMU's tls-creds-x509 layout, as ``--vnc-tls-creds``); read at :meth:`bind`, re-read by :meth:`reload`."""
         if address.path is not None:
             raise WebError("the web console listens on HOST:PORT, not a unix socket")
         if not is_loopback(address.host or "") and tokens is None:
@@ -152,12 +155,24 @@ class WebServer:
         self.directory = directory
         self.tokens = tokens
         self.novnc = novnc
+        self.tls = TlsCredentials(TlsSettings(creds_dir=tls_creds), "web console") if tls_creds is not None else None
         self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
         self._pngs: dict[tuple[str, int | None], tuple[float, bytes]] = {}
 
     def bind(self) -> None:
+        """Read the certificates (before privileges are dropped: the key may be root's alone), then bind."""
+        if self.tls is not None:
+            try:
+                self.tls.load()
+            except TlsError as exc:
+                raise WebError(f"web console: {exc}") from exc
         self._sock = bind_socket(self.address)
+
+    def reload(self) -> str | None:
+        """Re-read the TLS certificates (SIGHUP): None if done, else why not. Open pages and consoles keep their
+        connections; later handshakes use the new certificate."""
+        return self.tls.reload() if self.tls is not None else "the web console has no TLS"
 
     @property
     def listener(self) -> socket.socket | None:
@@ -170,7 +185,8 @@ class WebServer:
 
     def url(self, path: str = "/") -> str:
         host, _, port = self.where.rpartition(":")
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}{path}"
 
     async def start(self) -> None:
         assert self._sock is not None
@@ -191,8 +207,18 @@ class WebServer:
                                      handler_cancellation=True, keepalive_timeout=KEEPALIVE_S,
                                      max_line_size=MAX_LINE, max_field_size=MAX_FIELD)
         await self._runner.setup()
-        await web.SockSite(self._runner, self._sock).start()
+        context = self.tls.x509 if self.tls is not None else None
+        await web.SockSite(self._runner, self._sock, ssl_context=context).start()
         log.info("web console on %s (%s)", self.url(), "tokens required" if self.tokens else "no tokens: loopback")
+        for warning in self.warnings():
+            log.warning("%s", warning)
+
+    def warnings(self) -> list[str]:
+        """What makes this port unsafe where it listens (logged at start; ``vmfront status`` shows it)."""
+        if self.tls is None and not is_loopback(self.address.host or ""):
+            return [f"the web console listens on {self.where}, not only on loopback, without TLS (--web-tls-creds): "
+                    "tokens, screens and keys cross the network in the clear"]
+        return []
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -252,7 +278,7 @@ class WebServer:
                             headers={"WWW-Authenticate": 'Token realm="vmfront"'})
 
     def _set_cookie(self, response: web.StreamResponse, token: str) -> None:
-        response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+        response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/", secure=self.tls is not None)
 
     async def _login_form(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text=pages.login(False), content_type="text/html")
@@ -384,7 +410,7 @@ class WebService(QuietService):
 
     name = "web"
 
-    def __init__(self, listen: str, tokens: TokenFile | None) -> None:
+    def __init__(self, listen: str, tokens: TokenFile | None, tls_creds: Path | None = None) -> None:
         from clients.vnc.service import VncError, parse_listen
 
         try:
@@ -392,6 +418,7 @@ class WebService(QuietService):
         except VncError as exc:
             raise WebError(str(exc)) from exc
         self.tokens = tokens
+        self.tls_creds = tls_creds
         self.server: WebServer | None = None
         self._view: VmView | None = None
 
@@ -400,7 +427,7 @@ class WebService(QuietService):
 
     async def bind(self, ctx: ClientContext) -> None:
         self._view = VmView(ctx.config.name, ctx.config.run_dir, ctx)
-        self.server = WebServer(self.address, self, self.tokens)
+        self.server = WebServer(self.address, self, self.tokens, tls_creds=self.tls_creds)
         self.server.bind()
         vnc = self._view.vnc
         if vnc is not None and self.server.listener is not None:
@@ -412,6 +439,12 @@ class WebService(QuietService):
     async def start(self) -> None:
         assert self.server is not None
         await self.server.start()
+
+    def reload(self) -> str | None:
+        return self.server.reload() if self.server is not None else None
+
+    def warnings(self) -> list[str]:
+        return self.server.warnings() if self.server is not None else []
 
     async def close(self) -> None:
         if self.server is not None:

@@ -1,0 +1,178 @@
+"""The web console over HTTPS (``--web-tls-creds``), against a real core, QEMU and demo guest, with OpenSSL
+(Python's ssl, as a browser's TLS would) checking the certificate against a test CA made by the ``openssl``
+command: pages and the noVNC WebSocket (wss://) are served in TLS only, the token cookie is ``Secure``, SIGHUP
+swaps the certificate for new handshakes, a key readable by others is refused at start, and a console off
+loopback without TLS is reported as unsafe.
+
+Every process started here is ended by its pid; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from corelib import CoreProcess, RawQmpPeer, client_command, running_core, wait_for
+from fleetlib import FleetClientProcess, endpoints, write_tokens
+from tlslib import Ca, fingerprint, make_ca, pem_fingerprint, server_creds
+from vnclib import ROOT, VncClientProcess, free_port
+from websockets.sync.client import connect
+
+from clients.tokens import TokenFile
+from clients.vnc.service import parse_listen
+from clients.web.server import VmView, WebServer
+
+VM = "wt"
+TOKEN = "W" * 32
+
+
+@pytest.fixture(scope="module")
+def core() -> Iterator[CoreProcess]:
+    with running_core(VM) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> Ca:
+    return make_ca(tmp_path_factory.mktemp("ca"))
+
+
+def trusting(ca: Ca) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca.cert))
+
+
+def served_certificate(port: int, ca: Ca) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            trusting(ca).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return fingerprint(der)
+
+
+def get(port: int, ca: Ca, path: str) -> http.client.HTTPResponse:
+    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=trusting(ca))
+    connection.request("GET", path)
+    return connection.getresponse()
+
+
+def test_pages_and_console_in_tls_only(core: CoreProcess, ca: Ca, tmp_path: Path) -> None:
+    creds = server_creds(ca, tmp_path / "creds", "first")
+    tokens = write_tokens(tmp_path / "tokens", {TOKEN: VM})
+    web = free_port()
+    client = VncClientProcess(core.run_dir, VM, free_port(), "--web", f"127.0.0.1:{web}", "--web-tls-creds",
+                              str(creds), "--websocket-tokens", str(tokens))
+    peer = RawQmpPeer(core.qmp_socket).negotiate()
+    try:
+        assert core.state()["clients"][0]["endpoints"]["web"] == f"https://127.0.0.1:{web}/"
+        assert served_certificate(web, ca) == pem_fingerprint(creds / "server-cert.pem")
+
+        # A link with the token: the cookie it becomes is Secure (never sent over plain HTTP) and HttpOnly.
+        response = get(web, ca, f"/?token={TOKEN}")
+        assert response.status == 303
+        cookie = response.headers["Set-Cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie, cookie
+        page = get(web, ca, f"/vm/{VM}/screen.png?token={TOKEN}&width=320")
+        assert page.status == 303  # the same: into the cookie first
+        response = get(web, ca, "/")
+        assert response.status == 401  # no token, no page, in TLS too
+
+        # Plain HTTP to the port gets no page: the TLS server drops what is not a TLS handshake.
+        plain = http.client.HTTPConnection("127.0.0.1", web, timeout=10)
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            plain.request("GET", f"/?token={TOKEN}")
+            plain.getresponse()
+        plain.close()
+
+        # noVNC's path: VNC over wss://, from this site's origin. The core lists the port as the VM's
+        # WebSocket VNC server, with the viewer.
+        with connect(f"wss://127.0.0.1:{web}/vnc/{VM}?token={TOKEN}", ssl=trusting(ca), subprotocols=["binary"],
+                     origin=f"https://127.0.0.1:{web}", open_timeout=10) as ws:
+            assert ws.recv(timeout=10) == b"RFB 003.008\n"
+            servers = peer.execute("query-vnc-servers")["return"]
+            assert {"host": "127.0.0.1", "service": str(web), "family": "ipv4", "websocket": True,
+                    "auth": "none"} in servers[0]["server"], servers
+            wait_for(lambda: any(c["websocket"] for c in peer.execute("query-vnc")["return"]["clients"]), 10,
+                     "the wss viewer in query-vnc")
+    finally:
+        peer.close()
+        client.stop()
+
+
+def test_sighup_swaps_the_certificate_and_a_broken_renewal_keeps_the_last(core: CoreProcess, ca: Ca,
+                                                                          tmp_path: Path) -> None:
+    creds = server_creds(ca, tmp_path / "creds", "first")
+    web = free_port()
+    client = VncClientProcess(core.run_dir, VM, free_port(), "--web", f"127.0.0.1:{web}", "--web-tls-creds",
+                              str(creds))
+    try:
+        assert served_certificate(web, ca) == pem_fingerprint(creds / "server-cert.pem")
+        server_creds(ca, tmp_path / "creds", "second")  # new files in place, as a renewal writes them
+        second = pem_fingerprint(creds / "server-cert.pem")
+        os.kill(client.pid, signal.SIGHUP)
+        wait_for(lambda: client.text().count("web console: TLS with the X.509 credentials") == 2, 10,
+                 "the web console to reload")
+        assert served_certificate(web, ca) == second
+        assert get(web, ca, "/").status == 200  # loopback without tokens: the overview
+
+        (creds / "server-key.pem").chmod(0o644)
+        os.kill(client.pid, signal.SIGHUP)
+        wait_for(lambda: "web console: TLS credentials not reloaded" in client.text(), 10, "the refused reload")
+        assert served_certificate(web, ca) == second
+    finally:
+        client.stop()
+
+
+def test_the_fleet_clients_console_in_tls_and_sighup(core: CoreProcess, ca: Ca, tmp_path: Path) -> None:
+    """``client --all --web --web-tls-creds``: the same HTTPS; SIGHUP re-reads the certificate (before, it ended
+    the fleet client: no handler)."""
+    creds = server_creds(ca, tmp_path / "creds", "fleet")
+    web = free_port()
+    fleet = FleetClientProcess(core.run_dir.parent, "--web", f"127.0.0.1:{web}", "--web-tls-creds", str(creds))
+    try:
+        fleet.wait_serving([core], within=60)
+        name = core.run_dir.name  # a fleet client names each VM by its run directory
+        assert endpoints(core)["web"] == f"https://127.0.0.1:{web}/vm/{name}/console"
+        overview = get(web, ca, "/api/vms")
+        assert overview.status == 200 and f'"{name}"' in overview.read().decode()
+        server_creds(ca, tmp_path / "creds", "fleet renewed")
+        os.kill(fleet.pid, signal.SIGHUP)
+        wait_for(lambda: fleet.text().count("web console: TLS with the X.509 credentials") == 2, 10,
+                 "the fleet client to reload")
+        assert served_certificate(web, ca) == pem_fingerprint(creds / "server-cert.pem")
+        assert fleet.proc.poll() is None
+    finally:
+        fleet.stop()
+
+
+def test_a_key_readable_by_others_is_refused_at_start(core: CoreProcess, ca: Ca, tmp_path: Path) -> None:
+    creds = server_creds(ca, tmp_path / "creds")
+    (creds / "server-key.pem").chmod(0o640)
+    proc = subprocess.run(client_command(VM, core.run_dir, "--web", f"127.0.0.1:{free_port()}", "--web-tls-creds",
+                                         str(creds)), capture_output=True, timeout=60, cwd=ROOT)
+    assert proc.returncode != 0
+    assert b"readable by its group or by everyone" in proc.stderr, proc.stderr[-2000:]
+    missing = subprocess.run([sys.executable, "-m", "vmfront", "client", "--name", VM, "--web-tls-creds",
+                              str(creds)], capture_output=True, timeout=60, cwd=ROOT)
+    assert missing.returncode == 2 and b"--web-tls-creds goes with --web" in missing.stderr
+
+
+class Directory:
+    def vms(self) -> list[VmView]:
+        return []
+
+
+def test_off_loopback_without_tls_is_reported_unsafe(tmp_path: Path) -> None:
+    tokens = TokenFile(write_tokens(tmp_path / "tokens", {TOKEN: VM}))
+    nobody = Directory()
+    plain = WebServer(parse_listen("0.0.0.0:0"), nobody, tokens)
+    assert plain.warnings() and "in the clear" in plain.warnings()[0]
+    assert WebServer(parse_listen("0.0.0.0:0"), nobody, tokens, tls_creds=tmp_path).warnings() == []
+    assert WebServer(parse_listen("127.0.0.1:0"), nobody, None).warnings() == []
