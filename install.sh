@@ -11,10 +11,10 @@ cd "$(dirname "$0")"
 # under Xvfb, noVNC in headless Chromium, socat for the monitor, tmux for interactive sessions; cpio builds the
 # Linux test guest's initramfs; openssl makes the VNC TLS tests' CAs, gvncviewer is gtk-vnc's viewer with client
 # certificates; xclip and spice-vdagent go into the test guest's graphical tier, xclip also reads viewers'
-# clipboards).
+# clipboards; systemd's systemd-analyze checks contrib/systemd's units, nothing is started with it).
 APT_PACKAGES=(qemu-system-x86 qemu-utils nasm gcc libc6-dev python3-dev socat qemu-guest-agent tigervnc-viewer
               tigervnc-tools xvfb imagemagick chromium novnc tmux cpio openssl gvncviewer xclip spice-vdagent
-              virt-viewer)
+              virt-viewer systemd)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
