@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .tokens import TokenFile
     from .vnc.encoder_pool import EncoderPool
     from .vnc.service import VncService
+    from .vnc.tls import TlsCredentials, TlsSettings
     from .vnc.websocket_router import WebSocketRouter
     from .web.server import VmView, WebServer
 
@@ -101,6 +102,9 @@ class FleetConfig:
     web: str | None = None
     #: HTTPS for the web console: X.509 credentials in QEMU's layout (server-cert.pem, server-key.pem).
     web_tls_creds: Path | None = None
+    #: VeNCrypt for every VM's VNC port, and wss:// for the WebSocket router: one set of credentials for the host
+    #: (``--vnc-tls-*``), loaded once before privileges are dropped.
+    vnc_tls: TlsSettings | None = None
     tokens: TokenFile | None = None
     monitor: bool = False
     console: bool = False
@@ -179,6 +183,7 @@ class FleetClient:
         self._pool: EncoderPool | None = None
         self.router: WebSocketRouter | None = None
         self.web: WebServer | None = None
+        self.tls: TlsCredentials | None = None
         #: VMs served before and let go (their core stopped): the web overview still shows them, as stopped.
         self._gone: dict[str, RunDir] = {}
         book_dir = config.socket_dir or config.run_root
@@ -195,13 +200,21 @@ class FleetClient:
         identity: Identity | None = None
         if self.config.user is not None:
             identity = resolve_user(self.config.user, self.config.group)
+        if self.config.vnc_tls is not None and self.config.vnc_tls.enabled:
+            from .vnc.tls import TlsCredentials, TlsError
+
+            try:
+                self.tls = TlsCredentials(self.config.vnc_tls)
+                self.tls.load()  # before privileges are dropped: the key may be root's alone
+            except TlsError as exc:
+                raise FleetError(str(exc)) from exc
         if self.config.websocket is not None:
             from .vnc.service import VncError, parse_listen
             from .vnc.websocket_router import RouterError, WebSocketRouter
 
             try:
                 self.router = WebSocketRouter(parse_listen(self.config.websocket), self.vnc_service,
-                                              self.config.tokens)
+                                              self.config.tokens, self.tls)
                 self.router.bind()
             except (RouterError, VncError) as exc:
                 raise FleetError(str(exc)) from exc
@@ -242,8 +255,11 @@ class FleetClient:
         return 0
 
     def _reload(self) -> None:
-        """SIGHUP: the web console re-reads its TLS certificates (tokens are re-read whenever their file changes)."""
+        """SIGHUP: the VNC and web console TLS certificates are read again (tokens are re-read whenever their
+        file changes); viewers stay connected."""
         log.info("SIGHUP: reloading")
+        if self.tls is not None and self.tls.reload() is None:
+            log.info("VNC: TLS credentials reloaded for every VM")
         if self.web is not None:
             self.web.reload()
 
@@ -394,7 +410,8 @@ class FleetClient:
         service = VncService(None, pool=self._pool, listen_socket=sock, share=config.vnc_share,
                              connections=config.vnc_connections, handshake_timeout=config.vnc_handshake_timeout,
                              keymap=config.keymap,
-                             websocket_url=self.router.url(name) if self.router is not None else None)
+                             websocket_url=self.router.url(name) if self.router is not None else None,
+                             credentials=self.tls)
         for entry in (self.router, self.web):
             if entry is not None and entry.listener is not None:
                 service.add_entry(entry.listener)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from corelib import CoreProcess, RawQmpPeer, running_core, screendump, wait_for
+from fleetlib import FleetClientProcess, endpoints, vnc_port
 from guestlib import is_demo_text_screen
 from PIL import Image
 from test_vnc import Paused, find
@@ -37,7 +38,17 @@ from tlslib import (
     vencrypt_server_certificate,
     vencrypt_to_tls,
 )
-from vnclib import ROOT, VncClientProcess, end_process, free_port, screenshot, vnc_password_file, xvfb
+from vnclib import (
+    ROOT,
+    VncClientProcess,
+    end_process,
+    free_port,
+    screenshot,
+    vnc_password_file,
+    vncdo_refused,
+    xvfb,
+)
+from websockets.sync.client import connect
 
 from clients.vnc.tls import HANDSHAKE_TIMEOUT_S, TlsCredentials, TlsError, TlsSettings, check_key_file
 
@@ -461,3 +472,50 @@ def test_key_readable_by_others_stops_the_client(booted: CoreProcess, ca: Ca, tm
     done = subprocess.run(client_command(VM, booted.run_dir, "--vnc", f"127.0.0.1:{free_port()}", "--vnc-tls-creds",
                                          str(creds)), capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert done.returncode == 1 and "readable by its group or by everyone" in done.stderr, done.stderr[-2000:]
+
+
+# --- the fleet client -----------------------------------------------------------------------------------------------
+
+
+@needs_tigervnc
+def test_a_fleet_client_serves_its_vms_in_tls(booted: CoreProcess, ca: Ca, tmp_path: Path) -> None:
+    """``client --all --vnc-tls-creds``: one host certificate for every VM's port (VeNCrypt, the clear types not
+    offered) and wss:// for the WebSocket router, loaded once before privileges are dropped; SIGHUP swaps it."""
+    creds = server_creds(ca, tmp_path / "creds", "fleet host")
+    first, router = free_port(), free_port()
+    fleet = FleetClientProcess(booted.run_dir.parent, "--vnc-ports", f"{first}-{first}", "--vnc-tls-creds",
+                               str(creds), "--websocket", f"127.0.0.1:{router}")
+    viewer: subprocess.Popen[bytes] | None = None
+    try:
+        fleet.wait_serving([booted], within=60)
+        port = vnc_port(booted)
+        name = booted.run_dir.name  # a fleet client names each VM by its run directory
+        assert endpoints(booted)["websocket"] == f"wss://127.0.0.1:{router}/vnc/{name}"
+        assert fingerprint(asyncio.run(vencrypt_server_certificate(port))) == pem_fingerprint(
+            creds / "server-cert.pem")
+        assert vncdo_refused(port)  # a viewer without VeNCrypt finds no security type it can use
+
+        with xvfb() as display, Paused(booted):
+            dump = screendump(booted, tmp_path / "dump.png")
+            viewer = tigervnc(display, tmp_path, port, "-SecurityTypes", "X509None", "-X509CA", str(ca.cert))
+            wait_for(lambda: shows_guest(display, tmp_path, dump), 30, "TigerVNC's window to show the guest")
+        assert "TLS (x509-none" in fleet.text()
+
+        # The router is wss:// with the same certificate; inside it RFB offers its own types (here: None).
+        context = ssl.create_default_context(cafile=str(ca.cert))
+        with connect(f"wss://127.0.0.1:{router}/vnc/{name}", ssl=context, subprotocols=["binary"],
+                     open_timeout=10) as ws:
+            assert ws.recv(timeout=10) == b"RFB 003.008\n"
+            ws.send(b"RFB 003.008\n")
+            assert ws.recv(timeout=10) == b"\x01\x01"  # one security type: None
+
+        server_creds(ca, tmp_path / "creds", "fleet host renewed")
+        os.kill(fleet.pid, signal.SIGHUP)
+        wait_for(lambda: "TLS credentials reloaded for every VM" in fleet.text(), 10, "the fleet client to reload")
+        assert fingerprint(asyncio.run(vencrypt_server_certificate(port))) == pem_fingerprint(
+            creds / "server-cert.pem")
+        assert fleet.proc.poll() is None
+    finally:
+        if viewer is not None:
+            end_process(viewer)
+        fleet.stop()

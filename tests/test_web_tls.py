@@ -152,6 +152,25 @@ def test_the_fleet_clients_console_in_tls_and_sighup(core: CoreProcess, ca: Ca, 
         fleet.stop()
 
 
+def test_the_vnc_certificate_serves_the_console_unless_told_otherwise(core: CoreProcess, ca: Ca,
+                                                                     tmp_path: Path) -> None:
+    """With VNC in TLS, a web console in the clear would offer its viewers VeNCrypt alone, which no browser can
+    do: without ``--web-tls-creds`` it takes the VNC credentials."""
+    creds = server_creds(ca, tmp_path / "creds", "vnc and web")
+    web = free_port()
+    client = VncClientProcess(core.run_dir, VM, free_port(), "--vnc-tls-creds", str(creds), "--web",
+                              f"127.0.0.1:{web}")
+    try:
+        assert served_certificate(web, ca) == pem_fingerprint(creds / "server-cert.pem")
+        with connect(f"wss://127.0.0.1:{web}/vnc/{VM}", ssl=trusting(ca), subprotocols=["binary"],
+                     origin=f"https://127.0.0.1:{web}", open_timeout=10) as ws:
+            assert ws.recv(timeout=10) == b"RFB 003.008\n"
+            ws.send(b"RFB 003.008\n")
+            assert ws.recv(timeout=10) == b"\x01\x01"  # inside TLS: RFB's None, not VeNCrypt
+    finally:
+        client.stop()
+
+
 def test_a_key_readable_by_others_is_refused_at_start(core: CoreProcess, ca: Ca, tmp_path: Path) -> None:
     creds = server_creds(ca, tmp_path / "creds")
     (creds / "server-key.pem").chmod(0o640)

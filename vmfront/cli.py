@@ -15,9 +15,12 @@ import sys
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipc.rundir import RunDir, RunDirError, check_vm_name, follow_migrations
+
+if TYPE_CHECKING:
+    from clients.vnc.tls import TlsSettings
 
 # What `vmfront --help` says, for operators (the module docstring above is for developers).
 DESCRIPTION = """\
@@ -485,8 +488,21 @@ def cmd_client(args: argparse.Namespace) -> int:
     if args.web_tls_creds is not None and args.web is None:
         print("vmfront client: error: --web-tls-creds goes with --web", file=sys.stderr)
         return 2
+    if (args.vnc_tls_verify_peer and args.vnc_tls_creds is None) or \
+            (args.vnc_tls_plain_too and not (args.vnc_tls_creds or args.vnc_tls_anon)):
+        print("vmfront client: error: --vnc-tls-verify-peer needs --vnc-tls-creds, --vnc-tls-plain-too needs TLS",
+              file=sys.stderr)
+        return 2
+    if args.web is not None and args.web_tls_creds is None:
+        # The console's viewers come in through the web port: in TLS, RFB's own types are allowed inside it; in
+        # the clear they would be offered VeNCrypt alone, which a browser cannot do.
+        args.web_tls_creds = args.vnc_tls_creds
+    from clients.vnc.tls import TlsSettings
+
+    tls = TlsSettings(creds_dir=args.vnc_tls_creds, verify_peer=args.vnc_tls_verify_peer,
+                      anonymous=args.vnc_tls_anon, plain_too=args.vnc_tls_plain_too)
     if args.all or len(args.name or ()) > 1:
-        return _fleet_client(args)
+        return _fleet_client(args, tls)
     if not args.name:
         print("vmfront client: error: give --name NAME (or --all)", file=sys.stderr)
         return 2
@@ -500,18 +516,12 @@ def cmd_client(args: argparse.Namespace) -> int:
     from clients.main import Client, ClientConfig
     from clients.privileges import PrivilegeError
     from clients.vnc.service import VncError, service_from_args
-    from clients.vnc.tls import TlsSettings
     from ipc.channel import ChannelError
 
     try:
         config = ClientConfig(name=check_vm_name(args.name), run_dir=RunDir.for_vm(args.name, args.run_dir),
                               core_endpoint=args.core, group=args.group, ready_fd=args.ready_fd,
                               user=_client_user(args.user, args.as_root, flag="--as-root"))
-        if (args.vnc_tls_verify_peer and args.vnc_tls_creds is None) or \
-                (args.vnc_tls_plain_too and not (args.vnc_tls_creds or args.vnc_tls_anon)):
-            raise ValueError("--vnc-tls-verify-peer needs --vnc-tls-creds, --vnc-tls-plain-too needs TLS")
-        tls = TlsSettings(creds_dir=args.vnc_tls_creds, verify_peer=args.vnc_tls_verify_peer,
-                          anonymous=args.vnc_tls_anon, plain_too=args.vnc_tls_plain_too)
         vnc = service_from_args(args.vnc, args.websocket, share=args.vnc_share, connections=args.vnc_connections,
                                 handshake_timeout=args.vnc_handshake_timeout, keymap=args.keymap, tls=tls,
                                 web_console=args.web is not None)
@@ -547,7 +557,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     return code
 
 
-def _fleet_client(args: argparse.Namespace) -> int:
+def _fleet_client(args: argparse.Namespace, tls: TlsSettings) -> int:
     """``vmfront client --all``: one process for every VM under the run root (clients/fleet.py)."""
     from clients.fleet import FleetClient, FleetConfig, FleetError, parse_port_range
     from clients.privileges import PrivilegeError
@@ -557,8 +567,6 @@ def _fleet_client(args: argparse.Namespace) -> int:
 
     single = [flag for flag, wrong in (("--run-dir", args.run_dir is not None), ("--core", args.core is not None),
                                        ("--vnc", args.vnc is not None),
-                                       ("--vnc-tls-creds/--vnc-tls-anon (TLS is per VM: one client per VM)",
-                                        args.vnc_tls_creds is not None or args.vnc_tls_anon),
                                        ("--monitor ADDRESS", args.monitor not in (None, "unix:")),
                                        ("--console PATH", args.console not in (None, "")),
                                        ("--agent-proxy PATH", args.agent_proxy not in (None, "none"))) if wrong]
@@ -579,7 +587,7 @@ def _fleet_client(args: argparse.Namespace) -> int:
             vnc_ports=parse_port_range(args.vnc_ports) if args.vnc_ports else None, vnc_host=args.vnc_host,
             vnc_share=args.vnc_share, vnc_connections=args.vnc_connections,
             vnc_handshake_timeout=args.vnc_handshake_timeout, keymap=args.keymap,
-            websocket=args.websocket, web=args.web, web_tls_creds=args.web_tls_creds,
+            websocket=args.websocket, web=args.web, web_tls_creds=args.web_tls_creds, vnc_tls=tls,
             tokens=TokenFile(args.websocket_tokens) if args.websocket_tokens else None,
             monitor=args.monitor is not None, console=args.console is not None, agent=args.agent_proxy != "none",
             socket_dir=args.socket_dir, user=user, group=args.group, ready_fd=args.ready_fd)

@@ -876,10 +876,12 @@ class VncService:
                  handshake_timeout: float = HANDSHAKE_TIMEOUT_S, keymap: str | None = None,
                  encoder_workers: int | None = None, tls: TlsSettings | None = None,
                  max_clipboard: int = DEFAULT_MAX_CLIPBOARD, pool: EncoderPool | None = None,
-                 websocket_url: str | None = None, listen_socket: socket.socket | None = None) -> None:
+                 websocket_url: str | None = None, listen_socket: socket.socket | None = None,
+                 credentials: TlsCredentials | None = None) -> None:
         """``listen`` None: no listener of its own, or ``listen_socket`` (bound by a fleet client, from its port
         range); viewers may also come through a fleet client's WebSocket router, which ``websocket_url`` names for
-        state.json. ``pool``: encoder workers shared with other VMs' services."""
+        state.json. ``pool``: encoder workers shared with other VMs' services. ``credentials``: TLS loaded by a
+        fleet client for every VM (instead of ``tls``, which this service would load itself)."""
         self.listen = parse_listen(listen, display_numbers=True) if listen is not None else None
         self._listen_socket = listen_socket
         self.websocket = parse_listen(websocket) if websocket else None
@@ -895,8 +897,11 @@ class VncService:
             self.keyboard = Keyboard(Keymap.load(keymap))
         except KeymapError as exc:
             raise VncError(str(exc)) from exc
-        self.tls_settings = tls or TlsSettings()
-        self.tls = TlsCredentials(self.tls_settings) if self.tls_settings.enabled else None
+        self.tls_settings = credentials.settings if credentials is not None else tls or TlsSettings()
+        self.tls: TlsCredentials | None = credentials
+        if credentials is None and self.tls_settings.enabled:
+            self.tls = TlsCredentials(self.tls_settings)
+        self._loads_tls = credentials is None
         self.ctx: ClientContext | None = None
         self.vm_name = "vmfront"
         self.mode: Mode | None = None
@@ -963,7 +968,7 @@ class VncService:
     async def bind(self, ctx: ClientContext) -> None:
         self.ctx = ctx
         self.vm_name = ctx.config.name
-        if self.tls is not None:
+        if self.tls is not None and self._loads_tls:
             try:
                 self.tls.load()  # before privileges are dropped: the key may be root's alone
             except TlsError as exc:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from clients.tokens import TokenFile
 
     from .service import VncService
+    from .tls import TlsCredentials
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,16 @@ class WebSocketRouter:
     """``lookup(name)`` is the VM's VNC service, or None if this client does not serve that VM (now)."""
 
     def __init__(self, address: ListenAddress, lookup: Callable[[str], VncService | None],
-                 tokens: TokenFile | None) -> None:
+                 tokens: TokenFile | None, tls: TlsCredentials | None = None) -> None:
+        """``tls``: the fleet's VNC credentials; with X.509 ones the port is wss:// (RFB inside it offers its own
+        security types, as a one-VM client's --websocket with TLS)."""
         if address.host is not None and not is_loopback(address.host) and tokens is None:
             raise RouterError(f"the WebSocket port {address} is not on loopback: give --websocket-tokens (without "
                               "tokens, whoever reaches it sees and controls every VM)")
         self.address = address
         self.lookup = lookup
         self.tokens = tokens
+        self.tls = tls if tls is not None and tls.x509 is not None else None
         self._sock: socket.socket | None = None
         self._server: Any = None
         self.connections = 0
@@ -82,7 +86,8 @@ class WebSocketRouter:
 
     def url(self, vm: str) -> str:
         """Where noVNC reaches ``vm`` (without the token), for state.json."""
-        return f"{'ws+unix' if self.address.path else 'ws'}://{self.where.removeprefix('unix:')}{PATH_PREFIX}{vm}"
+        scheme = ("wss" if self.tls is not None else "ws") + ("+unix" if self.address.path else "")
+        return f"{scheme}://{self.where.removeprefix('unix:')}{PATH_PREFIX}{vm}"
 
     async def start(self) -> None:
         from websockets.asyncio.server import serve
@@ -92,7 +97,8 @@ class WebSocketRouter:
         logging.getLogger("websockets").setLevel(logging.INFO)
         self._server = await serve(self._handler, sock=self._sock, process_request=self._check,
                                    select_subprotocol=_binary_subprotocol, compression=None, max_size=MAX_MESSAGE,
-                                   ping_interval=None, open_timeout=HANDSHAKE_TIMEOUT_S)
+                                   ping_interval=None, open_timeout=HANDSHAKE_TIMEOUT_S,
+                                   ssl=self.tls.x509 if self.tls is not None else None)
         log.info("VNC over WebSocket for every VM on %s (%s)", self.where,
                  "tokens required" if self.tokens is not None else "no tokens: loopback only")
 
