@@ -9,7 +9,8 @@ Access: with a token file (``--websocket-tokens``, clients/tokens.py) every URL 
 token, which the form (or ``?token=`` once) puts in an HttpOnly, SameSite=Strict cookie; the overview lists the
 VMs the token opens. A non-loopback address without a token file is refused at start. Every answer carries
 ``Cache-Control: no-store``; the access log names method, path (never the query) and status; WebSockets from
-another origin are refused. See docs/web.md.
+another origin are refused. With ``--web-tls-creds`` (or the VNC service's X.509 credentials) the port speaks TLS
+only: HTTPS pages, ``wss://`` consoles, a ``Secure`` cookie. See docs/web.md.
 """
 
 from __future__ import annotations
