@@ -28,7 +28,7 @@ from websockets.sync.client import connect
 
 from clients.tokens import TokenFile
 from clients.vnc.service import parse_listen
-from clients.web.server import VmView, WebServer
+from clients.web.server import MAX_CONNECTIONS, TLS_HANDSHAKE_TIMEOUT_S, VmView, WebServer
 
 VM = "wt"
 TOKEN = "W" * 32
@@ -168,6 +168,57 @@ def test_the_vnc_certificate_serves_the_console_unless_told_otherwise(core: Core
             ws.send(b"RFB 003.008\n")
             assert ws.recv(timeout=10) == b"\x01\x01"  # inside TLS: RFB's None, not VeNCrypt
     finally:
+        client.stop()
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_a_flood_of_idle_connections_keeps_consoles_and_pages_in(core: CoreProcess, ca: Ca, tmp_path: Path) -> None:
+    """A hostile peer opens hundreds of connections that never start their TLS handshake: the client holds at most
+    MAX_CONNECTIONS of them (the oldest in their handshake go first), an open console is never the one closed, a
+    page still loads, and a lone silent connection is dropped after the TLS deadline."""
+    creds = server_creds(ca, tmp_path / "creds")
+    web = free_port()
+    client = VncClientProcess(core.run_dir, VM, free_port(), "--web", f"127.0.0.1:{web}", "--web-tls-creds",
+                              str(creds))
+    flood: list[socket.socket] = []
+    try:
+        baseline = open_fds(client.pid)
+        with connect(f"wss://127.0.0.1:{web}/vnc/{VM}", ssl=trusting(ca), subprotocols=["binary"],
+                     origin=f"https://127.0.0.1:{web}", open_timeout=10) as ws:
+            assert ws.recv(timeout=10) == b"RFB 003.008\n"
+            for _ in range(400):
+                flood.append(socket.create_connection(("127.0.0.1", web), timeout=10))
+            response = get(web, ca, "/api/vms")
+            assert response.status == 200 and VM in response.read().decode()
+            assert open_fds(client.pid) <= baseline + MAX_CONNECTIONS + 8, open_fds(client.pid)
+            ws.send(b"RFB 003.008\n")  # the console, opened before the flood, goes on
+            assert ws.recv(timeout=10) == b"\x01\x01"
+        for sock in flood:
+            sock.setblocking(False)
+        assert sum(closed_by_peer(sock) for sock in flood) >= len(flood) - MAX_CONNECTIONS
+        for sock in flood:
+            sock.close()
+        flood.clear()
+
+        silent = socket.create_connection(("127.0.0.1", web), timeout=TLS_HANDSHAKE_TIMEOUT_S + 20)
+        flood.append(silent)
+        assert silent.recv(1) == b""  # dropped by the handshake deadline, not held until the client's limit
+        assert "connection dropped before HTTP" in client.text()
+    finally:
+        for sock in flood:
+            sock.close()
         client.stop()
 
 

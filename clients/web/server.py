@@ -15,6 +15,8 @@ only: HTTPS pages, ``wss://`` consoles, a ``Secure`` cookie. See docs/web.md.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -53,6 +55,11 @@ COOKIE = "vmfront_token"
 MAX_BODY = 4096
 MAX_LINE = 8190
 MAX_FIELD = 8190
+#: Connections open at once (pages, images, consoles): at the limit the oldest that is not a console goes, so a
+#: flood of idle connections cannot take the client's file descriptors, nor keep out an operator's console.
+MAX_CONNECTIONS = 64
+#: A TLS handshake not done by then is dropped (asyncio's default is 60 s).
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 #: An idle keep-alive connection is closed after this long.
 KEEPALIVE_S = 15.0
 MAX_MESSAGE = 1 << 20
@@ -159,6 +166,13 @@ class WebServer:
         self.tls = TlsCredentials(TlsSettings(creds_dir=tls_creds), "web console") if tls_creds is not None else None
         self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
+        self._acceptor: asyncio.Task[None] | None = None
+        #: Every connection accepted and not known closed, oldest first (see _make_room).
+        self._open: dict[asyncio.Transport, None] = {}
+        #: The connections that carry a console's WebSocket: never evicted for newcomers.
+        self._consoles: set[asyncio.Transport] = set()
+        #: Accepted connections still in their TLS handshake (their tasks), oldest first.
+        self._handshakes: dict[asyncio.Task[None], None] = {}
         self._pngs: dict[tuple[str, int | None], tuple[float, bytes]] = {}
 
     def bind(self) -> None:
@@ -208,8 +222,8 @@ class WebServer:
                                      handler_cancellation=True, keepalive_timeout=KEEPALIVE_S,
                                      max_line_size=MAX_LINE, max_field_size=MAX_FIELD)
         await self._runner.setup()
-        context = self.tls.x509 if self.tls is not None else None
-        await web.SockSite(self._runner, self._sock, ssl_context=context).start()
+        self._sock.setblocking(False)
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept(), name="web-accept")
         log.info("web console on %s (%s)", self.url(), "tokens required" if self.tokens else "no tokens: loopback")
         for warning in self.warnings():
             log.warning("%s", warning)
@@ -222,10 +236,75 @@ class WebServer:
         return []
 
     async def close(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acceptor
+        for task in list(self._handshakes):
+            task.cancel()
+        if self._sock is not None:
+            self._sock.close()
         if self._runner is not None:
             await self._runner.cleanup()
-        elif self._sock is not None:
-            self._sock.close()
+
+    # --- connections ----------------------------------------------------------------------------------------------
+
+    async def _accept(self) -> None:
+        """Our own accept loop rather than aiohttp's site: each connection is counted before aiohttp sees it, and
+        a TLS handshake has a deadline of its own."""
+        assert self._sock is not None and self._runner is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:  # EMFILE and the like: wait, as asyncio's own servers do
+                log.warning("web: cannot accept a connection: %s", exc)
+                await asyncio.sleep(1)
+                continue
+            if not self._make_room():
+                log.warning("web: connection refused: %d connections open, every one a console", len(self._open))
+                conn.close()
+                continue
+            self._handshakes[loop.create_task(self._serve(conn))] = None
+
+    async def _serve(self, conn: socket.socket) -> None:
+        """Hand the connection to aiohttp, after its TLS handshake (within TLS_HANDSHAKE_TIMEOUT_S)."""
+        assert self._runner is not None and self._runner.server is not None
+        context = self.tls.x509 if self.tls is not None else None
+        try:
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+                self._runner.server, conn, ssl=context,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if context is not None else None)
+        except (OSError, ssl.SSLError, TimeoutError, asyncio.CancelledError) as exc:
+            log.info("web: connection dropped before HTTP: %s", exc or type(exc).__name__)
+            conn.close()
+            return
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._handshakes.pop(task, None)
+        self._open[transport] = None
+
+    def _make_room(self) -> bool:
+        """Forget closed connections; at the limit close the oldest connection still in its TLS handshake, else
+        the oldest one that is not a console. False: every connection is a console (the newcomer must go)."""
+        for transport in [t for t in self._open if t.is_closing()]:
+            del self._open[transport]
+            self._consoles.discard(transport)
+        if len(self._open) + len(self._handshakes) < MAX_CONNECTIONS:
+            return True
+        for task in self._handshakes:
+            task.cancel()
+            del self._handshakes[task]
+            return True
+        for transport in self._open:
+            if transport not in self._consoles:
+                log.warning("web: closing the oldest connection (%s) to make room (%d open)",
+                            transport.get_extra_info("peername"), len(self._open))
+                transport.abort()
+                del self._open[transport]
+                return True
+        return False
 
     # --- access ---------------------------------------------------------------------------------------------------
 
@@ -373,9 +452,13 @@ class WebServer:
         from clients.main import current_vm
 
         current_vm.set(vm.name)
+        if request.transport is not None:
+            self._consoles.add(request.transport)
         try:
             await service.serve_transport(AiohttpTransport(ws, request), self._sock)
         finally:
+            if request.transport is not None:
+                self._consoles.discard(request.transport)
             if not ws.closed:
                 await ws.close()
         return ws
