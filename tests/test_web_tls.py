@@ -2,7 +2,9 @@
 (Python's ssl, as a browser's TLS would) checking the certificate against a test CA made by the ``openssl``
 command: pages and the noVNC WebSocket (wss://) are served in TLS only, the token cookie is ``Secure``, SIGHUP
 swaps the certificate for new handshakes, a key readable by others is refused at start, and a console off
-loopback without TLS is reported as unsafe.
+loopback without TLS is reported as unsafe. Floods of silent connections against the web console and the two
+WebSocket ports the ``websockets`` package serves (a client's ``--websocket``, the fleet's router) leave the
+client a bounded number of descriptors and an open viewer its session.
 
 Every process started here is ended by its pid; every wait has a timeout.
 """
@@ -14,20 +16,24 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, client_command, running_core, wait_for
+from corelib import CoreProcess, RawQmpPeer, client_command, running_core, screendump, wait_for
 from fleetlib import FleetClientProcess, endpoints, write_tokens
+from guestlib import is_demo_text_screen
 from tlslib import Ca, fingerprint, make_ca, pem_fingerprint, server_creds
 from vnclib import ROOT, VncClientProcess, free_port
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
 from clients.tokens import TokenFile
-from clients.vnc.service import parse_listen
+from clients.vnc.service import MAX_WEBSOCKET_CONNECTIONS, parse_listen
+from clients.vnc.websocket_router import MAX_CONNECTIONS as ROUTER_CONNECTIONS
+from clients.vnc.websocket_router import MAX_HANDSHAKES as ROUTER_HANDSHAKES
 from clients.web.server import MAX_CONNECTIONS, TLS_HANDSHAKE_TIMEOUT_S, VmView, WebServer
 
 VM = "wt"
@@ -37,6 +43,9 @@ TOKEN = "W" * 32
 @pytest.fixture(scope="module")
 def core() -> Iterator[CoreProcess]:
     with running_core(VM) as running:
+        # Booted: the guest's mode no longer changes (a viewer below does not take DesktopSize).
+        wait_for(lambda: is_demo_text_screen(screendump(running, running.run_dir.parent / "boot.png")), 30,
+                 "the demo guest to boot")
         yield running
 
 
@@ -184,6 +193,37 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
+class RfbOverWebSocket:
+    """Just enough of a viewer over a WebSocket to be one: the handshake (security None), then a full update.
+    noVNC in Chromium plays it in test_web.py; here the point is what the server does around it."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.pending = b""
+
+    def read(self, n: int) -> bytes:
+        while len(self.pending) < n:
+            data = self.ws.recv(timeout=10)
+            assert isinstance(data, bytes)
+            self.pending += data
+        chunk, self.pending = self.pending[:n], self.pending[n:]
+        return chunk
+
+    def log_in(self) -> None:
+        assert self.read(12) == b"RFB 003.008\n"
+        self.ws.send(b"RFB 003.008\n")
+        assert self.read(2) == b"\x01\x01"  # one security type: None (inside TLS, or no TLS asked for)
+        self.ws.send(b"\x01")
+        assert self.read(4) == b"\0\0\0\0"
+        self.ws.send(b"\x01")  # ClientInit: shared
+        name_length = struct.unpack(">I", self.read(24)[20:24])[0]
+        self.read(name_length)
+
+    def full_update(self) -> None:
+        self.ws.send(struct.pack(">BBHHHH", 3, 0, 0, 0, 1, 1))
+        assert self.read(1) == b"\0"  # FramebufferUpdate
+
+
 def test_a_flood_of_idle_connections_keeps_consoles_and_pages_in(core: CoreProcess, ca: Ca, tmp_path: Path) -> None:
     """A hostile peer opens hundreds of connections that never start their TLS handshake: the client holds at most
     MAX_CONNECTIONS of them (the oldest in their handshake go first), an open console is never the one closed, a
@@ -197,14 +237,14 @@ def test_a_flood_of_idle_connections_keeps_consoles_and_pages_in(core: CoreProce
         baseline = open_fds(client.pid)
         with connect(f"wss://127.0.0.1:{web}/vnc/{VM}", ssl=trusting(ca), subprotocols=["binary"],
                      origin=f"https://127.0.0.1:{web}", open_timeout=10) as ws:
-            assert ws.recv(timeout=10) == b"RFB 003.008\n"
+            console = RfbOverWebSocket(ws)
+            console.log_in()
             for _ in range(400):
                 flood.append(socket.create_connection(("127.0.0.1", web), timeout=10))
             response = get(web, ca, "/api/vms")
             assert response.status == 200 and VM in response.read().decode()
             assert open_fds(client.pid) <= baseline + MAX_CONNECTIONS + 8, open_fds(client.pid)
-            ws.send(b"RFB 003.008\n")  # the console, opened before the flood, goes on
-            assert ws.recv(timeout=10) == b"\x01\x01"
+            console.full_update()  # the console, open before the flood, goes on
         for sock in flood:
             sock.setblocking(False)
         assert sum(closed_by_peer(sock) for sock in flood) >= len(flood) - MAX_CONNECTIONS
@@ -220,6 +260,38 @@ def test_a_flood_of_idle_connections_keeps_consoles_and_pages_in(core: CoreProce
         for sock in flood:
             sock.close()
         client.stop()
+
+
+@pytest.mark.parametrize("kind", ["client --websocket", "fleet router"])
+def test_a_flood_of_silent_connections_on_a_websocket_port(core: CoreProcess, kind: str, tmp_path: Path) -> None:
+    """The same flood against the WebSocket ports the ``websockets`` package serves: the one-VM client's
+    ``--websocket`` and the fleet client's router. Their connections stay bounded and an open noVNC-style
+    WebSocket viewer goes on."""
+    port = free_port()
+    if kind == "fleet router":
+        proc: VncClientProcess | FleetClientProcess = FleetClientProcess(core.run_dir.parent, "--websocket",
+                                                                         f"127.0.0.1:{port}")
+        proc.wait_serving([core], within=60)
+        url, limit = f"ws://127.0.0.1:{port}/vnc/{core.run_dir.name}", ROUTER_CONNECTIONS + ROUTER_HANDSHAKES
+    else:
+        proc = VncClientProcess(core.run_dir, VM, free_port(), "--websocket", f"127.0.0.1:{port}")
+        url, limit = f"ws://127.0.0.1:{port}/", MAX_WEBSOCKET_CONNECTIONS
+    flood: list[socket.socket] = []
+    try:
+        baseline = open_fds(proc.pid)
+        with connect(url, subprotocols=["binary"], open_timeout=10) as ws:
+            viewer = RfbOverWebSocket(ws)
+            viewer.log_in()
+            for _ in range(limit + 150):
+                flood.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            # Well before the WebSocket open timeout (10 s) would close them anyway:
+            wait_for(lambda: open_fds(proc.pid) <= baseline + limit + 8, 5, "the client to close the surplus")
+            viewer.full_update()  # the viewer, open before the flood, goes on
+        assert "to make room" in proc.text()
+    finally:
+        for sock in flood:
+            sock.close()
+        proc.stop()
 
 
 def test_a_key_readable_by_others_is_refused_at_start(core: CoreProcess, ca: Ca, tmp_path: Path) -> None:

@@ -110,6 +110,9 @@ DEFAULT_CONNECTIONS = 32
 #: A connection that has not finished its handshake and authentication this long after it came is closed (a
 #: viewer that connects before the display exists, or before the core said how to authenticate, waits within it).
 HANDSHAKE_TIMEOUT_S = 10.0
+#: TCP connections on the WebSocket listener (before and after their upgrade): at the limit the oldest not yet
+#: upgraded is closed (clients/connection_guard.py), so silent connections cannot take the file descriptors.
+MAX_WEBSOCKET_CONNECTIONS = 256
 #: Bits of the guest keyboard's LED state (QEMU LED State pseudo-encoding; bit 0 is Scroll Lock).
 LED_NUM_LOCK, LED_CAPS_LOCK = 0x2, 0x4
 #: How viewers authenticate (the core's ``vnc_settings``; QEMU's VncPrimaryAuth names).
@@ -1023,8 +1026,12 @@ class VncService:
             logging.getLogger("websockets").setLevel(max(logging.INFO, log.getEffectiveLevel()))
             context = self._websocket_tls()
             tls: dict[str, Any] = {"ssl": context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S} if context else {}
+            from clients.connection_guard import ConnectionGuard, websocket_connection
+
+            guard = ConnectionGuard(MAX_WEBSOCKET_CONNECTIONS, "VNC WebSocket")
             ws_server = await serve(self._on_websocket, sock=ws_sock, select_subprotocol=_binary_subprotocol,
-                                    compression=None, max_size=1 << 20, ping_interval=None, **tls)
+                                    compression=None, max_size=1 << 20, ping_interval=None,
+                                    create_connection=websocket_connection(guard), **tls)
             self._servers.append(ws_server)
             log.info("VNC: WebSocket on %s%s", describe(ws_sock), " (TLS: wss://)" if context else "")
 

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 from ipc.rundir import RunDirError, check_vm_name
 
 from .service import ListenAddress, WebSocketTransport, _binary_subprotocol, bind_socket, describe, is_loopback
+from .tls import HANDSHAKE_TIMEOUT_S as TLS_HANDSHAKE_TIMEOUT_S
 
 if TYPE_CHECKING:
     from clients.tokens import TokenFile
@@ -35,6 +36,9 @@ HANDSHAKE_TIMEOUT_S = 10.0
 MAX_MESSAGE = 1 << 20
 #: Open WebSocket connections (handshaking or serving) over every VM.
 MAX_CONNECTIONS = 256
+#: TCP connections still before their upgrade, beyond those: at the limit of both the oldest of them is closed
+#: (clients/connection_guard.py), so silent connections cannot take the fleet client's file descriptors.
+MAX_HANDSHAKES = 32
 
 
 class RouterError(Exception):
@@ -92,13 +96,18 @@ class WebSocketRouter:
     async def start(self) -> None:
         from websockets.asyncio.server import serve
 
+        from clients.connection_guard import ConnectionGuard, websocket_connection
+
         assert self._sock is not None
         # DEBUG would log request lines, and with them the tokens.
         logging.getLogger("websockets").setLevel(logging.INFO)
+        tls: dict[str, Any] = {} if self.tls is None else {"ssl": self.tls.x509,
+                                                           "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
+        guard = ConnectionGuard(MAX_CONNECTIONS + MAX_HANDSHAKES, "WebSocket router")
         self._server = await serve(self._handler, sock=self._sock, process_request=self._check,
                                    select_subprotocol=_binary_subprotocol, compression=None, max_size=MAX_MESSAGE,
                                    ping_interval=None, open_timeout=HANDSHAKE_TIMEOUT_S,
-                                   ssl=self.tls.x509 if self.tls is not None else None)
+                                   create_connection=websocket_connection(guard), **tls)
         log.info("VNC over WebSocket for every VM on %s (%s)", self.where,
                  "tokens required" if self.tokens is not None else "no tokens: loopback only")
 

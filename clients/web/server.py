@@ -31,10 +31,12 @@ from urllib.parse import quote
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
+from clients.connection_guard import ConnectionGuard
 from clients.screendump import ScreendumpError, frame_image
 from clients.service import QuietService
 from clients.tokens import ANY_VM
 from clients.vnc.service import ListenAddress, bind_socket, describe, is_loopback, vnc_address
+from clients.vnc.tls import HANDSHAKE_TIMEOUT_S as TLS_HANDSHAKE_TIMEOUT_S
 from clients.vnc.tls import TlsCredentials, TlsError, TlsSettings
 from ipc.rundir import RunDir, RunDirError, check_vm_name
 from rfb import ProtocolError
@@ -58,8 +60,6 @@ MAX_FIELD = 8190
 #: Connections open at once (pages, images, consoles): at the limit the oldest that is not a console goes, so a
 #: flood of idle connections cannot take the client's file descriptors, nor keep out an operator's console.
 MAX_CONNECTIONS = 64
-#: A TLS handshake not done by then is dropped (asyncio's default is 60 s).
-TLS_HANDSHAKE_TIMEOUT_S = 10.0
 #: An idle keep-alive connection is closed after this long.
 KEEPALIVE_S = 15.0
 MAX_MESSAGE = 1 << 20
@@ -167,10 +167,9 @@ class WebServer:
         self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
         self._acceptor: asyncio.Task[None] | None = None
-        #: Every connection accepted and not known closed, oldest first (see _make_room).
-        self._open: dict[asyncio.Transport, None] = {}
-        #: The connections that carry a console's WebSocket: never evicted for newcomers.
-        self._consoles: set[asyncio.Transport] = set()
+        #: Connections handed to aiohttp; those that carry a console's WebSocket are never evicted for newcomers.
+        self._connections = ConnectionGuard(MAX_CONNECTIONS, "web")
+        self._consoles: set[asyncio.BaseTransport] = set()
         #: Accepted connections still in their TLS handshake (their tasks), oldest first.
         self._handshakes: dict[asyncio.Task[None], None] = {}
         self._pngs: dict[tuple[str, int | None], tuple[float, bytes]] = {}
@@ -262,7 +261,8 @@ class WebServer:
                 await asyncio.sleep(1)
                 continue
             if not self._make_room():
-                log.warning("web: connection refused: %d connections open, every one a console", len(self._open))
+                log.warning("web: connection refused: %d connections open, every one a console",
+                            self._connections.count())
                 conn.close()
                 continue
             self._handshakes[loop.create_task(self._serve(conn))] = None
@@ -283,28 +283,18 @@ class WebServer:
             task = asyncio.current_task()
             if task is not None:
                 self._handshakes.pop(task, None)
-        self._open[transport] = None
+        self._connections.admit(transport, lambda: transport in self._consoles, len(self._handshakes))
 
     def _make_room(self) -> bool:
-        """Forget closed connections; at the limit close the oldest connection still in its TLS handshake, else
-        the oldest one that is not a console. False: every connection is a console (the newcomer must go)."""
-        for transport in [t for t in self._open if t.is_closing()]:
-            del self._open[transport]
-            self._consoles.discard(transport)
-        if len(self._open) + len(self._handshakes) < MAX_CONNECTIONS:
+        """At the limit close the oldest connection still in its TLS handshake, else the oldest one that is not a
+        console. False: every connection is a console (the newcomer must go)."""
+        if self._connections.count() + len(self._handshakes) < MAX_CONNECTIONS:
             return True
         for task in self._handshakes:
             task.cancel()
             del self._handshakes[task]
             return True
-        for transport in self._open:
-            if transport not in self._consoles:
-                log.warning("web: closing the oldest connection (%s) to make room (%d open)",
-                            transport.get_extra_info("peername"), len(self._open))
-                transport.abort()
-                del self._open[transport]
-                return True
-        return False
+        return self._connections.evict()
 
     # --- access ---------------------------------------------------------------------------------------------------
 
