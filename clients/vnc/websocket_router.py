@@ -110,6 +110,9 @@ class WebSocketRouter:
                                    create_connection=websocket_connection(guard), **tls)
         log.info("VNC over WebSocket for every VM on %s (%s)", self.where,
                  "tokens required" if self.tokens is not None else "no tokens: loopback only")
+        if self.tls is None and self.address.host is not None and not is_loopback(self.address.host):
+            log.warning("VNC over WebSocket on %s, not only on loopback, without TLS (--vnc-tls-creds): tokens, "
+                        "screens and keys cross the network in the clear", self.where)
 
     def _check(self, connection: Any, request: Any) -> Any:
         """Before the upgrade: None to go on, or the refusal."""
