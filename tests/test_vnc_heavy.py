@@ -237,8 +237,15 @@ def test_novnc_follows_scrolling_text_by_copyrect(core: CoreProcess, tmp_path: P
 
 def worker_pids(client: VncClientProcess) -> list[int]:
     children = Path(f"/proc/{client.pid}/task/{client.pid}/children").read_text().split()
-    return [int(pid) for pid in children
-            if "clients.vnc.encoder_worker" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+    return [int(pid) for pid in children if b"clients.vnc.encoder_worker" in cmdline(int(pid))]
+
+
+def cmdline(pid: int) -> bytes:
+    """The process's command line; empty if it is gone (a child can be reaped between the listing and this)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 async def follow(port: int, encoding: int, updates: int) -> int:
