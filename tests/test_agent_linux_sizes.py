@@ -119,6 +119,7 @@ def exec_status(side: QgaSocket, request: dict[str, Any]) -> bytes:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_big_writes_reads_and_exec_input_answered_as_qemu_ga_answers(sides: Sides) -> None:
     """8 MiB guest-file-writes, a 40 MiB guest-file-read and a 2 MiB guest-exec input: each over the control
     channel's 1 MiB frames and the old 16 MiB reply limit."""

@@ -59,6 +59,7 @@ def core() -> Iterator[CoreProcess]:
         yield running
 
 
+@pytest.mark.slow
 def test_client_killed_20_times_disturbs_nothing(core: CoreProcess) -> None:
     peer = RawQmpPeer(core.qmp_socket).negotiate()
     first = ClientProcess(core, "cl")

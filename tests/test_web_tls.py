@@ -224,6 +224,7 @@ class RfbOverWebSocket:
         assert self.read(1) == b"\0"  # FramebufferUpdate
 
 
+@pytest.mark.slow
 def test_a_flood_of_idle_connections_keeps_consoles_and_pages_in(core: CoreProcess, ca: Ca, tmp_path: Path) -> None:
     """A hostile peer opens hundreds of connections that never start their TLS handshake: the client holds at most
     MAX_CONNECTIONS of them (the oldest in their handshake go first), an open console is never the one closed, a
@@ -263,6 +264,7 @@ def test_a_flood_of_idle_connections_keeps_consoles_and_pages_in(core: CoreProce
 
 
 @pytest.mark.parametrize("kind", ["client --websocket", "fleet router"])
+@pytest.mark.slow
 def test_a_flood_of_silent_connections_on_a_websocket_port(core: CoreProcess, kind: str, tmp_path: Path) -> None:
     """The same flood against the WebSocket ports the ``websockets`` package serves: the one-VM client's
     ``--websocket`` and the fleet client's router. Their connections stay bounded and an open noVNC-style
