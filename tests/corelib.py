@@ -278,6 +278,14 @@ def screendump(core: CoreProcess, path: Path, timeout: float = 20.0) -> Any:
         return image.convert("RGB")
 
 
+def wait_demo_booted(core: CoreProcess, within: float = 30.0) -> None:
+    """Until the demo guest shows its text screen: booted, its display mode no longer changes."""
+    from guestlib import is_demo_text_screen
+
+    dump = core.run_dir.parent / "boot.png"
+    wait_for(lambda: is_demo_text_screen(screendump(core, dump, timeout=within)), within, "the demo guest to boot")
+
+
 class RawQmpPeer:
     """A QMP peer on a plain socket, for what a library client would hide: ids, raw bytes, not reading."""
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, kill_pid, pid_alive, running_core, screendump, wait_for
-from guestlib import TEXT_BOXES, crop, is_demo_text_screen
+from corelib import CoreProcess, RawQmpPeer, kill_pid, pid_alive, running_core, screendump, wait_demo_booted, wait_for
+from guestlib import TEXT_BOXES, crop
 from PIL import Image
 from vnclib import VncClientProcess, end_process, free_port, wait_port
 
@@ -40,8 +40,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or not (NOVNC / "vnc_lite.html"
 @pytest.fixture(scope="module")
 def core() -> Iterator[CoreProcess]:
     with running_core(VM) as running:
-        wait_for(lambda: is_demo_text_screen(screendump(running, running.run_dir.parent / "boot.png")), 30,
-                 "the demo guest to boot")
+        wait_demo_booted(running)
         yield running
 
 

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, running_core, screendump
-from guestlib import TEXT_BOXES, crop, is_demo_text_screen
+from corelib import CoreProcess, RawQmpPeer, running_core, screendump, wait_demo_booted
+from guestlib import TEXT_BOXES, crop
 from PIL import Image, ImageChops
 from vnclib import (
     MiniViewer,
@@ -44,8 +44,7 @@ def core() -> Iterator[CoreProcess]:
 
 @pytest.fixture(scope="module")
 def booted(core: CoreProcess) -> CoreProcess:
-    dump = core.run_dir.parent / "boot.png"
-    wait_for(lambda: is_demo_text_screen(screendump(core, dump)), 30, "the demo guest to boot")
+    wait_demo_booted(core)
     return core
 
 

@@ -23,8 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, pid_alive, running_core, screendump, wait_for
-from guestlib import is_demo_text_screen
+from corelib import CoreProcess, RawQmpPeer, pid_alive, running_core, screendump, wait_demo_booted, wait_for
 from PIL import Image, ImageChops
 from test_rfb_encodings import SpecViewer
 from test_rfb_hextile import assert_same_as_reference, guest_screen
@@ -52,8 +51,7 @@ def send_key(core: CoreProcess, key: str) -> None:
 def core() -> Iterator[CoreProcess]:
     # TCG: the 1920x1080 mode draws in protected mode, which nested KVM without unrestricted guest cannot run.
     with running_core(VM, qemu_args=[*demo_qemu_args(demo_image_path()), "-accel", "tcg"]) as running:
-        dump = running.run_dir.parent / "boot.png"
-        wait_for(lambda: is_demo_text_screen(screendump(running, dump, timeout=30)), 30, "the demo guest to boot")
+        wait_demo_booted(running)
         yield running
 
 

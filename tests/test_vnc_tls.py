@@ -23,9 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, running_core, screendump, wait_for
+from corelib import CoreProcess, RawQmpPeer, running_core, screendump, wait_demo_booted, wait_for
 from fleetlib import FleetClientProcess, endpoints, vnc_port
-from guestlib import is_demo_text_screen
 from PIL import Image
 from test_vnc import Paused, find
 from tlslib import (
@@ -60,8 +59,7 @@ needs_tigervnc = pytest.mark.skipif(not VIEWERS, reason="needs tigervnc-viewer a
 @pytest.fixture(scope="module")
 def booted() -> Iterator[CoreProcess]:
     with running_core(VM) as core:
-        wait_for(lambda: is_demo_text_screen(screendump(core, core.run_dir.parent / "boot.png")), 30,
-                 "the demo guest to boot")
+        wait_demo_booted(core)
         yield core
 
 
@@ -99,7 +97,7 @@ def test_tigervnc_x509vnc_shows_the_guest(ca: Ca, tmp_path: Path) -> None:
 
 
 def _x509vnc_shows_the_guest(core: CoreProcess, creds: Path, ca: Ca, tmp_path: Path) -> None:
-    wait_for(lambda: is_demo_text_screen(screendump(core, tmp_path / "boot.png")), 30, "the demo guest to boot")
+    wait_demo_booted(core)
     port = free_port()
     proc = VncClientProcess(core.run_dir, VM, port, "--vnc-tls-creds", str(creds))
     viewer: subprocess.Popen[bytes] | None = None

@@ -23,9 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, RawQmpPeer, client_command, running_core, screendump, wait_for
+from corelib import CoreProcess, RawQmpPeer, client_command, running_core, wait_demo_booted, wait_for
 from fleetlib import FleetClientProcess, endpoints, write_tokens
-from guestlib import is_demo_text_screen
 from tlslib import Ca, fingerprint, make_ca, pem_fingerprint, server_creds
 from vnclib import ROOT, VncClientProcess, free_port
 from websockets.sync.client import ClientConnection, connect
@@ -43,9 +42,7 @@ TOKEN = "W" * 32
 @pytest.fixture(scope="module")
 def core() -> Iterator[CoreProcess]:
     with running_core(VM) as running:
-        # Booted: the guest's mode no longer changes (a viewer below does not take DesktopSize).
-        wait_for(lambda: is_demo_text_screen(screendump(running, running.run_dir.parent / "boot.png")), 30,
-                 "the demo guest to boot")
+        wait_demo_booted(running)  # so its mode no longer changes: a viewer below does not take DesktopSize
         yield running
 
 
