@@ -134,15 +134,17 @@ async def test_when_every_connection_is_busy_a_newcomer_is_refused(tmp_path: Pat
 async def test_large_unfinished_requests_wait_for_a_slot_and_stalled_holders_lose_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two connections that start 2 MiB requests and stop hold both large slots; a third one's 3 MiB request
-    waits, small requests go on meanwhile, and once the holders have sent nothing for PROXY_STALL seconds they
-    lose their connections and the waiting request goes through."""
+    waits, small requests go on meanwhile, and once a holder has sent nothing for PROXY_STALL seconds it loses its
+    connection and the waiting request goes through. A waiter evicts the holders stalled when it looks (their
+    last bytes were read at slightly different times: one or both); a second round that needs every slot again
+    takes the last holder's, so by then both are gone."""
     monkeypatch.setattr(proxy_module, "PROXY_STALL", 1.0)
     async with serving(tmp_path) as (service, channel, path):
         data = base64.b64encode(b"x" * (3 << 20)).decode()
         stalled = [await connect(path) for _ in range(PROXY_LARGE_SLOTS)]
-        for script in stalled:
+        for script in stalled:  # staggered: usually the first waiter finds one holder stalled, not both
             script.writer.write(b'{"execute":"guest-file-write","arguments":{"handle":1,"buf-b64":"' + b"A" * (2 << 20))
-        await asyncio.sleep(0.3)
+            await asyncio.sleep(0.4)
         big = await connect(path)
         answer = asyncio.ensure_future(big.call({"execute": "guest-file-write",
                                                  "arguments": {"handle": 1, "buf-b64": data}}))
@@ -152,10 +154,21 @@ async def test_large_unfinished_requests_wait_for_a_slot_and_stalled_holders_los
             assert await small.call(PING) == ECHO
         assert not answer.done()
         assert await asyncio.wait_for(answer, 10) == {"return": {"echo": "guest-file-write"}}
-        assert all([await script.closed(within=2) for script in stalled])
-        assert service._proxy is not None and service._proxy.evicted == PROXY_LARGE_SLOTS
         assert channel.arguments[-1]["buf-b64"] == data
-        for script in (big, small):
+        assert service._proxy is not None and service._proxy.evicted >= 1
+        # Round two, once any holder left is stalled too: a new connection takes the free slot and stops, and
+        # another large request then needs the last slot: a holder left loses it now.
+        await asyncio.sleep(1.2)
+        filler = await connect(path)
+        filler.writer.write(b'{"execute":"guest-file-write","arguments":{"handle":1,"buf-b64":"' + b"A" * (2 << 20))
+        await asyncio.sleep(0.3)
+        late = await connect(path)
+        assert await asyncio.wait_for(late.call({"execute": "guest-file-write",
+                                                 "arguments": {"handle": 1, "buf-b64": data}}), 10) == \
+            {"return": {"echo": "guest-file-write"}}
+        assert all([await script.closed(within=2) for script in stalled])
+        assert service._proxy.evicted == PROXY_LARGE_SLOTS
+        for script in (big, small, filler, late):
             script.close()
 
 
