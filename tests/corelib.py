@@ -60,6 +60,11 @@ def kill_pid(pid: int | None, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def fd_count(pid: int) -> int:
+    """How many file descriptors the process holds now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, kill_pid, running_core, short_tmpdir, wait_for
-from test_client import ClientProcess, fd_count
+from corelib import CoreProcess, fd_count, kill_pid, running_core, short_tmpdir, wait_for
+from test_client import ClientProcess
 
 QEMU_GA = shutil.which("qemu-ga") or "/usr/bin/qemu-ga"
 

@@ -7,14 +7,13 @@ answers QMP."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corelib import CoreProcess, Fleet, RawQmpPeer, wait_for
+from corelib import CoreProcess, Fleet, RawQmpPeer, fd_count, wait_for
 
 from ipc.channel import ClientChannel, RemoteError, ipc_endpoint
 
@@ -306,7 +305,7 @@ async def test_a_connection_flood_under_a_low_fd_limit_never_aborts_the_core(fle
             assert await legit.qmp("query-status") is not None
         assert core.proc.poll() is None, core.stderr()
         # The flood's connections never spoke ZMTP: libzmq's handshake deadline closes them.
-        wait_for(lambda: len(os.listdir(f"/proc/{core.pid}/fd")) < 200, 30, "the flood's connections to close")
+        wait_for(lambda: fd_count(core.pid) < 200, 30, "the flood's connections to close")
         flooder.kill()
         second = ClientChannel(endpoint, name="second")
         try:
@@ -327,7 +326,7 @@ async def test_silent_connections_are_closed_and_sessions_are_capped(fleet: Flee
 
     core = fleet.core("sl", qemu_args=SMALL_VM)
     endpoint = ipc_endpoint(core.run_dir / "control.sock")
-    fds_before = len(os.listdir(f"/proc/{core.pid}/fd"))
+    fds_before = fd_count(core.pid)
     ctx = zmq.Context()
     silent = [ctx.socket(zmq.DEALER) for _ in range(12)]
     try:
@@ -336,7 +335,7 @@ async def test_silent_connections_are_closed_and_sessions_are_capped(fleet: Flee
             sock.connect(endpoint)
         wait_for(lambda: "already holds 8" in core.stderr(), 10, "the per-process connection limit")
         wait_for(lambda: "did not say hello" in core.stderr(), 20, "silent connections to be closed")
-        wait_for(lambda: len(os.listdir(f"/proc/{core.pid}/fd")) <= fds_before, 20,
+        wait_for(lambda: fd_count(core.pid) <= fds_before, 20,
                  "every silent connection to be closed")
     finally:
         for sock in silent:

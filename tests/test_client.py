@@ -19,6 +19,7 @@ from corelib import (
     LoggedProcess,
     RawQmpPeer,
     client_command,
+    fd_count,
     kill_pid,
     running_core,
     short_tmpdir,
@@ -42,10 +43,6 @@ class ClientProcess(LoggedProcess):
 
 def client_pids(core: CoreProcess) -> list[int]:
     return [c["pid"] for c in core.state().get("clients", [])]
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def shm_count(core: CoreProcess) -> int:
