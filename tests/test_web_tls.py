@@ -219,7 +219,7 @@ def test_a_flood_of_idle_connections_keeps_consoles_and_pages_in(core: CoreProce
                               str(creds))
     flood: list[socket.socket] = []
     try:
-        baseline = fd_count(client.pid)
+        baseline, qemu = fd_count(client.pid), core.qemu_pid
         with connect(f"wss://127.0.0.1:{web}/vnc/{VM}", ssl=trusting(ca), subprotocols=["binary"],
                      origin=f"https://127.0.0.1:{web}", open_timeout=10) as ws:
             console = RfbOverWebSocket(ws)
@@ -240,6 +240,7 @@ def test_a_flood_of_idle_connections_keeps_consoles_and_pages_in(core: CoreProce
         # Dropped by the handshake deadline, not held until the client's limit:
         assert closed_by_server(silent, within=TLS_HANDSHAKE_TIMEOUT_S + 20)
         assert "connection dropped before HTTP" in client.text()
+        assert core.qemu_pid == qemu and core.state()["state"] == "running"  # the core supervises the same QEMU
     finally:
         for sock in flood:
             sock.close()
@@ -263,7 +264,7 @@ def test_a_flood_of_silent_connections_on_a_websocket_port(core: CoreProcess, ki
         url, limit = f"ws://127.0.0.1:{port}/", MAX_WEBSOCKET_CONNECTIONS
     flood: list[socket.socket] = []
     try:
-        baseline = fd_count(proc.pid)
+        baseline, qemu = fd_count(proc.pid), core.qemu_pid
         with connect(url, subprotocols=["binary"], open_timeout=10) as ws:
             viewer = RfbOverWebSocket(ws)
             viewer.log_in()
@@ -273,6 +274,7 @@ def test_a_flood_of_silent_connections_on_a_websocket_port(core: CoreProcess, ki
             wait_for(lambda: fd_count(proc.pid) <= baseline + limit + 8, 5, "the client to close the surplus")
             viewer.full_update()  # the viewer, open before the flood, goes on
         assert "to make room" in proc.text()
+        assert core.qemu_pid == qemu and core.state()["state"] == "running"  # the core supervises the same QEMU
     finally:
         for sock in flood:
             sock.close()
